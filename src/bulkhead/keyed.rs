@@ -1,0 +1,223 @@
+use super::{Pool, future::ResponseFuture};
+use crate::BoxError;
+use crate::error::RejectionKind;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+/// One bulkhead pool per key. See the [module docs](super).
+///
+/// The key function runs on every request. At most `max_keys` pools live at
+/// once; when a new key arrives and the table is full, idle pools (no call in
+/// flight) are dropped to make room, and if every pool is busy the call is
+/// rejected with [`BulkheadFull`](super::BulkheadFull). Memory therefore stays
+/// bounded under any number of distinct keys.
+pub struct KeyedBulkhead<S, K, F> {
+    inner: S,
+    shared: Arc<Shared<K, F>>,
+}
+
+struct Shared<K, F> {
+    key_fn: F,
+    pools: Mutex<HashMap<K, Pool>>,
+    max_concurrent: usize,
+    max_wait: Duration,
+    max_keys: usize,
+}
+
+impl<S: Clone, K, F> Clone for KeyedBulkhead<S, K, F> {
+    fn clone(&self) -> Self {
+        KeyedBulkhead {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, F> fmt::Debug for KeyedBulkhead<S, K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBulkhead")
+            .field("inner", &self.inner)
+            .field("max_concurrent", &self.shared.max_concurrent)
+            .field("max_keys", &self.shared.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, F> KeyedBulkhead<S, K, F> {
+    /// Pools alive right now.
+    pub fn keys(&self) -> usize {
+        self.shared.pools.lock().expect("bulkhead lock").len()
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, F, Req> Service<Req> for KeyedBulkhead<S, K, F>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone,
+    F: Fn(&Req) -> K,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = (self.shared.key_fn)(&req);
+        let pool = {
+            let mut pools = self.shared.pools.lock().expect("bulkhead lock");
+            match pools.get(&key) {
+                Some(p) => Some(p.clone()),
+                None => {
+                    if pools.len() >= self.shared.max_keys {
+                        pools.retain(|_, p| !p.is_idle());
+                    }
+                    if pools.len() >= self.shared.max_keys {
+                        None
+                    } else {
+                        let p = Pool::new(self.shared.max_concurrent, self.shared.max_wait);
+                        pools.insert(key, p.clone());
+                        Some(p)
+                    }
+                }
+            }
+        };
+        match pool {
+            Some(p) => p.call(&mut self.inner, req),
+            None => {
+                tracing::debug!(
+                    target: "tower_firebreak",
+                    layer = "bulkhead",
+                    kind = RejectionKind::BulkheadFull.as_str(),
+                    max_keys = self.shared.max_keys,
+                    "every keyed pool is busy and the key table is full"
+                );
+                ResponseFuture::full(self.shared.max_concurrent)
+            }
+        }
+    }
+}
+
+/// Applies a [`KeyedBulkhead`]. Every service made from one layer shares its pools.
+pub struct KeyedBulkheadLayer<K, F> {
+    shared: Arc<Shared<K, F>>,
+}
+
+impl<K, F> Clone for KeyedBulkheadLayer<K, F> {
+    fn clone(&self) -> Self {
+        KeyedBulkheadLayer {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K, F> fmt::Debug for KeyedBulkheadLayer<K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBulkheadLayer")
+            .field("max_concurrent", &self.shared.max_concurrent)
+            .field("max_wait", &self.shared.max_wait)
+            .field("max_keys", &self.shared.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, F> KeyedBulkheadLayer<K, F> {
+    /// The default bound on live keys.
+    pub const DEFAULT_MAX_KEYS: usize = 1024;
+
+    /// `max_concurrent` calls at once for each key returned by `key_fn`.
+    ///
+    /// # Panics
+    ///
+    /// If `max_concurrent` is zero or above `Semaphore::MAX_PERMITS`.
+    pub fn new(max_concurrent: usize, key_fn: F) -> Self {
+        assert!(
+            max_concurrent > 0 && max_concurrent <= tokio::sync::Semaphore::MAX_PERMITS,
+            "bulkhead max_concurrent must be in 1..=Semaphore::MAX_PERMITS, got {max_concurrent}"
+        );
+        Self::from_parts(
+            max_concurrent,
+            Duration::ZERO,
+            Self::DEFAULT_MAX_KEYS,
+            key_fn,
+        )
+    }
+
+    pub(crate) fn from_parts(
+        max_concurrent: usize,
+        max_wait: Duration,
+        max_keys: usize,
+        key_fn: F,
+    ) -> Self {
+        KeyedBulkheadLayer {
+            shared: Arc::new(Shared {
+                key_fn,
+                pools: Mutex::new(HashMap::new()),
+                max_concurrent,
+                max_wait,
+                max_keys,
+            }),
+        }
+    }
+
+    fn rebuild(self, max_wait: Duration, max_keys: usize) -> Self {
+        let shared = Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("configure a KeyedBulkheadLayer before cloning it"));
+        Self::from_parts(shared.max_concurrent, max_wait, max_keys, shared.key_fn)
+    }
+
+    /// How long a call may wait for a slot in its key's pool. Default: zero.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: configure it first.
+    pub fn max_wait(self, max_wait: Duration) -> Self {
+        let keys = self.shared.max_keys;
+        self.rebuild(max_wait, keys)
+    }
+
+    /// At most this many pools at once. Default: 1024. At least 1.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned, or `max_keys` is zero.
+    pub fn max_keys(self, max_keys: usize) -> Self {
+        assert!(max_keys > 0, "bulkhead max_keys must be at least 1");
+        let wait = self.shared.max_wait;
+        self.rebuild(wait, max_keys)
+    }
+}
+
+impl<S, K, F> Layer<S> for KeyedBulkheadLayer<K, F> {
+    type Service = KeyedBulkhead<S, K, F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedBulkhead {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}

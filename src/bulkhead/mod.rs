@@ -1,0 +1,182 @@
+//! Bound how many calls run at once, and fail the rest fast.
+//!
+//! A [`Bulkhead`] lets at most `max_concurrent` calls into the inner service at
+//! a time. A call that finds no free slot waits at most
+//! [`max_wait`](BulkheadLayer::max_wait) (by default not at all) and then fails
+//! with [`BulkheadFull`]. A slow dependency can then hold only its own slots,
+//! and the caller's other routes keep working.
+//!
+//! [`KeyedBulkhead`] keeps one pool per key (a tenant, a route, a host), so one
+//! noisy key cannot take every slot.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_firebreak::{bulkhead::BulkheadLayer, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(BulkheadLayer::new(64).max_wait(Duration::from_millis(10)))
+//!     .service(service_fn(|x: u32| async move { Ok::<_, BoxError>(x * 2) }));
+//! assert_eq!(svc.oneshot(21).await?, 42);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Defaults
+//!
+//! [`BulkheadConfig::default()`]: 1000 concurrent calls, no waiting, at most
+//! 1024 keys for a keyed bulkhead (the permit limit and queue limit of
+//! Microsoft's standard HTTP resilience handler).
+//!
+//! # Readiness
+//!
+//! `poll_ready` is the inner service's and reserves no slot: axum and other
+//! callers that ignore backpressure still get a bounded bulkhead. The slot is
+//! taken in `call` and held by the response future; it is released as soon as
+//! the inner future completes, or when the response future is dropped
+//! (cancelled).
+//!
+//! # Differences from `tower::limit::ConcurrencyLimit`
+//!
+//! `ConcurrencyLimit` waits for a permit in `poll_ready`, without bound, and
+//! only sheds load when wrapped in `LoadShed`. Behind axum, which does not use
+//! backpressure, it can queue calls forever. A `Bulkhead` never waits longer
+//! than `max_wait`, and its rejection is a typed error.
+
+mod config;
+mod error;
+pub mod future;
+mod keyed;
+mod layer;
+
+pub use self::config::BulkheadConfig;
+pub use self::error::BulkheadFull;
+pub use self::keyed::{KeyedBulkhead, KeyedBulkheadLayer};
+pub use self::layer::BulkheadLayer;
+
+use crate::BoxError;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tower::Service;
+
+/// Bounds the calls in flight. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Bulkhead<S> {
+    inner: S,
+    pool: Pool,
+}
+
+/// One pool of slots, shared by every clone of a service.
+#[derive(Clone, Debug)]
+pub(crate) struct Pool {
+    sem: Arc<Semaphore>,
+    max_concurrent: usize,
+    max_wait: Duration,
+}
+
+impl Pool {
+    pub(crate) fn new(max_concurrent: usize, max_wait: Duration) -> Self {
+        Pool {
+            sem: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            max_wait,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.max_concurrent - self.sem.available_permits()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.sem.available_permits() == self.max_concurrent && Arc::strong_count(&self.sem) == 1
+    }
+
+    /// Takes a slot and calls `inner`, or waits for one (up to `max_wait`) or rejects.
+    fn call<S, Req>(&self, inner: &mut S, req: Req) -> future::ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+    {
+        match self.sem.clone().try_acquire_owned() {
+            Ok(permit) => future::ResponseFuture::running(inner.call(req), permit),
+            Err(_) if self.max_wait.is_zero() => {
+                crate::trace::rejected("bulkhead", crate::error::RejectionKind::BulkheadFull, None);
+                future::ResponseFuture::full(self.max_concurrent)
+            }
+            Err(_) => {
+                // The ready service goes with the request; `self` keeps a fresh clone.
+                let clone = inner.clone();
+                let svc = std::mem::replace(inner, clone);
+                future::ResponseFuture::waiting(
+                    svc,
+                    req,
+                    self.sem.clone(),
+                    self.max_wait,
+                    self.max_concurrent,
+                )
+            }
+        }
+    }
+}
+
+impl<S> Bulkhead<S> {
+    /// Wraps `inner`, allowing `max_concurrent` calls at once and no waiting.
+    pub fn new(inner: S, max_concurrent: usize) -> Self {
+        Bulkhead {
+            inner,
+            pool: Pool::new(max_concurrent, Duration::ZERO),
+        }
+    }
+
+    /// A [`BulkheadLayer`] with this bound.
+    pub fn layer(max_concurrent: usize) -> BulkheadLayer {
+        BulkheadLayer::new(max_concurrent)
+    }
+
+    pub(crate) fn from_pool(inner: S, pool: Pool) -> Self {
+        Bulkhead { inner, pool }
+    }
+
+    /// Calls in flight right now, across every clone.
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight()
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for Bulkhead<S>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.pool.call(&mut self.inner, req)
+    }
+}

@@ -1,0 +1,4 @@
+//! Circuit breaker (placeholder: being built).
+
+mod error;
+pub use self::error::CircuitOpen;

@@ -1,0 +1,60 @@
+//! Resilience middleware for [Tower]: stop one slow or dead dependency from
+//! taking down every service that calls it.
+//!
+//! | failure | layer | what the caller sees instead |
+//! | --- | --- | --- |
+//! | a dependency hangs | [`timeout`] (one attempt), [`deadline`] (the whole call) | a fast [`Elapsed`](timeout::Elapsed) or [`DeadlineExceeded`](deadline::DeadlineExceeded) |
+//! | a dependency is down | [`circuit_breaker`] | an immediate [`CircuitOpen`](circuit_breaker::CircuitOpen) with `retry_after` |
+//! | capacity runs out | [`bulkhead`] | [`BulkheadFull`](bulkhead::BulkheadFull) within `max_wait` |
+//! | too much load | [`rate_limit`] | [`RateLimited`](rate_limit::RateLimited) with `retry_after` |
+//!
+//! Every layer is a `tower::Layer`, every service is `Clone` when its inner
+//! service is, and every service's error is [`BoxError`]. Match errors with
+//! [`error::find`] or view them with [`error::Rejection`].
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_firebreak::{bulkhead::BulkheadLayer, rate_limit::RateLimitLayer,
+//!     timeout::TimeoutLayer, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::per_second(100).burst(10))
+//!     .layer(BulkheadLayer::new(32).max_wait(Duration::from_millis(5)))
+//!     .layer(TimeoutLayer::new(Duration::from_millis(500)))
+//!     .service(service_fn(|name: &'static str| async move {
+//!         Ok::<_, BoxError>(format!("hello, {name}"))
+//!     }));
+//!
+//! assert_eq!(svc.oneshot("world").await?, "hello, world");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Cargo features
+//!
+//! | feature | what it adds |
+//! | --- | --- |
+//! | `axum` | error → HTTP response mapping for axum |
+//! | `full` | every feature above |
+//!
+//! # Time
+//!
+//! Every layer uses `tokio::time`, so tests can run under paused time
+//! (`#[tokio::test(start_paused = true)]`).
+//!
+//! [Tower]: https://docs.rs/tower
+
+pub mod bulkhead;
+pub mod circuit_breaker;
+pub mod deadline;
+pub mod error;
+pub mod rate_limit;
+pub mod timeout;
+mod trace;
+
+pub use crate::error::{BoxError, ConfigError};

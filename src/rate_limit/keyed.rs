@@ -1,0 +1,207 @@
+use super::layer::nonzero;
+use super::{Check, TokioClock, decide, future::ResponseFuture};
+use crate::BoxError;
+use governor::Quota;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+type KeyedLimiter<K> =
+    governor::RateLimiter<K, DashMapStateStore<K>, TokioClock, NoOpMiddleware<Duration>>;
+
+fn check_key<K: Hash + Eq + Clone>(limiter: &KeyedLimiter<K>, key: &K) -> Result<(), Duration> {
+    limiter
+        .check_key(key)
+        .map_err(|nu| nu.wait_time_from(limiter.clock().now()))
+}
+
+/// One GCRA limit per key. See the [module docs](super).
+pub struct KeyedRateLimit<S, K: Hash + Eq + Clone, F> {
+    inner: S,
+    limiter: Arc<KeyedLimiter<K>>,
+    key_fn: Arc<F>,
+    max_wait: Option<Duration>,
+}
+
+impl<S: Clone, K: Hash + Eq + Clone, F> Clone for KeyedRateLimit<S, K, F> {
+    fn clone(&self) -> Self {
+        KeyedRateLimit {
+            inner: self.inner.clone(),
+            limiter: self.limiter.clone(),
+            key_fn: self.key_fn.clone(),
+            max_wait: self.max_wait,
+        }
+    }
+}
+
+impl<S: fmt::Debug, K: Hash + Eq + Clone, F> fmt::Debug for KeyedRateLimit<S, K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedRateLimit")
+            .field("inner", &self.inner)
+            .field("keys", &self.limiter.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K: Hash + Eq + Clone, F> KeyedRateLimit<S, K, F> {
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, F, Req> Service<Req> for KeyedRateLimit<S, K, F>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    F: Fn(&Req) -> K,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = (self.key_fn)(&req);
+        let first = check_key(&self.limiter, &key);
+        let limiter = &self.limiter;
+        decide(
+            &mut self.inner,
+            req,
+            first,
+            self.max_wait,
+            move || -> Check {
+                let l = limiter.clone();
+                Box::new(move || check_key(&l, &key))
+            },
+        )
+    }
+}
+
+/// Applies a [`KeyedRateLimit`]. Every service made from one layer shares one
+/// table of keys.
+pub struct KeyedRateLimitLayer<K: Hash + Eq + Clone, F> {
+    quota: Quota,
+    limiter: Arc<KeyedLimiter<K>>,
+    key_fn: Arc<F>,
+    max_wait: Option<Duration>,
+}
+
+impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
+    fn clone(&self) -> Self {
+        KeyedRateLimitLayer {
+            quota: self.quota,
+            limiter: self.limiter.clone(),
+            key_fn: self.key_fn.clone(),
+            max_wait: self.max_wait,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, F> fmt::Debug for KeyedRateLimitLayer<K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedRateLimitLayer")
+            .field("quota", &self.quota)
+            .field("keys", &self.limiter.len())
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
+    /// `per_second` calls a second for each key returned by `key_fn`, with a
+    /// burst of the same size.
+    ///
+    /// # Panics
+    ///
+    /// If `per_second` is zero.
+    pub fn per_second(per_second: u32, key_fn: F) -> Self {
+        Self::from_parts(
+            Quota::per_second(nonzero("per_second", per_second)),
+            None,
+            Arc::new(key_fn),
+        )
+    }
+
+    pub(crate) fn from_parts(quota: Quota, max_wait: Option<Duration>, key_fn: Arc<F>) -> Self {
+        KeyedRateLimitLayer {
+            quota,
+            limiter: Arc::new(governor::RateLimiter::dashmap_with_clock(
+                quota,
+                TokioClock::new(),
+            )),
+            key_fn,
+            max_wait,
+        }
+    }
+
+    /// How many calls of one key may pass at one instant. Default: the rate.
+    ///
+    /// # Panics
+    ///
+    /// If `burst` is zero.
+    pub fn burst(self, burst: u32) -> Self {
+        Self::from_parts(
+            self.quota.allow_burst(nonzero("burst", burst)),
+            self.max_wait,
+            self.key_fn,
+        )
+    }
+
+    /// Wait mode, bounded by `max_wait`. See [`RateLimitLayer::max_wait`](super::RateLimitLayer::max_wait).
+    pub fn max_wait(self, max_wait: Duration) -> Self {
+        Self::from_parts(self.quota, Some(max_wait), self.key_fn)
+    }
+
+    /// Drops the state of every key that is back to its fresh state, and
+    /// shrinks the table. Run it on a schedule you choose, for example every
+    /// minute from a `tokio::time::interval` task; a dropped key behaves
+    /// exactly as before when it returns.
+    pub fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Keys with live state.
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Whether no key has live state.
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
+    }
+}
+
+impl<S, K: Hash + Eq + Clone, F> Layer<S> for KeyedRateLimitLayer<K, F> {
+    type Service = KeyedRateLimit<S, K, F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedRateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+            key_fn: self.key_fn.clone(),
+            max_wait: self.max_wait,
+        }
+    }
+}

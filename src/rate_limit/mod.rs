@@ -1,0 +1,192 @@
+//! Limit the rate of calls with GCRA, via [`governor`].
+//!
+//! [`RateLimit`] lets through `per_second` calls a second on average and at
+//! most `burst` at one instant (governor's burst size, by default equal to the
+//! rate). A call over the limit either
+//!
+//! - fails at once with [`RateLimited`], whose
+//!   [`retry_after`](RateLimited::retry_after) is governor's own answer for the
+//!   next permit (reject mode, the default), or
+//! - waits for its permit, for at most [`max_wait`](RateLimitLayer::max_wait),
+//!   and fails with `RateLimited` if none comes in time (wait mode).
+//!
+//! [`KeyedRateLimit`] keeps one GCRA cell per key. Its state grows with the
+//! number of distinct keys, so it must be pruned: call
+//! [`KeyedRateLimitLayer::retain_recent`] on a schedule you choose (governor's
+//! own pruning). It drops every key whose cell is back in its fresh state.
+//!
+//! The limiter reads `tokio::time`, so paused-time tests drive it.
+//!
+//! # Example
+//!
+//! ```
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//! use tower_firebreak::{error::Rejection, rate_limit::RateLimitLayer, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::per_second(10).burst(2))
+//!     .service(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+//!
+//! assert!(svc.ready().await.unwrap().call(1).await.is_ok());
+//! assert!(svc.ready().await.unwrap().call(2).await.is_ok());
+//! let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
+//! let r = Rejection::of(&*err).unwrap();
+//! assert_eq!(r.retry_after(), Some(std::time::Duration::from_millis(100)));
+//! # }
+//! ```
+//!
+//! # Defaults
+//!
+//! [`RateLimitConfig::default()`]: 1000 calls a second, a burst equal to the
+//! rate, reject mode.
+//!
+//! # Readiness
+//!
+//! `poll_ready` is the inner service's and takes no permit: the permit is
+//! checked in `call`, so a caller that ignores backpressure (axum) is still
+//! limited.
+//!
+//! # Differences from `tower::limit::RateLimit`
+//!
+//! tower's `RateLimit` is a fixed window that waits in `poll_ready` without
+//! bound. This one is GCRA (smooth, with an explicit burst), rejects with a
+//! typed error carrying the exact time of the next permit, and waits only when
+//! asked and only up to a bound.
+
+mod config;
+mod error;
+pub mod future;
+mod keyed;
+mod layer;
+
+pub use self::config::{RateLimitConfig, RateLimitMode};
+pub use self::error::RateLimited;
+pub use self::keyed::{KeyedRateLimit, KeyedRateLimitLayer};
+pub use self::layer::RateLimitLayer;
+
+use crate::BoxError;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::Service;
+
+/// governor's clock, read from `tokio::time` so paused time drives it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub(crate) fn new() -> Self {
+        TokioClock {
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.start)
+    }
+}
+
+type DirectLimiter =
+    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// Checks a permit: `Err` carries the wait until the next one.
+pub(crate) type Check = Box<dyn Fn() -> Result<(), Duration> + Send + Sync>;
+
+/// Limits the rate of calls. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<DirectLimiter>,
+    max_wait: Option<Duration>,
+}
+
+impl<S> RateLimit<S> {
+    /// A [`RateLimitLayer`] of `per_second` calls a second.
+    pub fn layer(per_second: u32) -> RateLimitLayer {
+        RateLimitLayer::per_second(per_second)
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+pub(crate) fn check_direct(limiter: &DirectLimiter) -> Result<(), Duration> {
+    limiter
+        .check()
+        .map_err(|nu| nu.wait_time_from(limiter.clock().now()))
+}
+
+/// The decision shared by the direct and keyed limiters.
+pub(crate) fn decide<S, Req>(
+    inner: &mut S,
+    req: Req,
+    first: Result<(), Duration>,
+    max_wait: Option<Duration>,
+    check: impl FnOnce() -> Check,
+) -> future::ResponseFuture<S, Req>
+where
+    S: Service<Req> + Clone,
+{
+    match (first, max_wait) {
+        (Ok(()), _) => future::ResponseFuture::running(inner.call(req)),
+        (Err(wait), Some(max)) if wait <= max => {
+            let clone = inner.clone();
+            let svc = std::mem::replace(inner, clone);
+            future::ResponseFuture::waiting(svc, req, check(), wait, max)
+        }
+        (Err(wait), _) => {
+            crate::trace::rejected(
+                "rate_limit",
+                crate::error::RejectionKind::RateLimited,
+                Some(wait),
+            );
+            future::ResponseFuture::rejected(wait)
+        }
+    }
+}
+
+impl<S, Req> Service<Req> for RateLimit<S>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let first = check_direct(&self.limiter);
+        let limiter = &self.limiter;
+        decide(&mut self.inner, req, first, self.max_wait, || {
+            let l = limiter.clone();
+            Box::new(move || check_direct(&l))
+        })
+    }
+}
