@@ -58,3 +58,8 @@ pub mod timeout;
 mod trace;
 
 pub use crate::error::{BoxError, ConfigError};
+
+// The README's example compiles as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

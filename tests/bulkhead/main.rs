@@ -308,3 +308,49 @@ proptest! {
         });
     }
 }
+
+/// Two worker threads racing releases against waiters: the bound holds, no
+/// waiter is stranded while a slot is free, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_hammering_one_bulkhead_keep_the_bound() {
+    let n = 2;
+    let live = Arc::new(AtomicUsize::new(0));
+    let broke = Arc::new(AtomicBool::new(false));
+    let layer = BulkheadLayer::new(n).max_wait(Duration::from_secs(5));
+    let (l, b) = (live.clone(), broke.clone());
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let (l, b) = (l.clone(), b.clone());
+        async move {
+            if l.fetch_add(1, Ordering::SeqCst) + 1 > n {
+                b.store(true, Ordering::SeqCst);
+            }
+            tokio::task::yield_now().await;
+            l.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(())
+        }
+    }));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250u32 {
+                svc.clone().oneshot(t * 1000 + i).await.unwrap();
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    // With a 5 s max_wait and calls of microseconds, a rejection or a stall
+    // here means a lost wake-up.
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("the hammer finished");
+    assert!(
+        !broke.load(Ordering::SeqCst),
+        "more than {n} calls in flight"
+    );
+    assert_eq!(layer.in_flight(), 0);
+}
