@@ -30,7 +30,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_firebreak::BoxError;
 use tower_firebreak::bulkhead::BulkheadLayer;
 use tower_firebreak::deadline::{DeadlineLayer, PropagateDeadlineLayer};
-use tower_firebreak::error::{Rejection, RejectionKind};
+use tower_firebreak::error::Rejection;
 use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::timeout::TimeoutLayer;
 
@@ -40,23 +40,14 @@ type Upstream = BoxCloneSyncService<
     BoxError,
 >;
 
-/// Our rejections as HTTP answers (DESIGN.md's table).
+/// A failed call to B as A's answer: our rejections per DESIGN.md's table
+/// (504, 503, 429 + Retry-After, problem-details bodies); anything else is B's
+/// failure, a 502.
 fn to_response(err: &BoxError) -> Response {
-    let Some(r) = Rejection::of(&**err) else {
+    if Rejection::of(&**err).is_none() {
         return (StatusCode::BAD_GATEWAY, format!("dependency failed: {err}")).into_response();
-    };
-    let status = match r.kind() {
-        RejectionKind::Timeout | RejectionKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    let mut res = (status, r.kind().to_string()).into_response();
-    if let Some(after) = r.retry_after() {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        res.headers_mut()
-            .insert(http::header::RETRY_AFTER, secs.into());
     }
-    res
+    tower_firebreak::http::error_response(&**err).into_response()
 }
 
 async fn serve(router: Router) -> SocketAddr {
@@ -129,9 +120,7 @@ async fn main() {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|e: BoxError| async move {
-                    to_response(&e)
-                }))
+                .layer(HandleErrorLayer::new(tower_firebreak::http::handle_error))
                 .layer(RateLimitLayer::per_second(20).burst(10))
                 .layer(BulkheadLayer::new(4)),
         );
@@ -158,10 +147,15 @@ async fn main() {
                 .map(|v| format!(" (Retry-After: {}s)", v.to_str().unwrap()))
                 .unwrap_or_default();
             let body = res.into_body().collect().await.unwrap().to_bytes();
+            // Our rejections carry a problem-details body; show its kind.
+            let text = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|p| p["kind"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
             println!(
                 "request {i:>2} -> {} {:<24} in {:>4} ms{retry}",
                 status.as_u16(),
-                String::from_utf8_lossy(&body),
+                text,
                 start.elapsed().as_millis()
             );
             status

@@ -12,7 +12,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use tower_firebreak::BoxError;
-use tower_firebreak::error::{Rejection, RejectionKind};
 
 /// Serves `router` on 127.0.0.1:0 in a background task and returns its address.
 pub async fn serve(router: Router) -> SocketAddr {
@@ -55,23 +54,17 @@ pub async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Answer {
     send(client, req).await
 }
 
-/// Maps our rejections to HTTP the way DESIGN.md's table does, for tests
-/// written before the crate's own HTTP module.
-pub async fn handle_error(err: BoxError) -> Response {
-    let Some(r) = Rejection::of(&*err) else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
-    };
-    let status = match r.kind() {
-        RejectionKind::Timeout | RejectionKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        RejectionKind::CircuitOpen | RejectionKind::BulkheadFull => StatusCode::SERVICE_UNAVAILABLE,
-        RejectionKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    let mut res = (status, r.kind().as_str().to_owned()).into_response();
-    if let Some(after) = r.retry_after() {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        res.headers_mut()
-            .insert(http::header::RETRY_AFTER, secs.into());
+impl Answer {
+    /// The `kind` of a problem-details body.
+    pub fn kind(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("a problem body");
+        v["kind"].as_str().expect("a kind").to_owned()
     }
-    res
+}
+
+/// The crate's own handler for axum's `HandleErrorLayer`.
+pub async fn handle_error(err: BoxError) -> Response {
+    tower_firebreak::http::handle_error(err)
+        .await
+        .into_response()
 }
