@@ -39,7 +39,8 @@
 //!
 //! | feature | what it adds |
 //! | --- | --- |
-//! | `axum` | error → HTTP response mapping for axum |
+//! | `axum` | axum-only helpers (status routes, admin router) |
+//! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
 //! | `full` | every feature above |
 //!
 //! # Time
@@ -54,6 +55,7 @@ pub mod circuit_breaker;
 pub mod deadline;
 pub mod error;
 pub mod fallback;
+pub mod grpc;
 pub mod http;
 pub mod rate_limit;
 pub mod timeout;
