@@ -54,6 +54,7 @@ pub mod circuit_breaker;
 pub mod deadline;
 pub mod error;
 pub mod rate_limit;
+pub mod retry;
 pub mod timeout;
 mod trace;
 
