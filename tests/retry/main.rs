@@ -1,0 +1,8 @@
+//! Retry, retry budget, body buffering and hedging.
+
+mod budget;
+mod deadline;
+mod http;
+mod policy;
+mod prop;
+mod support;
