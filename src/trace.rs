@@ -54,3 +54,15 @@ pub(crate) fn not_replayable(layer: &'static str, limit: usize) {
         "request body over the replay limit; sent once, not retried"
     );
 }
+
+/// A hedge layer sent a second copy of a request.
+#[inline]
+pub(crate) fn hedge_sent() {
+    tracing::debug!(target: "tower_firebreak", layer = "hedge", "hedged request sent");
+}
+
+/// A hedge layer did not send the second copy: "budget" or "not_ready".
+#[inline]
+pub(crate) fn hedge_skipped(reason: &'static str) {
+    tracing::debug!(target: "tower_firebreak", layer = "hedge", reason, "hedge not sent");
+}

@@ -41,6 +41,12 @@ pub trait Classify<Req, Res> {
     fn deadline(&self, _req: &Req) -> Option<Instant> {
         None
     }
+
+    /// Whether a second copy of `req` may be sent while the first is still
+    /// in flight (see [`Hedge`](crate::hedge::Hedge)). Default: `true`.
+    fn hedgeable(&self, _req: &Req) -> bool {
+        true
+    }
 }
 
 /// Whether an error must never be retried by default: one of our own shed
@@ -294,5 +300,11 @@ where
 
     fn deadline(&self, req: &http::Request<B>) -> Option<Instant> {
         req.extensions().get::<CallDeadline>().map(CallDeadline::at)
+    }
+
+    /// Idempotent methods and requests with an `Idempotency-Key`; a gRPC call
+    /// (always a POST) only with an `Idempotency-Key`.
+    fn hedgeable(&self, req: &http::Request<B>) -> bool {
+        Self::is_idempotent(req)
     }
 }

@@ -2,6 +2,7 @@
 
 mod budget;
 mod deadline;
+mod hedge;
 mod http;
 mod policy;
 mod prop;
