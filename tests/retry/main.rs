@@ -2,6 +2,7 @@
 
 mod budget;
 mod deadline;
+mod grpc;
 mod hedge;
 mod http;
 mod policy;
