@@ -34,6 +34,23 @@ impl<E> tower::retry::Policy<u64, u64, E> for NeverRetry {
     }
 }
 
+/// `NeverRetry` plus what any budgeted policy must do on every call: one
+/// deposit into tower's `TpsBudget`. It prices the budget itself.
+#[derive(Clone)]
+struct NeverRetryTps(std::sync::Arc<tower::retry::budget::TpsBudget>);
+
+impl<E> tower::retry::Policy<u64, u64, E> for NeverRetryTps {
+    type Future = Ready<()>;
+    fn retry(&mut self, _: &mut u64, _: &mut Result<u64, E>) -> Option<Ready<()>> {
+        None
+    }
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        use tower::retry::budget::Budget;
+        self.0.deposit();
+        Some(*req)
+    }
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -104,6 +121,13 @@ macro_rules! cases {
         $m!(
             "tower Retry (never retries)",
             tower::retry::RetryLayer::new(NeverRetry).layer(bare())
+        );
+        $m!(
+            "tower Retry + TpsBudget deposit",
+            tower::retry::RetryLayer::new(NeverRetryTps(std::sync::Arc::new(
+                tower::retry::budget::TpsBudget::new(Duration::from_secs(10), 10, 0.2)
+            )))
+            .layer(bare())
         );
         $m!("firebreak Retry", RetryLayer::new(ours()).layer(bare()));
         $m!(

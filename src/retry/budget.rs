@@ -31,7 +31,12 @@ use tower::retry::budget::{Budget, TpsBudget};
 /// ```
 #[derive(Clone)]
 pub struct RetryBudget {
-    inner: Arc<TpsBudget>,
+    // One pointer: the retry policy, and so every retry future, carries it.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tps: TpsBudget,
     ttl: Duration,
     min_per_sec: u32,
     ratio: f32,
@@ -97,36 +102,38 @@ impl RetryBudget {
             ratio
         };
         Ok(RetryBudget {
-            inner: Arc::new(TpsBudget::new(ttl, min_per_sec, tps_ratio)),
-            ttl,
-            min_per_sec,
-            ratio,
+            inner: Arc::new(Inner {
+                tps: TpsBudget::new(ttl, min_per_sec, tps_ratio),
+                ttl,
+                min_per_sec,
+                ratio,
+            }),
         })
     }
 
     /// How long a deposit counts.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.inner.ttl
     }
 
     /// The floor of retries a second.
     pub fn min_per_sec(&self) -> u32 {
-        self.min_per_sec
+        self.inner.min_per_sec
     }
 
     /// The share of calls that may be retried.
     pub fn ratio(&self) -> f32 {
-        self.ratio
+        self.inner.ratio
     }
 
     /// Records one call. The retry policy does this once per call.
     pub fn deposit(&self) {
-        self.inner.deposit();
+        self.inner.tps.deposit();
     }
 
     /// Takes the tokens for one retry, `false` when there are not enough.
     pub fn withdraw(&self) -> bool {
-        self.inner.withdraw()
+        self.inner.tps.withdraw()
     }
 }
 
@@ -143,10 +150,10 @@ impl Default for RetryBudget {
 impl fmt::Debug for RetryBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBudget")
-            .field("ttl", &self.ttl)
-            .field("min_per_sec", &self.min_per_sec)
-            .field("ratio", &self.ratio)
-            .field("tokens", &self.inner)
+            .field("ttl", &self.inner.ttl)
+            .field("min_per_sec", &self.inner.min_per_sec)
+            .field("ratio", &self.inner.ratio)
+            .field("tokens", &self.inner.tps)
             .finish()
     }
 }

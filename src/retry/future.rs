@@ -63,3 +63,28 @@ where
         self.project().inner.poll(cx).map_err(Into::into)
     }
 }
+
+/// The wait before a retry.
+///
+/// The timer is boxed: it is large (over 100 bytes) and only a retry needs
+/// one, while tower's retry future holds room for it on every call.
+#[derive(Debug)]
+pub struct Backoff {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Backoff {
+    pub(super) fn until(at: tokio::time::Instant) -> Self {
+        Backoff {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+}
+
+impl Future for Backoff {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.sleep.as_mut().poll(cx)
+    }
+}

@@ -3,19 +3,26 @@ use super::classify::{Action, Classify, DefaultClassifier, HttpClassifier};
 use crate::BoxError;
 use crate::deadline;
 use std::time::Duration;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// The shape of the delays between attempts, before jitter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backoff {
     /// `base × 2^(n-1)` before retry `n`.
-    Exponential(Duration),
+    Exponential,
     /// AWS's "decorrelated jitter": a random delay in `base..=3 × previous`.
-    Decorrelated(Duration),
-    /// The same delay before every retry.
-    Fixed(Duration),
-    /// `step × n` before retry `n`.
-    Linear(Duration),
+    Decorrelated,
+    /// The same delay, `base`, before every retry.
+    Fixed,
+    /// `base × n` before retry `n`.
+    Linear,
+}
+
+/// Durations are kept as whole nanoseconds (u64: 584 years) rather than
+/// `Duration` (16 bytes): tower's `Retry` copies the policy into every
+/// response future, so its size is paid on every call.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// When, whether and how often to retry. Used by [`RetryLayer`](super::RetryLayer).
@@ -54,13 +61,14 @@ pub struct RetryPolicy<C = DefaultClassifier> {
     backoff: Backoff,
     jitter: bool,
     max_attempts: u32,
-    max_delay: Duration,
+    base_ns: u64,
+    max_delay_ns: u64,
     budget: Option<RetryBudget>,
     classify: C,
     // Per call: the layer's copy keeps these at zero; tower's `Retry` clones
     // the policy into every response future, and only that copy counts.
     attempts: u32,
-    prev: Duration,
+    prev_ns: u64,
 }
 
 impl RetryPolicy {
@@ -71,16 +79,17 @@ impl RetryPolicy {
     /// The default cap on one delay.
     pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(10);
 
-    fn with_backoff(backoff: Backoff) -> Self {
+    fn with_backoff(backoff: Backoff, base: Duration) -> Self {
         RetryPolicy {
             backoff,
             jitter: true,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
-            max_delay: Self::DEFAULT_MAX_DELAY,
+            base_ns: nanos(base),
+            max_delay_ns: nanos(Self::DEFAULT_MAX_DELAY),
             budget: None,
             classify: DefaultClassifier,
             attempts: 0,
-            prev: Duration::ZERO,
+            prev_ns: 0,
         }
     }
 
@@ -88,7 +97,7 @@ impl RetryPolicy {
     /// [`DEFAULT_MAX_ATTEMPTS`](Self::DEFAULT_MAX_ATTEMPTS) attempts,
     /// delays capped at [`DEFAULT_MAX_DELAY`](Self::DEFAULT_MAX_DELAY), no budget.
     pub fn exponential(base: Duration) -> Self {
-        Self::with_backoff(Backoff::Exponential(base))
+        Self::with_backoff(Backoff::Exponential, base)
     }
 
     /// AWS's decorrelated jitter: each delay is random in
@@ -96,18 +105,18 @@ impl RetryPolicy {
     /// by `max_delay`. With [`no_jitter`](Self::no_jitter) each delay is its
     /// upper bound, `3 × previous`.
     pub fn decorrelated_jitter(base: Duration) -> Self {
-        Self::with_backoff(Backoff::Decorrelated(base))
+        Self::with_backoff(Backoff::Decorrelated, base)
     }
 
     /// The same delay before every retry (full jitter unless turned off).
     pub fn fixed(delay: Duration) -> Self {
-        Self::with_backoff(Backoff::Fixed(delay))
+        Self::with_backoff(Backoff::Fixed, delay)
     }
 
     /// Linear backoff: `step`, `2 × step`, `3 × step`, … (full jitter unless
     /// turned off).
     pub fn linear(step: Duration) -> Self {
-        Self::with_backoff(Backoff::Linear(step))
+        Self::with_backoff(Backoff::Linear, step)
     }
 }
 
@@ -122,7 +131,7 @@ impl<C> RetryPolicy<C> {
     /// The longest delay before one retry, also the cap on a server's
     /// `Retry-After` or gRPC pushback.
     pub fn max_delay(mut self, d: Duration) -> Self {
-        self.max_delay = d;
+        self.max_delay_ns = nanos(d);
         self
     }
 
@@ -153,11 +162,12 @@ impl<C> RetryPolicy<C> {
             backoff: self.backoff,
             jitter: self.jitter,
             max_attempts: self.max_attempts,
-            max_delay: self.max_delay,
+            base_ns: self.base_ns,
+            max_delay_ns: self.max_delay_ns,
             budget: self.budget,
             classify,
             attempts: 0,
-            prev: Duration::ZERO,
+            prev_ns: 0,
         }
     }
 
@@ -174,7 +184,7 @@ impl<C> RetryPolicy<C> {
 
     /// The configured cap on one delay.
     pub fn delay_cap(&self) -> Duration {
-        self.max_delay
+        Duration::from_nanos(self.max_delay_ns)
     }
 
     /// The budget, if any.
@@ -191,51 +201,46 @@ impl<C> RetryPolicy<C> {
     /// largest possible delays (before jitter lowers them). A deadline shorter
     /// than this cuts retries short.
     pub fn max_total_delay(&self) -> Duration {
-        let mut prev = Duration::ZERO;
-        (1..self.max_attempts)
+        let mut prev = 0;
+        let total = (1..self.max_attempts)
             .map(|n| {
                 let d = self.upper_delay(n, prev);
                 prev = d;
                 d
             })
-            .fold(Duration::ZERO, Duration::saturating_add)
+            .fold(0u64, u64::saturating_add);
+        Duration::from_nanos(total)
     }
 
-    /// The largest delay before retry `n`, given the previous delay.
-    fn upper_delay(&self, n: u32, prev: Duration) -> Duration {
+    /// The largest delay before retry `n`, in nanoseconds, given the previous one.
+    fn upper_delay(&self, n: u32, prev_ns: u64) -> u64 {
+        let base = self.base_ns;
         let d = match self.backoff {
-            Backoff::Exponential(base) => {
-                base.saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX))
+            Backoff::Exponential => {
+                base.saturating_mul(1u64.checked_shl(n - 1).unwrap_or(u64::MAX))
             }
-            Backoff::Linear(step) => step.saturating_mul(n),
-            Backoff::Fixed(d) => d,
-            Backoff::Decorrelated(base) => prev.max(base).saturating_mul(3),
+            Backoff::Linear => base.saturating_mul(u64::from(n)),
+            Backoff::Fixed => base,
+            Backoff::Decorrelated => prev_ns.max(base).saturating_mul(3),
         };
-        d.min(self.max_delay)
+        d.min(self.max_delay_ns)
     }
 
     /// The delay before retry `n`, jitter applied.
     fn next_delay(&mut self, n: u32) -> Duration {
-        let upper = self.upper_delay(n, self.prev);
+        let upper = self.upper_delay(n, self.prev_ns);
         let d = if !self.jitter {
             upper
         } else {
             let low = match self.backoff {
-                Backoff::Decorrelated(base) => base.min(upper),
-                _ => Duration::ZERO,
+                Backoff::Decorrelated => self.base_ns.min(upper),
+                _ => 0,
             };
-            uniform(low, upper)
+            fastrand::u64(low..=upper)
         };
-        self.prev = d;
-        d
+        self.prev_ns = d;
+        Duration::from_nanos(d)
     }
-}
-
-/// A delay drawn uniformly from `low..=high`, at nanosecond resolution.
-fn uniform(low: Duration, high: Duration) -> Duration {
-    let lo = u64::try_from(low.as_nanos()).unwrap_or(u64::MAX);
-    let hi = u64::try_from(high.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(fastrand::u64(lo..=hi.max(lo)))
 }
 
 impl Default for RetryPolicy {
@@ -250,9 +255,13 @@ impl<C, Req, Res> tower::retry::Policy<Req, Res, BoxError> for RetryPolicy<C>
 where
     C: Classify<Req, Res>,
 {
-    type Future = Sleep;
+    type Future = super::future::Backoff;
 
-    fn retry(&mut self, req: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Sleep> {
+    fn retry(
+        &mut self,
+        req: &mut Req,
+        result: &mut Result<Res, BoxError>,
+    ) -> Option<super::future::Backoff> {
         self.attempts += 1;
         let hint = match self.classify.classify(req, result) {
             Action::Done => return None,
@@ -264,7 +273,7 @@ where
             return None;
         }
         let delay = match hint {
-            Some(d) => d.min(self.max_delay),
+            Some(d) => d.min(Duration::from_nanos(self.max_delay_ns)),
             None => self.next_delay(self.attempts),
         };
         let now = Instant::now();
@@ -286,7 +295,7 @@ where
             return None;
         }
         crate::trace::retrying(self.attempts, delay);
-        Some(tokio::time::sleep_until(now + delay))
+        Some(super::future::Backoff::until(now + delay))
     }
 
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
