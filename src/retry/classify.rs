@@ -69,6 +69,7 @@ fn is_final(err: &BoxError) -> bool {
 pub struct DefaultClassifier;
 
 impl<Req: Clone, Res> Classify<Req, Res> for DefaultClassifier {
+    #[inline]
     fn classify(&self, _req: &Req, result: &Result<Res, BoxError>) -> Action {
         match result {
             Err(e) if !is_final(e) => Action::Retry,
@@ -76,6 +77,7 @@ impl<Req: Clone, Res> Classify<Req, Res> for DefaultClassifier {
         }
     }
 
+    #[inline]
     fn clone_request(&self, req: &Req) -> Option<Req> {
         Some(req.clone())
     }
@@ -121,6 +123,7 @@ where
         (self.f)(req, result)
     }
 
+    #[inline]
     fn clone_request(&self, req: &Req) -> Option<Req> {
         Some(req.clone())
     }

@@ -226,6 +226,45 @@ impl<C> RetryPolicy<C> {
         d.min(self.max_delay_ns)
     }
 
+    /// Everything after a result was found retryable. Out of line: the
+    /// happy path, inlined into tower's future, stays a few instructions.
+    #[cold]
+    #[inline(never)]
+    fn after_failure(
+        &mut self,
+        hint: Option<Duration>,
+        req_deadline: Option<Instant>,
+    ) -> Option<super::future::Backoff> {
+        if self.attempts >= self.max_attempts {
+            crate::trace::retry_gave_up("max_attempts", self.attempts);
+            return None;
+        }
+        let delay = match hint {
+            Some(d) => d.min(Duration::from_nanos(self.max_delay_ns)),
+            None => self.next_delay(self.attempts),
+        };
+        let now = Instant::now();
+        let deadline = match (deadline::current(), req_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Waking at or after the deadline would leave no time for the attempt:
+        // give the caller the last real error now instead of a timeout later.
+        if deadline.is_some_and(|d| now + delay >= d) {
+            crate::trace::retry_gave_up("deadline", self.attempts);
+            return None;
+        }
+        // Withdrawn last, so a retry that the checks above refuse costs no token.
+        if let Some(budget) = &self.budget
+            && !budget.withdraw()
+        {
+            crate::trace::retry_gave_up("budget", self.attempts);
+            return None;
+        }
+        crate::trace::retrying(self.attempts, delay);
+        Some(super::future::Backoff::until(now + delay))
+    }
+
     /// The delay before retry `n`, jitter applied.
     fn next_delay(&mut self, n: u32) -> Duration {
         let upper = self.upper_delay(n, self.prev_ns);
@@ -257,6 +296,7 @@ where
 {
     type Future = super::future::Backoff;
 
+    #[inline]
     fn retry(
         &mut self,
         req: &mut Req,
@@ -268,36 +308,11 @@ where
             Action::Retry => None,
             Action::RetryAfter(d) => Some(d),
         };
-        if self.attempts >= self.max_attempts {
-            crate::trace::retry_gave_up("max_attempts", self.attempts);
-            return None;
-        }
-        let delay = match hint {
-            Some(d) => d.min(Duration::from_nanos(self.max_delay_ns)),
-            None => self.next_delay(self.attempts),
-        };
-        let now = Instant::now();
-        let deadline = match (deadline::current(), self.classify.deadline(req)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        // Waking at or after the deadline would leave no time for the attempt:
-        // give the caller the last real error now instead of a timeout later.
-        if deadline.is_some_and(|d| now + delay >= d) {
-            crate::trace::retry_gave_up("deadline", self.attempts);
-            return None;
-        }
-        // Withdrawn last, so a retry that the checks above refuse costs no token.
-        if let Some(budget) = &self.budget
-            && !budget.withdraw()
-        {
-            crate::trace::retry_gave_up("budget", self.attempts);
-            return None;
-        }
-        crate::trace::retrying(self.attempts, delay);
-        Some(super::future::Backoff::until(now + delay))
+        let req_deadline = self.classify.deadline(req);
+        self.after_failure(hint, req_deadline)
     }
 
+    #[inline]
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
         if self.attempts == 0 {
             // Called once per call on the layer's copy, then after each retry
