@@ -54,10 +54,16 @@
 //!
 //! # Differences from `tower::hedge::Hedge`
 //!
-//! tower's hedge only knows percentiles and boxes nothing but needs its own
-//! `Policy`; this one also takes a fixed delay, uses the retry layer's
-//! [`Classify`] and [`RetryBudget`], returns a [`BoxError`], and keeps
-//! waiting for the other copy when the first one fails.
+//! - **A fixed delay too.** tower hedges only at a latency percentile.
+//! - **A failed copy does not end the call** while the other is in flight;
+//!   in tower the first result wins, error or not.
+//! - **Shared rules.** Which requests are hedged, and how they are copied,
+//!   come from the retry layer's [`Classify`]; hedges draw on the retry
+//!   layer's [`RetryBudget`] instead of a separate policy.
+//! - **No lock to read the delay.** The percentile is computed once per
+//!   window and published in an atomic; only recording takes a lock.
+//! - **Readiness.** tower's `poll_ready` waits for both copies' services;
+//!   here the second copy waits for readiness only once it is due.
 //!
 //! # Readiness
 //!
