@@ -88,7 +88,7 @@ impl RetryBudget {
         }
         // TpsBudget computes its withdrawal as `(1.0 / ratio) as isize`, which
         // truncates: when 1/ratio lands a hair below a whole number in f32
-        // (as it can for 0.1 or 0.2), the withdrawal drops by one and the
+        // (0.001 gives 999, 1/7 gives 6), the withdrawal drops by one and the
         // budget grants more than asked. Nudging a ratio whose inverse is
         // (nearly) whole a hair down makes the truncation land on that number.
         let tps_ratio = if ratio > 0.0 && ratio <= 1.0 {

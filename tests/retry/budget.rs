@@ -91,7 +91,16 @@ async fn an_empty_budget_returns_the_original_error_unchanged() {
 
 #[test]
 fn common_ratios_grant_exactly_their_share() {
-    for (ratio, per) in [(0.1f32, 10), (0.2, 5), (0.25, 4), (0.5, 2), (1.0, 1)] {
+    for (ratio, per) in [
+        (0.1f32, 10),
+        (0.2, 5),
+        (0.25, 4),
+        (0.5, 2),
+        (1.0, 1),
+        // f32 truncation in TpsBudget alone would make these 999 and 6.
+        (0.001, 1000),
+        (1.0 / 7.0, 7),
+    ] {
         let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
