@@ -197,9 +197,10 @@ impl<C> RetryPolicy<C> {
         &self.classify
     }
 
-    /// The most a call can sleep between its attempts: the sum of the
-    /// largest possible delays (before jitter lowers them). A deadline shorter
-    /// than this cuts retries short.
+    /// The most a call can sleep between its attempts on the policy's own
+    /// schedule: the sum of the nominal delays, which jitter only lowers. A
+    /// server's `Retry-After` or pushback can ask for more, up to
+    /// `max_delay` per retry. A deadline shorter than this cuts retries short.
     pub fn max_total_delay(&self) -> Duration {
         let mut prev = 0;
         let total = (1..self.max_attempts)
