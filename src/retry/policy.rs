@@ -18,6 +18,9 @@ enum Backoff {
     Linear,
 }
 
+/// The resolution of tokio's timer wheel.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// Durations are kept as whole nanoseconds (u64: 584 years) rather than
 /// `Duration` (16 bytes): tower's `Retry` copies the policy into every
 /// response future, so its size is paid on every call.
@@ -251,7 +254,9 @@ impl<C> RetryPolicy<C> {
         };
         // Waking at or after the deadline would leave no time for the attempt:
         // give the caller the last real error now instead of a timeout later.
-        if deadline.is_some_and(|d| now + delay >= d) {
+        // tokio's timer fires on whole milliseconds, rounding up, so the
+        // sleep may end up to one tick after `now + delay`.
+        if deadline.is_some_and(|d| now + delay + TIMER_TICK >= d) {
             crate::trace::retry_gave_up("deadline", self.attempts);
             return None;
         }
@@ -303,7 +308,7 @@ where
         req: &mut Req,
         result: &mut Result<Res, BoxError>,
     ) -> Option<super::future::Backoff> {
-        self.attempts += 1;
+        self.attempts = self.attempts.saturating_add(1);
         let hint = match self.classify.classify(req, result) {
             Action::Done => return None,
             Action::Retry => None,
