@@ -56,8 +56,10 @@ pub mod deadline;
 pub mod error;
 pub mod fallback;
 pub mod grpc;
+pub mod hedge;
 pub mod http;
 pub mod rate_limit;
+pub mod retry;
 pub mod timeout;
 mod trace;
 
