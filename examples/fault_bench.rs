@@ -489,7 +489,11 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors, most likely: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let svc = TowerToHyperService::new(svc.clone());
                 conns.spawn(async move {
@@ -997,6 +1001,15 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
             }
         ),
     ));
+    let rejections: Vec<_> = results
+        .iter()
+        .filter(|r| r.scenario == "hang")
+        .filter_map(|r| r.rejected_p99_ms.map(|p| format!("{} {p:.2} ms", r.stack)))
+        .collect();
+    v.push(measured(
+        "B hangs: p99 of the calls each stack rejected (bulkhead, load shed or breaker)",
+        rejections.join(", "),
+    ));
     v.push(pending(
         "B hangs: the breaker opens, and rejected calls answer in under 1 ms p99",
         "circuit_breaker (issue 3) in the 'ours' stack",
@@ -1304,12 +1317,21 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            "--bench" => {} // passed by `cargo bench`; harmless
             other => {
                 eprintln!("unknown argument {other:?}; usage: fault_bench [--quick] [--seed N]");
                 return ExitCode::from(2);
             }
         }
+    }
+    // A hung B holds two sockets on each hop for every call in flight, and
+    // the unprotected stack keeps every call in flight: raise the soft limit
+    // on open files to the hard limit (up to 65536).
+    match rlimit::increase_nofile_limit(65_536) {
+        Ok(n) if n < 8_192 => eprintln!(
+            "warning: only {n} open files allowed; the unprotected stacks may run out of sockets"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: cannot raise the open-file limit: {e}"),
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -58,6 +58,21 @@
 //!
 //! A [`ChaosConfig`] loads the same settings from a file.
 //!
+//! # Defaults
+//!
+//! Seed 0; the schedule timed from when [`ChaosBuilder::build`] runs;
+//! injected errors as `Err`s ([`AsError`]). [`ChaosConfig`] defaults to no
+//! phases (always healthy) and status 503 for
+//! [`into_http_layer`](ChaosConfig::into_http_layer). Bad rates, or more
+//! than one fault share adding up past 1, are a
+//! [`ConfigError`](crate::ConfigError) from `build()`.
+//!
+//! # In the fault benchmark
+//!
+//! `examples/fault_bench.rs` puts this layer in front of a real axum server
+//! (served through hyper, so an abort really drops the connection) to compare
+//! protection stacks under each fault.
+//!
 //! # Readiness
 //!
 //! `poll_ready` is the inner service's. A call that is delayed or hangs hands
@@ -287,13 +302,13 @@ impl<S> Chaos<S> {
     /// Wraps `inner`; a shorthand for `ChaosLayer::builder(schedule).seed(seed)`
     /// started now.
     pub fn new(inner: S, schedule: Schedule, seed: u64) -> Result<Self, crate::ConfigError> {
-        let layer = ChaosLayer::builder(schedule).seed(seed).build()?;
-        Ok(tower::Layer::layer(&layer, inner))
+        Ok(tower::Layer::layer(&Self::layer(schedule, seed)?, inner))
     }
 
-    /// A [`ChaosBuilder`] for a layer following `schedule`.
-    pub fn layer(schedule: Schedule) -> ChaosBuilder {
-        ChaosLayer::builder(schedule)
+    /// A [`ChaosLayer`] following `schedule` with `seed`, started now;
+    /// [`ChaosLayer::builder`] has the other settings.
+    pub fn layer(schedule: Schedule, seed: u64) -> Result<ChaosLayer, crate::ConfigError> {
+        ChaosLayer::builder(schedule).seed(seed).build()
     }
 }
 

@@ -450,3 +450,25 @@ fn config_loads_and_rejects_bad_settings() {
     .unwrap_err();
     assert_eq!(e.other_field(), Some("phases[0].faults.latency.max"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn chaos_new_wraps_a_service_directly() {
+    use tower_firebreak::chaos::Chaos;
+    let count = Arc::new(AtomicU64::new(0));
+    let svc = Chaos::new(
+        echo(count.clone()),
+        Schedule::always(Faults::none().errors(1.0)),
+        1,
+    )
+    .unwrap();
+    assert_eq!(svc.get_ref().clone().oneshot(5).await.unwrap(), 5);
+    let err = svc.clone().oneshot(6).await.unwrap_err();
+    assert!(error::find::<InjectedFault>(&*err).is_some());
+    assert_eq!(svc.stats().errors, 1);
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "only the direct call reached it"
+    );
+    assert!(Chaos::new(echo(count), Schedule::always(Faults::none().hangs(2.0)), 1).is_err());
+}
