@@ -1054,7 +1054,11 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     for s in scs {
         let (o, t) = (get(s.key, "ours"), get(s.key, "tower-resilience"));
         v.push(measured(
-            &format!("{}: ours vs tower-resilience", s.title),
+            &format!(
+                "{}: ours vs tower-resilience (ours has no breaker or retry yet; \
+                 read success with p99)",
+                s.title
+            ),
             format!(
                 "p99 {:.1} / {:.1} ms = {:.2}x; reached B {} / {} = {:.2}x; success {} / {}",
                 o.p99_ms,
@@ -1283,6 +1287,8 @@ fn plot(path: &std::path::Path, results: &[RunResult], scs: &[Scenario]) -> Resu
 #[derive(Serialize)]
 struct Report<'a> {
     mode: &'static str,
+    /// Logical CPUs, OS and architecture of the machine that ran it.
+    machine: (usize, &'static str, &'static str),
     params: &'a Params,
     stacks: Vec<(&'static str, &'static str)>,
     scenarios: Vec<ScenarioReport>,
@@ -1389,6 +1395,11 @@ async fn run(quick: bool, seed: u64) -> ExitCode {
     }
     let report = Report {
         mode,
+        machine: (
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+        ),
         params: &params,
         stacks: stacks.iter().map(|s| (s.name, s.about)).collect(),
         scenarios: scs
