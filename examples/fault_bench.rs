@@ -944,6 +944,7 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     let (h0, h1) = (hang.fault.0.as_secs_f64(), hang.fault.1.as_secs_f64());
     let hang_len = h1 - h0;
     let none = get("hang", "none");
+    // TODO(issue 7): measure these on "ours (preset)" once it is in `stacks()`.
     let ours = get("hang", "ours");
     let (mid, late) = (h0 + 0.45 * hang_len, h0 + 0.9 * hang_len);
     let (at_mid, at_late) = (in_flight_at(none, mid), in_flight_at(none, late));
@@ -1010,6 +1011,8 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
         "B hangs: p99 of the calls each stack rejected (bulkhead, load shed or breaker)",
         rejections.join(", "),
     ));
+    // TODO(issue 3): assert that the breaker opened (its handle's state, or
+    // CircuitOpen rejections counted by A) and measure the p99 of those rejections.
     v.push(pending(
         "B hangs: the breaker opens, and rejected calls answer in under 1 ms p99",
         "circuit_breaker (issue 3) in the 'ours' stack",
@@ -1028,6 +1031,8 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
             r.reached_b as f64 / r.offered.max(1) as f64
         )
     };
+    // TODO(issue 4): assert reached_b <= 1.2 * offered + min_per_sec * length
+    // for the preset in the "errors" scenario.
     v.push(pending(
         "B returns 503 at 50%: the preset's retries stay within the budget \
          (calls reaching B <= 1.2x offered + the floor)",
@@ -1045,6 +1050,7 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     ));
 
     // --- defer
+    // TODO(issue 5): assert lost == 0 and delivered == deferred after the drain.
     v.push(pending(
         "With defer: zero requests lost; everything accepted during the outage is delivered after recovery, paced",
         "defer + DiskQueue + Replayer (issue 5)",
