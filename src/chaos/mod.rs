@@ -340,11 +340,13 @@ where
                 future::ResponseFuture::calling(self.inner.call(req))
             }
             Plan::Pass { delay } => {
+                crate::trace::injected("latency", delay);
                 stats.delayed.fetch_add(1, Ordering::Relaxed);
                 let svc = take_ready(&mut self.inner);
                 future::ResponseFuture::call_at(now + delay, svc, req, self.shared.clone())
             }
             Plan::Error { delay } => {
+                crate::trace::injected("error", delay);
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 if !delay.is_zero() {
                     stats.delayed.fetch_add(1, Ordering::Relaxed);
@@ -352,6 +354,7 @@ where
                 future::ResponseFuture::reply_at(now + delay, self.reply.error())
             }
             Plan::Abort { delay } => {
+                crate::trace::injected("abort", delay);
                 stats.aborts.fetch_add(1, Ordering::Relaxed);
                 if !delay.is_zero() {
                     stats.delayed.fetch_add(1, Ordering::Relaxed);
@@ -360,11 +363,13 @@ where
                 future::ResponseFuture::reply_at(now + delay, Err(err))
             }
             Plan::Hang { until: Some(at) } => {
+                crate::trace::injected("hang", at.saturating_duration_since(now));
                 stats.hangs.fetch_add(1, Ordering::Relaxed);
                 let svc = take_ready(&mut self.inner);
                 future::ResponseFuture::call_at(at, svc, req, self.shared.clone())
             }
             Plan::Hang { until: None } => {
+                crate::trace::injected("hang", Duration::MAX);
                 stats.hangs.fetch_add(1, Ordering::Relaxed);
                 future::ResponseFuture::hang()
             }

@@ -333,6 +333,7 @@ impl Schedule {
         let mut out = Vec::new();
         let mut t = Duration::ZERO;
         while t < horizon && !self.phases.is_empty() {
+            let pass_start = t;
             for p in &self.phases {
                 let end = p.duration.map_or(horizon, |d| (t + d).min(horizon));
                 if end > t {
@@ -343,7 +344,8 @@ impl Schedule {
                     return out;
                 }
             }
-            if !self.repeat {
+            // A repeating schedule of zero-length phases would never get there.
+            if !self.repeat || t == pass_start {
                 break;
             }
         }
@@ -392,9 +394,8 @@ impl Schedule {
             if cycle.is_zero() {
                 return HEALTHY;
             }
-            let n = (elapsed.as_nanos() / cycle.as_nanos()) as u32;
-            let offset = cycle * n;
-            (offset, elapsed - offset)
+            let t = Duration::from_nanos((elapsed.as_nanos() % cycle.as_nanos()) as u64);
+            (elapsed - t, t)
         } else {
             (Duration::ZERO, elapsed)
         };

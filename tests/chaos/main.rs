@@ -472,3 +472,40 @@ async fn chaos_new_wraps_a_service_directly() {
     );
     assert!(Chaos::new(echo(count), Schedule::always(Faults::none().hangs(2.0)), 1).is_err());
 }
+
+proptest::proptest! {
+    /// The phase in force at any instant is the one `timeline()` shows there,
+    /// for schedules that repeat or not.
+    #[test]
+    fn phase_at_agrees_with_the_timeline(
+        phases in proptest::collection::vec((0u8..3, 0u64..3_000), 1..5),
+        repeat in proptest::bool::ANY,
+        at_ms in 0u64..30_000,
+    ) {
+        let kinds = [PhaseKind::Healthy, PhaseKind::Failing, PhaseKind::Recovering];
+        let phases: Vec<_> = phases
+            .into_iter()
+            .map(|(k, d)| Phase {
+                kind: kinds[k as usize],
+                duration: Some(MS(d)),
+                faults: Faults::none().errors(1.0),
+            })
+            .collect();
+        let schedule = Schedule::new(phases);
+        let schedule = if repeat { schedule.repeat() } else { schedule };
+        let Ok(layer) = ChaosLayer::builder(schedule.clone()).start_at(Instant::now()).build()
+        else {
+            // Only a repeating schedule of zero-length phases is refused.
+            proptest::prop_assert!(repeat);
+            proptest::prop_assert!(schedule.phases().iter().all(|p| p.duration == Some(Duration::ZERO)));
+            return Ok(());
+        };
+        let at = MS(at_ms);
+        let expected = schedule
+            .timeline(MS(30_001))
+            .into_iter()
+            .find(|&(s, e, _)| s <= at && at < e)
+            .map_or(PhaseKind::Healthy, |(_, _, k)| k);
+        proptest::prop_assert_eq!(layer.phase_at(layer.start() + at), expected);
+    }
+}
