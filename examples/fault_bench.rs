@@ -40,6 +40,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -287,7 +288,7 @@ fn stack_tower_resilience(p: &Params) -> Client {
     let retry = RetryLayer::<Req, http::Response<Body>, BoxError>::builder()
         .max_attempts(p.attempts as usize)
         .exponential_backoff(Duration::from_millis(50))
-        .retry_on(|e: &BoxError| !is_shed(e))
+        .retry_on(|e: &BoxError| shed_kind(e).is_none())
         .retry_on_response(|r: &http::Response<Body>| r.status().is_server_error())
         .build();
     let breaker = CircuitBreakerLayer::builder()
@@ -320,7 +321,7 @@ fn stack_tower_resilience(p: &Params) -> Client {
     let svc = ServiceBuilder::new().layer(retry).service(svc);
     let svc = ServiceBuilder::new().layer(breaker).service(svc).map_err(
         |e: CircuitBreakerError<BoxError>| match e {
-            CircuitBreakerError::OpenCircuit => BoxError::from(Shed("circuit open")),
+            CircuitBreakerError::OpenCircuit => BoxError::from(Shed("circuit_open")),
             CircuitBreakerError::Inner(e) => e,
         },
     );
@@ -329,7 +330,7 @@ fn stack_tower_resilience(p: &Params) -> Client {
         .service(svc)
         .map_err(|e| {
             if e.is_bulkhead() {
-                BoxError::from(Shed("bulkhead full"))
+                BoxError::from(Shed("bulkhead_full"))
             } else {
                 e.into_inner()
                     .unwrap_or_else(|| BoxError::from(Failed("bulkhead error")))
@@ -406,13 +407,26 @@ impl fmt::Display for Failed {
 impl std::error::Error for Shed {}
 impl std::error::Error for Failed {}
 
-/// Whether a stack refused the call without trying B (a rejection), as
-/// opposed to trying and failing.
-fn is_shed(e: &BoxError) -> bool {
-    Rejection::of(&**e).is_some_and(|r| r.is_shed())
-        || tower_firebreak::error::find::<tower::load_shed::error::Overloaded>(&**e).is_some()
-        || tower_firebreak::error::find::<Shed>(&**e).is_some()
+/// Which layer refused the call without trying B (a rejection), if one
+/// did, as opposed to trying and failing. One of [`SHED_KINDS`].
+fn shed_kind(e: &BoxError) -> Option<&'static str> {
+    if let Some(r) = Rejection::of(&**e).filter(|r| r.is_shed()) {
+        return Some(r.kind().as_str());
+    }
+    if tower_firebreak::error::find::<tower::load_shed::error::Overloaded>(&**e).is_some() {
+        return Some("load_shed");
+    }
+    tower_firebreak::error::find::<Shed>(&**e).map(|s| s.0)
 }
+
+/// Every rejection kind A reports (the body of its 503).
+const SHED_KINDS: [&str; 5] = [
+    "bulkhead_full",
+    "circuit_open",
+    "rate_limited",
+    "load_shed",
+    "other",
+];
 
 // ---------------------------------------------------------------------------
 // Servers
@@ -507,11 +521,13 @@ where
     }
 }
 
-/// A's calls in flight, and the most seen at once.
+/// A's calls in flight, the most seen at once, and how long the stack took
+/// to reject the calls it shed, by kind, timed inside A.
 #[derive(Default)]
 struct Gauge {
     now: AtomicUsize,
     peak: AtomicUsize,
+    shed: Mutex<BTreeMap<&'static str, Histogram<u64>>>,
 }
 
 struct InFlight<'a>(&'a Gauge);
@@ -538,12 +554,14 @@ struct AState {
 }
 
 /// A's only route: call B through the stack and say what happened.
-/// 200 = B answered 200; 503 = the stack shed the call; 502 = it failed.
+/// 200 = B answered 200; 503 = the stack shed the call (the body names the
+/// rejection); 502 = it failed.
 async fn a_handler(State(st): State<AState>) -> (StatusCode, &'static str) {
     let _in_flight = st.gauge.enter();
     let req = http::Request::get(&*st.b_url)
         .body(Full::default())
         .expect("request");
+    let called = Instant::now();
     match st.client.oneshot(req).await {
         Ok(res) => {
             let status = res.status();
@@ -554,8 +572,20 @@ async fn a_handler(State(st): State<AState>) -> (StatusCode, &'static str) {
                 _ => (StatusCode::BAD_GATEWAY, "failed"),
             }
         }
-        Err(e) if is_shed(&e) => (StatusCode::SERVICE_UNAVAILABLE, "rejected"),
-        Err(_) => (StatusCode::BAD_GATEWAY, "failed"),
+        Err(e) => match shed_kind(&e) {
+            Some(kind) => {
+                let took = called.elapsed().as_micros().max(1) as u64;
+                st.gauge
+                    .shed
+                    .lock()
+                    .expect("lock")
+                    .entry(kind)
+                    .or_insert_with(hist)
+                    .saturating_record(took);
+                (StatusCode::SERVICE_UNAVAILABLE, kind)
+            }
+            None => (StatusCode::BAD_GATEWAY, "failed"),
+        },
     }
 }
 
@@ -566,9 +596,21 @@ async fn a_handler(State(st): State<AState>) -> (StatusCode, &'static str) {
 #[serde(rename_all = "snake_case")]
 enum Outcome {
     Success,
-    Rejected,
+    /// Shed by the stack; the kind is an index into [`SHED_KINDS`].
+    Rejected(usize),
     Deferred,
     Failed,
+}
+
+impl Outcome {
+    fn index(self) -> usize {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Rejected(_) => 1,
+            Outcome::Deferred => 2,
+            Outcome::Failed => 3,
+        }
+    }
 }
 
 /// One call from the load generator to A.
@@ -646,14 +688,19 @@ async fn load(a: SocketAddr, params: Params, start: Instant, length: Duration) -
             let answer = tokio::time::timeout(params.caller_timeout, async {
                 let res = client.request(req).await?;
                 let status = res.status();
-                res.into_body().collect().await?;
-                Ok::<_, BoxError>(status)
+                let body = res.into_body().collect().await?.to_bytes();
+                Ok::<_, BoxError>((status, body))
             })
             .await;
             let outcome = match answer {
-                Ok(Ok(StatusCode::OK)) => Outcome::Success,
-                Ok(Ok(StatusCode::ACCEPTED)) => Outcome::Deferred,
-                Ok(Ok(StatusCode::SERVICE_UNAVAILABLE)) => Outcome::Rejected,
+                Ok(Ok((StatusCode::OK, _))) => Outcome::Success,
+                Ok(Ok((StatusCode::ACCEPTED, _))) => Outcome::Deferred,
+                Ok(Ok((StatusCode::SERVICE_UNAVAILABLE, body))) => Outcome::Rejected(
+                    SHED_KINDS
+                        .iter()
+                        .position(|k| k.as_bytes() == &body[..])
+                        .unwrap_or(SHED_KINDS.len() - 1),
+                ),
                 _ => Outcome::Failed,
             };
             Sample {
@@ -671,6 +718,16 @@ async fn load(a: SocketAddr, params: Params, start: Instant, length: Duration) -
     out
 }
 
+/// The rejections of one kind.
+#[derive(Clone, Debug, Serialize)]
+struct Rejections {
+    count: u64,
+    /// As A's caller saw them: the HTTP round trip to A included.
+    p99_ms: f64,
+    /// Inside A: from calling the stack to its error, the stack's own cost.
+    in_a_p99_ms: f64,
+}
+
 /// What one stack got in one scenario.
 #[derive(Clone, Debug, Serialize)]
 struct RunResult {
@@ -679,6 +736,8 @@ struct RunResult {
     offered: u64,
     success: u64,
     rejected: u64,
+    /// The rejections by kind (see [`SHED_KINDS`]).
+    rejected_by: BTreeMap<&'static str, Rejections>,
     deferred: u64,
     failed: u64,
     /// Calls that arrived at B (attempts and retries), refused connections excluded.
@@ -730,6 +789,7 @@ fn summarize(
     let mut rejected = hist();
     let (f0, f1) = (sc.fault.0.as_secs_f64(), sc.fault.1.as_secs_f64());
     let mut counts = [0u64; 4];
+    let mut by_kind: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();
     let (mut success_after, mut offered_after) = (0, 0);
     let (mut success_during, mut offered_during) = (0, 0);
     for s in samples {
@@ -740,10 +800,14 @@ fn summarize(
             offered_during += 1;
             success_during += u64::from(s.outcome == Outcome::Success);
         }
-        if s.outcome == Outcome::Rejected {
+        if let Outcome::Rejected(kind) = s.outcome {
             rejected.saturating_record(us);
+            by_kind
+                .entry(SHED_KINDS[kind])
+                .or_insert_with(hist)
+                .saturating_record(us);
         }
-        counts[s.outcome as usize] += 1;
+        counts[s.outcome.index()] += 1;
         if s.due >= f1 {
             offered_after += 1;
             success_after += u64::from(s.outcome == Outcome::Success);
@@ -761,17 +825,36 @@ fn summarize(
         }
         p99_series.push((b * bucket + bucket / 2.0, ms(&h, 0.99)));
     }
+    let rejected_by = by_kind
+        .into_iter()
+        .map(|(k, h)| {
+            let in_a = rig
+                .gauge
+                .shed
+                .lock()
+                .expect("lock")
+                .get(k)
+                .map(|h| ms(h, 0.99));
+            let r = Rejections {
+                count: h.len(),
+                p99_ms: ms(&h, 0.99),
+                in_a_p99_ms: in_a.unwrap_or(0.0),
+            };
+            (k, r)
+        })
+        .collect();
     let secs = sc.length.as_secs_f64();
     RunResult {
         scenario: sc.key,
         stack,
         offered: samples.len() as u64,
-        success: counts[Outcome::Success as usize],
-        rejected: counts[Outcome::Rejected as usize],
-        deferred: counts[Outcome::Deferred as usize],
-        failed: counts[Outcome::Failed as usize],
+        success: counts[Outcome::Success.index()],
+        rejected: counts[Outcome::Rejected(0).index()],
+        rejected_by,
+        deferred: counts[Outcome::Deferred.index()],
+        failed: counts[Outcome::Failed.index()],
         reached_b: rig.reached_b.load(Ordering::Relaxed),
-        goodput: counts[Outcome::Success as usize] as f64 / secs,
+        goodput: counts[Outcome::Success.index()] as f64 / secs,
         throughput: samples.len() as f64 / wall.as_secs_f64(),
         p50_ms: ms(&all, 0.5),
         p99_ms: ms(&all, 0.99),
@@ -1005,14 +1088,30 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     let rejections: Vec<_> = results
         .iter()
         .filter(|r| r.scenario == "hang")
-        .filter_map(|r| r.rejected_p99_ms.map(|p| format!("{} {p:.2} ms", r.stack)))
+        .filter_map(|r| {
+            r.rejected_p99_ms.map(|_| {
+                let kinds: Vec<_> = r
+                    .rejected_by
+                    .iter()
+                    .map(|(k, x)| {
+                        format!(
+                            "{k}: {} calls, p99 {:.2} ms at the caller, {:.3} ms inside A",
+                            x.count, x.p99_ms, x.in_a_p99_ms
+                        )
+                    })
+                    .collect();
+                format!("{} ({})", r.stack, kinds.join("; "))
+            })
+        })
         .collect();
     v.push(measured(
         "B hangs: p99 of the calls each stack rejected (bulkhead, load shed or breaker)",
         rejections.join(", "),
     ));
-    // TODO(issue 3): assert that the breaker opened (its handle's state, or
-    // CircuitOpen rejections counted by A) and measure the p99 of those rejections.
+    // TODO(issue 3): assert that the breaker opened
+    // (`ours.rejected_by["circuit_open"].count > 0`) and measure
+    // `ours.rejected_by["circuit_open"].in_a_p99_ms` against 1 ms (inside A;
+    // `p99_ms` adds the caller's HTTP round trip to A).
     v.push(pending(
         "B hangs: the breaker opens, and rejected calls answer in under 1 ms p99",
         "circuit_breaker (issue 3) in the 'ours' stack",
