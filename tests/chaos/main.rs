@@ -509,3 +509,20 @@ proptest::proptest! {
         proptest::prop_assert_eq!(layer.phase_at(layer.start() + at), expected);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn boxes_as_a_clone_sync_service_with_send_futures() {
+    // The public contract (DESIGN.md): Clone + Send + Sync services and
+    // Send + 'static futures, so a stack can be boxed and shared as axum state.
+    let layer = ChaosLayer::builder(Schedule::always(
+        Faults::none().latency(Latency::fixed(MS(10)), 1.0),
+    ))
+    .build()
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(echo(Arc::default()));
+    let boxed = tower::util::BoxCloneSyncService::new(svc);
+    let answer = tokio::spawn(boxed.clone().oneshot(3)).await.unwrap();
+    assert_eq!(answer.unwrap(), 3);
+}
