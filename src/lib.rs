@@ -8,6 +8,9 @@
 //! | capacity runs out | [`bulkhead`] | [`BulkheadFull`](bulkhead::BulkheadFull) within `max_wait` |
 //! | too much load | [`rate_limit`] | [`RateLimited`](rate_limit::RateLimited) with `retry_after` |
 //!
+//! [`chaos`] injects latency, errors, hangs and aborted connections on a
+//! seeded schedule, to test and benchmark the layers above.
+//!
 //! Every layer is a `tower::Layer`, every service is `Clone` when its inner
 //! service is, and every service's error is [`BoxError`]. Match errors with
 //! [`error::find`] or view them with [`error::Rejection`].
@@ -51,6 +54,7 @@
 //! [Tower]: https://docs.rs/tower
 
 pub mod bulkhead;
+pub mod chaos;
 pub mod circuit_breaker;
 pub mod deadline;
 pub mod error;

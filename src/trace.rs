@@ -66,3 +66,17 @@ pub(crate) fn hedge_sent() {
 pub(crate) fn hedge_skipped(reason: &'static str) {
     tracing::debug!(target: "tower_firebreak", layer = "hedge", reason, "hedge not sent");
 }
+
+/// The chaos layer injected a fault.
+///
+/// Debug level, like rejections: one per faulty call.
+#[inline]
+pub(crate) fn injected(fault: &'static str, delay: Duration) {
+    tracing::debug!(
+        target: "tower_firebreak",
+        layer = "chaos",
+        fault,
+        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        "fault injected"
+    );
+}
