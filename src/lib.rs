@@ -53,6 +53,7 @@ pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod deadline;
 pub mod error;
+pub mod queue;
 pub mod rate_limit;
 pub mod timeout;
 mod trace;

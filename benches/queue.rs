@@ -1,0 +1,2 @@
+//! Queue benchmarks (written in the next commit).
+fn main() {}
