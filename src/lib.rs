@@ -40,6 +40,8 @@
 //! | feature | what it adds |
 //! | --- | --- |
 //! | `axum` | error → HTTP response mapping for axum |
+//! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
+//! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
 //! | `full` | every feature above |
 //!
 //! # Time

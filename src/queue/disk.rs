@@ -68,6 +68,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// `io!(self, expr)`: a redb call whose error fails the batch.
+macro_rules! io {
+    ($s:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Err(record(&mut $s.failure, &$s.path, e)),
+        }
+    };
+}
+
 const JOBS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("jobs");
 const READY: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("ready");
 const LEASES: TableDefinition<'_, u128, (u64, u128)> = TableDefinition::new("leases");
@@ -110,6 +120,7 @@ pub struct DiskQueue {
 struct Inner {
     path: Arc<Path>,
     policy: Policy,
+    format: Format,
     clock: Clock,
     depth: Arc<AtomicU64>,
     sender: Option<mpsc::Sender<Work>>,
@@ -241,6 +252,7 @@ impl DiskQueueBuilder {
             inner: Arc::new(Inner {
                 path,
                 policy: self.policy,
+                format: self.format,
                 clock,
                 depth,
                 sender: Some(sender),
@@ -273,9 +285,16 @@ impl DiskQueue {
         &self,
         op: impl FnOnce(&mut DiskStore<'_>, &Policy, u64) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
+        self.call_at(self.inner.clock.now_ms(), op).await
+    }
+
+    async fn call_at<T: Send + 'static>(
+        &self,
+        now: u64,
+        op: impl FnOnce(&mut DiskStore<'_>, &Policy, u64) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel();
         let policy = self.inner.policy;
-        let now = self.inner.clock.now_ms();
         let work: Work = Box::new(move |store: Result<&mut DiskStore<'_>, &Failure>| {
             let result = match store {
                 Ok(store) => op(store, &policy, now),
@@ -296,10 +315,22 @@ impl DiskQueue {
 }
 
 impl Queue for DiskQueue {
-    async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
+    async fn submit(&self, mut job: Job) -> Result<Enqueued, QueueError> {
         let id = JobId::new();
-        self.call(move |s, p, now| state::submit(s, p, now, job, id))
-            .await
+        let now = self.inner.clock.now_ms();
+        // Hash and encode here, on the caller's task, so that the one writer
+        // thread only writes. `state::submit` stamps the same two fields.
+        job.enqueued_at_ms = now;
+        job.attempts = 0;
+        let fingerprint = job.fingerprint();
+        let encoded = encode_job(self.inner.format, &job);
+        self.call_at(now, move |s, p, now| {
+            s.encoded = Some((id.as_u128(), encoded));
+            let result = state::submit(s, p, now, job, id, fingerprint);
+            s.encoded = None;
+            result
+        })
+        .await
     }
 
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
@@ -441,10 +472,13 @@ impl Writer {
         // A panic inside redb (a damaged page) drops the rest of the batch;
         // their callers see the request dropped, and nothing is committed.
         let replies = catch_unwind(AssertUnwindSafe(|| {
-            batch
+            let replies = batch
                 .drain(..)
                 .map(|work| work(Ok(&mut store)))
-                .collect::<Vec<Reply>>()
+                .collect::<Vec<Reply>>();
+            // An error here is recorded in `store.failure`.
+            let _ = store.flush();
+            replies
         }));
         let (failure, dirty, depth) = (store.failure.take(), store.dirty, store.depth);
         drop(store);
@@ -574,6 +608,7 @@ fn init(
         if recovered > 0 {
             tracing::info!(path = %path.display(), recovered, "returned leftover leases to the queue");
         }
+        store.flush()?;
         if let Some(f) = store.failure.take() {
             return Err(f.to_error());
         }
@@ -597,6 +632,9 @@ struct DiskStore<'t> {
     age: Table<'t, (u64, u128), ()>,
     meta: Table<'t, &'static str, u64>,
     depth: u64,
+    depth_dirty: bool,
+    /// A job record encoded by the caller, for the `put_job` of that id.
+    encoded: Option<(u128, Vec<u8>)>,
     dirty: bool,
     failure: Option<Failure>,
     path: Arc<Path>,
@@ -623,11 +661,22 @@ impl<'t> DiskStore<'t> {
             age: txn.open_table(AGE).map_err(fail)?,
             meta,
             depth,
+            depth_dirty: false,
+            encoded: None,
             dirty: false,
             failure: None,
             path,
             format,
         })
+    }
+
+    /// Writes what the batch's operations kept in memory: the depth.
+    fn flush(&mut self) -> Result<(), QueueError> {
+        if self.depth_dirty && self.failure.is_none() {
+            io!(self, self.meta.insert("depth", self.depth));
+            self.depth_dirty = false;
+        }
+        Ok(())
     }
 
     /// A record that does not decode: the file is damaged.
@@ -642,17 +691,6 @@ impl<'t> DiskStore<'t> {
         err
     }
 
-    fn encode_job(&self, job: &Job) -> Vec<u8> {
-        let (tag, mut bytes) = match self.format {
-            Format::Json => (TAG_JSON, Vec::new()),
-            #[cfg(feature = "prost")]
-            Format::Protobuf => (TAG_PROTOBUF, Vec::new()),
-        };
-        bytes.push(tag);
-        bytes.extend_from_slice(&self.format.encode(job));
-        bytes
-    }
-
     fn decode_job(&mut self, bytes: &[u8]) -> Result<Job, QueueError> {
         let decoded = match bytes.split_first() {
             Some((&TAG_JSON, rest)) => Format::Json.decode(rest),
@@ -665,6 +703,18 @@ impl<'t> DiskStore<'t> {
         };
         decoded.map_err(|e| self.corrupt("job record", e))
     }
+}
+
+/// A job record: a format tag, then the envelope.
+fn encode_job(format: Format, job: &Job) -> Vec<u8> {
+    let tag = match format {
+        Format::Json => TAG_JSON,
+        #[cfg(feature = "prost")]
+        Format::Protobuf => TAG_PROTOBUF,
+    };
+    let mut bytes = vec![tag];
+    bytes.extend_from_slice(&format.encode(job));
+    bytes
 }
 
 /// Records a storage error: the batch will not be committed.
@@ -773,16 +823,6 @@ fn decode_outcome(bytes: &[u8]) -> Result<Outcome, String> {
     })
 }
 
-/// `try_io!(self, expr)`: a redb call whose error fails the batch.
-macro_rules! io {
-    ($s:ident, $e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(e) => return Err(record(&mut $s.failure, &$s.path, e)),
-        }
-    };
-}
-
 impl Store for DiskStore<'_> {
     fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
         let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
@@ -793,7 +833,10 @@ impl Store for DiskStore<'_> {
     }
     fn put_job(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dirty = true;
-        let bytes = self.encode_job(job);
+        let bytes = match self.encoded.take_if(|(encoded, _)| *encoded == id) {
+            Some((_, bytes)) => bytes,
+            None => encode_job(self.format, job),
+        };
         io!(self, self.jobs.insert(id, bytes.as_slice()));
         Ok(())
     }
@@ -931,8 +974,9 @@ impl Store for DiskStore<'_> {
         Ok(self.depth)
     }
     fn set_depth(&mut self, depth: u64) -> Result<(), QueueError> {
+        // Written once per batch, by `flush`.
         self.dirty = true;
-        io!(self, self.meta.insert("depth", depth));
+        self.depth_dirty = true;
         self.depth = depth;
         Ok(())
     }

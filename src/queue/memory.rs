@@ -108,8 +108,9 @@ impl MemoryQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
-        // Every operation decides before it writes, so a panic mid-operation
-        // cannot leave a half-applied change; the data stays usable.
+        // No operation on these maps can panic between two of its writes
+        // (every refusal is decided before the first write), so a lock
+        // poisoned by a panic elsewhere still guards consistent tables.
         self.inner
             .tables
             .lock()
@@ -126,7 +127,8 @@ impl Default for MemoryQueue {
 impl Queue for MemoryQueue {
     async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
         let id = JobId::new();
-        self.with(|t, p, now| state::submit(t, p, now, job, id))
+        let fingerprint = job.fingerprint();
+        self.with(|t, p, now| state::submit(t, p, now, job, id, fingerprint))
     }
 
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {

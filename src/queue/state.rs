@@ -151,14 +151,16 @@ fn held<S: Store>(s: &mut S, lease: &Lease) -> R<(u128, LeaseRec)> {
     }
 }
 
+/// Stores a job. `fingerprint` is `job.fingerprint()`, computed by the
+/// caller outside any lock or writer thread.
 pub(crate) fn submit<S: Store>(
     s: &mut S,
     p: &Policy,
     now: u64,
     mut job: Job,
     new_id: JobId,
+    fingerprint: Fingerprint,
 ) -> R<Enqueued> {
-    let fingerprint = job.fingerprint();
     if let Some(key) = job.idempotency_key()
         && let Some(rec) = s.idem(key)?
     {
