@@ -11,11 +11,13 @@
 //!
 //! Every operation runs on one dedicated writer thread. The thread takes
 //! the first waiting request, then every other request that is already
-//! waiting (up to [`max_batch`](DiskQueueBuilder::max_batch)), applies them
-//! all in one write transaction, and commits once: one fsync for the
-//! whole batch. While one commit syncs, the next batch gathers, so
-//! throughput grows with the number of concurrent producers, and a lone
-//! producer never waits for a batch to fill. Each request is answered
+//! waiting (up to [`max_batch`](DiskQueueBuilder::max_batch)); when recent
+//! batches were larger, it waits up to [`linger`](DiskQueueBuilder::linger)
+//! (1 ms) for the batch to fill again. It applies the whole batch in one
+//! write transaction and commits once: one fsync for all of it. While one
+//! commit syncs, the next batch gathers, so throughput grows with the
+//! number of concurrent producers, and a lone producer never waits for a
+//! batch to fill. Each request is answered
 //! (through a oneshot channel) only after its batch is durable; if the
 //! commit fails, every request in the batch fails and none of them is
 //! stored. An operation that writes nothing (a `status`, a `lease` that
@@ -153,6 +155,7 @@ impl fmt::Debug for DiskQueue {
 pub struct DiskQueueBuilder {
     policy: Policy,
     max_batch: usize,
+    linger: Duration,
     format: Format,
 }
 
@@ -161,6 +164,7 @@ impl Default for DiskQueueBuilder {
         DiskQueueBuilder {
             policy: Policy::default(),
             max_batch: DiskQueueBuilder::DEFAULT_MAX_BATCH,
+            linger: DiskQueueBuilder::DEFAULT_LINGER,
             format: Format::Json,
         }
     }
@@ -169,6 +173,9 @@ impl Default for DiskQueueBuilder {
 impl DiskQueueBuilder {
     /// The default [`max_batch`](Self::max_batch).
     pub const DEFAULT_MAX_BATCH: usize = 1024;
+
+    /// The default [`linger`](Self::linger).
+    pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 
     /// The most unfinished (queued or in-flight) jobs the file holds; one
     /// more is refused with [`QueueError::Full`]. Default: 1,000,000.
@@ -192,6 +199,15 @@ impl DiskQueueBuilder {
     /// The most operations in one group commit. Default: 1024.
     pub fn max_batch(mut self, max_batch: usize) -> Self {
         self.max_batch = max_batch;
+        self
+    }
+
+    /// How long the writer may hold a batch open for more requests, when
+    /// recent batches were larger than the one it has. Default: 1 ms; zero
+    /// commits whatever is waiting at once. A lone producer never waits: its
+    /// batches hold one request, so the writer expects no more.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -242,6 +258,7 @@ impl DiskQueueBuilder {
             path: path.clone(),
             format: self.format,
             max_batch: self.max_batch,
+            linger: self.linger,
             depth: depth.clone(),
         };
         let writer = std::thread::Builder::new()
@@ -431,21 +448,48 @@ struct Writer {
     path: Arc<Path>,
     format: Format,
     max_batch: usize,
+    linger: Duration,
     depth: Arc<AtomicU64>,
 }
 
 impl Writer {
     fn run(self, receiver: mpsc::Receiver<Work>) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        // How many requests the recent batches held: the writer lingers for
+        // a batch to grow this large again. Without it, the producers that
+        // a commit releases trickle back one by one, and the first of them
+        // gets a commit (and an fsync) of its own.
+        let mut expected = 1usize;
         while let Ok(first) = receiver.recv() {
             batch.push(first);
-            while batch.len() < self.max_batch {
-                match receiver.try_recv() {
-                    Ok(work) => batch.push(work),
-                    Err(_) => break,
-                }
-            }
+            self.gather(&receiver, &mut batch, expected);
+            expected = batch.len().max(expected * 3 / 4).max(1);
             self.commit(&mut batch);
+        }
+    }
+
+    /// Adds every waiting request to `batch`, then waits up to `linger` for
+    /// it to reach `expected`.
+    fn gather(&self, receiver: &mpsc::Receiver<Work>, batch: &mut Vec<Work>, expected: usize) {
+        while batch.len() < self.max_batch {
+            match receiver.try_recv() {
+                Ok(work) => batch.push(work),
+                Err(_) => break,
+            }
+        }
+        let expected = expected.min(self.max_batch);
+        if batch.len() >= expected || self.linger.is_zero() {
+            return;
+        }
+        // An OS thread outside the runtime: tokio's Instant reads the real
+        // clock here, even under paused time.
+        let until = tokio::time::Instant::now() + self.linger;
+        while batch.len() < expected {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match receiver.recv_timeout(left) {
+                Ok(work) => batch.push(work),
+                Err(_) => break,
+            }
         }
     }
 
