@@ -86,9 +86,8 @@ const LEASES: TableDefinition<'_, u128, (u64, u128)> = TableDefinition::new("lea
 const LEASE_EXPIRY: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("lease_expiry");
 const OUTCOMES: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("outcomes");
 const PURGE: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("purge");
-const DEAD: TableDefinition<'_, u128, ()> = TableDefinition::new("dead");
+const DEAD: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("dead");
 const IDEM: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("idempotency");
-const AGE: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("age");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
 /// The layout of the tables above; a file with another layout is refused.
@@ -335,17 +334,16 @@ impl Queue for DiskQueue {
     async fn submit(&self, mut job: Job) -> Result<Enqueued, QueueError> {
         let id = JobId::new();
         let now = self.inner.clock.now_ms();
-        // Hash and encode here, on the caller's task, so that the one writer
-        // thread only writes. `state::submit` stamps the same two fields.
+        // Stamp, hash and encode here, on the caller's task, so that the one
+        // writer thread only writes.
         job.enqueued_at_ms = now;
         job.attempts = 0;
         let fingerprint = job.fingerprint();
         let encoded = encode_job(self.inner.format, &job);
+        let key = job.idempotency_key.take();
+        drop(job);
         self.call_at(now, move |s, p, now| {
-            s.encoded = Some((id.as_u128(), encoded));
-            let result = state::submit(s, p, now, job, id, fingerprint);
-            s.encoded = None;
-            result
+            state::submit(s, p, id, key.as_deref(), fingerprint, encoded, now)
         })
         .await
     }
@@ -671,14 +669,11 @@ struct DiskStore<'t> {
     lease_expiry: Table<'t, (u64, u128), ()>,
     outcomes: Table<'t, u128, &'static [u8]>,
     purge: Table<'t, (u64, u128), ()>,
-    dead: Table<'t, u128, ()>,
+    dead: Table<'t, u128, &'static [u8]>,
     idem: Table<'t, &'static str, &'static [u8]>,
-    age: Table<'t, (u64, u128), ()>,
     meta: Table<'t, &'static str, u64>,
     depth: u64,
     depth_dirty: bool,
-    /// A job record encoded by the caller, for the `put_job` of that id.
-    encoded: Option<(u128, Vec<u8>)>,
     dirty: bool,
     failure: Option<Failure>,
     path: Arc<Path>,
@@ -702,11 +697,9 @@ impl<'t> DiskStore<'t> {
             purge: txn.open_table(PURGE).map_err(fail)?,
             dead: txn.open_table(DEAD).map_err(fail)?,
             idem: txn.open_table(IDEM).map_err(fail)?,
-            age: txn.open_table(AGE).map_err(fail)?,
             meta,
             depth,
             depth_dirty: false,
-            encoded: None,
             dirty: false,
             failure: None,
             path,
@@ -868,6 +861,13 @@ fn decode_outcome(bytes: &[u8]) -> Result<Outcome, String> {
 }
 
 impl Store for DiskStore<'_> {
+    type New = Vec<u8>;
+
+    fn put_new(&mut self, id: u128, job: Vec<u8>) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.jobs.insert(id, job.as_slice()));
+        Ok(())
+    }
     fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
         let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
         bytes.map(|b| self.decode_job(&b)).transpose()
@@ -877,10 +877,7 @@ impl Store for DiskStore<'_> {
     }
     fn put_job(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dirty = true;
-        let bytes = match self.encoded.take_if(|(encoded, _)| *encoded == id) {
-            Some((_, bytes)) => bytes,
-            None => encode_job(self.format, job),
-        };
+        let bytes = encode_job(self.format, job);
         io!(self, self.jobs.insert(id, bytes.as_slice()));
         Ok(())
     }
@@ -956,22 +953,38 @@ impl Store for DiskStore<'_> {
     fn purge_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(io!(self, due(&self.purge, now, max)))
     }
-    fn dead_insert(&mut self, id: u128) -> Result<(), QueueError> {
+    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
+        let bytes = io!(self, self.jobs.first()).map(|(_, v)| v.value().to_vec());
+        Ok(bytes
+            .map(|b| self.decode_job(&b))
+            .transpose()?
+            .map(|j| j.enqueued_at_ms))
+    }
+    fn dead_insert(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dirty = true;
-        io!(self, self.dead.insert(id, ()));
+        let bytes = encode_job(self.format, job);
+        io!(self, self.dead.insert(id, bytes.as_slice()));
         Ok(())
     }
-    fn dead_remove(&mut self, id: u128) -> Result<bool, QueueError> {
-        self.dirty = true;
-        Ok(io!(self, self.dead.remove(id)).is_some())
+    fn dead_job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
+        let bytes = io!(self, self.dead.get(id)).map(|g| g.value().to_vec());
+        bytes.map(|b| self.decode_job(&b)).transpose()
     }
-    fn dead_list(&mut self, limit: usize) -> Result<Vec<u128>, QueueError> {
-        let iter = io!(self, self.dead.iter());
-        let mut out = Vec::new();
-        for entry in iter.take(limit) {
-            out.push(io!(self, entry).0.value());
+    fn dead_remove(&mut self, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.dead.remove(id));
+        Ok(())
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
+        let mut records = Vec::new();
+        for entry in io!(self, self.dead.iter()).take(limit) {
+            let (k, v) = io!(self, entry);
+            records.push((k.value(), v.value().to_vec()));
         }
-        Ok(out)
+        records
+            .into_iter()
+            .map(|(id, b)| Ok((id, self.decode_job(&b)?)))
+            .collect()
     }
     fn idem(&mut self, key: &str) -> Result<Option<IdemRec>, QueueError> {
         let bytes = io!(self, self.idem.get(key)).map(|g| g.value().to_vec());
@@ -1000,19 +1013,6 @@ impl Store for DiskStore<'_> {
         self.dirty = true;
         io!(self, self.idem.remove(key));
         Ok(())
-    }
-    fn age_insert(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
-        self.dirty = true;
-        io!(self, self.age.insert((at, id), ()));
-        Ok(())
-    }
-    fn age_remove(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
-        self.dirty = true;
-        io!(self, self.age.remove((at, id)));
-        Ok(())
-    }
-    fn age_oldest(&mut self) -> Result<Option<u64>, QueueError> {
-        Ok(io!(self, self.age.first()).map(|(k, _)| k.value().0))
     }
     fn depth(&mut self) -> Result<u64, QueueError> {
         Ok(self.depth)

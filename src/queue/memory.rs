@@ -7,7 +7,7 @@ use super::{
     QueueError,
 };
 use crate::ConfigError;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -128,7 +128,13 @@ impl Queue for MemoryQueue {
     async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
         let id = JobId::new();
         let fingerprint = job.fingerprint();
-        self.with(|t, p, now| state::submit(t, p, now, job, id, fingerprint))
+        self.with(|t, p, now| {
+            let mut job = job;
+            job.enqueued_at_ms = now;
+            job.attempts = 0;
+            let key = job.idempotency_key.clone();
+            state::submit(t, p, id, key.as_deref(), fingerprint, job, now)
+        })
     }
 
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
@@ -170,15 +176,14 @@ impl Queue for MemoryQueue {
 
 #[derive(Debug, Default)]
 struct Tables {
-    jobs: HashMap<u128, Job>,
+    jobs: BTreeMap<u128, Job>,
     ready: BTreeSet<(u64, u128)>,
     leases: HashMap<u128, LeaseRec>,
     lease_expiry: BTreeSet<(u64, u128)>,
     outcomes: HashMap<u128, Outcome>,
     purge: BTreeSet<(u64, u128)>,
-    dead: BTreeSet<u128>,
+    dead: BTreeMap<u128, Job>,
     idem: HashMap<String, IdemRec>,
-    age: BTreeSet<(u64, u128)>,
     depth: u64,
 }
 
@@ -187,6 +192,12 @@ fn due(set: &BTreeSet<(u64, u128)>, now: u64, max: usize) -> Vec<(u64, u128)> {
 }
 
 impl Store for Tables {
+    type New = Job;
+
+    fn put_new(&mut self, id: u128, job: Job) -> Result<(), QueueError> {
+        self.jobs.insert(id, job);
+        Ok(())
+    }
     fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
         Ok(self.jobs.get(&id).cloned())
     }
@@ -250,15 +261,27 @@ impl Store for Tables {
     fn purge_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(due(&self.purge, now, max))
     }
-    fn dead_insert(&mut self, id: u128) -> Result<(), QueueError> {
-        self.dead.insert(id);
+    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
+        Ok(self.jobs.values().next().map(|j| j.enqueued_at_ms))
+    }
+    fn dead_insert(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
+        self.dead.insert(id, job.clone());
         Ok(())
     }
-    fn dead_remove(&mut self, id: u128) -> Result<bool, QueueError> {
-        Ok(self.dead.remove(&id))
+    fn dead_job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
+        Ok(self.dead.get(&id).cloned())
     }
-    fn dead_list(&mut self, limit: usize) -> Result<Vec<u128>, QueueError> {
-        Ok(self.dead.iter().take(limit).copied().collect())
+    fn dead_remove(&mut self, id: u128) -> Result<(), QueueError> {
+        self.dead.remove(&id);
+        Ok(())
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
+        Ok(self
+            .dead
+            .iter()
+            .take(limit)
+            .map(|(id, job)| (*id, job.clone()))
+            .collect())
     }
     fn idem(&mut self, key: &str) -> Result<Option<IdemRec>, QueueError> {
         Ok(self.idem.get(key).copied())
@@ -270,17 +293,6 @@ impl Store for Tables {
     fn idem_remove(&mut self, key: &str) -> Result<(), QueueError> {
         self.idem.remove(key);
         Ok(())
-    }
-    fn age_insert(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
-        self.age.insert((at, id));
-        Ok(())
-    }
-    fn age_remove(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
-        self.age.remove(&(at, id));
-        Ok(())
-    }
-    fn age_oldest(&mut self) -> Result<Option<u64>, QueueError> {
-        Ok(self.age.first().map(|(at, _)| *at))
     }
     fn depth(&mut self) -> Result<u64, QueueError> {
         Ok(self.depth)

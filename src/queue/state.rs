@@ -82,6 +82,12 @@ type R<T> = Result<T, QueueError>;
 
 /// The tables. Keys are `u128` job ids and `(millis, id)` time indexes.
 pub(crate) trait Store {
+    /// A new job as the backend stores it, prepared by the caller (the disk
+    /// queue encodes it before it reaches the writer thread).
+    type New;
+
+    fn put_new(&mut self, id: u128, job: Self::New) -> R<()>;
+    /// Unfinished (queued or in-flight) jobs, by id: ids are time-ordered.
     fn job(&mut self, id: u128) -> R<Option<Job>>;
     fn has_job(&mut self, id: u128) -> R<bool>;
     fn put_job(&mut self, id: u128, job: &Job) -> R<()>;
@@ -107,19 +113,18 @@ pub(crate) trait Store {
     fn purge_remove(&mut self, at: u64, id: u128) -> R<()>;
     fn purge_due(&mut self, now: u64, max: usize) -> R<Vec<(u64, u128)>>;
 
-    /// Dead-lettered job ids.
-    fn dead_insert(&mut self, id: u128) -> R<()>;
-    fn dead_remove(&mut self, id: u128) -> R<bool>;
-    fn dead_list(&mut self, limit: usize) -> R<Vec<u128>>;
+    /// The enqueue time of the unfinished job with the lowest id.
+    fn oldest_job(&mut self) -> R<Option<u64>>;
+
+    /// Dead-lettered jobs.
+    fn dead_insert(&mut self, id: u128, job: &Job) -> R<()>;
+    fn dead_job(&mut self, id: u128) -> R<Option<Job>>;
+    fn dead_remove(&mut self, id: u128) -> R<()>;
+    fn dead_list(&mut self, limit: usize) -> R<Vec<(u128, Job)>>;
 
     fn idem(&mut self, key: &str) -> R<Option<IdemRec>>;
     fn idem_insert(&mut self, key: &str, rec: IdemRec) -> R<()>;
     fn idem_remove(&mut self, key: &str) -> R<()>;
-
-    /// Unfinished jobs by enqueue time.
-    fn age_insert(&mut self, at: u64, id: u128) -> R<()>;
-    fn age_remove(&mut self, at: u64, id: u128) -> R<()>;
-    fn age_oldest(&mut self) -> R<Option<u64>>;
 
     /// The number of unfinished jobs.
     fn depth(&mut self) -> R<u64>;
@@ -151,17 +156,19 @@ fn held<S: Store>(s: &mut S, lease: &Lease) -> R<(u128, LeaseRec)> {
     }
 }
 
-/// Stores a job. `fingerprint` is `job.fingerprint()`, computed by the
-/// caller outside any lock or writer thread.
+/// Stores a new job: `job` is already stamped with `now` and zero attempts,
+/// and `fingerprint` and `key` are its own, all prepared by the caller
+/// outside any lock or writer thread.
 pub(crate) fn submit<S: Store>(
     s: &mut S,
     p: &Policy,
-    now: u64,
-    mut job: Job,
     new_id: JobId,
+    key: Option<&str>,
     fingerprint: Fingerprint,
+    job: S::New,
+    now: u64,
 ) -> R<Enqueued> {
-    if let Some(key) = job.idempotency_key()
+    if let Some(key) = key
         && let Some(rec) = s.idem(key)?
     {
         let existing = JobId::from_u128(rec.id);
@@ -179,13 +186,10 @@ pub(crate) fn submit<S: Store>(
             capacity: p.capacity,
         });
     }
-    job.enqueued_at_ms = now;
-    job.attempts = 0;
     let id = new_id.as_u128();
-    s.put_job(id, &job)?;
+    s.put_new(id, job)?;
     s.ready_insert(now, id)?;
-    s.age_insert(now, id)?;
-    if let Some(key) = job.idempotency_key() {
+    if let Some(key) = key {
         s.idem_insert(key, IdemRec { id, fingerprint })?;
     }
     s.set_depth(depth + 1)?;
@@ -204,7 +208,8 @@ fn spent(job: &Job, p: &Policy, now: u64) -> Option<String> {
 }
 
 fn finish_dead<S: Store>(s: &mut S, id: u128, job: &Job, reason: String, now: u64) -> R<()> {
-    s.age_remove(job.enqueued_at_ms, id)?;
+    s.remove_job(id)?;
+    s.dead_insert(id, job)?;
     s.outcome_insert(
         id,
         &Outcome::Dead {
@@ -213,7 +218,6 @@ fn finish_dead<S: Store>(s: &mut S, id: u128, job: &Job, reason: String, now: u6
             at: now,
         },
     )?;
-    s.dead_insert(id)?;
     let depth = s.depth()?;
     s.set_depth(depth.saturating_sub(1))
 }
@@ -313,11 +317,8 @@ pub(crate) fn ack<S: Store>(
     s.lease_remove(id, rec)?;
     let job = s.job(id)?;
     s.remove_job(id)?;
-    let (attempts, key) = match &job {
-        Some(job) => {
-            s.age_remove(job.enqueued_at_ms, id)?;
-            (job.attempts, job.idempotency_key.clone())
-        }
+    let (attempts, key) = match job {
+        Some(job) => (job.attempts, job.idempotency_key),
         None => (0, None),
     };
     s.outcome_insert(
@@ -372,15 +373,14 @@ pub(crate) fn status<S: Store>(s: &mut S, id: &JobId) -> R<Option<JobStatus>> {
 }
 
 pub(crate) fn oldest_age<S: Store>(s: &mut S, now: u64) -> R<Option<Duration>> {
-    Ok(s.age_oldest()?
+    Ok(s.oldest_job()?
         .map(|at| Duration::from_millis(now.saturating_sub(at))))
 }
 
 pub(crate) fn dead_letters<S: Store>(s: &mut S, limit: usize) -> R<Vec<DeadLetter>> {
     let mut out = Vec::new();
-    for id in s.dead_list(limit)? {
-        let (Some(job), Some(Outcome::Dead { reason, at, .. })) = (s.job(id)?, s.outcome(id)?)
-        else {
+    for (id, job) in s.dead_list(limit)? {
+        let Some(Outcome::Dead { reason, at, .. }) = s.outcome(id)? else {
             continue;
         };
         out.push(DeadLetter::new(
@@ -395,10 +395,7 @@ pub(crate) fn dead_letters<S: Store>(s: &mut S, limit: usize) -> R<Vec<DeadLette
 
 pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> R<bool> {
     let id = id.as_u128();
-    if !matches!(s.outcome(id)?, Some(Outcome::Dead { .. })) {
-        return Ok(false);
-    }
-    let Some(mut job) = s.job(id)? else {
+    let Some(mut job) = s.dead_job(id)? else {
         return Ok(false);
     };
     let depth = s.depth()?;
@@ -412,7 +409,6 @@ pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> 
     job.attempts = 0;
     s.put_job(id, &job)?;
     s.ready_insert(now, id)?;
-    s.age_insert(job.enqueued_at_ms, id)?;
     s.set_depth(depth + 1)?;
     Ok(true)
 }
