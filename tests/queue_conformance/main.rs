@@ -1,7 +1,11 @@
 //! Runs the conformance suite (`suite.rs`) against every backend built in.
 //!
 //! A new backend adds one `conformance!` line with a maker that returns a
-//! fresh, empty queue for the given settings.
+//! fresh, empty queue for the given settings. A broker backend runs in real
+//! time (`paused = false`) with a `unit` its timers can honour, e.g.
+//! `conformance!(redis_queue, paused = false, unit = Duration::from_millis(200), redis);`.
+
+use std::time::Duration;
 
 mod suite;
 
@@ -21,7 +25,12 @@ async fn memory(s: Settings) -> Fixture<MemoryQueue> {
     }
 }
 
-conformance!(memory_queue, paused = true, memory);
+conformance!(
+    memory_queue,
+    paused = true,
+    unit = Duration::from_millis(100),
+    memory
+);
 
 #[cfg(feature = "disk")]
 async fn disk(s: Settings) -> Fixture<tower_firebreak::queue::disk::DiskQueue> {
@@ -39,4 +48,18 @@ async fn disk(s: Settings) -> Fixture<tower_firebreak::queue::disk::DiskQueue> {
 }
 
 #[cfg(feature = "disk")]
-conformance!(disk_queue, paused = true, disk);
+conformance!(
+    disk_queue,
+    paused = true,
+    unit = Duration::from_millis(100),
+    disk
+);
+
+// The suite in real time, as a broker backend runs it: keeps the checks
+// honest for backends whose clock cannot be paused.
+conformance!(
+    memory_queue_real_time,
+    paused = false,
+    unit = Duration::from_millis(100),
+    memory
+);

@@ -77,8 +77,8 @@ async fn wait(u: Duration, units: u32) {
     tokio::time::sleep(u * units).await;
 }
 
-pub(crate) async fn enqueue_lease_ack<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn enqueue_lease_ack<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let id = q
         .enqueue(job("/orders?x=1", "order-1").with_idempotency_key("k1"))
@@ -128,8 +128,8 @@ pub(crate) async fn enqueue_lease_ack<Q: Queue>(make: impl Maker<Q>) {
     assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
 }
 
-pub(crate) async fn lease_respects_max_and_order<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn lease_respects_max_and_order<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -145,8 +145,8 @@ pub(crate) async fn lease_respects_max_and_order<Q: Queue>(make: impl Maker<Q>) 
     assert_eq!(q.depth().await.unwrap(), 5, "in-flight jobs count in depth");
 }
 
-pub(crate) async fn nack_delays_redelivery<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn nack_delays_redelivery<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let id = q.enqueue(job("/n", "n")).await.unwrap();
     let l = q.lease(1, s.unit * 50).await.unwrap().remove(0);
@@ -170,8 +170,8 @@ pub(crate) async fn nack_delays_redelivery<Q: Queue>(make: impl Maker<Q>) {
     assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
 }
 
-pub(crate) async fn expired_lease_returns_job<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn expired_lease_returns_job<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let id = q.enqueue(job("/e", "e")).await.unwrap();
     let first = q.lease(1, s.unit * 2).await.unwrap().remove(0);
@@ -205,10 +205,10 @@ pub(crate) async fn expired_lease_returns_job<Q: Queue>(make: impl Maker<Q>) {
     ));
 }
 
-pub(crate) async fn dead_letter_after_max_attempts<Q: Queue>(make: impl Maker<Q>) {
+pub(crate) async fn dead_letter_after_max_attempts<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
     let s = Settings {
         max_attempts: 2,
-        ..Settings::new(Duration::from_millis(100))
+        ..Settings::new(unit)
     };
     let q = make(s).await.queue;
     let id = q.enqueue(job("/m", "m")).await.unwrap();
@@ -248,11 +248,12 @@ pub(crate) async fn dead_letter_after_max_attempts<Q: Queue>(make: impl Maker<Q>
 }
 
 pub(crate) async fn dead_letter_when_lease_expires_past_max_attempts<Q: Queue>(
+    unit: Duration,
     make: impl Maker<Q>,
 ) {
     let s = Settings {
         max_attempts: 1,
-        ..Settings::new(Duration::from_millis(100))
+        ..Settings::new(unit)
     };
     let q = make(s).await.queue;
     let id = q.enqueue(job("/x", "x")).await.unwrap();
@@ -265,8 +266,8 @@ pub(crate) async fn dead_letter_when_lease_expires_past_max_attempts<Q: Queue>(
     ));
 }
 
-pub(crate) async fn dead_letter_after_ttl<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn dead_letter_after_ttl<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let expiring = q
         .enqueue(job("/t", "t").with_ttl(s.unit * 3))
@@ -286,8 +287,8 @@ pub(crate) async fn dead_letter_after_ttl<Q: Queue>(make: impl Maker<Q>) {
     }
 }
 
-pub(crate) async fn explicit_dead_letter<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn explicit_dead_letter<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let id = q.enqueue(job("/d", "d")).await.unwrap();
     let l = q.lease(1, s.unit * 50).await.unwrap().remove(0);
@@ -308,8 +309,8 @@ pub(crate) async fn explicit_dead_letter<Q: Queue>(make: impl Maker<Q>) {
     assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
 }
 
-pub(crate) async fn idempotency_keys<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn idempotency_keys<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let first = q
         .submit(job("/i", "body").with_idempotency_key("key-1"))
@@ -363,10 +364,10 @@ pub(crate) async fn idempotency_keys<Q: Queue>(make: impl Maker<Q>) {
     assert_ne!(other, id);
 }
 
-pub(crate) async fn retention_purges_delivered<Q: Queue>(make: impl Maker<Q>) {
+pub(crate) async fn retention_purges_delivered<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
     let s = Settings {
-        retention: Duration::from_millis(100) * 10,
-        ..Settings::new(Duration::from_millis(100))
+        retention: unit * 10,
+        ..Settings::new(unit)
     };
     let q = make(s).await.queue;
     let id = q
@@ -402,10 +403,10 @@ pub(crate) async fn retention_purges_delivered<Q: Queue>(make: impl Maker<Q>) {
     );
 }
 
-pub(crate) async fn capacity_is_enforced<Q: Queue>(make: impl Maker<Q>) {
+pub(crate) async fn capacity_is_enforced<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
     let s = Settings {
         capacity: 3,
-        ..Settings::new(Duration::from_millis(100))
+        ..Settings::new(unit)
     };
     let q = make(s).await.queue;
     for i in 0..3 {
@@ -431,8 +432,8 @@ pub(crate) async fn capacity_is_enforced<Q: Queue>(make: impl Maker<Q>) {
     assert_eq!(all.len(), 3, "a refused job was stored anyway");
 }
 
-pub(crate) async fn depth_and_oldest_age<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn depth_and_oldest_age<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     assert_eq!(q.depth().await.unwrap(), 0);
     assert_eq!(q.oldest_age().await.unwrap(), None);
@@ -451,15 +452,15 @@ pub(crate) async fn depth_and_oldest_age<Q: Queue>(make: impl Maker<Q>) {
     assert!(age >= s.unit && age < s.unit * 4, "{age:?}");
 }
 
-pub(crate) async fn unknown_id_has_no_status<Q: Queue>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn unknown_id_has_no_status<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     assert_eq!(q.status(&JobId::new()).await.unwrap(), None);
     assert!(!q.redrive(&JobId::new()).await.unwrap());
 }
 
-pub(crate) async fn concurrent_producers<Q: Queue + Clone>(make: impl Maker<Q>) {
-    let s = Settings::new(Duration::from_millis(100));
+pub(crate) async fn concurrent_producers<Q: Queue + Clone>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings::new(unit);
     let q = make(s).await.queue;
     let tasks: Vec<_> = (0..64)
         .map(|i| {
@@ -487,14 +488,20 @@ pub(crate) async fn concurrent_producers<Q: Queue + Clone>(make: impl Maker<Q>) 
 }
 
 /// Generates one `#[tokio::test]` per check for a backend.
+///
+/// `paused = true` runs the checks under paused tokio time; only a backend
+/// whose clock is `tokio::time` can take it. `unit` is the time unit of
+/// every wait (visibility timeouts, delays, TTLs are a few units): 100 ms
+/// suits a real-time backend with millisecond timers; a broker with coarser
+/// timers takes a larger one.
 #[macro_export]
 macro_rules! conformance {
-    ($backend:ident, paused = $paused:literal, $make:expr) => {
+    ($backend:ident, paused = $paused:literal, unit = $unit:expr, $make:expr) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::*;
 
-            $crate::conformance!(@tests $paused, $make;
+            $crate::conformance!(@tests $paused, $unit, $make;
                 enqueue_lease_ack, lease_respects_max_and_order, nack_delays_redelivery,
                 expired_lease_returns_job, dead_letter_after_max_attempts,
                 dead_letter_when_lease_expires_past_max_attempts, dead_letter_after_ttl,
@@ -503,11 +510,11 @@ macro_rules! conformance {
                 concurrent_producers);
         }
     };
-    (@tests $paused:literal, $make:expr; $($check:ident),* $(,)?) => {
+    (@tests $paused:literal, $unit:expr, $make:expr; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test(start_paused = $paused)]
             async fn $check() {
-                $crate::suite::$check($make).await;
+                $crate::suite::$check($unit, $make).await;
             }
         )*
     };
