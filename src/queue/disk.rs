@@ -9,7 +9,7 @@
 //!
 //! # Group commit
 //!
-//! Every operation runs on one dedicated writer thread. The thread takes
+//! Every write runs on one dedicated writer thread. The thread takes
 //! the first waiting request, then every other request that is already
 //! waiting (up to [`max_batch`](DiskQueueBuilder::max_batch)); when recent
 //! batches were larger, it waits up to [`linger`](DiskQueueBuilder::linger)
@@ -17,11 +17,14 @@
 //! write transaction and commits once: one fsync for all of it. While one
 //! commit syncs, the next batch gathers, so throughput grows with the
 //! number of concurrent producers, and a lone producer never waits for a
-//! batch to fill. Each request is answered
-//! (through a oneshot channel) only after its batch is durable; if the
-//! commit fails, every request in the batch fails and none of them is
-//! stored. An operation that writes nothing (a `status`, a `lease` that
-//! finds nothing due) is not committed and costs no fsync.
+//! batch to fill. Each request is answered (through a oneshot channel)
+//! only after its batch is durable; if the commit fails, every request in the batch fails and none of them is
+//! stored. An operation that writes nothing (a `lease` that finds nothing
+//! due) is not committed and costs no fsync.
+//!
+//! Reads (`status`, `oldest_age`, `dead_letters`) run in a read transaction
+//! on tokio's blocking pool: they see every committed batch and never wait
+//! for one. `depth` is kept in memory by the writer.
 //!
 //! No blocking I/O runs on the async caller: [`DiskQueue::open`] is the one
 //! blocking call (it opens the file and recovers leases) and belongs at
@@ -41,7 +44,11 @@
 //!
 //! A file that is not a redb database, is empty, or is truncated or
 //! otherwise damaged gives [`QueueError::Corrupt`] naming the file, at
-//! `open` or at the operation that meets the damage, never a panic.
+//! `open` or at the operation that meets the damage, never a panic. redb
+//! itself panics on some truncated files; the queue catches that with
+//! `catch_unwind`, so this holds with the default `panic = "unwind"` (with
+//! `panic = "abort"` the process would abort), and redb's panic message
+//! still reaches the panic hook.
 //!
 //! [redb]: https://docs.rs/redb
 
@@ -49,15 +56,15 @@ use super::clock::Clock;
 use super::codec::{
     Format, JsonHeaderValue, b64_decode, b64_encode, headers_from_json, headers_to_json,
 };
-use super::state::{self, IdemRec, LeaseRec, Outcome, Store};
+use super::state::{self, IdemRec, LeaseRec, Outcome, Read, Store};
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
     QueueError,
 };
 use crate::ConfigError;
 use redb::{
-    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, Table,
-    TableDefinition, WriteTransaction,
+    Database, DatabaseError, Durability, ReadOnlyTable, ReadTransaction, ReadableTable,
+    ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -119,6 +126,7 @@ pub struct DiskQueue {
 }
 
 struct Inner {
+    db: Arc<Database>,
     path: Arc<Path>,
     policy: Policy,
     format: Format,
@@ -251,9 +259,10 @@ impl DiskQueueBuilder {
             init(&db, &path, self.format, &self.policy, clock.now_ms())
         })?;
         let depth = Arc::new(AtomicU64::new(depth));
+        let db = Arc::new(db);
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
-            db,
+            db: db.clone(),
             path: path.clone(),
             format: self.format,
             max_batch: self.max_batch,
@@ -266,6 +275,7 @@ impl DiskQueueBuilder {
             .map_err(|e| QueueError::unavailable(format!("cannot start the writer thread: {e}")))?;
         Ok(DiskQueue {
             inner: Arc::new(Inner {
+                db,
                 path,
                 policy: self.policy,
                 format: self.format,
@@ -302,6 +312,25 @@ impl DiskQueue {
         op: impl FnOnce(&mut DiskStore<'_>, &Policy, u64) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
         self.call_at(self.inner.clock.now_ms(), op).await
+    }
+
+    /// Runs `op` in a read transaction on the blocking pool: reads see
+    /// every committed batch and never wait for one.
+    async fn read<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut ReadStore) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (db, path) = (self.inner.db.clone(), self.inner.path.clone());
+        tokio::task::spawn_blocking(move || {
+            guard(&path.clone(), || {
+                let txn = db
+                    .begin_read()
+                    .map_err(|e| Failure::of(&path, e.into()).to_error())?;
+                op(&mut ReadStore::open(&txn, path)?)
+            })
+        })
+        .await
+        .map_err(|e| QueueError::unavailable(format!("queue read task failed: {e}")))?
     }
 
     async fn call_at<T: Send + 'static>(
@@ -373,7 +402,7 @@ impl Queue for DiskQueue {
 
     async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
         let id = *id;
-        self.call(move |s, _, _| state::status(s, &id)).await
+        self.read(move |s| state::status(s, &id)).await
     }
 
     async fn depth(&self) -> Result<usize, QueueError> {
@@ -382,12 +411,12 @@ impl Queue for DiskQueue {
     }
 
     async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
-        self.call(|s, _, now| state::oldest_age(s, now)).await
+        let now = self.inner.clock.now_ms();
+        self.read(move |s| state::oldest_age(s, now)).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        self.call(move |s, _, _| state::dead_letters(s, limit))
-            .await
+        self.read(move |s| state::dead_letters(s, limit)).await
     }
 
     async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
@@ -442,7 +471,7 @@ impl Failure {
 }
 
 struct Writer {
-    db: Database,
+    db: Arc<Database>,
     path: Arc<Path>,
     format: Format,
     max_batch: usize,
@@ -729,16 +758,7 @@ impl<'t> DiskStore<'t> {
     }
 
     fn decode_job(&mut self, bytes: &[u8]) -> Result<Job, QueueError> {
-        let decoded = match bytes.split_first() {
-            Some((&TAG_JSON, rest)) => Format::Json.decode(rest),
-            #[cfg(feature = "prost")]
-            Some((&TAG_PROTOBUF, rest)) => Format::Protobuf.decode(rest),
-            Some((tag, _)) => {
-                return Err(self.corrupt("job record", format_args!("unknown format tag {tag}")));
-            }
-            None => return Err(self.corrupt("job record", "empty")),
-        };
-        decoded.map_err(|e| self.corrupt("job record", e))
+        decode_job(bytes).map_err(|e| self.corrupt("job record", e))
     }
 }
 
@@ -752,6 +772,17 @@ fn encode_job(format: Format, job: &Job) -> Vec<u8> {
     let mut bytes = vec![tag];
     bytes.extend_from_slice(&format.encode(job));
     bytes
+}
+
+/// Decodes a job record (format tag, envelope).
+fn decode_job(bytes: &[u8]) -> Result<Job, String> {
+    match bytes.split_first() {
+        Some((&TAG_JSON, rest)) => Format::Json.decode(rest).map_err(|e| e.to_string()),
+        #[cfg(feature = "prost")]
+        Some((&TAG_PROTOBUF, rest)) => Format::Protobuf.decode(rest).map_err(|e| e.to_string()),
+        Some((tag, _)) => Err(format!("unknown format tag {tag}")),
+        None => Err("empty".into()),
+    }
 }
 
 /// Records a storage error: the batch will not be committed.
@@ -776,6 +807,75 @@ fn due(
         out.push(entry?.0.value());
     }
     Ok(out)
+}
+
+/// The tables that reads need, in a read-only transaction.
+struct ReadStore {
+    jobs: ReadOnlyTable<u128, &'static [u8]>,
+    leases: ReadOnlyTable<u128, (u64, u128)>,
+    outcomes: ReadOnlyTable<u128, &'static [u8]>,
+    dead: ReadOnlyTable<u128, &'static [u8]>,
+    path: Arc<Path>,
+}
+
+impl ReadStore {
+    fn open(txn: &ReadTransaction, path: Arc<Path>) -> Result<ReadStore, QueueError> {
+        let fail = |e: redb::TableError| Failure::of(&path, e.into()).to_error();
+        Ok(ReadStore {
+            jobs: txn.open_table(JOBS).map_err(fail)?,
+            leases: txn.open_table(LEASES).map_err(fail)?,
+            outcomes: txn.open_table(OUTCOMES).map_err(fail)?,
+            dead: txn.open_table(DEAD).map_err(fail)?,
+            path,
+        })
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> QueueError {
+        Failure::of(&self.path, e.into()).to_error()
+    }
+
+    fn corrupt(&self, what: &str, e: impl fmt::Display) -> QueueError {
+        QueueError::corrupt(self.path.to_path_buf(), format!("{what}: {e}"))
+    }
+}
+
+impl Read for ReadStore {
+    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
+        Ok(self.jobs.get(id).map_err(|e| self.err(e))?.is_some())
+    }
+    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
+        let rec = self.leases.get(id).map_err(|e| self.err(e))?;
+        Ok(rec.map(|g| {
+            let (expires, token) = g.value();
+            LeaseRec { expires, token }
+        }))
+    }
+    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
+        let bytes = self.outcomes.get(id).map_err(|e| self.err(e))?;
+        match bytes {
+            None => Ok(None),
+            Some(g) => decode_outcome(g.value())
+                .map(Some)
+                .map_err(|e| self.corrupt("outcome record", e)),
+        }
+    }
+    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
+        match self.jobs.first().map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some((_, v)) => decode_job(v.value())
+                .map(|j| Some(j.enqueued_at_ms))
+                .map_err(|e| self.corrupt("job record", e)),
+        }
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
+        let mut out = Vec::new();
+        for entry in self.dead.iter().map_err(|e| self.err(e))?.take(limit) {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let job = decode_job(v.value()).map_err(|e| self.corrupt("job record", e))?;
+            out.push((k.value(), job));
+        }
+        Ok(out)
+    }
 }
 
 /// The stored form of an [`Outcome`].
@@ -872,9 +972,6 @@ impl Store for DiskStore<'_> {
         let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
         bytes.map(|b| self.decode_job(&b)).transpose()
     }
-    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
-        Ok(io!(self, self.jobs.get(id)).is_some())
-    }
     fn put_job(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dirty = true;
         let bytes = encode_job(self.format, job);
@@ -899,12 +996,6 @@ impl Store for DiskStore<'_> {
     fn ready_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(io!(self, due(&self.ready, now, max)))
     }
-    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
-        Ok(io!(self, self.leases.get(id)).map(|g| {
-            let (expires, token) = g.value();
-            LeaseRec { expires, token }
-        }))
-    }
     fn lease_insert(&mut self, id: u128, rec: LeaseRec) -> Result<(), QueueError> {
         self.dirty = true;
         io!(self, self.leases.insert(id, (rec.expires, rec.token)));
@@ -919,15 +1010,6 @@ impl Store for DiskStore<'_> {
     }
     fn leases_expired(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(io!(self, due(&self.lease_expiry, now, max)))
-    }
-    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
-        let bytes = io!(self, self.outcomes.get(id)).map(|g| g.value().to_vec());
-        match bytes {
-            None => Ok(None),
-            Some(b) => decode_outcome(&b)
-                .map(Some)
-                .map_err(|e| self.corrupt("outcome record", e)),
-        }
     }
     fn outcome_insert(&mut self, id: u128, outcome: &Outcome) -> Result<(), QueueError> {
         self.dirty = true;
@@ -953,13 +1035,6 @@ impl Store for DiskStore<'_> {
     fn purge_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(io!(self, due(&self.purge, now, max)))
     }
-    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
-        let bytes = io!(self, self.jobs.first()).map(|(_, v)| v.value().to_vec());
-        Ok(bytes
-            .map(|b| self.decode_job(&b))
-            .transpose()?
-            .map(|j| j.enqueued_at_ms))
-    }
     fn dead_insert(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dirty = true;
         let bytes = encode_job(self.format, job);
@@ -974,17 +1049,6 @@ impl Store for DiskStore<'_> {
         self.dirty = true;
         io!(self, self.dead.remove(id));
         Ok(())
-    }
-    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
-        let mut records = Vec::new();
-        for entry in io!(self, self.dead.iter()).take(limit) {
-            let (k, v) = io!(self, entry);
-            records.push((k.value(), v.value().to_vec()));
-        }
-        records
-            .into_iter()
-            .map(|(id, b)| Ok((id, self.decode_job(&b)?)))
-            .collect()
     }
     fn idem(&mut self, key: &str) -> Result<Option<IdemRec>, QueueError> {
         let bytes = io!(self, self.idem.get(key)).map(|g| g.value().to_vec());
@@ -1023,5 +1087,44 @@ impl Store for DiskStore<'_> {
         self.depth_dirty = true;
         self.depth = depth;
         Ok(())
+    }
+}
+
+impl Read for DiskStore<'_> {
+    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
+        Ok(io!(self, self.jobs.get(id)).is_some())
+    }
+    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
+        Ok(io!(self, self.leases.get(id)).map(|g| {
+            let (expires, token) = g.value();
+            LeaseRec { expires, token }
+        }))
+    }
+    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
+        let bytes = io!(self, self.outcomes.get(id)).map(|g| g.value().to_vec());
+        match bytes {
+            None => Ok(None),
+            Some(b) => decode_outcome(&b)
+                .map(Some)
+                .map_err(|e| self.corrupt("outcome record", e)),
+        }
+    }
+    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
+        let bytes = io!(self, self.jobs.first()).map(|(_, v)| v.value().to_vec());
+        Ok(bytes
+            .map(|b| self.decode_job(&b))
+            .transpose()?
+            .map(|j| j.enqueued_at_ms))
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
+        let mut records = Vec::new();
+        for entry in io!(self, self.dead.iter()).take(limit) {
+            let (k, v) = io!(self, entry);
+            records.push((k.value(), v.value().to_vec()));
+        }
+        records
+            .into_iter()
+            .map(|(id, b)| Ok((id, self.decode_job(&b)?)))
+            .collect()
     }
 }

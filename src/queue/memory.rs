@@ -1,7 +1,7 @@
 //! [`MemoryQueue`]: the queue semantics without a disk, for tests.
 
 use super::clock::Clock;
-use super::state::{self, IdemRec, LeaseRec, Outcome, Store};
+use super::state::{self, IdemRec, LeaseRec, Outcome, Read, Store};
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
     QueueError,
@@ -201,9 +201,6 @@ impl Store for Tables {
     fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
         Ok(self.jobs.get(&id).cloned())
     }
-    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
-        Ok(self.jobs.contains_key(&id))
-    }
     fn put_job(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.jobs.insert(id, job.clone());
         Ok(())
@@ -223,9 +220,6 @@ impl Store for Tables {
     fn ready_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(due(&self.ready, now, max))
     }
-    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
-        Ok(self.leases.get(&id).copied())
-    }
     fn lease_insert(&mut self, id: u128, rec: LeaseRec) -> Result<(), QueueError> {
         self.leases.insert(id, rec);
         self.lease_expiry.insert((rec.expires, id));
@@ -238,9 +232,6 @@ impl Store for Tables {
     }
     fn leases_expired(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(due(&self.lease_expiry, now, max))
-    }
-    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
-        Ok(self.outcomes.get(&id).cloned())
     }
     fn outcome_insert(&mut self, id: u128, outcome: &Outcome) -> Result<(), QueueError> {
         self.outcomes.insert(id, outcome.clone());
@@ -261,9 +252,6 @@ impl Store for Tables {
     fn purge_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
         Ok(due(&self.purge, now, max))
     }
-    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
-        Ok(self.jobs.values().next().map(|j| j.enqueued_at_ms))
-    }
     fn dead_insert(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
         self.dead.insert(id, job.clone());
         Ok(())
@@ -274,14 +262,6 @@ impl Store for Tables {
     fn dead_remove(&mut self, id: u128) -> Result<(), QueueError> {
         self.dead.remove(&id);
         Ok(())
-    }
-    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
-        Ok(self
-            .dead
-            .iter()
-            .take(limit)
-            .map(|(id, job)| (*id, job.clone()))
-            .collect())
     }
     fn idem(&mut self, key: &str) -> Result<Option<IdemRec>, QueueError> {
         Ok(self.idem.get(key).copied())
@@ -300,5 +280,28 @@ impl Store for Tables {
     fn set_depth(&mut self, depth: u64) -> Result<(), QueueError> {
         self.depth = depth;
         Ok(())
+    }
+}
+
+impl Read for Tables {
+    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
+        Ok(self.jobs.contains_key(&id))
+    }
+    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
+        Ok(self.leases.get(&id).copied())
+    }
+    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
+        Ok(self.outcomes.get(&id).cloned())
+    }
+    fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
+        Ok(self.jobs.values().next().map(|j| j.enqueued_at_ms))
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
+        Ok(self
+            .dead
+            .iter()
+            .take(limit)
+            .map(|(id, job)| (*id, job.clone()))
+            .collect())
     }
 }

@@ -80,8 +80,18 @@ impl Outcome {
 
 type R<T> = Result<T, QueueError>;
 
+/// What status and listing reads need; a read-only transaction has it.
+pub(crate) trait Read {
+    fn has_job(&mut self, id: u128) -> R<bool>;
+    fn lease(&mut self, id: u128) -> R<Option<LeaseRec>>;
+    fn outcome(&mut self, id: u128) -> R<Option<Outcome>>;
+    /// The enqueue time of the unfinished job with the lowest id.
+    fn oldest_job(&mut self) -> R<Option<u64>>;
+    fn dead_list(&mut self, limit: usize) -> R<Vec<(u128, Job)>>;
+}
+
 /// The tables. Keys are `u128` job ids and `(millis, id)` time indexes.
-pub(crate) trait Store {
+pub(crate) trait Store: Read {
     /// A new job as the backend stores it, prepared by the caller (the disk
     /// queue encodes it before it reaches the writer thread).
     type New;
@@ -89,7 +99,6 @@ pub(crate) trait Store {
     fn put_new(&mut self, id: u128, job: Self::New) -> R<()>;
     /// Unfinished (queued or in-flight) jobs, by id: ids are time-ordered.
     fn job(&mut self, id: u128) -> R<Option<Job>>;
-    fn has_job(&mut self, id: u128) -> R<bool>;
     fn put_job(&mut self, id: u128, job: &Job) -> R<()>;
     fn remove_job(&mut self, id: u128) -> R<()>;
 
@@ -99,28 +108,22 @@ pub(crate) trait Store {
     fn ready_due(&mut self, now: u64, max: usize) -> R<Vec<(u64, u128)>>;
 
     /// In-flight leases, and an index of them by expiry.
-    fn lease(&mut self, id: u128) -> R<Option<LeaseRec>>;
     fn lease_insert(&mut self, id: u128, rec: LeaseRec) -> R<()>;
     fn lease_remove(&mut self, id: u128, rec: LeaseRec) -> R<()>;
     /// Leases that expire at or before `now` (`u64::MAX`: all of them).
     fn leases_expired(&mut self, now: u64, max: usize) -> R<Vec<(u64, u128)>>;
 
     /// Finished jobs, and an index of delivered ones by purge time.
-    fn outcome(&mut self, id: u128) -> R<Option<Outcome>>;
     fn outcome_insert(&mut self, id: u128, outcome: &Outcome) -> R<()>;
     fn outcome_remove(&mut self, id: u128) -> R<()>;
     fn purge_insert(&mut self, at: u64, id: u128) -> R<()>;
     fn purge_remove(&mut self, at: u64, id: u128) -> R<()>;
     fn purge_due(&mut self, now: u64, max: usize) -> R<Vec<(u64, u128)>>;
 
-    /// The enqueue time of the unfinished job with the lowest id.
-    fn oldest_job(&mut self) -> R<Option<u64>>;
-
     /// Dead-lettered jobs.
     fn dead_insert(&mut self, id: u128, job: &Job) -> R<()>;
     fn dead_job(&mut self, id: u128) -> R<Option<Job>>;
     fn dead_remove(&mut self, id: u128) -> R<()>;
-    fn dead_list(&mut self, limit: usize) -> R<Vec<(u128, Job)>>;
 
     fn idem(&mut self, key: &str) -> R<Option<IdemRec>>;
     fn idem_insert(&mut self, key: &str, rec: IdemRec) -> R<()>;
@@ -358,7 +361,7 @@ pub(crate) fn dead_letter<S: Store>(s: &mut S, now: u64, lease: &Lease, reason: 
     }
 }
 
-pub(crate) fn status<S: Store>(s: &mut S, id: &JobId) -> R<Option<JobStatus>> {
+pub(crate) fn status<S: Read>(s: &mut S, id: &JobId) -> R<Option<JobStatus>> {
     let id = id.as_u128();
     if let Some(outcome) = s.outcome(id)? {
         return Ok(Some(outcome.to_status()));
@@ -372,12 +375,12 @@ pub(crate) fn status<S: Store>(s: &mut S, id: &JobId) -> R<Option<JobStatus>> {
     Ok(None)
 }
 
-pub(crate) fn oldest_age<S: Store>(s: &mut S, now: u64) -> R<Option<Duration>> {
+pub(crate) fn oldest_age<S: Read>(s: &mut S, now: u64) -> R<Option<Duration>> {
     Ok(s.oldest_job()?
         .map(|at| Duration::from_millis(now.saturating_sub(at))))
 }
 
-pub(crate) fn dead_letters<S: Store>(s: &mut S, limit: usize) -> R<Vec<DeadLetter>> {
+pub(crate) fn dead_letters<S: Read>(s: &mut S, limit: usize) -> R<Vec<DeadLetter>> {
     let mut out = Vec::new();
     for (id, job) in s.dead_list(limit)? {
         let Some(Outcome::Dead { reason, at, .. }) = s.outcome(id)? else {
