@@ -532,14 +532,13 @@ impl Writer {
             Err(e) => return fail_all(batch, &Failure::of(&self.path, e.into())),
         };
         txn.set_durability(Durability::Immediate);
-        let store = match catch_unwind(AssertUnwindSafe(|| {
+        let mut store = match catch_unwind(AssertUnwindSafe(|| {
             DiskStore::open(&txn, self.path.clone(), self.format)
         })) {
             Ok(Ok(store)) => store,
             Ok(Err(failure)) => return fail_all(batch, &failure),
             Err(_) => return fail_all(batch, &Failure::panicked(&self.path)),
         };
-        let mut store = store;
         // A panic inside redb (a damaged page) drops the rest of the batch;
         // their callers see the request dropped, and nothing is committed.
         let replies = catch_unwind(AssertUnwindSafe(|| {

@@ -246,13 +246,18 @@ pub(crate) fn recover<S: Store>(s: &mut S, p: &Policy, now: u64, until: u64) -> 
             return Ok(n);
         }
         for (expires, id) in expired {
-            if let Some(rec) = s.lease(id)? {
-                s.lease_remove(id, rec)?;
-            } else {
-                s.lease_remove(id, LeaseRec { expires, token: 0 })?;
+            let rec = s.lease(id)?;
+            // Always drop the index entry found, so the sweep ends even if
+            // the index ever disagreed with the lease.
+            s.lease_remove(id, LeaseRec { expires, token: 0 })?;
+            match rec {
+                Some(rec) if rec.expires == expires => {
+                    requeue(s, p, now, id, now)?;
+                    n += 1;
+                }
+                Some(current) => s.lease_insert(id, current)?,
+                None => {}
             }
-            requeue(s, p, now, id, now)?;
-            n += 1;
         }
         if until != u64::MAX {
             // Bounded work per call; the rest is picked up next time.
