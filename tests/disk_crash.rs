@@ -7,9 +7,9 @@
 //! set, so `cargo test --test disk_crash` needs nothing else built.
 #![cfg(all(feature = "disk", unix))]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tower_firebreak::queue::disk::DiskQueue;
 use tower_firebreak::queue::{Job, JobId, JobStatus, Queue};
 
@@ -61,12 +61,7 @@ async fn every_acknowledged_job_survives_sigkill() {
         let path = dir.path().join(format!("crash-{round}.redb"));
         // Kill after a different number of acknowledged jobs each round.
         let kill_after = 5 + (round * 37) % 200;
-        let ids = tokio::task::spawn_blocking({
-            let (exe, path) = (exe.clone(), path.clone());
-            move || run_child(&exe, &path, kill_after)
-        })
-        .await
-        .unwrap();
+        let ids = run_child(&exe, &path, kill_after).await;
         assert!(
             ids.len() >= kill_after,
             "round {round}: child printed too few ids"
@@ -94,33 +89,37 @@ async fn every_acknowledged_job_survives_sigkill() {
 }
 
 /// Runs the child until it has printed `kill_after` ids, SIGKILLs it, and
-/// returns every id it printed (including lines still in the pipe).
-fn run_child(exe: &std::path::Path, path: &std::path::Path, kill_after: usize) -> Vec<JobId> {
-    let mut child = Command::new(exe)
+/// returns every id it printed (including lines still in the pipe). A child
+/// that stalls for 60 s fails the test and is killed.
+async fn run_child(exe: &std::path::Path, path: &std::path::Path, kill_after: usize) -> Vec<JobId> {
+    let mut child = tokio::process::Command::new(exe)
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut ids = Vec::new();
-    let mut killed = false;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(id) = line.strip_prefix("ID ") {
-            ids.push(id.parse::<JobId>().unwrap());
-            if ids.len() == kill_after && !killed {
-                child.kill().unwrap(); // SIGKILL
-                killed = true;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let read = async {
+        let mut ids = Vec::new();
+        let mut killed = false;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(id) = line.strip_prefix("ID ") {
+                ids.push(id.parse::<JobId>().unwrap());
+                if ids.len() == kill_after && !killed {
+                    child.start_kill().unwrap(); // SIGKILL
+                    killed = true;
+                }
             }
         }
-        if ids.len() > 100_000 {
-            break;
-        }
-    }
+        (ids, killed)
+    };
+    let (ids, killed) = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the child stalled");
     assert!(killed, "child exited before it was killed");
-    let status = child.wait().unwrap();
+    let status = child.wait().await.unwrap();
     assert!(!status.success());
     ids
 }
