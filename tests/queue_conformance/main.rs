@@ -63,3 +63,19 @@ conformance!(
     unit = Duration::from_millis(100),
     memory
 );
+
+// A queue shared through `Arc` is a queue too.
+async fn arc_memory(s: Settings) -> Fixture<std::sync::Arc<MemoryQueue>> {
+    let f = memory(s).await;
+    Fixture {
+        queue: std::sync::Arc::new(f.queue),
+        _keep: f._keep,
+    }
+}
+
+conformance!(
+    arc_memory_queue,
+    paused = true,
+    unit = Duration::from_millis(100),
+    arc_memory
+);
