@@ -75,10 +75,12 @@ impl fmt::Display for ParseJobIdError {
 
 impl std::error::Error for ParseJobIdError {}
 
-/// A SHA-256 over a request's method, URI and body.
+/// A SHA-256 over a request's method, URI and body, each preceded by its
+/// length in bytes as a little-endian `u64`.
 ///
 /// Two requests with one idempotency key are the same request when their
-/// fingerprints match; otherwise the second is a conflict (409).
+/// fingerprints match; otherwise the second is a conflict (409). It is
+/// stored with the key, so it never changes between versions.
 pub type Fingerprint = [u8; 32];
 
 /// A deferred request: the versioned envelope that a [`Queue`](super::Queue)
@@ -421,4 +423,70 @@ pub(crate) fn ms_system(ms: u64) -> SystemTime {
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_stable_and_ignores_headers() {
+        // Stored on disk in the idempotency index: it must never change
+        // between versions, or a retried request would read as a conflict.
+        let job = Job::new(Method::POST, "/orders?id=7".parse().unwrap()).with_body("{\"sku\":42}");
+        let hex: String = job
+            .fingerprint()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, FINGERPRINT_V1);
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", "00-abc-def-01".parse().unwrap());
+        assert_eq!(
+            job.clone().with_headers(headers).fingerprint(),
+            job.fingerprint()
+        );
+        assert_ne!(
+            job.clone().with_body("other").fingerprint(),
+            job.fingerprint()
+        );
+        // Length-prefixed parts: moving bytes between URI and body differs.
+        let a = Job::new(Method::POST, "/ab".parse().unwrap()).with_body("c");
+        let b = Job::new(Method::POST, "/a".parse().unwrap()).with_body("bc");
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    // SHA-256 over (u64 LE length, bytes) of "POST", "/orders?id=7", the body;
+    // checked independently with Python's hashlib.
+    const FINGERPRINT_V1: &str = "800bb4dfda3454824e72371bbb5f9bb3e1110bcc671fa50e66a12bbb793d406a";
+
+    #[test]
+    fn request_round_trip_and_key() {
+        let req = http::Request::builder()
+            .method(Method::PUT)
+            .uri("http://svc/items/1")
+            .header("idempotency-key", "abc")
+            .header("x-a", "1")
+            .body(Bytes::from_static(b"payload"))
+            .unwrap();
+        let job = Job::from_request(req);
+        assert_eq!(job.idempotency_key(), Some("abc"));
+        let back = job.to_request();
+        assert_eq!(back.method(), Method::PUT);
+        assert_eq!(back.uri(), "http://svc/items/1");
+        assert_eq!(back.headers()["x-a"], "1");
+        assert_eq!(back.headers()["idempotency-key"], "abc");
+        assert_eq!(back.body().as_ref(), b"payload");
+    }
+
+    #[test]
+    fn job_ids_parse_and_order() {
+        let a = JobId::new();
+        let b = JobId::new();
+        assert!(a < b, "ids are time-ordered");
+        assert_eq!(a.to_string().len(), 36);
+        assert_eq!(a.to_string().to_uppercase().parse::<JobId>().unwrap(), a);
+        assert_eq!(JobId::from_u128(a.as_u128()), a);
+        assert!("".parse::<JobId>().is_err());
+    }
 }
