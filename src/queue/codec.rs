@@ -493,6 +493,26 @@ mod tests {
     }
 
     #[test]
+    fn json_v1_layout_is_stable() {
+        // Records outlive the process that wrote them: this is the layout
+        // every v1 reader (and redis-cli user) expects.
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        let mut job = Job::new(Method::POST, "/orders".parse().unwrap())
+            .with_headers(headers)
+            .with_body("hi")
+            .with_idempotency_key("k")
+            .with_ttl(std::time::Duration::from_secs(5))
+            .with_trace_context(vec![("traceparent".into(), "t".into())]);
+        job.enqueued_at_ms = 1000;
+        job.attempts = 2;
+        assert_eq!(
+            String::from_utf8(Format::Json.encode(&job)).unwrap(),
+            r#"{"v":1,"method":"POST","uri":"/orders","headers":[["content-type","text/plain"]],"body":"aGk=","idempotency_key":"k","enqueued_at_ms":1000,"attempts":2,"ttl_ms":5000,"trace":[["traceparent","t"]]}"#
+        );
+    }
+
+    #[test]
     fn non_ascii_header_values_are_base64() {
         let mut headers = HeaderMap::new();
         headers.insert("x-bin", HeaderValue::from_bytes(&[0xe9, b'a']).unwrap());
