@@ -35,12 +35,22 @@ use std::time::Duration;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MemoryQueue {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the tables: they may hold a million jobs.
+        f.debug_struct("MemoryQueue")
+            .field("policy", &self.inner.policy)
+            // try_lock: formatting must not block, nor deadlock inside an operation.
+            .field("depth", &self.inner.tables.try_lock().ok().map(|t| t.depth))
+            .finish()
+    }
+}
+
 struct Inner {
     policy: Policy,
     clock: Clock,
