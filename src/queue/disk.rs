@@ -203,6 +203,13 @@ impl DiskQueueBuilder {
         self
     }
 
+    /// How long a dead letter is kept before it is purged (with its
+    /// idempotency key). Default: until it is redriven.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
+        self
+    }
+
     /// The most operations in one group commit. Default: 1024.
     pub fn max_batch(mut self, max_batch: usize) -> Self {
         self.max_batch = max_batch;
@@ -396,7 +403,7 @@ impl Queue for DiskQueue {
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
         let (lease, reason) = (lease.clone(), reason.to_owned());
-        self.call(move |s, _, now| state::dead_letter(s, now, &lease, &reason))
+        self.call(move |s, p, now| state::dead_letter(s, p, now, &lease, &reason))
             .await
     }
 
@@ -896,6 +903,8 @@ enum OutcomeRecord {
         reason: String,
         attempts: u32,
         at: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        purge_at: Option<u64>,
     },
 }
 
@@ -920,10 +929,12 @@ fn encode_outcome(o: &Outcome) -> Vec<u8> {
             reason,
             attempts,
             at,
+            purge_at,
         } => OutcomeRecord::Dead {
             reason: reason.clone(),
             attempts: *attempts,
             at: *at,
+            purge_at: *purge_at,
         },
     };
     serde_json::to_vec(&record).expect("an outcome always serializes")
@@ -951,10 +962,12 @@ fn decode_outcome(bytes: &[u8]) -> Result<Outcome, String> {
             reason,
             attempts,
             at,
+            purge_at,
         } => Outcome::Dead {
             reason,
             attempts,
             at,
+            purge_at,
         },
     })
 }

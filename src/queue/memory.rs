@@ -82,6 +82,13 @@ impl MemoryQueueBuilder {
         self
     }
 
+    /// How long a dead letter is kept before it is purged (with its
+    /// idempotency key). Default: until it is redriven.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
+        self
+    }
+
     /// Checks the settings and makes the queue.
     pub fn build(self) -> Result<MemoryQueue, ConfigError> {
         self.policy.validate()?;
@@ -160,7 +167,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
-        self.with(|t, _, now| state::dead_letter(t, now, lease, reason))
+        self.with(|t, p, now| state::dead_letter(t, p, now, lease, reason))
     }
 
     async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {

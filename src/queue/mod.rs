@@ -42,6 +42,10 @@
 //!   id. A different fingerprint is a [`QueueError::Conflict`]. A key is
 //!   held until its job's delivered response is purged after `retention`,
 //!   and for as long as the job is dead-lettered.
+//! - **Retention.** A delivered job's status and response are kept for
+//!   `retention` (default 24 h); dead letters until they are redriven, or
+//!   for `dead_letter_retention` when that is set. Both are purged by the
+//!   sweep that runs with each `lease` call.
 //! - **Capacity.** At most `capacity` unfinished (queued or in-flight) jobs.
 //!   One more is refused with [`QueueError::Full`], never dropped.
 //!
@@ -251,6 +255,7 @@ pub(crate) struct Policy {
     pub(crate) capacity: usize,
     pub(crate) max_attempts: u32,
     pub(crate) retention: Duration,
+    pub(crate) dead_letter_retention: Option<Duration>,
 }
 
 impl Policy {
@@ -284,6 +289,7 @@ impl Default for Policy {
             capacity: Self::DEFAULT_CAPACITY,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
             retention: Self::DEFAULT_RETENTION,
+            dead_letter_retention: None,
         }
     }
 }

@@ -45,6 +45,8 @@ pub(crate) enum Outcome {
         reason: String,
         attempts: u32,
         at: u64,
+        /// When the dead letter is purged, if dead letters expire.
+        purge_at: Option<u64>,
     },
 }
 
@@ -69,6 +71,7 @@ impl Outcome {
                 reason,
                 attempts,
                 at,
+                ..
             } => JobStatus::DeadLettered {
                 reason: reason.clone(),
                 attempts: *attempts,
@@ -210,17 +213,31 @@ fn spent(job: &Job, p: &Policy, now: u64) -> Option<String> {
     None
 }
 
-fn finish_dead<S: Store>(s: &mut S, id: u128, job: &Job, reason: String, now: u64) -> R<()> {
+fn finish_dead<S: Store>(
+    s: &mut S,
+    p: &Policy,
+    id: u128,
+    job: &Job,
+    reason: String,
+    now: u64,
+) -> R<()> {
     s.remove_job(id)?;
     s.dead_insert(id, job)?;
+    let purge_at = p
+        .dead_letter_retention
+        .map(|r| now.saturating_add(duration_ms(r)));
     s.outcome_insert(
         id,
         &Outcome::Dead {
             reason,
             attempts: job.attempts,
             at: now,
+            purge_at,
         },
     )?;
+    if let Some(at) = purge_at {
+        s.purge_insert(at, id)?;
+    }
     let depth = s.depth()?;
     s.set_depth(depth.saturating_sub(1))
 }
@@ -232,7 +249,7 @@ fn requeue<S: Store>(s: &mut S, p: &Policy, now: u64, id: u128, visible_at: u64)
         return Ok(());
     };
     match spent(&job, p, now) {
-        Some(reason) => finish_dead(s, id, &job, reason, now),
+        Some(reason) => finish_dead(s, p, id, &job, reason, now),
         None => s.ready_insert(visible_at, id),
     }
 }
@@ -266,10 +283,21 @@ pub(crate) fn recover<S: Store>(s: &mut S, p: &Policy, now: u64, until: u64) -> 
     }
 }
 
+/// Forgets delivered jobs past their retention, and dead letters past
+/// theirs, with the idempotency keys they hold.
 fn purge<S: Store>(s: &mut S, now: u64) -> R<()> {
     for (at, id) in s.purge_due(now, SWEEP)? {
         s.purge_remove(at, id)?;
-        if let Some(Outcome::Delivered { key: Some(key), .. }) = s.outcome(id)?
+        let key = match s.outcome(id)? {
+            Some(Outcome::Delivered { key, .. }) => key,
+            Some(Outcome::Dead { .. }) => {
+                let key = s.dead_job(id)?.and_then(|j| j.idempotency_key);
+                s.dead_remove(id)?;
+                key
+            }
+            None => None,
+        };
+        if let Some(key) = key
             && s.idem(&key)?.is_some_and(|r| r.id == id)
         {
             s.idem_remove(&key)?;
@@ -301,7 +329,7 @@ pub(crate) fn lease<S: Store>(
                 continue;
             };
             if let Some(reason) = spent(&job, p, now) {
-                finish_dead(s, id, &job, reason, now)?;
+                finish_dead(s, p, id, &job, reason, now)?;
                 continue;
             }
             job.attempts += 1;
@@ -357,11 +385,17 @@ pub(crate) fn nack<S: Store>(
     requeue(s, p, now, id, now.saturating_add(duration_ms(delay)))
 }
 
-pub(crate) fn dead_letter<S: Store>(s: &mut S, now: u64, lease: &Lease, reason: &str) -> R<()> {
+pub(crate) fn dead_letter<S: Store>(
+    s: &mut S,
+    p: &Policy,
+    now: u64,
+    lease: &Lease,
+    reason: &str,
+) -> R<()> {
     let (id, rec) = held(s, lease)?;
     s.lease_remove(id, rec)?;
     match s.job(id)? {
-        Some(job) => finish_dead(s, id, &job, reason.to_owned(), now),
+        Some(job) => finish_dead(s, p, id, &job, reason.to_owned(), now),
         None => Ok(()),
     }
 }
@@ -403,6 +437,9 @@ pub(crate) fn dead_letters<S: Read>(s: &mut S, limit: usize) -> R<Vec<DeadLetter
 
 pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> R<bool> {
     let id = id.as_u128();
+    let Some(Outcome::Dead { purge_at, .. }) = s.outcome(id)? else {
+        return Ok(false);
+    };
     let Some(mut job) = s.dead_job(id)? else {
         return Ok(false);
     };
@@ -414,6 +451,11 @@ pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> 
     }
     s.dead_remove(id)?;
     s.outcome_remove(id)?;
+    if let Some(at) = purge_at {
+        // Or a later delivery of this job would be purged at the dead
+        // letter's time.
+        s.purge_remove(at, id)?;
+    }
     job.attempts = 0;
     s.put_job(id, &job)?;
     s.ready_insert(now, id)?;

@@ -13,12 +13,14 @@ use suite::{Fixture, Settings};
 use tower_firebreak::queue::memory::MemoryQueue;
 
 async fn memory(s: Settings) -> Fixture<MemoryQueue> {
-    let queue = MemoryQueue::builder()
+    let mut builder = MemoryQueue::builder()
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
-        .retention(s.retention)
-        .build()
-        .unwrap();
+        .retention(s.retention);
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder.build().unwrap();
     Fixture {
         queue,
         _keep: Box::new(()),
@@ -35,12 +37,14 @@ conformance!(
 #[cfg(feature = "disk")]
 async fn disk(s: Settings) -> Fixture<tower_firebreak::queue::disk::DiskQueue> {
     let dir = tempfile::tempdir().unwrap();
-    let queue = tower_firebreak::queue::disk::DiskQueue::builder()
+    let mut builder = tower_firebreak::queue::disk::DiskQueue::builder()
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
-        .retention(s.retention)
-        .open(dir.path().join("queue.redb"))
-        .unwrap();
+        .retention(s.retention);
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder.open(dir.path().join("queue.redb")).unwrap();
     Fixture {
         queue,
         _keep: Box::new(dir),

@@ -19,6 +19,7 @@ pub(crate) struct Settings {
     pub(crate) capacity: usize,
     pub(crate) max_attempts: u32,
     pub(crate) retention: Duration,
+    pub(crate) dead_letter_retention: Option<Duration>,
     /// The time unit of every wait; a backend with a coarse clock raises it.
     pub(crate) unit: Duration,
 }
@@ -29,6 +30,7 @@ impl Settings {
             capacity: 1_000,
             max_attempts: 10,
             retention: Duration::from_secs(3600),
+            dead_letter_retention: None,
             unit,
         }
     }
@@ -403,6 +405,62 @@ pub(crate) async fn retention_purges_delivered<Q: Queue>(unit: Duration, make: i
     );
 }
 
+pub(crate) async fn dead_letter_retention_purges<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
+    let s = Settings {
+        dead_letter_retention: Some(unit * 10),
+        ..Settings::new(unit)
+    };
+    let q = make(s).await.queue;
+    let gone = q
+        .enqueue(job("/g", "g").with_idempotency_key("gone"))
+        .await
+        .unwrap();
+    let back = q
+        .enqueue(job("/b", "b").with_idempotency_key("back"))
+        .await
+        .unwrap();
+    for l in q.lease(2, s.unit * 100).await.unwrap() {
+        q.dead_letter(&l.lease, "bad").await.unwrap();
+    }
+    // One is redriven and delivered before its dead letter would expire:
+    // it must then keep its delivered status for the full `retention`.
+    assert!(q.redrive(&back).await.unwrap());
+    let l = q.lease(1, s.unit * 100).await.unwrap().remove(0);
+    q.ack(&l.lease, response(200, "ok")).await.unwrap();
+    wait(s.unit, 5).await;
+    let _ = q.lease(1, s.unit).await.unwrap();
+    assert!(
+        matches!(
+            q.status(&gone).await.unwrap(),
+            Some(JobStatus::DeadLettered { .. })
+        ),
+        "purged before its retention"
+    );
+    wait(s.unit, 6).await;
+    let _ = q.lease(1, s.unit).await.unwrap();
+    assert_eq!(
+        q.status(&gone).await.unwrap(),
+        None,
+        "kept past its retention"
+    );
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    assert!(
+        matches!(
+            q.status(&back).await.unwrap(),
+            Some(JobStatus::Delivered { status: 200, .. })
+        ),
+        "a redriven job was purged with its old dead letter"
+    );
+    let again = q
+        .submit(job("/g", "g").with_idempotency_key("gone"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Enqueued::Created(new) if new != gone),
+        "{again:?}"
+    );
+}
+
 pub(crate) async fn capacity_is_enforced<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
     let s = Settings {
         capacity: 3,
@@ -506,6 +564,7 @@ macro_rules! conformance {
                 expired_lease_returns_job, dead_letter_after_max_attempts,
                 dead_letter_when_lease_expires_past_max_attempts, dead_letter_after_ttl,
                 explicit_dead_letter, idempotency_keys, retention_purges_delivered,
+                dead_letter_retention_purges,
                 capacity_is_enforced, depth_and_oldest_age, unknown_id_has_no_status,
                 concurrent_producers);
         }
