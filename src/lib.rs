@@ -44,6 +44,8 @@
 //! | --- | --- |
 //! | `axum` | axum-only helpers (status routes, admin router) |
 //! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
+//! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
+//! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
 //! | `full` | every feature above |
 //!
 //! # Time
@@ -62,6 +64,7 @@ pub mod fallback;
 pub mod grpc;
 pub mod hedge;
 pub mod http;
+pub mod queue;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
