@@ -58,6 +58,7 @@ pub mod fallback;
 pub mod grpc;
 pub mod http;
 pub mod rate_limit;
+pub mod queue;
 pub mod timeout;
 mod trace;
 

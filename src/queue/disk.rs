@@ -1,0 +1,939 @@
+//! [`DiskQueue`]: the embedded, durable queue on [redb].
+//!
+//! # Durability
+//!
+//! [`Queue::submit`] returns only after the job's write transaction has
+//! been committed with `Durability::Immediate`, that is, fsynced. A process
+//! killed at any moment after that, even with SIGKILL, finds the job when it
+//! opens the file again (the crash test `tests/disk_crash.rs` checks this).
+//!
+//! # Group commit
+//!
+//! Every operation runs on one dedicated writer thread. The thread takes
+//! the first waiting request, then every other request that is already
+//! waiting (up to [`max_batch`](DiskQueueBuilder::max_batch)), applies them
+//! all in one write transaction, and commits once: one fsync for the
+//! whole batch. While one commit syncs, the next batch gathers, so
+//! throughput grows with the number of concurrent producers, and a lone
+//! producer never waits for a batch to fill. Each request is answered
+//! (through a oneshot channel) only after its batch is durable; if the
+//! commit fails, every request in the batch fails and none of them is
+//! stored. An operation that writes nothing (a `status`, a `lease` that
+//! finds nothing due) is not committed and costs no fsync.
+//!
+//! No blocking I/O runs on the async caller: [`DiskQueue::open`] is the one
+//! blocking call (it opens the file and recovers leases) and belongs at
+//! startup, or in `spawn_blocking`.
+//!
+//! # One handle per file
+//!
+//! redb locks the file, so a file is open in one process, through one
+//! [`DiskQueue`] (clone it to share it); a second `open` of the same file
+//! fails with [`QueueError::AlreadyOpen`]. Because no other process can hold
+//! a lease on the file, `open` returns every lease left by a previous
+//! process to the queue at once (its attempt still counts), and expired
+//! leases are recovered on every `lease` call. Dropping the last handle
+//! waits for the writer thread to finish the batch it is committing.
+//!
+//! # Corruption
+//!
+//! A file that is not a redb database, is empty, or is truncated or
+//! otherwise damaged gives [`QueueError::Corrupt`] naming the file, at
+//! `open` or at the operation that meets the damage, never a panic.
+//!
+//! [redb]: https://docs.rs/redb
+
+use super::clock::Clock;
+use super::codec::{
+    Format, JsonHeaderValue, b64_decode, b64_encode, headers_from_json, headers_to_json,
+};
+use super::state::{self, IdemRec, LeaseRec, Outcome, Store};
+use super::{
+    DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
+    QueueError,
+};
+use crate::ConfigError;
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const JOBS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("jobs");
+const READY: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("ready");
+const LEASES: TableDefinition<'_, u128, (u64, u128)> = TableDefinition::new("leases");
+const LEASE_EXPIRY: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("lease_expiry");
+const OUTCOMES: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("outcomes");
+const PURGE: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("purge");
+const DEAD: TableDefinition<'_, u128, ()> = TableDefinition::new("dead");
+const IDEM: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("idempotency");
+const AGE: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("age");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// The layout of the tables above; a file with another layout is refused.
+const SCHEMA: u64 = 1;
+
+const TAG_JSON: u8 = b'J';
+#[cfg(feature = "prost")]
+const TAG_PROTOBUF: u8 = b'P';
+
+/// An embedded, durable [`Queue`] in one file. See the [module docs](self).
+///
+/// ```
+/// use tower_firebreak::queue::{disk::DiskQueue, Job, JobStatus, Queue};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let queue = DiskQueue::builder()
+///     .capacity(100_000)
+///     .open(dir.path().join("deferred.redb"))?;
+/// let id = queue.enqueue(Job::new(http::Method::POST, "/orders".parse()?)).await?;
+/// assert_eq!(queue.status(&id).await?, Some(JobStatus::Queued));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DiskQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: Arc<Path>,
+    policy: Policy,
+    clock: Clock,
+    depth: Arc<AtomicU64>,
+    sender: Option<mpsc::Sender<Work>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel stops the writer; joining it releases the
+        // file lock before the drop returns, so the file can be opened again.
+        self.sender.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl fmt::Debug for DiskQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskQueue")
+            .field("path", &self.inner.path)
+            .field("policy", &self.inner.policy)
+            .field("depth", &self.inner.depth.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Settings for a [`DiskQueue`]; [`open`](Self::open) checks them.
+#[derive(Clone, Debug)]
+pub struct DiskQueueBuilder {
+    policy: Policy,
+    max_batch: usize,
+    format: Format,
+}
+
+impl Default for DiskQueueBuilder {
+    fn default() -> Self {
+        DiskQueueBuilder {
+            policy: Policy::default(),
+            max_batch: DiskQueueBuilder::DEFAULT_MAX_BATCH,
+            format: Format::Json,
+        }
+    }
+}
+
+impl DiskQueueBuilder {
+    /// The default [`max_batch`](Self::max_batch).
+    pub const DEFAULT_MAX_BATCH: usize = 1024;
+
+    /// The most unfinished (queued or in-flight) jobs the file holds; one
+    /// more is refused with [`QueueError::Full`]. Default: 1,000,000.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.policy.capacity = capacity;
+        self
+    }
+
+    /// How many leases a job gets before it is dead-lettered. Default: 10.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.policy.max_attempts = max_attempts;
+        self
+    }
+
+    /// How long a delivered job's status and response are kept. Default: 24 h.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.policy.retention = retention;
+        self
+    }
+
+    /// The most operations in one group commit. Default: 1024.
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch;
+        self
+    }
+
+    /// The envelope format for jobs written from now on. Jobs already in the
+    /// file keep theirs; both are read. Default: [`Format::Json`].
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Opens (or creates) the queue file at `path`. This blocks: it opens
+    /// the file, checks its layout, and returns leftover leases to the queue.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Corrupt`] for a file that is not a queue or is
+    /// damaged, [`QueueError::AlreadyOpen`] when the file is open elsewhere,
+    /// [`QueueError::Unavailable`] for an I/O error, and
+    /// [`QueueError::Config`] for bad settings.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<DiskQueue, QueueError> {
+        self.policy.validate()?;
+        if self.max_batch == 0 {
+            return Err(ConfigError::new("max_batch", self.max_batch, "must be above zero").into());
+        }
+        let path: Arc<Path> = path.as_ref().into();
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            // redb would silently start a new database in an empty file; a
+            // queue file is never empty once it has been opened, so an empty
+            // one has been truncated, and its jobs are lost.
+            return Err(QueueError::corrupt(
+                path.to_path_buf(),
+                "the file is empty (truncated?); remove it to start a new queue",
+            ));
+        }
+        let db = guard(&path, || {
+            Database::builder()
+                .create(&path)
+                .map_err(|e| open_error(&path, e))
+        })?;
+        let clock = Clock::new();
+        let depth = guard(&path, || {
+            init(&db, &path, self.format, &self.policy, clock.now_ms())
+        })?;
+        let depth = Arc::new(AtomicU64::new(depth));
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer {
+            db,
+            path: path.clone(),
+            format: self.format,
+            max_batch: self.max_batch,
+            depth: depth.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("firebreak-queue-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| QueueError::unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok(DiskQueue {
+            inner: Arc::new(Inner {
+                path,
+                policy: self.policy,
+                clock,
+                depth,
+                sender: Some(sender),
+                writer: Some(writer),
+            }),
+        })
+    }
+}
+
+impl DiskQueue {
+    /// Opens (or creates) the queue file at `path` with the default
+    /// settings. See [`DiskQueueBuilder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<DiskQueue, QueueError> {
+        DiskQueueBuilder::default().open(path)
+    }
+
+    /// Settings for a queue.
+    pub fn builder() -> DiskQueueBuilder {
+        DiskQueueBuilder::default()
+    }
+
+    /// The queue file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `op` on the writer thread, in the next group commit, and returns
+    /// its result once that commit is durable.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut DiskStore<'_>, &Policy, u64) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        let policy = self.inner.policy;
+        let now = self.inner.clock.now_ms();
+        let work: Work = Box::new(move |store: Result<&mut DiskStore<'_>, &Failure>| {
+            let result = match store {
+                Ok(store) => op(store, &policy, now),
+                Err(failure) => Err(failure.to_error()),
+            };
+            Box::new(move |failure: Option<&Failure>| {
+                let _ = tx.send(match failure {
+                    Some(f) => Err(f.to_error()),
+                    None => result,
+                });
+            })
+        });
+        let stopped = || QueueError::unavailable("the queue's writer dropped the request");
+        let sender = self.inner.sender.as_ref().ok_or_else(stopped)?;
+        sender.send(work).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+impl Queue for DiskQueue {
+    async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
+        let id = JobId::new();
+        self.call(move |s, p, now| state::submit(s, p, now, job, id))
+            .await
+    }
+
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
+        self.call(move |s, p, now| state::lease(s, p, now, max, visibility))
+            .await
+    }
+
+    async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {
+        let lease = lease.clone();
+        self.call(move |s, p, now| state::ack(s, p, now, &lease, response))
+            .await
+    }
+
+    async fn nack(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        let lease = lease.clone();
+        self.call(move |s, p, now| state::nack(s, p, now, &lease, delay))
+            .await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        let (lease, reason) = (lease.clone(), reason.to_owned());
+        self.call(move |s, _, now| state::dead_letter(s, now, &lease, &reason))
+            .await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        let id = *id;
+        self.call(move |s, _, _| state::status(s, &id)).await
+    }
+
+    async fn depth(&self) -> Result<usize, QueueError> {
+        // Kept by the writer after each commit: no round trip.
+        Ok(self.inner.depth.load(Ordering::Acquire) as usize)
+    }
+
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        self.call(|s, _, now| state::oldest_age(s, now)).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.call(move |s, _, _| state::dead_letters(s, limit))
+            .await
+    }
+
+    async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
+        let id = *id;
+        self.call(move |s, p, now| state::redrive(s, p, now, &id))
+            .await
+    }
+}
+
+/// One operation for the writer thread. It runs inside the batch's write
+/// transaction and returns what to do once the commit has succeeded or
+/// failed.
+type Work = Box<dyn FnOnce(Result<&mut DiskStore<'_>, &Failure>) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Option<&Failure>)>;
+
+/// Why a batch was not committed; every request in it gets this error.
+#[derive(Clone, Debug)]
+struct Failure {
+    path: Arc<Path>,
+    corrupt: bool,
+    message: String,
+}
+
+impl Failure {
+    fn to_error(&self) -> QueueError {
+        if self.corrupt {
+            QueueError::corrupt(self.path.to_path_buf(), self.message.clone())
+        } else {
+            QueueError::unavailable(format!("{}: {}", self.path.display(), self.message))
+        }
+    }
+
+    fn panicked(path: &Arc<Path>) -> Failure {
+        Failure {
+            path: path.clone(),
+            corrupt: true,
+            message: "the storage engine panicked reading the file".into(),
+        }
+    }
+
+    fn of(path: &Arc<Path>, e: redb::Error) -> Failure {
+        Failure {
+            path: path.clone(),
+            corrupt: match &e {
+                redb::Error::Corrupted(_) => true,
+                redb::Error::Io(io) => is_damage(io),
+                _ => false,
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
+struct Writer {
+    db: Database,
+    path: Arc<Path>,
+    format: Format,
+    max_batch: usize,
+    depth: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(self, receiver: mpsc::Receiver<Work>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Ok(first) = receiver.recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match receiver.try_recv() {
+                    Ok(work) => batch.push(work),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    fn commit(&self, batch: &mut Vec<Work>) {
+        let fail_all = |batch: &mut Vec<Work>, failure: &Failure| {
+            tracing::error!(path = %self.path.display(), error = %failure.message, "queue write failed");
+            for work in batch.drain(..) {
+                work(Err(failure))(Some(failure));
+            }
+        };
+        let mut txn = match self.db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => return fail_all(batch, &Failure::of(&self.path, e.into())),
+        };
+        txn.set_durability(Durability::Immediate);
+        let store = match catch_unwind(AssertUnwindSafe(|| {
+            DiskStore::open(&txn, self.path.clone(), self.format)
+        })) {
+            Ok(Ok(store)) => store,
+            Ok(Err(failure)) => return fail_all(batch, &failure),
+            Err(_) => return fail_all(batch, &Failure::panicked(&self.path)),
+        };
+        let mut store = store;
+        // A panic inside redb (a damaged page) drops the rest of the batch;
+        // their callers see the request dropped, and nothing is committed.
+        let replies = catch_unwind(AssertUnwindSafe(|| {
+            batch
+                .drain(..)
+                .map(|work| work(Ok(&mut store)))
+                .collect::<Vec<Reply>>()
+        }));
+        let (failure, dirty, depth) = (store.failure.take(), store.dirty, store.depth);
+        drop(store);
+        let Ok(replies) = replies else {
+            tracing::error!(path = %self.path.display(), "queue storage panicked; batch dropped");
+            let _ = txn.abort();
+            return;
+        };
+        let failure = match failure {
+            Some(f) => {
+                let _ = txn.abort();
+                Some(f)
+            }
+            None if dirty => txn
+                .commit()
+                .err()
+                .map(|e| Failure::of(&self.path, e.into())),
+            None => {
+                let _ = txn.abort();
+                None
+            }
+        };
+        match &failure {
+            None => self.depth.store(depth, Ordering::Release),
+            Some(f) => {
+                tracing::error!(path = %self.path.display(), error = %f.message, "queue commit failed");
+            }
+        }
+        for reply in replies {
+            reply(failure.as_ref());
+        }
+    }
+}
+
+/// An I/O error that means the file is shorter or other than redb wrote it.
+fn is_damage(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Wraps a call into redb so that a panic on a damaged file becomes an
+/// error naming the file.
+fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(QueueError::corrupt(
+            path.to_path_buf(),
+            "the storage engine panicked reading the file",
+        ))
+    })
+}
+
+fn open_error(path: &Path, e: DatabaseError) -> QueueError {
+    use redb::StorageError;
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => QueueError::AlreadyOpen {
+            path: path.to_path_buf(),
+        },
+        DatabaseError::Storage(StorageError::Corrupted(msg)) => {
+            QueueError::corrupt(path.to_path_buf(), msg)
+        }
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            QueueError::corrupt(path.to_path_buf(), "not a queue file (bad header)")
+        }
+        DatabaseError::Storage(StorageError::Io(io)) if is_damage(&io) => {
+            QueueError::corrupt(path.to_path_buf(), format!("truncated: {io}"))
+        }
+        DatabaseError::UpgradeRequired(v) => QueueError::corrupt(
+            path.to_path_buf(),
+            format!("written in redb file format {v}, which this version cannot read"),
+        ),
+        other => QueueError::unavailable(format!("{}: {other}", path.display())),
+    }
+}
+
+/// Creates the tables, checks the layout, and returns every leftover lease
+/// to the queue. Returns the depth.
+fn init(
+    db: &Database,
+    path: &Arc<Path>,
+    format: Format,
+    policy: &Policy,
+    now: u64,
+) -> Result<u64, QueueError> {
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| Failure::of(path, e.into()).to_error())?;
+    txn.set_durability(Durability::Immediate);
+    let depth = {
+        let mut store = DiskStore::open(&txn, path.clone(), format).map_err(|f| f.to_error())?;
+        let schema = store
+            .meta
+            .get("schema")
+            .map_err(|e| Failure::of(path, e.into()).to_error())?
+            .map(|v| v.value());
+        match schema {
+            Some(SCHEMA) => {}
+            Some(other) => {
+                return Err(QueueError::corrupt(
+                    path.to_path_buf(),
+                    format!("queue layout {other}, this version reads {SCHEMA}"),
+                ));
+            }
+            None => {
+                let empty = store
+                    .jobs
+                    .is_empty()
+                    .map_err(|e| Failure::of(path, e.into()).to_error())?;
+                if !empty {
+                    return Err(QueueError::corrupt(
+                        path.to_path_buf(),
+                        "jobs without a layout version",
+                    ));
+                }
+                store
+                    .meta
+                    .insert("schema", SCHEMA)
+                    .map_err(|e| Failure::of(path, e.into()).to_error())?;
+            }
+        }
+        // One process holds the file, so every lease in it belongs to a
+        // process that is gone.
+        let recovered = state::recover(&mut store, policy, now, u64::MAX)?;
+        if recovered > 0 {
+            tracing::info!(path = %path.display(), recovered, "returned leftover leases to the queue");
+        }
+        if let Some(f) = store.failure.take() {
+            return Err(f.to_error());
+        }
+        store.depth
+    };
+    txn.commit()
+        .map_err(|e| Failure::of(path, e.into()).to_error())?;
+    Ok(depth)
+}
+
+/// The tables of one write transaction.
+struct DiskStore<'t> {
+    jobs: Table<'t, u128, &'static [u8]>,
+    ready: Table<'t, (u64, u128), ()>,
+    leases: Table<'t, u128, (u64, u128)>,
+    lease_expiry: Table<'t, (u64, u128), ()>,
+    outcomes: Table<'t, u128, &'static [u8]>,
+    purge: Table<'t, (u64, u128), ()>,
+    dead: Table<'t, u128, ()>,
+    idem: Table<'t, &'static str, &'static [u8]>,
+    age: Table<'t, (u64, u128), ()>,
+    meta: Table<'t, &'static str, u64>,
+    depth: u64,
+    dirty: bool,
+    failure: Option<Failure>,
+    path: Arc<Path>,
+    format: Format,
+}
+
+impl<'t> DiskStore<'t> {
+    fn open(txn: &'t WriteTransaction, path: Arc<Path>, format: Format) -> Result<Self, Failure> {
+        let fail = |e: redb::TableError| Failure::of(&path, e.into());
+        let meta = txn.open_table(META).map_err(fail)?;
+        let depth = meta
+            .get("depth")
+            .map_err(|e| Failure::of(&path, e.into()))?
+            .map_or(0, |v| v.value());
+        Ok(DiskStore {
+            jobs: txn.open_table(JOBS).map_err(fail)?,
+            ready: txn.open_table(READY).map_err(fail)?,
+            leases: txn.open_table(LEASES).map_err(fail)?,
+            lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(fail)?,
+            outcomes: txn.open_table(OUTCOMES).map_err(fail)?,
+            purge: txn.open_table(PURGE).map_err(fail)?,
+            dead: txn.open_table(DEAD).map_err(fail)?,
+            idem: txn.open_table(IDEM).map_err(fail)?,
+            age: txn.open_table(AGE).map_err(fail)?,
+            meta,
+            depth,
+            dirty: false,
+            failure: None,
+            path,
+            format,
+        })
+    }
+
+    /// A record that does not decode: the file is damaged.
+    fn corrupt(&mut self, what: &str, e: impl fmt::Display) -> QueueError {
+        let failure = Failure {
+            path: self.path.clone(),
+            corrupt: true,
+            message: format!("{what}: {e}"),
+        };
+        let err = failure.to_error();
+        self.failure.get_or_insert(failure);
+        err
+    }
+
+    fn encode_job(&self, job: &Job) -> Vec<u8> {
+        let (tag, mut bytes) = match self.format {
+            Format::Json => (TAG_JSON, Vec::new()),
+            #[cfg(feature = "prost")]
+            Format::Protobuf => (TAG_PROTOBUF, Vec::new()),
+        };
+        bytes.push(tag);
+        bytes.extend_from_slice(&self.format.encode(job));
+        bytes
+    }
+
+    fn decode_job(&mut self, bytes: &[u8]) -> Result<Job, QueueError> {
+        let decoded = match bytes.split_first() {
+            Some((&TAG_JSON, rest)) => Format::Json.decode(rest),
+            #[cfg(feature = "prost")]
+            Some((&TAG_PROTOBUF, rest)) => Format::Protobuf.decode(rest),
+            Some((tag, _)) => {
+                return Err(self.corrupt("job record", format_args!("unknown format tag {tag}")));
+            }
+            None => return Err(self.corrupt("job record", "empty")),
+        };
+        decoded.map_err(|e| self.corrupt("job record", e))
+    }
+}
+
+/// Records a storage error: the batch will not be committed.
+fn record(
+    failure: &mut Option<Failure>,
+    path: &Arc<Path>,
+    e: impl Into<redb::Error>,
+) -> QueueError {
+    let f = Failure::of(path, e.into());
+    let err = f.to_error();
+    failure.get_or_insert(f);
+    err
+}
+
+fn due(
+    table: &Table<'_, (u64, u128), ()>,
+    now: u64,
+    max: usize,
+) -> Result<Vec<(u64, u128)>, redb::StorageError> {
+    let mut out = Vec::new();
+    for entry in table.range(..=(now, u128::MAX))?.take(max) {
+        out.push(entry?.0.value());
+    }
+    Ok(out)
+}
+
+/// The stored form of an [`Outcome`].
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum OutcomeRecord {
+    Delivered {
+        status: u16,
+        #[serde(default)]
+        headers: Vec<(String, JsonHeaderValue)>,
+        #[serde(default)]
+        body: String,
+        attempts: u32,
+        at: u64,
+        #[serde(default)]
+        key: Option<String>,
+    },
+    Dead {
+        reason: String,
+        attempts: u32,
+        at: u64,
+    },
+}
+
+fn encode_outcome(o: &Outcome) -> Vec<u8> {
+    let record = match o {
+        Outcome::Delivered {
+            status,
+            headers,
+            body,
+            attempts,
+            at,
+            key,
+        } => OutcomeRecord::Delivered {
+            status: *status,
+            headers: headers_to_json(headers),
+            body: b64_encode(body),
+            attempts: *attempts,
+            at: *at,
+            key: key.clone(),
+        },
+        Outcome::Dead {
+            reason,
+            attempts,
+            at,
+        } => OutcomeRecord::Dead {
+            reason: reason.clone(),
+            attempts: *attempts,
+            at: *at,
+        },
+    };
+    serde_json::to_vec(&record).expect("an outcome always serializes")
+}
+
+fn decode_outcome(bytes: &[u8]) -> Result<Outcome, String> {
+    let record: OutcomeRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(match record {
+        OutcomeRecord::Delivered {
+            status,
+            headers,
+            body,
+            attempts,
+            at,
+            key,
+        } => Outcome::Delivered {
+            status,
+            headers: headers_from_json(headers).map_err(|e| e.to_string())?,
+            body: b64_decode(&body).map_err(|e| e.to_string())?,
+            attempts,
+            at,
+            key,
+        },
+        OutcomeRecord::Dead {
+            reason,
+            attempts,
+            at,
+        } => Outcome::Dead {
+            reason,
+            attempts,
+            at,
+        },
+    })
+}
+
+/// `try_io!(self, expr)`: a redb call whose error fails the batch.
+macro_rules! io {
+    ($s:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Err(record(&mut $s.failure, &$s.path, e)),
+        }
+    };
+}
+
+impl Store for DiskStore<'_> {
+    fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
+        let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
+        bytes.map(|b| self.decode_job(&b)).transpose()
+    }
+    fn has_job(&mut self, id: u128) -> Result<bool, QueueError> {
+        Ok(io!(self, self.jobs.get(id)).is_some())
+    }
+    fn put_job(&mut self, id: u128, job: &Job) -> Result<(), QueueError> {
+        self.dirty = true;
+        let bytes = self.encode_job(job);
+        io!(self, self.jobs.insert(id, bytes.as_slice()));
+        Ok(())
+    }
+    fn remove_job(&mut self, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.jobs.remove(id));
+        Ok(())
+    }
+    fn ready_insert(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.ready.insert((at, id), ()));
+        Ok(())
+    }
+    fn ready_remove(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.ready.remove((at, id)));
+        Ok(())
+    }
+    fn ready_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
+        Ok(io!(self, due(&self.ready, now, max)))
+    }
+    fn lease(&mut self, id: u128) -> Result<Option<LeaseRec>, QueueError> {
+        Ok(io!(self, self.leases.get(id)).map(|g| {
+            let (expires, token) = g.value();
+            LeaseRec { expires, token }
+        }))
+    }
+    fn lease_insert(&mut self, id: u128, rec: LeaseRec) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.leases.insert(id, (rec.expires, rec.token)));
+        io!(self, self.lease_expiry.insert((rec.expires, id), ()));
+        Ok(())
+    }
+    fn lease_remove(&mut self, id: u128, rec: LeaseRec) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.leases.remove(id));
+        io!(self, self.lease_expiry.remove((rec.expires, id)));
+        Ok(())
+    }
+    fn leases_expired(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
+        Ok(io!(self, due(&self.lease_expiry, now, max)))
+    }
+    fn outcome(&mut self, id: u128) -> Result<Option<Outcome>, QueueError> {
+        let bytes = io!(self, self.outcomes.get(id)).map(|g| g.value().to_vec());
+        match bytes {
+            None => Ok(None),
+            Some(b) => decode_outcome(&b)
+                .map(Some)
+                .map_err(|e| self.corrupt("outcome record", e)),
+        }
+    }
+    fn outcome_insert(&mut self, id: u128, outcome: &Outcome) -> Result<(), QueueError> {
+        self.dirty = true;
+        let bytes = encode_outcome(outcome);
+        io!(self, self.outcomes.insert(id, bytes.as_slice()));
+        Ok(())
+    }
+    fn outcome_remove(&mut self, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.outcomes.remove(id));
+        Ok(())
+    }
+    fn purge_insert(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.purge.insert((at, id), ()));
+        Ok(())
+    }
+    fn purge_remove(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.purge.remove((at, id)));
+        Ok(())
+    }
+    fn purge_due(&mut self, now: u64, max: usize) -> Result<Vec<(u64, u128)>, QueueError> {
+        Ok(io!(self, due(&self.purge, now, max)))
+    }
+    fn dead_insert(&mut self, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.dead.insert(id, ()));
+        Ok(())
+    }
+    fn dead_remove(&mut self, id: u128) -> Result<bool, QueueError> {
+        self.dirty = true;
+        Ok(io!(self, self.dead.remove(id)).is_some())
+    }
+    fn dead_list(&mut self, limit: usize) -> Result<Vec<u128>, QueueError> {
+        let iter = io!(self, self.dead.iter());
+        let mut out = Vec::new();
+        for entry in iter.take(limit) {
+            out.push(io!(self, entry).0.value());
+        }
+        Ok(out)
+    }
+    fn idem(&mut self, key: &str) -> Result<Option<IdemRec>, QueueError> {
+        let bytes = io!(self, self.idem.get(key)).map(|g| g.value().to_vec());
+        match bytes {
+            None => Ok(None),
+            Some(b) if b.len() == 48 => {
+                let id = u128::from_le_bytes(b[..16].try_into().expect("16 bytes"));
+                let fingerprint = b[16..].try_into().expect("32 bytes");
+                Ok(Some(IdemRec { id, fingerprint }))
+            }
+            Some(b) => Err(self.corrupt(
+                "idempotency record",
+                format_args!("{} bytes, expected 48", b.len()),
+            )),
+        }
+    }
+    fn idem_insert(&mut self, key: &str, rec: IdemRec) -> Result<(), QueueError> {
+        self.dirty = true;
+        let mut bytes = [0u8; 48];
+        bytes[..16].copy_from_slice(&rec.id.to_le_bytes());
+        bytes[16..].copy_from_slice(&rec.fingerprint);
+        io!(self, self.idem.insert(key, bytes.as_slice()));
+        Ok(())
+    }
+    fn idem_remove(&mut self, key: &str) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.idem.remove(key));
+        Ok(())
+    }
+    fn age_insert(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.age.insert((at, id), ()));
+        Ok(())
+    }
+    fn age_remove(&mut self, at: u64, id: u128) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.age.remove((at, id)));
+        Ok(())
+    }
+    fn age_oldest(&mut self) -> Result<Option<u64>, QueueError> {
+        Ok(io!(self, self.age.first()).map(|(k, _)| k.value().0))
+    }
+    fn depth(&mut self) -> Result<u64, QueueError> {
+        Ok(self.depth)
+    }
+    fn set_depth(&mut self, depth: u64) -> Result<(), QueueError> {
+        self.dirty = true;
+        io!(self, self.meta.insert("depth", depth));
+        self.depth = depth;
+        Ok(())
+    }
+}
