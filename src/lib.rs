@@ -53,6 +53,7 @@
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod deadline;
+pub mod defer;
 pub mod error;
 pub mod fallback;
 pub mod grpc;
