@@ -58,8 +58,8 @@ pub mod error;
 pub mod fallback;
 pub mod grpc;
 pub mod http;
-pub mod rate_limit;
 pub mod queue;
+pub mod rate_limit;
 pub mod timeout;
 mod trace;
 

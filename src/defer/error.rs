@@ -27,4 +27,3 @@ impl fmt::Display for BodyTooLarge {
 }
 
 impl Error for BodyTooLarge {}
-

@@ -140,9 +140,9 @@ where
                     let body = match ready!(collect.poll(cx)) {
                         Ok(collected) => collected.to_bytes(),
                         Err(e) if e.is::<LengthLimitError>() => {
-                            return Poll::Ready(Ok(
-                                too_large(settings.max_body).map(Either::Right)
-                            ));
+                            return Poll::Ready(
+                                Ok(too_large(settings.max_body).map(Either::Right)),
+                            );
                         }
                         Err(e) => return Poll::Ready(Err(e)),
                     };
@@ -189,12 +189,7 @@ where
                     };
                     let req = saved.take().expect("checked above");
                     State::Deferring {
-                        fut: Box::pin(defer_request(
-                            queue.clone(),
-                            settings.clone(),
-                            req,
-                            cause,
-                        )),
+                        fut: Box::pin(defer_request(queue.clone(), settings.clone(), req, cause)),
                     }
                 }
                 StateProj::Deferring { fut } => {

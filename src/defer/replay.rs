@@ -238,8 +238,7 @@ where
             let mut batch = leased.into_iter();
             while let Some(item) = batch.next() {
                 if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
-                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO)
-                        .await;
+                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
                     return;
                 }
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
@@ -254,8 +253,7 @@ where
                     None => {
                         // Shut down mid-delivery, past the grace: the send is
                         // dropped and the job goes back for another replayer.
-                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO)
-                            .await;
+                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
                         return;
                     }
                     Some(Sent::Delivered(response)) => {
@@ -302,7 +300,7 @@ where
     B2: http_body::Body,
     B2::Error: Into<BoxError>,
 {
-    let req = job.to_request().map(Full::new);
+    let req = replay_request(job);
     let ready: Result<&mut S, BoxError> = service.ready().await.map_err(Into::into);
     let res: Result<_, BoxError> = match ready {
         Ok(svc) => svc.call(req).await.map_err(Into::into),
@@ -353,6 +351,31 @@ async fn give_back<Q: Queue>(queue: &Q, items: impl IntoIterator<Item = Leased>,
             tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "nack failed");
         }
     }
+}
+
+/// The request to send for `job`: [`Job::to_request`], plus the
+/// idempotency key and trace context as headers when the stored headers
+/// lack them (a job built with `Job::new(..).with_idempotency_key(..)` has
+/// the key only in the envelope), so the dependency can dedup.
+fn replay_request(job: &Job) -> http::Request<Full<Bytes>> {
+    let mut req = job.to_request().map(Full::new);
+    let headers = req.headers_mut();
+    if let Some(key) = job.idempotency_key()
+        && !headers.contains_key("idempotency-key")
+        && let Ok(v) = http::HeaderValue::from_str(key)
+    {
+        headers.insert("idempotency-key", v);
+    }
+    for (name, value) in job.trace_context() {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) && !headers.contains_key(&name)
+        {
+            headers.insert(name, value);
+        }
+    }
+    req
 }
 
 enum Sent {
