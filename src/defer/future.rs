@@ -1,6 +1,6 @@
 //! The response future of [`Defer`](super::Defer).
 
-use super::{Cause, Settings, defer_request, too_large};
+use super::{Cause, DeferBody, Settings, defer_request, too_large};
 use crate::BoxError;
 use crate::queue::Queue;
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tower::Service;
 
-type Answer = Pin<Box<dyn Future<Output = http::Response<Full<Bytes>>> + Send>>;
+type Answer = Pin<Box<dyn Future<Output = http::Response<DeferBody>> + Send>>;
 
 pin_project! {
     /// The response future of [`Defer`](super::Defer).
@@ -61,7 +61,7 @@ pin_project! {
             fut: Answer,
         },
         Ready {
-            res: Option<http::Response<Full<Bytes>>>,
+            res: Option<http::Response<DeferBody>>,
         },
     }
 }
@@ -90,7 +90,7 @@ where
         }
     }
 
-    pub(crate) fn ready(res: http::Response<Full<Bytes>>) -> Self {
+    pub(crate) fn ready(res: http::Response<DeferBody>) -> Self {
         ResponseFuture {
             state: State::Ready { res: Some(res) },
         }
@@ -124,7 +124,7 @@ where
     B::Error: Into<BoxError>,
     Q: Queue,
 {
-    type Output = Result<http::Response<Either<RB, Full<Bytes>>>, BoxError>;
+    type Output = Result<http::Response<Either<RB, DeferBody>>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -140,9 +140,11 @@ where
                     let body = match ready!(collect.poll(cx)) {
                         Ok(collected) => collected.to_bytes(),
                         Err(e) if e.is::<LengthLimitError>() => {
-                            return Poll::Ready(
-                                Ok(too_large(settings.max_body).map(Either::Right)),
-                            );
+                            return Poll::Ready(Ok(too_large(
+                                settings.max_body,
+                                &parts.as_ref().expect("polled after completion").headers,
+                            )
+                            .map(Either::Right)));
                         }
                         Err(e) => return Poll::Ready(Err(e)),
                     };

@@ -6,7 +6,7 @@
 //! the HTTP client). It buffers the request body, calls the inner service
 //! with an `http::Request<Full<Bytes>>`, and when that call fails and the
 //! request may be deferred, it stores the request as a
-//! [`Job`](crate::queue::Job) in a [`Queue`] and answers for it:
+//! [`Job`] in a [`Queue`] and answers for it:
 //!
 //! | what happened | answer |
 //! | --- | --- |
@@ -99,7 +99,7 @@
 //! `Defer` goes outermost, before the rate limiter (DESIGN.md's standard
 //! pipeline): everything inside it may reject, and every rejection of a
 //! deferrable request becomes a job. Its response body is
-//! `Either<B, Full<Bytes>>` (the inner body, or ours) and its error is
+//! `Either<B, DeferBody>` (the inner body, or ours: [`DeferBody`]) and its error is
 //! [`BoxError`]: errors it does not defer pass through. Where an infallible
 //! service is needed (`axum::Router::route_service`, `Router::layer`), put
 //! [`RejectionResponseLayer`](crate::http::RejectionResponseLayer) outside
@@ -119,16 +119,38 @@
 //!
 //! # gRPC
 //!
-//! A gRPC unary call is an HTTP/2 POST, so the same layer can defer it: the
-//! method path and the protobuf-framed body are stored and replayed as they
-//! are. Two things differ from plain HTTP: gRPC clients send no
-//! `Idempotency-Key` header (pass it as request metadata named
-//! `idempotency-key`, which travels as that header, or widen
-//! [`DeferLayer::deferrable`] to match `content-type: application/grpc`),
-//! and a gRPC client reads a `202` as a transport error. Map the answer for
-//! gRPC callers with [`grpc_accepted`]: `grpc-status: 0`, an empty message
-//! (the default value of any proto3 response type) and the job id in the
-//! `firebreak-job-id` response metadata.
+//! A gRPC unary call is an HTTP/2 POST, so the same layer defers it: the
+//! method path, the metadata and the framed message are stored and replayed
+//! as they are. A request whose `content-type` is `application/grpc…` is
+//! answered in gRPC's terms instead of with a `202`, which a gRPC client
+//! would read as a transport error:
+//!
+//! | what happened | gRPC answer |
+//! | --- | --- |
+//! | stored, or the same key again | `grpc-status: 0` with one empty message (the default value of any proto3 response type) and the job id in the `firebreak-job-id` response metadata |
+//! | the key is held by a different request | `ALREADY_EXISTS` |
+//! | the queue is full or unavailable | `UNAVAILABLE`, with `grpc-retry-pushback-ms` |
+//! | the message is over the body limit | `RESOURCE_EXHAUSTED` |
+//!
+//! gRPC clients send no `Idempotency-Key` of their own: send it as request
+//! metadata named `idempotency-key` (it travels as that header), or widen
+//! [`DeferLayer::deferrable`]. `Defer` accepts tonic's request body, so it can
+//! sit in a tonic client's stack (`tonic::client::Grpc::new(defer_stack)`),
+//! and the caller reads the job id from the response:
+//!
+//! ```text
+//! let mut req = tonic::Request::new(CreateOrder { sku: 42 });
+//! req.metadata_mut().insert("idempotency-key", "order-7".parse()?);
+//! let res = orders.create(req).await?;
+//! if let Some(id) = res.metadata().get("firebreak-job-id") {
+//!     // deferred: the empty response is a placeholder; poll the job
+//! }
+//! ```
+//!
+//! `tests/defer/grpc.rs` runs this through `tonic::client::Grpc` with the
+//! `tonic` feature. The replayer classifies a replayed gRPC call by its HTTP
+//! status and headers only, so a `grpc-status` sent in trailers is not seen
+//! and such a call is stored as delivered, without its trailers.
 //!
 //! # Delivery
 //!
@@ -137,6 +159,7 @@
 //! It should dedup by `Idempotency-Key`, which is stored and replayed with
 //! the request.
 
+mod body;
 mod config;
 mod error;
 pub mod future;
@@ -146,6 +169,7 @@ mod response;
 #[cfg(feature = "axum")]
 mod status;
 
+pub use self::body::DeferBody;
 pub use self::config::{DeferConfig, ReplayerConfig};
 pub use self::error::BodyTooLarge;
 pub use self::layer::DeferLayer;
@@ -295,7 +319,7 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    type Response = http::Response<http_body_util::Either<RB, Full<Bytes>>>;
+    type Response = http::Response<http_body_util::Either<RB, DeferBody>>;
     type Error = BoxError;
     type Future = future::ResponseFuture<S, B, Q>;
 
@@ -312,7 +336,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > max as u64) {
-            return future::ResponseFuture::ready(too_large(max));
+            return future::ResponseFuture::ready(too_large(max, &parts.headers));
         }
         // The ready service goes into the future; the clone stays for the
         // next poll_ready.
@@ -328,13 +352,18 @@ where
     }
 }
 
-pub(crate) fn too_large(max: usize) -> http::Response<Full<Bytes>> {
-    response::problem(
+pub(crate) fn too_large(max: usize, headers: &HeaderMap) -> http::Response<DeferBody> {
+    let res = response::problem(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
         &BodyTooLarge::new(max).to_string(),
         None,
-    )
+    );
+    if response::is_grpc(headers) {
+        response::into_grpc(res)
+    } else {
+        res
+    }
 }
 
 /// Why a request is being deferred, for the `Retry-After` hint and the log.
@@ -369,7 +398,18 @@ pub(crate) async fn defer_request<Q: Queue>(
     settings: Arc<Settings>,
     req: http::Request<Bytes>,
     cause: Cause,
-) -> http::Response<Full<Bytes>> {
+) -> http::Response<DeferBody> {
+    let grpc = response::is_grpc(req.headers());
+    let res = answer(queue, settings, req, cause).await;
+    if grpc { response::into_grpc(res) } else { res }
+}
+
+async fn answer<Q: Queue>(
+    queue: Arc<Q>,
+    settings: Arc<Settings>,
+    req: http::Request<Bytes>,
+    cause: Cause,
+) -> http::Response<DeferBody> {
     let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|name| {
@@ -401,7 +441,7 @@ pub(crate) async fn defer_request<Q: Queue>(
     }
 }
 
-fn not_deferred(settings: &Settings, e: QueueError) -> http::Response<Full<Bytes>> {
+fn not_deferred(settings: &Settings, e: QueueError) -> http::Response<DeferBody> {
     let (kind, detail) = match &e {
         QueueError::Full { .. } => (
             "queue_full",

@@ -1,12 +1,11 @@
 //! The answers the defer layer gives instead of the inner service's.
 
-use super::Settings;
+use super::{DeferBody, Settings};
 use crate::http::{PROBLEM_JSON, retry_after_value};
 use crate::queue::{JobId, JobStatus};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use http_body_util::Full;
 use serde_json::{Map, Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,8 +102,8 @@ pub(super) fn status_link(settings: &Settings, id: &JobId) -> Option<String> {
         .map(|path| format!("{}/{id}", path.trim_end_matches('/')))
 }
 
-fn json_response(status: StatusCode, body: &Value) -> http::Response<Full<Bytes>> {
-    let mut res = http::Response::new(Full::new(Bytes::from(body.to_string())));
+fn json_response(status: StatusCode, body: &Value) -> http::Response<DeferBody> {
+    let mut res = http::Response::new(DeferBody::new(body.to_string()));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -113,7 +112,7 @@ fn json_response(status: StatusCode, body: &Value) -> http::Response<Full<Bytes>
     res
 }
 
-fn with_job_headers(res: &mut http::Response<Full<Bytes>>, id: &JobId, link: Option<&str>) {
+fn with_job_headers(res: &mut http::Response<DeferBody>, id: &JobId, link: Option<&str>) {
     let headers = res.headers_mut();
     headers.insert(
         JOB_ID_HEADER,
@@ -137,7 +136,7 @@ pub(super) fn accepted(
     settings: &Settings,
     id: &JobId,
     retry_after: Duration,
-) -> http::Response<Full<Bytes>> {
+) -> http::Response<DeferBody> {
     let link = status_link(settings, id);
     let mut body = status_json(id, &JobStatus::Queued);
     links(&mut body, link.as_deref());
@@ -154,7 +153,7 @@ pub(super) fn existing(
     settings: &Settings,
     id: &JobId,
     status: Option<&JobStatus>,
-) -> http::Response<Full<Bytes>> {
+) -> http::Response<DeferBody> {
     let link = status_link(settings, id);
     let mut body = match status {
         Some(status) => status_json(id, status),
@@ -172,7 +171,7 @@ pub(super) fn problem(
     kind: &str,
     detail: &str,
     retry_after: Option<Duration>,
-) -> http::Response<Full<Bytes>> {
+) -> http::Response<DeferBody> {
     let body = json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or(""),
@@ -188,4 +187,88 @@ pub(super) fn problem(
             .insert(header::RETRY_AFTER, retry_after_value(after));
     }
     res
+}
+
+/// Whether the request is a gRPC call, to be answered in gRPC's terms.
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// gRPC status codes used for deferred answers (fixed by the gRPC spec).
+const GRPC_OK: i32 = 0;
+const GRPC_ALREADY_EXISTS: i32 = 6;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
+const GRPC_INTERNAL: i32 = 13;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// The same answer for a gRPC caller.
+///
+/// Accepted (202) and existing (200) jobs become `grpc-status: 0` with one
+/// empty message (the default value of any proto3 message type) and the
+/// job id in the `firebreak-job-id` response metadata. Refusals become
+/// Trailers-Only responses: 409 `ALREADY_EXISTS`, 413 `RESOURCE_EXHAUSTED`,
+/// 503 `UNAVAILABLE` (with `grpc-retry-pushback-ms`).
+pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferBody> {
+    let (parts, body) = res.into_parts();
+    let mut out = http::Response::new(DeferBody::default());
+    let h = out.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    if let Some(id) = parts.headers.get(&JOB_ID_HEADER) {
+        h.insert(JOB_ID_HEADER, id.clone());
+    }
+    let code = match parts.status {
+        StatusCode::ACCEPTED | StatusCode::OK => {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from(GRPC_OK));
+            // A message frame: not compressed, length 0.
+            *out.body_mut() =
+                DeferBody::new(Bytes::from_static(&[0, 0, 0, 0, 0])).with_trailers(trailers);
+            return out;
+        }
+        StatusCode::CONFLICT => GRPC_ALREADY_EXISTS,
+        StatusCode::PAYLOAD_TOO_LARGE => GRPC_RESOURCE_EXHAUSTED,
+        StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
+        _ => GRPC_INTERNAL,
+    };
+    h.insert("grpc-status", HeaderValue::from(code));
+    let detail = body
+        .data()
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        .and_then(|v| v["detail"].as_str().map(str::to_owned));
+    if let Some(detail) = detail
+        && let Ok(v) = HeaderValue::from_str(&percent_encode(&detail))
+    {
+        h.insert("grpc-message", v);
+    }
+    if let Some(secs) = parts
+        .headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        h.insert(
+            crate::grpc::PUSHBACK_HEADER,
+            HeaderValue::from(secs.saturating_mul(1000)),
+        );
+    }
+    out
+}
+
+/// `grpc-message` is percent-encoded outside printable ASCII, and `%`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

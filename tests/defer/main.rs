@@ -5,6 +5,8 @@ mod support;
 
 #[cfg(all(feature = "axum", feature = "disk"))]
 mod e2e;
+#[cfg(feature = "tonic")]
+mod grpc;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
