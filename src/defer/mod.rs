@@ -17,6 +17,12 @@
 //! | the call failed; the queue is full or unavailable | `503 Service Unavailable`, problem details; the request was **not** accepted |
 //! | the body is over [`max_body`](DeferLayer::max_body) | `413 Payload Too Large`, problem details; never sent, never queued |
 //!
+//! The idempotency check is the queue's, so it happens only when a call
+//! fails: a repeat of a deferred request that arrives once the dependency
+//! is healthy again goes through to the dependency, which should dedup by
+//! `Idempotency-Key` (see Delivery below). No queue lookup is made on the
+//! happy path.
+//!
 //! A **failure** is an `Err` from the inner service (by default every error:
 //! our rejections, [`CircuitOpen`](crate::circuit_breaker::CircuitOpen),
 //! [`BulkheadFull`](crate::bulkhead::BulkheadFull),

@@ -100,7 +100,8 @@ impl<Q, S> Replayer<Q, S> {
         self
     }
 
-    /// How many jobs one lease takes. Default: 16.
+    /// How many jobs one lease takes, at most; fewer when the pace could
+    /// not send them all within half the visibility timeout. Default: 16.
     pub fn batch(mut self, n: usize) -> Self {
         self.config.batch = n;
         self
@@ -218,7 +219,7 @@ where
             if is_stopped(&stop) {
                 return;
             }
-            let max = if probing { 1 } else { cfg.batch };
+            let max = if probing { 1 } else { batch_size(&cfg) };
             let leased = match queue.lease(max, cfg.visibility).await {
                 Ok(leased) => leased,
                 Err(e) => {
@@ -382,6 +383,14 @@ enum Sent {
     Delivered(DeliveredResponse),
     Open(Duration),
     Failed(BoxError),
+}
+
+/// The configured batch, cut to what the pace can send within half the
+/// visibility timeout, so that no lease expires while its job waits for a
+/// permit (which would let another replayer send it too).
+fn batch_size(cfg: &ReplayerConfig) -> usize {
+    let sendable = f64::from(cfg.rate_per_second) * cfg.visibility.as_secs_f64() / 2.0;
+    cfg.batch.min((sendable as usize).max(1))
 }
 
 fn backoff(cfg: &ReplayerConfig, n: u32) -> Duration {

@@ -116,7 +116,7 @@ async fn outage_requests_are_accepted_then_delivered_exactly_once_per_key() {
     let breaker = StandInBreakerLayer::new(Duration::from_millis(500));
     let client_stack = ServiceBuilder::new()
         .layer(breaker.clone())
-        .layer(TimeoutLayer::new(Duration::from_millis(300)))
+        .layer(TimeoutLayer::new(Duration::from_secs(1)))
         .service(support::client());
 
     // The upstream: a proxy route behind `defer`, and the status route.

@@ -662,6 +662,30 @@ async fn shutdown_gives_back_an_unfinished_delivery() {
     assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_pace_leases_no_more_than_it_can_send_within_the_visibility() {
+    let queue = MemoryQueue::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(queue.enqueue(job(&format!("b{i}"), "x")).await.unwrap());
+    }
+    let downstream = service_fn(|_: Req| async { Ok::<_, BoxError>(reply(200, "ok")) });
+    // One a second, leases of 4 s: a batch of 16 would outlive its lease.
+    let handle = Replayer::new(queue.clone(), downstream)
+        .rate_per_second(1)
+        .visibility(Duration::from_secs(4))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut in_flight = 0;
+    for id in &ids {
+        if queue.status(id).await.unwrap() == Some(JobStatus::InFlight) {
+            in_flight += 1;
+        }
+    }
+    assert!(in_flight <= 2, "{in_flight} leased at once");
+    handle.shutdown().await;
+}
+
 /// Replay gating: while the breaker rejects, the replayer sends nothing to
 /// the dependency and probes at most once per `retry_after`; after recovery
 /// it keeps its pace.
