@@ -479,6 +479,11 @@ impl ReplayerHandle {
     /// Stops the replayer and waits for it: the delivery in flight may
     /// finish within the shutdown grace (then it is acked or nacked), and
     /// every other lease it holds is given back to the queue.
+    ///
+    /// # Panics
+    ///
+    /// Resumes the replayer task's panic, if it panicked (a panic in the
+    /// service it sends through).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take()
