@@ -179,7 +179,7 @@ where
                             {
                                 return Poll::Ready(Ok(res.map(Either::Left)));
                             }
-                            Cause::response(res.status())
+                            Cause::response(res.status(), res.headers())
                         }
                         Err(e) => {
                             let e: BoxError = e.into();

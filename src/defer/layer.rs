@@ -44,8 +44,9 @@ impl<Q> DeferLayer<Q> {
     }
 
     /// The `Retry-After` of a `202 Accepted` when the failure gave no better
-    /// hint (an open breaker's or a limiter's `retry_after` is used when
-    /// there is one). Default: 5 s.
+    /// hint (an open breaker's or a limiter's `retry_after`, or the failed
+    /// response's own `Retry-After` in seconds, is used when there is one).
+    /// Default: 5 s.
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.settings.retry_after = after;
         self

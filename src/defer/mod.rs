@@ -390,9 +390,14 @@ impl Cause {
         }
     }
 
-    pub(crate) fn response(status: StatusCode) -> Cause {
+    /// A failed response; its own `Retry-After` (in seconds) is the hint.
+    pub(crate) fn response(status: StatusCode, headers: &HeaderMap) -> Cause {
         Cause {
-            retry_after: None,
+            retry_after: headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
             what: format!("status {}", status.as_u16()),
         }
     }

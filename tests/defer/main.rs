@@ -234,6 +234,34 @@ async fn a_5xx_response_and_a_timeout_are_deferred() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_failed_responses_retry_after_is_the_hint() {
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue).layer(service_fn(|_: Req| async {
+        let mut res = reply(503, "down");
+        res.headers_mut()
+            .insert("retry-after", "42".parse().unwrap());
+        Ok::<_, BoxError>(res)
+    }));
+    let res = read(svc.oneshot(post(Some("ra"), "a")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    assert_eq!(res.headers["retry-after"], "42");
+}
+
+#[test]
+fn the_service_is_clone_send_sync_and_its_future_send() {
+    fn service<T: Clone + Send + Sync + 'static>(_: &T) {}
+    fn future<F: Future + Send + 'static>(_: &F) {}
+    let mut svc = DeferLayer::new(MemoryQueue::new()).layer(service_fn(|_: Req| async {
+        Ok::<_, BoxError>(reply(200, "ok"))
+    }));
+    service(&svc);
+    future(&svc.call(post(Some("k"), "x")));
+    // So it can be boxed and shared, e.g. as axum state.
+    let _boxed: tower::util::BoxCloneSyncService<axum::extract::Request, _, BoxError> =
+        tower::util::BoxCloneSyncService::new(svc);
+}
+
+#[tokio::test(start_paused = true)]
 async fn success_and_undeferrable_requests_pass_through() {
     let queue = MemoryQueue::new();
     // 2xx and 4xx responses are not failures.
@@ -820,4 +848,46 @@ mod status {
         assert_eq!(v["reason"], "gave up");
         assert_eq!(v["attempts"], 1);
     }
+}
+
+// ------------------------------------------------------- durable, on disk
+
+#[cfg(feature = "disk")]
+#[tokio::test]
+async fn a_deferred_request_survives_a_restart_of_the_disk_queue() {
+    use tower_firebreak::queue::disk::DiskQueue;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("defer.redb");
+
+    let id = {
+        let queue = DiskQueue::open(&path).unwrap();
+        let svc =
+            DeferLayer::new(queue).layer(failing(Arc::new(AtomicUsize::new(0)), open_breaker));
+        let res = read(
+            svc.oneshot(post(Some("durable-1"), "keep me"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::ACCEPTED);
+        res.job_id()
+        // The layer, and with it the last handle on the queue, is dropped here.
+    };
+
+    let queue = DiskQueue::open(&path).unwrap();
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+    let downstream = service_fn(|req: Req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "keep me");
+        Ok::<_, BoxError>(reply(201, "kept"))
+    });
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(20), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { status: 201, .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
 }
