@@ -131,6 +131,10 @@ pub struct ReplayerConfig {
     /// Default: 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The most bytes of a delivered response's body stored with the job;
+    /// a longer body is cut, and marked with the header
+    /// `firebreak-body-truncated: true`. Default: 1 MiB.
+    pub max_response_body: usize,
 }
 
 impl ReplayerConfig {
@@ -150,6 +154,8 @@ impl ReplayerConfig {
     pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(300);
     /// The default shutdown grace: 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// The default stored response body limit: 1 MiB.
+    pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
 
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -213,6 +219,7 @@ impl Default for ReplayerConfig {
             base_backoff: Self::DEFAULT_BASE_BACKOFF,
             max_backoff: Self::DEFAULT_MAX_BACKOFF,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            max_response_body: Self::DEFAULT_MAX_RESPONSE_BODY,
         }
     }
 }

@@ -5,7 +5,7 @@ use crate::error::{Rejection, RejectionKind};
 use crate::queue::{DeliveredResponse, Job, Leased, Queue};
 use crate::rate_limit::TokioClock;
 use crate::{BoxError, ConfigError};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, StatusCode};
@@ -35,7 +35,9 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 /// - **Send.** [`Job::to_request`] as an `http::Request<Full<Bytes>>`.
 /// - **Ack** a response that is not a failure (by default anything but 5xx
 ///   and 429; see [`retry_response`](Self::retry_response)), storing its
-///   status, headers and body; the job then reads `Delivered`.
+///   status, headers and body (up to
+///   [`max_response_body`](Self::max_response_body)); the job then reads
+///   `Delivered`.
 /// - **Nack** a failure (an error or a failed response) with exponential
 ///   backoff by the job's attempts, `base_backoff × 2^(attempts-1)` up to
 ///   `max_backoff`. The queue dead-letters the job once it has used its
@@ -146,6 +148,14 @@ impl<Q, S> Replayer<Q, S> {
         self
     }
 
+    /// The most bytes of a response body that are stored with the job; the
+    /// rest is not kept, and the stored headers gain
+    /// `firebreak-body-truncated: true`. Default: 1 MiB.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.config.max_response_body = bytes;
+        self
+    }
+
     /// The settings.
     pub fn config(&self) -> &ReplayerConfig {
         &self.config
@@ -247,7 +257,12 @@ where
                     continue;
                 }
                 let outcome = {
-                    let send = pin!(deliver(&mut service, &*retry_response, &item.job));
+                    let send = pin!(deliver(
+                        &mut service,
+                        &*retry_response,
+                        cfg.max_response_body,
+                        &item.job,
+                    ));
                     with_grace(send, &mut stop, cfg.shutdown_grace).await
                 };
                 match outcome {
@@ -293,6 +308,7 @@ where
 async fn deliver<S, B2>(
     service: &mut S,
     retry_response: &(dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync),
+    max_body: usize,
     job: &Job,
 ) -> Sent
 where
@@ -322,14 +338,52 @@ where
     if retry_response(parts.status, &parts.headers) {
         return Sent::Failed(format!("status {}", parts.status.as_u16()).into());
     }
-    match body.collect().await {
-        Ok(body) => Sent::Delivered(DeliveredResponse {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: body.to_bytes(),
-        }),
-        Err(e) => Sent::Failed(e.into()),
+    let mut headers = parts.headers;
+    match read_capped(body, max_body).await {
+        Ok((body, truncated)) => {
+            if truncated {
+                headers.insert(TRUNCATED_HEADER, http::HeaderValue::from_static("true"));
+            }
+            Sent::Delivered(DeliveredResponse {
+                status: parts.status.as_u16(),
+                headers,
+                body,
+            })
+        }
+        Err(e) => Sent::Failed(e),
     }
+}
+
+/// The header added to a stored response whose body was cut at
+/// [`ReplayerConfig::max_response_body`].
+pub(crate) const TRUNCATED_HEADER: &str = "firebreak-body-truncated";
+
+/// Reads at most `max` bytes of `body`; `true` when there was more. The
+/// request was delivered either way: only what is stored is cut.
+async fn read_capped<B>(body: B, max: usize) -> Result<(Bytes, bool), BoxError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(mut data) = frame.map_err(Into::into)?.into_data() else {
+            continue;
+        };
+        let room = max - out.len();
+        if data.remaining() > room {
+            out.extend_from_slice(&data.copy_to_bytes(room));
+            return Ok((out.freeze(), true));
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            let n = chunk.len();
+            out.extend_from_slice(chunk);
+            data.advance(n);
+        }
+    }
+    Ok((out.freeze(), false))
 }
 
 async fn settle_ack<Q: Queue>(queue: &Q, item: &Leased, response: DeliveredResponse) {

@@ -619,6 +619,7 @@ async fn the_replayer_delivers_and_stores_the_response() {
         }) => {
             assert_eq!(status, 201);
             assert_eq!(headers["x-order"], "7");
+            assert!(headers.get("firebreak-body-truncated").is_none());
             assert_eq!(body, "created");
             assert_eq!(attempts, 1);
         }
@@ -628,6 +629,30 @@ async fn the_replayer_delivers_and_stores_the_response() {
         *seen.lock().unwrap(),
         vec![("r1".to_owned(), Bytes::from("hello"))]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_response_body_is_stored_cut_and_marked() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("long", "x")).await.unwrap();
+    let downstream =
+        service_fn(|_: Req| async { Ok::<_, BoxError>(http::Response::new(streamed(10_000))) });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .max_response_body(2500)
+        .spawn();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    let Some(JobStatus::Delivered { headers, body, .. }) = queue.status(&id).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(body.len(), 2500);
+    assert_eq!(headers["firebreak-body-truncated"], "true");
 }
 
 #[tokio::test(start_paused = true)]
