@@ -7,6 +7,7 @@
 //! | a dependency is down | [`circuit_breaker`] | an immediate [`CircuitOpen`](circuit_breaker::CircuitOpen) with `retry_after` |
 //! | capacity runs out | [`bulkhead`] | [`BulkheadFull`](bulkhead::BulkheadFull) within `max_wait` |
 //! | too much load | [`rate_limit`] | [`RateLimited`](rate_limit::RateLimited) with `retry_after` |
+//! | a request must not be lost | [`defer`] (fallback-to-queue) | `202 Accepted` with a job id; the request is stored and replayed later |
 //!
 //! Every layer is a `tower::Layer`, every service is `Clone` when its inner
 //! service is, and every service's error is [`BoxError`]. Match errors with
