@@ -7,6 +7,7 @@
 //! | a dependency is down | [`circuit_breaker`] | an immediate [`CircuitOpen`](circuit_breaker::CircuitOpen) with `retry_after` |
 //! | capacity runs out | [`bulkhead`] | [`BulkheadFull`](bulkhead::BulkheadFull) within `max_wait` |
 //! | too much load | [`rate_limit`] | [`RateLimited`](rate_limit::RateLimited) with `retry_after` |
+//! | a request must not be lost | [`defer`] (fallback-to-queue) | `202 Accepted` with a job id; the request is stored and replayed later |
 //!
 //! [`chaos`] injects latency, errors, hangs and aborted connections on a
 //! seeded schedule, to test and benchmark the layers above.
@@ -59,6 +60,7 @@ pub mod bulkhead;
 pub mod chaos;
 pub mod circuit_breaker;
 pub mod deadline;
+pub mod defer;
 pub mod error;
 pub mod fallback;
 pub mod grpc;

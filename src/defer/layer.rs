@@ -1,0 +1,141 @@
+use super::{Defer, Settings};
+use crate::queue::Queue;
+use http::{HeaderMap, StatusCode};
+use std::error::Error;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::Layer;
+
+/// Applies [`Defer`]: requests that fail, and may be deferred, are stored in
+/// the queue and answered `202 Accepted`.
+///
+/// See the [module docs](super).
+pub struct DeferLayer<Q> {
+    queue: Arc<Q>,
+    settings: Settings,
+}
+
+impl<Q: Queue> DeferLayer<Q> {
+    /// Defers into `queue`, with the defaults of
+    /// [`DeferConfig`](super::DeferConfig).
+    pub fn new(queue: Q) -> Self {
+        DeferLayer {
+            queue: Arc::new(queue),
+            settings: Settings::default(),
+        }
+    }
+}
+
+impl<Q> DeferLayer<Q> {
+    /// The largest request body buffered, in bytes; a larger one gets
+    /// `413 Payload Too Large` and is neither sent nor queued. Default: 1 MiB.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.settings.max_body = bytes;
+        self
+    }
+
+    /// Where [`status_router`](super::status_router) (or your own status
+    /// route) is mounted, e.g. `"/jobs"`. A deferred answer then carries
+    /// `Location: /jobs/{id}` and a `links.status` field. Default: none.
+    pub fn status_path(mut self, path: impl Into<String>) -> Self {
+        self.settings.status_path = Some(path.into().into());
+        self
+    }
+
+    /// The `Retry-After` of a `202 Accepted` when the failure gave no better
+    /// hint (an open breaker's or a limiter's `retry_after`, or the failed
+    /// response's own `Retry-After` in seconds, is used when there is one).
+    /// Default: 5 s.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.settings.retry_after = after;
+        self
+    }
+
+    /// How long a deferred job may wait for delivery before the queue
+    /// dead-letters it. Default: none.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.settings.ttl = Some(ttl);
+        self
+    }
+
+    /// Which requests may be deferred, replacing the default
+    /// ([`deferrable_by_default`](super::deferrable_by_default): not `GET`,
+    /// and with an `Idempotency-Key`). Combine with the default to widen it:
+    ///
+    /// ```
+    /// # use tower_firebreak::defer::{DeferLayer, deferrable_by_default};
+    /// # use tower_firebreak::queue::memory::MemoryQueue;
+    /// let layer = DeferLayer::new(MemoryQueue::new()).deferrable(|parts| {
+    ///     deferrable_by_default(parts) || parts.uri.path().starts_with("/webhooks/")
+    /// });
+    /// # let _ = layer;
+    /// ```
+    pub fn deferrable<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.settings.deferrable = Arc::new(predicate);
+        self
+    }
+
+    /// Which responses of the inner service count as failures to defer.
+    /// Default: [`server_error`](super::server_error), every 5xx.
+    pub fn defer_response<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
+    {
+        self.settings.failed_response = Arc::new(predicate);
+        self
+    }
+
+    /// Which errors of the inner service are deferred; the others pass
+    /// through. Default: every error, our rejections (breaker, bulkhead,
+    /// deadline, timeout, rate limit) and the dependency's failures alike.
+    /// Only our rejections:
+    ///
+    /// ```
+    /// # use tower_firebreak::{defer::DeferLayer, error::Rejection};
+    /// # use tower_firebreak::queue::memory::MemoryQueue;
+    /// let layer = DeferLayer::new(MemoryQueue::new()).defer_error(|e| Rejection::of(e).is_some());
+    /// # let _ = layer;
+    /// ```
+    pub fn defer_error<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&(dyn Error + 'static)) -> bool + Send + Sync + 'static,
+    {
+        self.settings.failed_error = Arc::new(predicate);
+        self
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Q {
+        &self.queue
+    }
+}
+
+impl<Q> Clone for DeferLayer<Q> {
+    fn clone(&self) -> Self {
+        DeferLayer {
+            queue: self.queue.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<Q: fmt::Debug> fmt::Debug for DeferLayer<Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferLayer")
+            .field("queue", &self.queue)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl<S, Q> Layer<S> for DeferLayer<Q> {
+    type Service = Defer<S, Q>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Defer::from_parts(inner, self.queue.clone(), Arc::new(self.settings.clone()))
+    }
+}

@@ -1,0 +1,562 @@
+//! [`Replayer`]: drains the queue into the dependency.
+
+use super::ReplayerConfig;
+use crate::error::{Rejection, RejectionKind};
+use crate::queue::{DeliveredResponse, Job, Leased, Queue};
+use crate::rate_limit::TokioClock;
+use crate::{BoxError, ConfigError};
+use bytes::{Buf, Bytes};
+use governor::clock::Clock;
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
+
+/// Leases deferred jobs and sends them through a service, normally the same
+/// protected client stack the [`DeferLayer`](super::DeferLayer) wraps.
+///
+/// What it does with each leased job:
+///
+/// - **Pace.** It waits for a permit of its own governor limit
+///   ([`rate_per_second`](Self::rate_per_second), [`burst`](Self::burst))
+///   before each send, so a recovering dependency gets at most that rate.
+/// - **Send.** [`Job::to_request`] as an `http::Request<Full<Bytes>>`.
+/// - **Ack** a response that is not a failure (by default anything but 5xx
+///   and 429; see [`retry_response`](Self::retry_response)), storing its
+///   status, headers and body (up to
+///   [`max_response_body`](Self::max_response_body)); the job then reads
+///   `Delivered`.
+/// - **Nack** a failure (an error or a failed response) with exponential
+///   backoff by the job's attempts, `base_backoff × 2^(attempts-1)` up to
+///   `max_backoff`. The queue dead-letters the job once it has used its
+///   `max_attempts` or outlived its TTL; a job whose TTL has passed by the
+///   time its turn comes is dead-lettered without being sent.
+/// - **Back off.** After a failure the replayer gives the rest of its batch
+///   back, pauses for its own backoff (by the number of failures in a row),
+///   and then sends one job at a time until one succeeds.
+/// - **Breaker gating.** When a send is rejected with `CircuitOpen`, it
+///   sends nothing until that rejection's `retry_after` has passed, then
+///   probes with one job at a time until one succeeds.
+///
+/// Sends are sequential: one delivery at a time.
+///
+/// Start it with [`spawn`](Self::spawn) and keep the [`ReplayerHandle`]:
+/// dropping the handle stops the replayer (its leases are given back), and
+/// [`ReplayerHandle::shutdown`] stops it and waits.
+///
+/// Every lease counts as an attempt in the queue, including a lease whose
+/// job is given back unsent (the rest of a batch after a failure, or a send
+/// the breaker rejected); keep `max_attempts` comfortably above the number
+/// of failures you expect in one outage.
+pub struct Replayer<Q, S> {
+    queue: Arc<Q>,
+    service: S,
+    config: ReplayerConfig,
+    retry_response: RetryResponse,
+}
+
+/// The default replay failure classifier: every 5xx, and 429.
+pub(crate) fn retryable_status(status: StatusCode, _: &HeaderMap) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+impl<Q: Queue, S> Replayer<Q, S> {
+    /// A replayer of `queue` into `service`, with the defaults of
+    /// [`ReplayerConfig`].
+    pub fn new(queue: Q, service: S) -> Self {
+        Replayer::with_config(queue, service, ReplayerConfig::default())
+    }
+
+    pub(crate) fn with_config(queue: Q, service: S, config: ReplayerConfig) -> Self {
+        Replayer {
+            queue: Arc::new(queue),
+            service,
+            config,
+            retry_response: Arc::new(retryable_status),
+        }
+    }
+}
+
+impl<Q, S> Replayer<Q, S> {
+    /// The most deliveries a second. Default: 10.
+    pub fn rate_per_second(mut self, n: u32) -> Self {
+        self.config.rate_per_second = n;
+        self
+    }
+
+    /// How many deliveries may start at one instant. Default: 1.
+    pub fn burst(mut self, n: u32) -> Self {
+        self.config.burst = n;
+        self
+    }
+
+    /// How many jobs one lease takes, at most; fewer when the pace could
+    /// not send them all within half the visibility timeout. Default: 16.
+    pub fn batch(mut self, n: usize) -> Self {
+        self.config.batch = n;
+        self
+    }
+
+    /// How long a leased job is hidden from other replayers. It must be
+    /// longer than a batch takes to deliver at the set pace. Default: 30 s.
+    pub fn visibility(mut self, visibility: Duration) -> Self {
+        self.config.visibility = visibility;
+        self
+    }
+
+    /// How long to wait before looking again when the queue is empty.
+    /// Default: 100 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// The retry delays: `base`, doubled each attempt, at most `max`.
+    /// Default: 1 s to 5 min.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.config.base_backoff = base;
+        self.config.max_backoff = max;
+        self
+    }
+
+    /// How long [`ReplayerHandle::shutdown`] lets an in-flight delivery run
+    /// before giving its lease back. Default: 10 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Which responses are failures, to be retried later; the others are
+    /// acked and stored. Default: every 5xx, and 429.
+    pub fn retry_response<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
+    {
+        self.retry_response = Arc::new(predicate);
+        self
+    }
+
+    /// The most bytes of a response body that are stored with the job; the
+    /// rest is not kept, and the stored headers gain
+    /// `firebreak-body-truncated: true`. Default: 1 MiB.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.config.max_response_body = bytes;
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ReplayerConfig {
+        &self.config
+    }
+}
+
+impl<Q, S> fmt::Debug for Replayer<Q, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replayer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Q, S, B2> Replayer<Q, S>
+where
+    Q: Queue,
+    S: Service<http::Request<Full<Bytes>>, Response = http::Response<B2>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B2: http_body::Body + Send + 'static,
+    B2::Data: Send,
+    B2::Error: Into<BoxError>,
+{
+    /// Starts the replayer on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When the settings are invalid (see [`ReplayerConfig::validate`]), or
+    /// outside a tokio runtime. [`try_spawn`](Self::try_spawn) returns the
+    /// settings error instead.
+    pub fn spawn(self) -> ReplayerHandle {
+        match self.try_spawn() {
+            Ok(handle) => handle,
+            Err(e) => panic!("invalid replayer settings: {e}"),
+        }
+    }
+
+    /// Checks the settings and starts the replayer.
+    pub fn try_spawn(self) -> Result<ReplayerHandle, ConfigError> {
+        self.config.validate()?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(self.run(stopped));
+        Ok(ReplayerHandle {
+            stop,
+            task: Some(task),
+        })
+    }
+
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        // Taken apart so that no `&self` is held across an await, which
+        // would require `S: Sync`.
+        let Replayer {
+            queue,
+            mut service,
+            config: cfg,
+            retry_response,
+        } = self;
+        let queue = &*queue;
+        let rate = NonZeroU32::new(cfg.rate_per_second).expect("validated");
+        let burst = NonZeroU32::new(cfg.burst).expect("validated");
+        let limiter = RateLimiter::direct_with_clock(
+            Quota::per_second(rate).allow_burst(burst),
+            TokioClock::new(),
+        );
+        // One job at a time until a send succeeds: after a failure, and
+        // after waiting out an open breaker (half-open probes).
+        let mut probing = false;
+        let mut failures: u32 = 0;
+        loop {
+            if is_stopped(&stop) {
+                return;
+            }
+            let max = if probing { 1 } else { batch_size(&cfg) };
+            let leased = match queue.lease(max, cfg.visibility).await {
+                Ok(leased) => leased,
+                Err(e) => {
+                    tracing::warn!(target: "tower_firebreak", layer = "replayer", error = %e, "lease failed");
+                    if sleep_or_stop(cfg.poll_interval.max(cfg.base_backoff), &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if leased.is_empty() {
+                if sleep_or_stop(cfg.poll_interval, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+            let mut batch = leased.into_iter();
+            while let Some(item) = batch.next() {
+                if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
+                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    return;
+                }
+                if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
+                    settle_dead(queue, &item, "ttl expired").await;
+                    continue;
+                }
+                let outcome = {
+                    let send = pin!(deliver(
+                        &mut service,
+                        &*retry_response,
+                        cfg.max_response_body,
+                        &item.job,
+                    ));
+                    with_grace(send, &mut stop, cfg.shutdown_grace).await
+                };
+                match outcome {
+                    None => {
+                        // Shut down mid-delivery, past the grace: the send is
+                        // dropped and the job goes back for another replayer.
+                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                        return;
+                    }
+                    Some(Sent::Delivered(response)) => {
+                        probing = false;
+                        failures = 0;
+                        settle_ack(queue, &item, response).await;
+                    }
+                    Some(Sent::Open(retry_after)) => {
+                        tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
+                        give_back(queue, std::iter::once(item), retry_after).await;
+                        give_back(queue, batch, Duration::ZERO).await;
+                        probing = true;
+                        if sleep_or_stop(retry_after, &mut stop).await {
+                            return;
+                        }
+                        break;
+                    }
+                    Some(Sent::Failed(why)) => {
+                        failures = failures.saturating_add(1);
+                        let delay = backoff(&cfg, item.job.attempts());
+                        tracing::debug!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), attempts = item.job.attempts(), error = %why, "replay failed");
+                        give_back(queue, std::iter::once(item), delay).await;
+                        give_back(queue, batch, Duration::ZERO).await;
+                        probing = true;
+                        if sleep_or_stop(backoff(&cfg, failures), &mut stop).await {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn deliver<S, B2>(
+    service: &mut S,
+    retry_response: &(dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync),
+    max_body: usize,
+    job: &Job,
+) -> Sent
+where
+    S: Service<http::Request<Full<Bytes>>, Response = http::Response<B2>>,
+    S::Error: Into<BoxError>,
+    B2: http_body::Body,
+    B2::Error: Into<BoxError>,
+{
+    let req = replay_request(job);
+    let ready: Result<&mut S, BoxError> = service.ready().await.map_err(Into::into);
+    let res: Result<_, BoxError> = match ready {
+        Ok(svc) => svc.call(req).await.map_err(Into::into),
+        Err(e) => Err(e),
+    };
+    let res = match res {
+        Ok(res) => res,
+        Err(e) => {
+            return match Rejection::of(&*e) {
+                Some(r) if r.kind() == RejectionKind::CircuitOpen => {
+                    Sent::Open(r.retry_after().unwrap_or(Duration::from_secs(1)))
+                }
+                _ => Sent::Failed(e),
+            };
+        }
+    };
+    let (parts, body) = res.into_parts();
+    if retry_response(parts.status, &parts.headers) {
+        return Sent::Failed(format!("status {}", parts.status.as_u16()).into());
+    }
+    let mut headers = parts.headers;
+    match read_capped(body, max_body).await {
+        Ok((body, truncated)) => {
+            if truncated {
+                headers.insert(TRUNCATED_HEADER, http::HeaderValue::from_static("true"));
+            }
+            Sent::Delivered(DeliveredResponse {
+                status: parts.status.as_u16(),
+                headers,
+                body,
+            })
+        }
+        Err(e) => Sent::Failed(e),
+    }
+}
+
+/// The header added to a stored response whose body was cut at
+/// [`ReplayerConfig::max_response_body`].
+pub(crate) const TRUNCATED_HEADER: &str = "firebreak-body-truncated";
+
+/// Reads at most `max` bytes of `body`; `true` when there was more. The
+/// request was delivered either way: only what is stored is cut.
+async fn read_capped<B>(body: B, max: usize) -> Result<(Bytes, bool), BoxError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(mut data) = frame.map_err(Into::into)?.into_data() else {
+            continue;
+        };
+        let room = max - out.len();
+        if data.remaining() > room {
+            out.extend_from_slice(&data.copy_to_bytes(room));
+            return Ok((out.freeze(), true));
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            let n = chunk.len();
+            out.extend_from_slice(chunk);
+            data.advance(n);
+        }
+    }
+    Ok((out.freeze(), false))
+}
+
+async fn settle_ack<Q: Queue>(queue: &Q, item: &Leased, response: DeliveredResponse) {
+    if let Err(e) = queue.ack(&item.lease, response).await {
+        // The job will be leased and sent again: at least once.
+        tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "ack failed");
+    }
+}
+
+async fn settle_dead<Q: Queue>(queue: &Q, item: &Leased, reason: &str) {
+    if let Err(e) = queue.dead_letter(&item.lease, reason).await {
+        tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "dead-letter failed");
+    }
+}
+
+async fn give_back<Q: Queue>(queue: &Q, items: impl IntoIterator<Item = Leased>, delay: Duration) {
+    for item in items {
+        if let Err(e) = queue.nack(&item.lease, delay).await {
+            // Not fatal: the lease expires and the job is queued again.
+            tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "nack failed");
+        }
+    }
+}
+
+/// The request to send for `job`: [`Job::to_request`], plus the
+/// idempotency key and trace context as headers when the stored headers
+/// lack them (a job built with `Job::new(..).with_idempotency_key(..)` has
+/// the key only in the envelope), so the dependency can dedup.
+fn replay_request(job: &Job) -> http::Request<Full<Bytes>> {
+    let mut req = job.to_request().map(Full::new);
+    let headers = req.headers_mut();
+    if let Some(key) = job.idempotency_key()
+        && !headers.contains_key("idempotency-key")
+        && let Ok(v) = http::HeaderValue::from_str(key)
+    {
+        headers.insert("idempotency-key", v);
+    }
+    for (name, value) in job.trace_context() {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) && !headers.contains_key(&name)
+        {
+            headers.insert(name, value);
+        }
+    }
+    req
+}
+
+enum Sent {
+    Delivered(DeliveredResponse),
+    Open(Duration),
+    Failed(BoxError),
+}
+
+/// The configured batch, cut to what the pace can send within half the
+/// visibility timeout, so that no lease expires while its job waits for a
+/// permit (which would let another replayer send it too).
+fn batch_size(cfg: &ReplayerConfig) -> usize {
+    let sendable = f64::from(cfg.rate_per_second) * cfg.visibility.as_secs_f64() / 2.0;
+    cfg.batch.min((sendable as usize).max(1))
+}
+
+fn backoff(cfg: &ReplayerConfig, n: u32) -> Duration {
+    let exp = n.saturating_sub(1).min(31);
+    cfg.base_backoff
+        .saturating_mul(1u32 << exp)
+        .min(cfg.max_backoff)
+}
+
+fn is_stopped(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// Resolves when the handle asks the replayer to stop, or is dropped.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs `a` and `b` together; the first to finish wins.
+async fn race<A: Future, B: Future>(a: A, b: B) -> Result<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        b.as_mut().poll(cx).map(Err)
+    })
+    .await
+}
+
+/// Sleeps for `d`; `true` when asked to stop meanwhile.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    race(tokio::time::sleep(d), stopped(stop)).await.is_err()
+}
+
+/// Waits for the pace limiter's next permit; `false` when asked to stop.
+async fn wait_permit<C>(
+    limiter: &RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        C,
+        governor::middleware::NoOpMiddleware<C::Instant>,
+    >,
+    stop: &mut watch::Receiver<bool>,
+) -> bool
+where
+    C: Clock,
+{
+    loop {
+        match limiter.check() {
+            Ok(()) => return true,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                if sleep_or_stop(wait, stop).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Drives `send`; once a stop is asked for, gives it `grace` more.
+async fn with_grace<F: Future + Unpin>(
+    mut send: F,
+    stop: &mut watch::Receiver<bool>,
+    grace: Duration,
+) -> Option<F::Output> {
+    match race(&mut send, stopped(stop)).await {
+        Ok(out) => Some(out),
+        Err(()) => tokio::time::timeout_at(Instant::now() + grace, send)
+            .await
+            .ok(),
+    }
+}
+
+/// Keep it alive while the replayer should run: dropping it stops the
+/// replayer, which gives back the leases it holds.
+#[derive(Debug)]
+pub struct ReplayerHandle {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ReplayerHandle {
+    /// Stops the replayer and waits for it: the delivery in flight may
+    /// finish within the shutdown grace (then it is acked or nacked), and
+    /// every other lease it holds is given back to the queue.
+    ///
+    /// # Panics
+    ///
+    /// Resumes the replayer task's panic, if it panicked (a panic in the
+    /// service it sends through).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// Whether the replayer task has ended (after a shutdown, or a panic
+    /// in the service).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for ReplayerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,918 @@
+//! The defer layer, its replayer and the status route.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+#[cfg(all(feature = "axum", feature = "disk"))]
+mod e2e;
+#[cfg(feature = "tonic")]
+mod grpc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_firebreak::BoxError;
+use tower_firebreak::circuit_breaker::CircuitOpen;
+use tower_firebreak::defer::{DeferConfig, DeferLayer, JOB_ID_HEADER, Replayer, ReplayerConfig};
+use tower_firebreak::queue::memory::MemoryQueue;
+use tower_firebreak::queue::{
+    DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Queue,
+    QueueError,
+};
+use tower_firebreak::timeout::TimeoutLayer;
+
+type Req = http::Request<Full<Bytes>>;
+type Res = http::Response<Full<Bytes>>;
+
+/// A TEST STAND-IN for the circuit breaker (the real one is built on another
+/// branch): while `open` is set it rejects every call with `CircuitOpen`
+/// without calling the inner service, and it counts the calls it sees.
+#[derive(Clone)]
+struct StandInBreaker<S> {
+    inner: S,
+    open: Arc<AtomicBool>,
+    retry_after: Duration,
+    calls: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct StandInBreakerLayer {
+    open: Arc<AtomicBool>,
+    retry_after: Duration,
+    calls: Arc<AtomicUsize>,
+}
+
+impl StandInBreakerLayer {
+    fn new(retry_after: Duration) -> Self {
+        StandInBreakerLayer {
+            open: Arc::new(AtomicBool::new(false)),
+            retry_after,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+    fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl<S> Layer<S> for StandInBreakerLayer {
+    type Service = StandInBreaker<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        StandInBreaker {
+            inner,
+            open: self.open.clone(),
+            retry_after: self.retry_after,
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<S, R> Service<R> for StandInBreaker<S>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.open.load(Ordering::SeqCst) {
+            let err: BoxError = CircuitOpen::new(self.retry_after).into();
+            return Box::pin(async move { Err(err) });
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+fn post(key: Option<&str>, body: &'static str) -> Req {
+    let mut b = http::Request::post("http://orders.internal/orders");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+fn reply(status: u16, body: &'static str) -> Res {
+    let mut res = http::Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = StatusCode::from_u16(status).unwrap();
+    res
+}
+
+struct Read {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Read {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+    fn job_id(&self) -> JobId {
+        self.headers[JOB_ID_HEADER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+async fn read<B>(res: http::Response<B>) -> Read
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = res.into_parts();
+    Read {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// An inner service that fails every call with `err()` and counts them.
+fn failing(
+    calls: Arc<AtomicUsize>,
+    err: fn() -> BoxError,
+) -> impl Service<Req, Response = Res, Error = BoxError, Future: Send> + Clone + Send {
+    service_fn(move |_: Req| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move { Err::<Res, _>(err()) }
+    })
+}
+
+fn open_breaker() -> BoxError {
+    CircuitOpen::new(Duration::from_millis(2500)).into()
+}
+
+// ---------------------------------------------------------------- DeferLayer
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_request_is_stored_and_answered_202() {
+    let queue = MemoryQueue::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone())
+        .status_path("/jobs")
+        .layer(failing(calls.clone(), open_breaker));
+
+    let req = http::Request::post("http://orders.internal/orders?x=1")
+        .header("idempotency-key", "order-1")
+        .header("x-tenant", "acme")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(Full::new(Bytes::from("{\"sku\":42}")))
+        .unwrap();
+    let res = read(svc.oneshot(req).await.unwrap()).await;
+
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let id = res.job_id();
+    assert_eq!(res.headers["location"], format!("/jobs/{id}"));
+    // The breaker's own retry_after (2.5 s), rounded up.
+    assert_eq!(res.headers["retry-after"], "3");
+    assert_eq!(res.headers["content-type"], "application/json");
+    let body = res.json();
+    assert_eq!(body["job_id"], id.to_string());
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["links"]["status"], format!("/jobs/{id}"));
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+
+    // What was stored is the whole request.
+    let leased = queue.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let job = &leased[0].job;
+    assert_eq!(job.method(), http::Method::POST);
+    assert_eq!(job.uri(), "http://orders.internal/orders?x=1");
+    assert_eq!(job.body(), "{\"sku\":42}");
+    assert_eq!(job.idempotency_key(), Some("order-1"));
+    assert_eq!(job.headers()["x-tenant"], "acme");
+    assert_eq!(job.trace_context()[0].0, "traceparent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_5xx_response_and_a_timeout_are_deferred() {
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue.clone()).layer(service_fn(|_: Req| async {
+        Ok::<_, BoxError>(reply(503, "down"))
+    }));
+    let res = read(svc.oneshot(post(Some("k5"), "a")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    // No rejection hint: the configured default, and no status path: no Location.
+    assert_eq!(res.headers["retry-after"], "5");
+    assert!(res.headers.get("location").is_none());
+    assert!(res.json().get("links").is_none());
+
+    let hanging = tower::ServiceBuilder::new()
+        .layer(DeferLayer::new(queue.clone()))
+        .layer(TimeoutLayer::new(Duration::from_secs(1)))
+        .service(service_fn(|_: Req| {
+            std::future::pending::<Result<Res, BoxError>>()
+        }));
+    let res = read(hanging.oneshot(post(Some("k6"), "b")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    assert_eq!(queue.depth().await.unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_responses_retry_after_is_the_hint() {
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue).layer(service_fn(|_: Req| async {
+        let mut res = reply(503, "down");
+        res.headers_mut()
+            .insert("retry-after", "42".parse().unwrap());
+        Ok::<_, BoxError>(res)
+    }));
+    let res = read(svc.oneshot(post(Some("ra"), "a")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    assert_eq!(res.headers["retry-after"], "42");
+}
+
+#[test]
+fn the_service_is_clone_send_sync_and_its_future_send() {
+    fn service<T: Clone + Send + Sync + 'static>(_: &T) {}
+    fn future<F: Future + Send + 'static>(_: &F) {}
+    let mut svc = DeferLayer::new(MemoryQueue::new()).layer(service_fn(|_: Req| async {
+        Ok::<_, BoxError>(reply(200, "ok"))
+    }));
+    service(&svc);
+    future(&svc.call(post(Some("k"), "x")));
+    // So it can be boxed and shared, e.g. as axum state.
+    let _boxed: tower::util::BoxCloneSyncService<axum::extract::Request, _, BoxError> =
+        tower::util::BoxCloneSyncService::new(svc);
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_and_undeferrable_requests_pass_through() {
+    let queue = MemoryQueue::new();
+    // 2xx and 4xx responses are not failures.
+    let ok = DeferLayer::new(queue.clone()).layer(service_fn(|req: Req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "payload", "the inner service sees the buffered body");
+        Ok::<_, BoxError>(reply(404, "nope"))
+    }));
+    let res = read(ok.oneshot(post(Some("k1"), "payload")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::NOT_FOUND);
+    assert_eq!(res.body, "nope");
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone()).layer(failing(calls.clone(), open_breaker));
+    // No Idempotency-Key: the error passes through.
+    let err = svc.clone().oneshot(post(None, "x")).await.unwrap_err();
+    assert!(tower_firebreak::error::find::<CircuitOpen>(&*err).is_some());
+    // A GET, even with a key: passes through.
+    let get = http::Request::get("http://orders.internal/orders/1")
+        .header("idempotency-key", "g1")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let err = svc.clone().oneshot(get).await.unwrap_err();
+    assert!(tower_firebreak::error::find::<CircuitOpen>(&*err).is_some());
+    // A 5xx for an undeferrable request passes through as it is.
+    let bad = DeferLayer::new(queue.clone()).layer(service_fn(|_: Req| async {
+        Ok::<_, BoxError>(reply(500, "boom"))
+    }));
+    let res = read(bad.oneshot(post(None, "x")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.body, "boom");
+    // An error the predicate does not select passes through.
+    let narrow = DeferLayer::new(queue.clone())
+        .defer_error(|e| tower_firebreak::error::Rejection::of(e).is_some())
+        .layer(service_fn(|_: Req| async {
+            Err::<Res, BoxError>(std::io::Error::other("connection refused").into())
+        }));
+    assert!(narrow.oneshot(post(Some("k9"), "x")).await.is_err());
+
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(queue.depth().await.unwrap(), 0, "nothing was queued");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_predicate_widens_what_is_deferrable() {
+    let queue = MemoryQueue::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone())
+        .deferrable(|parts| parts.uri.path().starts_with("/webhooks/"))
+        .layer(failing(calls, open_breaker));
+    let req = http::Request::post("http://hooks.internal/webhooks/1")
+        .body(Full::new(Bytes::from("evt")))
+        .unwrap();
+    let res = read(svc.clone().oneshot(req).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+    // It replaced the default: a keyed POST elsewhere now passes through.
+    assert!(svc.oneshot(post(Some("k"), "x")).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_key_gets_the_same_job_and_a_changed_body_gets_409() {
+    let queue = MemoryQueue::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone())
+        .status_path("/jobs")
+        .layer(failing(calls, open_breaker));
+
+    let first = read(
+        svc.clone()
+            .oneshot(post(Some("dup"), "same"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let id = first.job_id();
+
+    let again = read(
+        svc.clone()
+            .oneshot(post(Some("dup"), "same"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.job_id(), id);
+    assert_eq!(again.headers["location"], format!("/jobs/{id}"));
+    assert_eq!(again.json()["status"], "queued");
+    assert_eq!(queue.depth().await.unwrap(), 1);
+
+    // Once delivered, the repeat shows the stored response.
+    let leased = queue.lease(1, Duration::from_secs(30)).await.unwrap();
+    let stored = DeliveredResponse {
+        status: 201,
+        body: Bytes::from("made"),
+        ..Default::default()
+    };
+    queue.ack(&leased[0].lease, stored).await.unwrap();
+    let again = read(
+        svc.clone()
+            .oneshot(post(Some("dup"), "same"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    let body = again.json();
+    assert_eq!(body["status"], "delivered");
+    assert_eq!(body["response"]["status"], 201);
+    assert_eq!(body["response"]["body"], "made");
+
+    let conflict = read(svc.oneshot(post(Some("dup"), "different")).await.unwrap()).await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(conflict.headers["content-type"], "application/problem+json");
+    assert_eq!(conflict.json()["kind"], "idempotency_key_conflict");
+    assert!(conflict.headers.get(JOB_ID_HEADER).is_none());
+}
+
+/// A body of `n` bytes sent in 1 KiB frames with no size hint (no
+/// Content-Length), so only reading it reveals its size.
+fn streamed(n: usize) -> http_body_util::StreamBody<futures_util_stream::Chunks> {
+    http_body_util::StreamBody::new(futures_util_stream::Chunks(n))
+}
+
+mod futures_util_stream {
+    use bytes::Bytes;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub(crate) struct Chunks(pub(crate) usize);
+
+    impl futures_core::Stream for Chunks {
+        type Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            let n = self.0.min(1024);
+            self.0 -= n;
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; n])))))
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_limit_gets_413_and_is_never_sent_or_queued() {
+    let queue = MemoryQueue::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone())
+        .max_body(4096)
+        .layer(failing(calls.clone(), open_breaker));
+
+    // Declared too large: refused before reading.
+    let declared = http::Request::post("http://orders.internal/orders")
+        .header("idempotency-key", "big-1")
+        .header("content-length", "5000")
+        .body(streamed(5000))
+        .unwrap();
+    let res = read(svc.clone().oneshot(declared).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(res.json()["kind"], "body_too_large");
+
+    // Undeclared: refused once the limit is crossed while reading.
+    let undeclared = http::Request::post("http://orders.internal/orders")
+        .header("idempotency-key", "big-2")
+        .body(streamed(8192))
+        .unwrap();
+    let res = read(svc.clone().oneshot(undeclared).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // At the limit: buffered, sent, deferred.
+    let fits = http::Request::post("http://orders.internal/orders")
+        .header("idempotency-key", "fits")
+        .body(streamed(4096))
+        .unwrap();
+    let res = read(svc.oneshot(fits).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::ACCEPTED);
+
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the body that fits was sent"
+    );
+    assert_eq!(
+        queue.depth().await.unwrap(),
+        1,
+        "only the body that fits was queued"
+    );
+}
+
+/// A queue whose backend is gone: every operation fails.
+#[derive(Clone, Debug)]
+struct BrokenQueue;
+
+fn gone() -> QueueError {
+    QueueError::unavailable(std::io::Error::other("disk gone"))
+}
+
+impl Queue for BrokenQueue {
+    async fn submit(&self, _: Job) -> Result<Enqueued, QueueError> {
+        Err(gone())
+    }
+    async fn lease(&self, _: usize, _: Duration) -> Result<Vec<Leased>, QueueError> {
+        Err(gone())
+    }
+    async fn ack(&self, _: &Lease, _: DeliveredResponse) -> Result<(), QueueError> {
+        Err(gone())
+    }
+    async fn nack(&self, _: &Lease, _: Duration) -> Result<(), QueueError> {
+        Err(gone())
+    }
+    async fn dead_letter(&self, _: &Lease, _: &str) -> Result<(), QueueError> {
+        Err(gone())
+    }
+    async fn status(&self, _: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        Err(gone())
+    }
+    async fn depth(&self) -> Result<usize, QueueError> {
+        Err(gone())
+    }
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        Err(gone())
+    }
+    async fn dead_letters(&self, _: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        Err(gone())
+    }
+    async fn redrive(&self, _: &JobId) -> Result<bool, QueueError> {
+        Err(gone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unavailable_or_full_queue_gets_503_never_202() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(BrokenQueue).layer(failing(calls.clone(), open_breaker));
+    let res = read(svc.oneshot(post(Some("k"), "x")).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers["content-type"], "application/problem+json");
+    assert_eq!(res.json()["kind"], "queue_unavailable");
+    assert!(
+        res.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not accepted")
+    );
+    assert!(res.headers.get(JOB_ID_HEADER).is_none());
+    assert!(res.headers.get("retry-after").is_some());
+
+    let queue = MemoryQueue::builder().capacity(1).build().unwrap();
+    let svc = DeferLayer::new(queue.clone()).layer(failing(calls, open_breaker));
+    let first = read(svc.clone().oneshot(post(Some("a"), "x")).await.unwrap()).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let full = read(svc.oneshot(post(Some("b"), "x")).await.unwrap()).await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.json()["kind"], "queue_full");
+    assert_eq!(queue.depth().await.unwrap(), 1);
+}
+
+#[test]
+fn config_defaults_and_validation() {
+    let cfg = DeferConfig::default();
+    assert_eq!(cfg.max_body, DeferConfig::DEFAULT_MAX_BODY);
+    assert_eq!(cfg.max_body, 1024 * 1024);
+    let err = DeferConfig {
+        max_body: 0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.field(), "max_body");
+    let err = serde_json::from_str::<DeferConfig>(r#"{ "status_path": "jobs" }"#)
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "status_path");
+
+    let r = ReplayerConfig::default();
+    assert_eq!(r.rate_per_second, ReplayerConfig::DEFAULT_RATE_PER_SECOND);
+    let err = ReplayerConfig {
+        rate_per_second: 0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.field(), "rate_per_second");
+    let err = ReplayerConfig {
+        base_backoff: Duration::from_secs(10),
+        max_backoff: Duration::from_secs(1),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.other_field(), Some("max_backoff"));
+}
+
+// ------------------------------------------------------------------ Replayer
+
+fn job(key: &str, body: &'static str) -> Job {
+    Job::new(
+        http::Method::POST,
+        "http://orders.internal/orders".parse().unwrap(),
+    )
+    .with_body(body)
+    .with_idempotency_key(key)
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < until, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_replayer_delivers_and_stores_the_response() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("r1", "hello")).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let downstream = service_fn(move |req: Req| {
+        let seen = seen2.clone();
+        async move {
+            let key = req.headers()["idempotency-key"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock().unwrap().push((key, body));
+            let mut res = reply(201, "created");
+            res.headers_mut().insert("x-order", "7".parse().unwrap());
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    match queue.status(&id).await.unwrap() {
+        Some(JobStatus::Delivered {
+            status,
+            headers,
+            body,
+            attempts,
+            ..
+        }) => {
+            assert_eq!(status, 201);
+            assert_eq!(headers["x-order"], "7");
+            assert!(headers.get("firebreak-body-truncated").is_none());
+            assert_eq!(body, "created");
+            assert_eq!(attempts, 1);
+        }
+        other => panic!("not delivered: {other:?}"),
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![("r1".to_owned(), Bytes::from("hello"))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_response_body_is_stored_cut_and_marked() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("long", "x")).await.unwrap();
+    let downstream =
+        service_fn(|_: Req| async { Ok::<_, BoxError>(http::Response::new(streamed(10_000))) });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .max_response_body(2500)
+        .spawn();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    let Some(JobStatus::Delivered { headers, body, .. }) = queue.status(&id).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(body.len(), 2500);
+    assert_eq!(headers["firebreak-body-truncated"], "true");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_replays_back_off_and_dead_letter_after_max_attempts() {
+    let queue = MemoryQueue::builder().max_attempts(3).build().unwrap();
+    let id = queue.enqueue(job("f1", "x")).await.unwrap();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let times2 = times.clone();
+    let downstream = service_fn(move |_: Req| {
+        times2.lock().unwrap().push(tokio::time::Instant::now());
+        async { Ok::<_, BoxError>(reply(503, "still down")) }
+    });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .spawn();
+    wait_until(Duration::from_secs(60), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::DeadLettered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 3, "one send per attempt");
+    // Retry delays double: 1 s, then 2 s.
+    assert!(times[1] - times[0] >= Duration::from_secs(1));
+    assert!(times[2] - times[1] >= Duration::from_secs(2));
+    match queue.status(&id).await.unwrap() {
+        Some(JobStatus::DeadLettered {
+            reason, attempts, ..
+        }) => {
+            assert_eq!(reason, "max attempts (3) reached");
+            assert_eq!(attempts, 3);
+        }
+        other => panic!("not dead-lettered: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_back_an_unfinished_delivery() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("s1", "x")).await.unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let started2 = started.clone();
+    let hanging = service_fn(move |_: Req| {
+        started2.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Res, BoxError>>()
+    });
+    let handle = Replayer::new(queue.clone(), hanging)
+        .shutdown_grace(Duration::from_secs(1))
+        .spawn();
+    wait_until(Duration::from_secs(5), || async {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::InFlight));
+    handle.shutdown().await;
+    // Given back at once, not left to its 30 s visibility timeout.
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_pace_leases_no_more_than_it_can_send_within_the_visibility() {
+    let queue = MemoryQueue::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(queue.enqueue(job(&format!("b{i}"), "x")).await.unwrap());
+    }
+    let downstream = service_fn(|_: Req| async { Ok::<_, BoxError>(reply(200, "ok")) });
+    // One a second, leases of 4 s: a batch of 16 would outlive its lease.
+    let handle = Replayer::new(queue.clone(), downstream)
+        .rate_per_second(1)
+        .visibility(Duration::from_secs(4))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut in_flight = 0;
+    for id in &ids {
+        if queue.status(id).await.unwrap() == Some(JobStatus::InFlight) {
+            in_flight += 1;
+        }
+    }
+    assert!(in_flight <= 2, "{in_flight} leased at once");
+    handle.shutdown().await;
+}
+
+/// Replay gating: while the breaker rejects, the replayer sends nothing to
+/// the dependency and probes at most once per `retry_after`; after recovery
+/// it keeps its pace.
+#[tokio::test(start_paused = true)]
+async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
+    const JOBS: usize = 30;
+    const RATE: u32 = 5;
+    let queue = MemoryQueue::builder().max_attempts(100).build().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..JOBS {
+        ids.push(queue.enqueue(job(&format!("g{i}"), "x")).await.unwrap());
+    }
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let sent2 = sent.clone();
+    let downstream = service_fn(move |_: Req| {
+        sent2.lock().unwrap().push(tokio::time::Instant::now());
+        async { Ok::<_, BoxError>(reply(200, "ok")) }
+    });
+    let breaker = StandInBreakerLayer::new(Duration::from_secs(2));
+    breaker.set_open(true);
+    let handle = Replayer::new(queue.clone(), breaker.layer(downstream))
+        .rate_per_second(RATE)
+        .spawn();
+
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "nothing reaches the dependency"
+    );
+    let probes = breaker.calls();
+    // Ungated, the replayer would try at its pace: ~100 calls in 20 s.
+    assert!((1..=11).contains(&probes), "{probes} calls while open");
+
+    breaker.set_open(false);
+    let recovered = tokio::time::Instant::now();
+    wait_until(Duration::from_secs(60), || async {
+        queue.depth().await.unwrap() == 0
+    })
+    .await;
+    handle.shutdown().await;
+
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), JOBS, "each job sent once");
+    assert!(
+        sent[0] - recovered <= Duration::from_secs(2),
+        "a probe soon after recovery"
+    );
+    // Never more than RATE sends in any one-second window.
+    for w in sent.windows(RATE as usize + 1) {
+        assert!(
+            w[RATE as usize] - w[0] >= Duration::from_secs(1),
+            "{} sends within {:?}",
+            RATE + 1,
+            w[RATE as usize] - w[0]
+        );
+    }
+    for id in &ids {
+        assert!(matches!(
+            queue.status(id).await.unwrap(),
+            Some(JobStatus::Delivered { status: 200, .. })
+        ));
+    }
+}
+
+// -------------------------------------------------------------- status route
+
+#[cfg(feature = "axum")]
+mod status {
+    use super::*;
+    use tower_firebreak::defer::status_router;
+
+    async fn get(queue: &MemoryQueue, path: &str) -> Read {
+        let req = http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        read(status_router(queue.clone()).oneshot(req).await.unwrap()).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_route_serves_status_attempts_and_stored_response() {
+        let queue = MemoryQueue::new();
+        let id = queue.enqueue(job("st", "x")).await.unwrap();
+        let res = get(&queue, &format!("/jobs/{id}")).await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert_eq!(res.headers["content-type"], "application/json");
+        assert_eq!(res.json()["status"], "queued");
+        assert_eq!(res.json()["job_id"], id.to_string());
+
+        let leased = queue.lease(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(
+            get(&queue, &format!("/jobs/{id}")).await.json()["status"],
+            "in_flight"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/octet-stream".parse().unwrap());
+        let stored = DeliveredResponse {
+            status: 201,
+            headers,
+            body: Bytes::from_static(&[0xff, 0x00, 0x01]),
+        };
+        queue.ack(&leased[0].lease, stored).await.unwrap();
+        let v = get(&queue, &format!("/jobs/{id}")).await.json();
+        assert_eq!(v["status"], "delivered");
+        assert_eq!(v["attempts"], 1);
+        assert_eq!(v["response"]["status"], 201);
+        assert_eq!(
+            v["response"]["headers"]["content-type"],
+            "application/octet-stream"
+        );
+        assert_eq!(v["response"]["body_encoding"], "base64");
+        assert_eq!(v["response"]["body"], "/wAB");
+
+        let unknown = get(&queue, &format!("/jobs/{}", JobId::new())).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        assert_eq!(unknown.json()["kind"], "unknown_job");
+        let bad = get(&queue, "/jobs/not-a-job").await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        assert_eq!(bad.json()["kind"], "invalid_job_id");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_route_shows_dead_letters() {
+        let queue = MemoryQueue::new();
+        let id = queue.enqueue(job("dl", "x")).await.unwrap();
+        let leased = queue.lease(1, Duration::from_secs(30)).await.unwrap();
+        queue
+            .dead_letter(&leased[0].lease, "gave up")
+            .await
+            .unwrap();
+        let v = get(&queue, &format!("/jobs/{id}")).await.json();
+        assert_eq!(v["status"], "dead_lettered");
+        assert_eq!(v["reason"], "gave up");
+        assert_eq!(v["attempts"], 1);
+    }
+}
+
+// ------------------------------------------------------- durable, on disk
+
+#[cfg(feature = "disk")]
+#[tokio::test]
+async fn a_deferred_request_survives_a_restart_of_the_disk_queue() {
+    use tower_firebreak::queue::disk::DiskQueue;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("defer.redb");
+
+    let id = {
+        let queue = DiskQueue::open(&path).unwrap();
+        let svc =
+            DeferLayer::new(queue).layer(failing(Arc::new(AtomicUsize::new(0)), open_breaker));
+        let res = read(
+            svc.oneshot(post(Some("durable-1"), "keep me"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(res.status, StatusCode::ACCEPTED);
+        res.job_id()
+        // The layer, and with it the last handle on the queue, is dropped here.
+    };
+
+    let queue = DiskQueue::open(&path).unwrap();
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+    let downstream = service_fn(|req: Req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "keep me");
+        Ok::<_, BoxError>(reply(201, "kept"))
+    });
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(20), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { status: 201, .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+}
