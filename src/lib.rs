@@ -51,6 +51,7 @@
 
 pub mod bulkhead;
 pub mod circuit_breaker;
+pub mod classify;
 pub mod deadline;
 pub mod error;
 pub mod rate_limit;

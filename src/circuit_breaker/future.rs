@@ -1,0 +1,123 @@
+//! The response future of [`CircuitBreaker`](super::CircuitBreaker).
+
+use super::CircuitOpen;
+use super::breaker::{Breaker, Ticket};
+use crate::BoxError;
+use crate::classify::Classify;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::Instant;
+
+pin_project! {
+    /// The response future of a circuit breaker.
+    ///
+    /// An admitted call records its outcome when the inner future completes.
+    /// Dropping the future before then records nothing, and a half-open
+    /// probe gives its slot back so another caller can probe.
+    pub struct ResponseFuture<F, C, Res> {
+        #[pin]
+        kind: Kind<F>,
+        _res: PhantomData<fn() -> Res>,
+        classifier: C,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Called {
+            #[pin]
+            fut: F,
+            call: Option<Call>,
+        },
+        Rejected {
+            retry_after: Duration,
+        },
+    }
+}
+
+/// An admitted call's claim on the breaker.
+pub(crate) struct Call {
+    breaker: Arc<Breaker>,
+    ticket: Ticket,
+}
+
+impl Call {
+    pub(crate) fn new(breaker: Arc<Breaker>, ticket: Ticket) -> Self {
+        Call { breaker, ticket }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // A probe still marked here never completed (its future was
+        // dropped): give the slot back. Completion clears the mark.
+        if self.ticket.probe {
+            self.breaker
+                .record(&self.ticket, crate::classify::Outcome::Ignore, None);
+        }
+    }
+}
+
+impl<F, C, Res> ResponseFuture<F, C, Res> {
+    pub(crate) fn called(fut: F, call: Call, classifier: C) -> Self {
+        ResponseFuture {
+            kind: Kind::Called {
+                fut,
+                call: Some(call),
+            },
+            _res: PhantomData,
+            classifier,
+        }
+    }
+
+    pub(crate) fn rejected(retry_after: Duration, classifier: C) -> Self {
+        ResponseFuture {
+            kind: Kind::Rejected { retry_after },
+            _res: PhantomData,
+            classifier,
+        }
+    }
+}
+
+impl<F, C, Res> fmt::Debug for ResponseFuture<F, C, Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, C, Res, E> Future for ResponseFuture<F, C, Res>
+where
+    F: Future<Output = Result<Res, E>>,
+    E: Into<BoxError>,
+    C: Classify<Res>,
+{
+    type Output = Result<Res, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Called { fut, call } => {
+                let out = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(mut c) = call.take() {
+                    let outcome = this.classifier.classify(out.as_ref());
+                    let now = c.breaker.needs_clock(&c.ticket).then(Instant::now);
+                    c.breaker.record(&c.ticket, outcome, now);
+                    // Recorded: dropping `c` must not give the probe slot back.
+                    c.ticket.probe = false;
+                }
+                Poll::Ready(out)
+            }
+            KindProj::Rejected { retry_after } => {
+                Poll::Ready(Err(CircuitOpen::new(*retry_after).into()))
+            }
+        }
+    }
+}
