@@ -8,7 +8,9 @@
 //! held across an await) so that preparing the next state's window and
 //! publishing the state are one step for every other thread.
 
-use super::window::{Consecutive, CountWindow, FAIL, REC, SLOW, Snapshot, TimeWindow, Window};
+use super::window::{
+    CachePadded, Consecutive, CountWindow, FAIL, REC, SLOW, Snapshot, TimeWindow, Window,
+};
 use super::{Event, State};
 use crate::classify::Outcome;
 use crate::error::RejectionKind;
@@ -111,8 +113,10 @@ pub(crate) enum Readiness {
 }
 
 pub(crate) struct Breaker {
+    /// Read by every admission: on a cache line of its own, away from the
+    /// Arc's reference count and the window's counters.
+    state: CachePadded<AtomicU64>,
     pub(crate) settings: Settings,
-    state: AtomicU64,
     window: Window,
     /// Half-open results: `gen:16 | done:16 | failed:16 | slow:16`.
     probes: AtomicU64,
@@ -151,8 +155,8 @@ impl Breaker {
         window.reset(generation(0));
         let (events, _) = broadcast::channel(256);
         Breaker {
+            state: CachePadded(AtomicU64::new(K_CLOSED)),
             settings,
-            state: AtomicU64::new(K_CLOSED),
             window,
             probes: AtomicU64::new(0),
             open_until: AtomicU64::new(0),
