@@ -479,7 +479,7 @@ impl Breaker {
         } else {
             d
         };
-        Duration::from_secs_f64(d.max(0.0))
+        Duration::try_from_secs_f64(d.max(0.0)).unwrap_or(Duration::MAX)
     }
 
     /// A number in [0, 1) from a splitmix64 sequence (no dependency needed for
@@ -547,16 +547,22 @@ impl Breaker {
                 let n = self.nanos(now);
                 let until = self.open_until.load(Acquire);
                 if n < until {
-                    Readiness::WaitUntil(now + Duration::from_nanos(until - n))
+                    Readiness::WaitUntil(later(now, Duration::from_nanos(until - n)))
                 } else {
                     self.open_to_half_open(word, n);
                     Readiness::Ready
                 }
             }
-            K_FORCED_OPEN => Readiness::WaitUntil(Instant::now() + self.settings.open_for),
+            K_FORCED_OPEN => Readiness::WaitUntil(later(Instant::now(), self.settings.open_for)),
             _ => Readiness::Ready,
         }
     }
+}
+
+/// `now + d`, or a year from now where that would overflow the clock.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 fn duration_nanos(d: Duration) -> u64 {

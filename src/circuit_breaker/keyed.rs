@@ -166,9 +166,11 @@ where
 /// with [`into_keyed_layer`](super::CircuitBreakerConfig::into_keyed_layer):
 ///
 /// ```
-/// use tower_firebreak::circuit_breaker::CircuitBreakerConfig;
+/// use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, KeyedCircuitBreakerLayer};
 ///
-/// let layer = CircuitBreakerConfig { max_keys: 64, ..Default::default() }
+/// // One breaker per upstream host.
+/// let layer: KeyedCircuitBreakerLayer<String, _> =
+///     CircuitBreakerConfig { max_keys: 64, ..Default::default() }
 ///     .into_keyed_layer(|req: &http::Request<()>| {
 ///         req.uri().host().unwrap_or_default().to_owned()
 ///     })

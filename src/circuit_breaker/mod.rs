@@ -132,7 +132,9 @@
 //! timer when it turns half-open (while forced open it checks again every
 //! `open_for`). A `tower::balance` balancer then routes around an open
 //! endpoint, the way linkerd's failure accrual works. A half-open breaker
-//! with every probe slot taken is ready; `call` rejects.
+//! with every probe slot taken is ready; `call` rejects. The timer needs a
+//! Tokio runtime with the time driver enabled. `poll_ready` never reserves a
+//! probe slot, so a clone carries no reservation and `Clone` is plain.
 //!
 //! # Events
 //!

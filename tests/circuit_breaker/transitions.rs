@@ -594,3 +594,22 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
     assert!(ready.is_ok(), "poll_ready passes in the default mode");
     assert!(call(&mut svc, Cmd::Ok).await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn huge_durations_do_not_overflow() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::MAX)
+        .max_open_for(Duration::MAX)
+        .backpressure(true)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(Counter::default().service());
+    let _ = call(&mut svc, Cmd::Fail).await;
+    assert_eq!(h.state(), State::Open);
+    assert!(h.retry_after().unwrap() > secs(1_000_000_000));
+    assert!(tokio::time::timeout(secs(3600), svc.ready()).await.is_err());
+    h.force_open();
+    assert!(tokio::time::timeout(secs(3600), svc.ready()).await.is_err());
+}
