@@ -8,7 +8,12 @@
 //! | --- | --- | --- | --- |
 //! | [`DefaultClassifier`] | `Ok` | `Err` | our own shed rejections |
 //! | [`HttpClassifier`] | anything else | 5xx (tower-http's `ServerErrorsAsFailures`), and 429 / 408 if asked | as above |
-//! | [`GrpcClassifier`] | other codes | `grpc-status` UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN | as above |
+//! | [`GrpcClassifier`] | other codes | `grpc-status` (headers or trailers) UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN | as above |
+//!
+//! A [`Classify`] decides as soon as the call returns. A classifier that must
+//! wait for the end of the response body (gRPC puts the status of a streamed
+//! response in its trailers) implements [`ClassifyStream`] instead; every
+//! `Classify` is a `ClassifyStream` that decides at once.
 //!
 //! # Our own rejections
 //!
@@ -24,10 +29,17 @@
 //! dependency must be able to open it.
 
 use crate::BoxError;
+use crate::circuit_breaker::future::Call;
 use crate::error::{Rejection, RejectionKind};
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use tower_http::classify::{
-    ClassifiedResponse, ClassifyResponse, GrpcErrorsAsFailures, ServerErrorsAsFailures,
+    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcEosErrorsAsFailures,
+    GrpcErrorsAsFailures, ServerErrorsAsFailures,
 };
 
 pub use tower_http::classify::GrpcCode;
@@ -78,6 +90,70 @@ pub fn classify_error(err: &BoxError) -> Outcome {
     match Rejection::of(&**err) {
         Some(r) if r.is_shed() || r.kind() == RejectionKind::DeadlineExceeded => Outcome::Ignore,
         _ => Outcome::Failure,
+    }
+}
+
+/// A classifier that may decide after the call has returned: at the end of
+/// the response body, for instance.
+///
+/// It receives the call's result and a [`Completion`], and must either call
+/// [`Completion::record`] or move the `Completion` into the response (a body
+/// wrapper) and record later. A `Completion` dropped without a record counts
+/// as [`Outcome::Ignore`].
+///
+/// Every [`Classify`] implements it and decides at once.
+pub trait ClassifyStream<Res> {
+    /// What the caller gets: `Res`, or `Res` with a wrapped body.
+    type Response;
+
+    /// Classifies `result` now or later, and passes it on.
+    fn classify_stream(
+        &self,
+        result: Result<Res, BoxError>,
+        completion: Completion,
+    ) -> Result<Self::Response, BoxError>;
+}
+
+impl<C, Res> ClassifyStream<Res> for C
+where
+    C: Classify<Res>,
+{
+    type Response = Res;
+
+    #[inline]
+    fn classify_stream(
+        &self,
+        result: Result<Res, BoxError>,
+        completion: Completion,
+    ) -> Result<Res, BoxError> {
+        completion.record(self.classify(result.as_ref()));
+        result
+    }
+}
+
+/// A call admitted by a circuit breaker whose outcome is still to be told.
+///
+/// Dropping it unrecorded counts as [`Outcome::Ignore`]: a half-open probe
+/// gives its slot back.
+pub struct Completion {
+    call: Call,
+}
+
+impl Completion {
+    pub(crate) fn new(call: Call) -> Self {
+        Completion { call }
+    }
+
+    /// Tells the breaker how the call went.
+    #[inline]
+    pub fn record(self, outcome: Outcome) {
+        self.call.finish(outcome);
+    }
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completion").finish_non_exhaustive()
     }
 }
 
@@ -180,28 +256,34 @@ fn code_bit(code: GrpcCode) -> u32 {
     1 << (code as i32 as u32)
 }
 
-/// gRPC responses: the `grpc-status` in the response headers decides, using
-/// tower-http's [`GrpcErrorsAsFailures`].
+/// gRPC responses: the `grpc-status` in the response headers, or else in the
+/// trailers, decides, using tower-http's [`GrpcErrorsAsFailures`].
 ///
 /// By default UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED
 /// and UNKNOWN are failures, and every other code (NOT_FOUND,
 /// INVALID_ARGUMENT, ... : the caller's fault) a success.
 ///
-/// gRPC sends the status in the headers for a trailers-only response, which
-/// is how servers and proxies answer a call that fails before any message.
-/// A status that arrives later, in the trailers of a streamed body, is not
-/// seen: such a response counts as a success.
+/// gRPC sends the status in the headers for a trailers-only response (how
+/// servers and proxies answer a call that fails before any message), and in
+/// the trailers otherwise. In a circuit breaker, a response whose headers do
+/// not decide comes back with a [`GrpcBody`], which records the outcome when
+/// the trailers arrive; a body dropped before then counts as neither. A
+/// slow-call duration then runs to the end of the body.
 ///
 /// ```
-/// use tower_firebreak::classify::{Classify, GrpcClassifier, GrpcCode, Outcome};
+/// use tower_firebreak::classify::{GrpcClassifier, GrpcCode, Outcome};
 ///
 /// let c = GrpcClassifier::new();
 /// let res = http::Response::builder().header("grpc-status", "14").body(()).unwrap();
-/// assert_eq!(c.classify(Ok(&res)), Outcome::Failure); // UNAVAILABLE
+/// assert_eq!(c.classify_headers(&res), Some(Outcome::Failure)); // UNAVAILABLE
 /// let res = http::Response::builder().header("grpc-status", "5").body(()).unwrap();
-/// assert_eq!(c.classify(Ok(&res)), Outcome::Success); // NOT_FOUND
+/// assert_eq!(c.classify_headers(&res), Some(Outcome::Success)); // NOT_FOUND
 /// let c = c.failure(GrpcCode::NotFound);
-/// assert_eq!(c.classify(Ok(&res)), Outcome::Failure);
+/// assert_eq!(c.classify_headers(&res), Some(Outcome::Failure));
+///
+/// let mut trailers = http::HeaderMap::new();
+/// trailers.insert("grpc-status", "4".parse().unwrap()); // DEADLINE_EXCEEDED
+/// assert_eq!(c.classify_trailers(Some(&trailers)), Outcome::Failure);
 /// ```
 #[derive(Clone, Debug)]
 pub struct GrpcClassifier {
@@ -261,18 +343,136 @@ impl GrpcClassifier {
     }
 }
 
-impl<B> Classify<Response<B>> for GrpcClassifier {
-    fn classify(&self, result: Result<&Response<B>, &BoxError>) -> Outcome {
+impl GrpcClassifier {
+    /// Classifies from the response headers alone: `None` when they carry
+    /// no `grpc-status` and the trailers decide.
+    pub fn classify_headers<B>(&self, res: &Response<B>) -> Option<Outcome> {
+        match self.inner.clone().classify_response(res) {
+            ClassifiedResponse::Ready(Ok(())) => Some(Outcome::Success),
+            ClassifiedResponse::Ready(Err(_)) => Some(Outcome::Failure),
+            ClassifiedResponse::RequiresEos(_) => None,
+        }
+    }
+
+    /// Classifies from the trailers (`None`: the body ended without any).
+    pub fn classify_trailers(&self, trailers: Option<&HeaderMap>) -> Outcome {
+        let eos = match self.inner.clone().classify_response(&Response::new(())) {
+            ClassifiedResponse::RequiresEos(eos) => eos,
+            ClassifiedResponse::Ready(_) => unreachable!("an empty response has no grpc-status"),
+        };
+        eos_outcome(eos, trailers)
+    }
+}
+
+fn eos_outcome(eos: GrpcEosErrorsAsFailures, trailers: Option<&HeaderMap>) -> Outcome {
+    match eos.classify_eos(trailers) {
+        Ok(()) => Outcome::Success,
+        Err(_) => Outcome::Failure,
+    }
+}
+
+impl<B> ClassifyStream<Response<B>> for GrpcClassifier {
+    type Response = Response<GrpcBody<B>>;
+
+    fn classify_stream(
+        &self,
+        result: Result<Response<B>, BoxError>,
+        completion: Completion,
+    ) -> Result<Self::Response, BoxError> {
         let res = match result {
             Ok(res) => res,
-            Err(e) => return classify_error(e),
+            Err(e) => {
+                completion.record(classify_error(&e));
+                return Err(e);
+            }
         };
-        match self.inner.clone().classify_response(res) {
-            ClassifiedResponse::Ready(Ok(())) => Outcome::Success,
-            ClassifiedResponse::Ready(Err(_)) => Outcome::Failure,
-            // The status comes in the trailers, which are not seen here.
-            ClassifiedResponse::RequiresEos(_) => Outcome::Success,
+        match self.inner.clone().classify_response(&res) {
+            ClassifiedResponse::Ready(r) => {
+                completion.record(if r.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Failure
+                });
+                Ok(res.map(|inner| GrpcBody {
+                    inner,
+                    pending: None,
+                }))
+            }
+            ClassifiedResponse::RequiresEos(eos) => Ok(res.map(|inner| GrpcBody {
+                inner,
+                pending: Some((completion, eos)),
+            })),
         }
+    }
+}
+
+pin_project! {
+    /// A gRPC response body that tells the circuit breaker the call's outcome
+    /// when its trailers (or its end) arrive.
+    ///
+    /// A body dropped before its end counts as neither success nor failure.
+    /// An error from the body is a failure.
+    pub struct GrpcBody<B> {
+        #[pin]
+        inner: B,
+        pending: Option<(Completion, GrpcEosErrorsAsFailures)>,
+    }
+}
+
+impl<B> GrpcBody<B> {
+    /// The wrapped body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for GrpcBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcBody")
+            .field("inner", &self.inner)
+            .field("pending", &self.pending.is_some())
+            .finish()
+    }
+}
+
+impl<B: Body> Body for GrpcBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref()
+                    && let Some((completion, eos)) = this.pending.take()
+                {
+                    completion.record(eos_outcome(eos, Some(trailers)));
+                }
+            }
+            Some(Err(_)) => {
+                if let Some((completion, _)) = this.pending.take() {
+                    completion.record(Outcome::Failure);
+                }
+            }
+            None => {
+                if let Some((completion, eos)) = this.pending.take() {
+                    completion.record(eos_outcome(eos, None));
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -310,14 +510,19 @@ mod tests {
                 .header("grpc-status", code)
                 .body(())
                 .unwrap();
-            assert_eq!(c.classify(Ok(&res)), want, "grpc-status {code}");
+            assert_eq!(c.classify_headers(&res), Some(want), "grpc-status {code}");
         }
+        assert_eq!(c.classify_headers(&Response::new(())), None);
         let c = c.success(GrpcCode::Unavailable);
         let res = Response::builder()
             .header("grpc-status", "14")
             .body(())
             .unwrap();
-        assert_eq!(c.classify(Ok(&res)), Outcome::Success);
+        assert_eq!(c.classify_headers(&res), Some(Outcome::Success));
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "13".parse().unwrap());
+        assert_eq!(c.classify_trailers(Some(&t)), Outcome::Failure);
+        assert_eq!(c.classify_trailers(None), Outcome::Success);
     }
 
     #[test]

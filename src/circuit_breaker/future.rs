@@ -3,7 +3,7 @@
 use super::CircuitOpen;
 use super::breaker::{Breaker, Ticket};
 use crate::BoxError;
-use crate::classify::Classify;
+use crate::classify::{ClassifyStream, Completion, Outcome};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -17,9 +17,10 @@ use tokio::time::Instant;
 pin_project! {
     /// The response future of a circuit breaker.
     ///
-    /// An admitted call records its outcome when the inner future completes.
-    /// Dropping the future before then records nothing, and a half-open
-    /// probe gives its slot back so another caller can probe.
+    /// An admitted call records its outcome when the inner future completes
+    /// (or, with a [`ClassifyStream`] such as the gRPC classifier, when the
+    /// response body ends). Dropping the future before then records nothing,
+    /// and a half-open probe gives its slot back so another caller can probe.
     pub struct ResponseFuture<F, C, Res> {
         #[pin]
         kind: Kind<F>,
@@ -52,6 +53,15 @@ impl Call {
     pub(crate) fn new(breaker: Arc<Breaker>, ticket: Ticket) -> Self {
         Call { breaker, ticket }
     }
+
+    /// Records the outcome; the probe slot, if any, is then spent.
+    #[inline]
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        let now = self.breaker.needs_clock(&self.ticket).then(Instant::now);
+        self.breaker.record(&self.ticket, outcome, now);
+        // Recorded: dropping `self` must not give the probe slot back.
+        self.ticket.probe = false;
+    }
 }
 
 impl Drop for Call {
@@ -59,8 +69,7 @@ impl Drop for Call {
         // A probe still marked here never completed (its future was
         // dropped): give the slot back. Completion clears the mark.
         if self.ticket.probe {
-            self.breaker
-                .record(&self.ticket, crate::classify::Outcome::Ignore, None);
+            self.breaker.record(&self.ticket, Outcome::Ignore, None);
         }
     }
 }
@@ -96,9 +105,9 @@ impl<F, C, Res, E> Future for ResponseFuture<F, C, Res>
 where
     F: Future<Output = Result<Res, E>>,
     E: Into<BoxError>,
-    C: Classify<Res>,
+    C: ClassifyStream<Res>,
 {
-    type Output = Result<Res, BoxError>;
+    type Output = Result<C::Response, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -106,14 +115,8 @@ where
         match this.kind.project() {
             KindProj::Called { fut, call } => {
                 let out = ready!(fut.poll(cx)).map_err(Into::into);
-                if let Some(mut c) = call.take() {
-                    let outcome = this.classifier.classify(out.as_ref());
-                    let now = c.breaker.needs_clock(&c.ticket).then(Instant::now);
-                    c.breaker.record(&c.ticket, outcome, now);
-                    // Recorded: dropping `c` must not give the probe slot back.
-                    c.ticket.probe = false;
-                }
-                Poll::Ready(out)
+                let call = call.take().expect("polled after completion");
+                Poll::Ready(this.classifier.classify_stream(out, Completion::new(call)))
             }
             KindProj::Rejected { retry_after } => {
                 Poll::Ready(Err(CircuitOpen::new(*retry_after).into()))

@@ -2,7 +2,7 @@ use super::breaker::{Breaker, Settings};
 use super::future::{Call, ResponseFuture};
 use super::{CircuitBreakerHandle, State};
 use crate::BoxError;
-use crate::classify::{Classify, DefaultClassifier};
+use crate::classify::{ClassifyStream, DefaultClassifier};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
@@ -133,9 +133,9 @@ where
     S::Error: Into<BoxError>,
     K: Hash + Eq + Clone,
     F: Fn(&Req) -> K,
-    C: Classify<S::Response> + Clone,
+    C: ClassifyStream<S::Response> + Clone,
 {
-    type Response = S::Response;
+    type Response = C::Response;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C, S::Response>;
 

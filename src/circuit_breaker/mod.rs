@@ -177,7 +177,7 @@ pub use self::layer::{CircuitBreakerBuilder, CircuitBreakerLayer};
 use self::breaker::{Breaker, Readiness};
 use self::future::Call;
 use crate::BoxError;
-use crate::classify::{Classify, DefaultClassifier};
+use crate::classify::{ClassifyStream, DefaultClassifier};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -408,9 +408,9 @@ impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    C: Classify<S::Response> + Clone,
+    C: ClassifyStream<S::Response> + Clone,
 {
-    type Response = S::Response;
+    type Response = C::Response;
     type Error = BoxError;
     type Future = future::ResponseFuture<S::Future, C, S::Response>;
 

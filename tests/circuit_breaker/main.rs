@@ -5,6 +5,7 @@ mod support;
 
 mod config;
 mod e2e;
+mod grpc;
 mod keyed;
 mod model;
 mod threads;
