@@ -221,7 +221,7 @@ impl fmt::Display for State {
     }
 }
 
-/// Something a breaker did, sent to [`CircuitBreakerHandle::subscribe`]rs.
+/// Something a breaker did, as sent to [`CircuitBreakerHandle::subscribe`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {

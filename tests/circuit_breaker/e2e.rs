@@ -99,7 +99,7 @@ async fn breaker_opens_fails_fast_and_recovers() {
         .count_window(10)
         .minimum_calls(5)
         .failure_rate(0.5)
-        .open_for(Duration::from_millis(300))
+        .open_for(Duration::from_secs(1))
         .half_open_calls(2)
         .classifier(HttpClassifier::new())
         .build()
@@ -142,7 +142,7 @@ async fn breaker_opens_fails_fast_and_recovers() {
 
     // The downstream recovers; after open_for two probes close the breaker.
     down.failing.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
     assert_eq!(handle.state(), State::HalfOpen);
     for _ in 0..2 {
         assert_eq!(get_status(&client, up_addr).await, (StatusCode::OK, None));
