@@ -18,10 +18,11 @@ use tower::{Layer, Service};
 /// `std::sync::Mutex<HashMap>` held only to look the key up (never across an
 /// await): this is the flexible path, not the lock-free one.
 ///
-/// At most `max_keys` breakers live at once. When a new key arrives and the
-/// table is full, closed breakers unused for `idle_timeout` are dropped; if
-/// that frees nothing, the least recently used closed breaker goes, and only
-/// if every breaker is open (or forced open, half-open, disabled) the least
+/// At most `max_keys` breakers live at once. When a new key arrives, closed
+/// breakers unused for `idle_timeout` are dropped (checked when the table is
+/// full, and otherwise at most once per `idle_timeout`); if the table is still
+/// full, the least recently used closed breaker goes, and only if every
+/// breaker is open (or forced open, half-open, disabled) the least
 /// recently used of those. Memory stays bounded under any number of keys.
 /// A call in flight on an evicted breaker still completes normally.
 ///
@@ -43,7 +44,22 @@ struct Shared<K, F, C> {
     settings: Settings,
     max_keys: usize,
     idle_timeout: Duration,
-    breakers: Mutex<HashMap<K, Entry>>,
+    breakers: Mutex<Table<K>>,
+}
+
+struct Table<K> {
+    map: HashMap<K, Entry>,
+    /// When idle breakers were last swept out.
+    swept: Instant,
+}
+
+impl<K> Table<K> {
+    fn new() -> Self {
+        Table {
+            map: HashMap::new(),
+            swept: Instant::now(),
+        }
+    }
 }
 
 impl<K, F, C> Shared<K, F, C>
@@ -52,18 +68,22 @@ where
 {
     fn breaker_for(&self, key: K) -> Arc<Breaker> {
         let now = Instant::now();
-        let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = map.get_mut(&key) {
+        let mut table = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = table.map.get_mut(&key) {
             e.last_used = now;
             return e.breaker.clone();
         }
-        if map.len() >= self.max_keys {
-            let idle = self.idle_timeout;
-            map.retain(|_, e| {
+        // Sweep idle breakers when the table is full, and at most once per
+        // idle_timeout otherwise, so a new key never pays a sweep each time.
+        let idle = self.idle_timeout;
+        if table.map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
+            table.swept = now;
+            table.map.retain(|_, e| {
                 !(e.breaker.state() == State::Closed
                     && now.saturating_duration_since(e.last_used) >= idle)
             });
         }
+        let map = &mut table.map;
         if map.len() >= self.max_keys {
             let victim = map
                 .iter()
@@ -214,7 +234,7 @@ impl<K, F> KeyedCircuitBreakerLayer<K, F> {
                 settings,
                 max_keys,
                 idle_timeout,
-                breakers: Mutex::new(HashMap::new()),
+                breakers: Mutex::new(Table::new()),
             }),
         }
     }
@@ -291,7 +311,8 @@ where
             .breakers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        map.iter()
+        map.map
+            .iter()
             .map(|(k, e)| (k.clone(), e.breaker.state()))
             .collect()
     }
@@ -302,6 +323,7 @@ where
             .breakers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .len()
     }
 
@@ -317,7 +339,8 @@ where
             .breakers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        map.get(key)
+        map.map
+            .get(key)
             .map(|e| CircuitBreakerHandle::new(e.breaker.clone()))
     }
 }

@@ -84,3 +84,24 @@ async fn live_keys_are_bounded_and_open_breakers_outlive_idle_closed_ones() {
     // Key 0 turned half-open (still not closed), 98 and 99 were idle.
     assert_eq!(keys, [0, 500]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_closed_breakers_are_swept_even_below_the_bound() {
+    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(
+        Counter::default()
+            .service()
+            .map_request(|(_, cmd): (u32, Cmd)| cmd),
+    );
+    svc.ready().await.unwrap().call((1, Cmd::Ok)).await.unwrap();
+    svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    svc.ready().await.unwrap().call((3, Cmd::Ok)).await.unwrap();
+    let mut keys: Vec<u32> = h.states().into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    // Key 1 was idle 61 s; key 2 only 31 s.
+    assert_eq!(keys, [2, 3]);
+}
