@@ -14,8 +14,8 @@ use super::window::{
 use super::{Event, State};
 use crate::classify::Outcome;
 use crate::error::RejectionKind;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -104,6 +104,30 @@ pub(crate) struct Ticket {
     pub(crate) epoch: u64,
     pub(crate) probe: bool,
     pub(crate) start: Option<Instant>,
+}
+
+/// One service's (and its clones') access to a shared breaker. Calls hold an
+/// `Arc<Lane>`, so the reference counting of the hot path stays on the
+/// lane's cache line, written by the core that runs that service, instead of
+/// the breaker's, which every core would bounce.
+pub(crate) struct Lane {
+    pub(crate) breaker: Arc<Breaker>,
+    /// This lane's reserved positions in a count window.
+    cursor: AtomicU64,
+}
+
+impl Lane {
+    pub(crate) fn new(breaker: Arc<Breaker>) -> Arc<Lane> {
+        Arc::new(Lane {
+            breaker,
+            cursor: AtomicU64::new(0),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, ticket: &Ticket, verdict: Outcome, now: Option<Instant>) {
+        self.breaker.record(ticket, verdict, now, &self.cursor);
+    }
 }
 
 /// What `poll_ready` should wait for in readiness mode.
@@ -263,7 +287,7 @@ impl Breaker {
     }
 
     /// Records the outcome of an admitted call.
-    pub(crate) fn record(&self, ticket: &Ticket, verdict: Outcome, now: Option<Instant>) {
+    fn record(&self, ticket: &Ticket, verdict: Outcome, now: Option<Instant>, lane: &AtomicU64) {
         let failed = match verdict {
             Outcome::Ignore => {
                 if ticket.probe {
@@ -286,7 +310,7 @@ impl Breaker {
         let bits = REC | if failed { FAIL } else { 0 } | if slow { SLOW } else { 0 };
         let trip = match &self.window {
             Window::Count(w) => w
-                .record(g, bits)
+                .record(g, bits, lane)
                 .is_some_and(|s| self.trips(s, self.settings.minimum_calls)),
             Window::Time(w) => {
                 let n = self.nanos(now.unwrap_or_else(Instant::now));

@@ -1,7 +1,7 @@
 //! The response future of [`CircuitBreaker`](super::CircuitBreaker).
 
 use super::CircuitOpen;
-use super::breaker::{Breaker, Ticket};
+use super::breaker::{Lane, Ticket};
 use crate::BoxError;
 use crate::classify::{ClassifyStream, Completion, Outcome};
 use pin_project_lite::pin_project;
@@ -45,20 +45,24 @@ pin_project! {
 
 /// An admitted call's claim on the breaker.
 pub(crate) struct Call {
-    breaker: Arc<Breaker>,
+    lane: Arc<Lane>,
     ticket: Ticket,
 }
 
 impl Call {
-    pub(crate) fn new(breaker: Arc<Breaker>, ticket: Ticket) -> Self {
-        Call { breaker, ticket }
+    pub(crate) fn new(lane: Arc<Lane>, ticket: Ticket) -> Self {
+        Call { lane, ticket }
     }
 
     /// Records the outcome; the probe slot, if any, is then spent.
     #[inline]
     pub(crate) fn finish(mut self, outcome: Outcome) {
-        let now = self.breaker.needs_clock(&self.ticket).then(Instant::now);
-        self.breaker.record(&self.ticket, outcome, now);
+        let now = self
+            .lane
+            .breaker
+            .needs_clock(&self.ticket)
+            .then(Instant::now);
+        self.lane.record(&self.ticket, outcome, now);
         // Recorded: dropping `self` must not give the probe slot back.
         self.ticket.probe = false;
     }
@@ -69,7 +73,7 @@ impl Drop for Call {
         // A probe still marked here never completed (its future was
         // dropped): give the slot back. Completion clears the mark.
         if self.ticket.probe {
-            self.breaker.record(&self.ticket, Outcome::Ignore, None);
+            self.lane.record(&self.ticket, Outcome::Ignore, None);
         }
     }
 }

@@ -1,4 +1,4 @@
-use super::breaker::{Breaker, Settings};
+use super::breaker::{Breaker, Lane, Settings};
 use super::future::{Call, ResponseFuture};
 use super::{CircuitBreakerHandle, State};
 use crate::BoxError;
@@ -34,7 +34,7 @@ pub struct KeyedCircuitBreaker<S, K, F, C = DefaultClassifier> {
 }
 
 struct Entry {
-    breaker: Arc<Breaker>,
+    lane: Arc<Lane>,
     last_used: Instant,
 }
 
@@ -66,12 +66,12 @@ impl<K, F, C> Shared<K, F, C>
 where
     K: Hash + Eq + Clone,
 {
-    fn breaker_for(&self, key: K) -> Arc<Breaker> {
+    fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
         let mut table = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = table.map.get_mut(&key) {
             e.last_used = now;
-            return e.breaker.clone();
+            return e.lane.clone();
         }
         // Sweep idle breakers when the table is full, and at most once per
         // idle_timeout otherwise, so a new key never pays a sweep each time.
@@ -79,7 +79,7 @@ where
         if table.map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
             table.swept = now;
             table.map.retain(|_, e| {
-                !(e.breaker.state() == State::Closed
+                !(e.lane.breaker.state() == State::Closed
                     && now.saturating_duration_since(e.last_used) >= idle)
             });
         }
@@ -87,21 +87,21 @@ where
         if map.len() >= self.max_keys {
             let victim = map
                 .iter()
-                .min_by_key(|(_, e)| (e.breaker.state() != State::Closed, e.last_used))
+                .min_by_key(|(_, e)| (e.lane.breaker.state() != State::Closed, e.last_used))
                 .map(|(k, _)| k.clone());
             if let Some(k) = victim {
                 map.remove(&k);
             }
         }
-        let breaker = Arc::new(Breaker::new(self.settings.clone()));
+        let lane = Lane::new(Arc::new(Breaker::new(self.settings.clone())));
         map.insert(
             key,
             Entry {
-                breaker: breaker.clone(),
+                lane: lane.clone(),
                 last_used: now,
             },
         );
-        breaker
+        lane
     }
 }
 
@@ -165,11 +165,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.shared.key_fn)(&req);
-        let breaker = self.shared.breaker_for(key);
-        match breaker.admit() {
+        let lane = self.shared.lane_for(key);
+        match lane.breaker.admit() {
             Ok(ticket) => ResponseFuture::called(
                 self.inner.call(req),
-                Call::new(breaker, ticket),
+                Call::new(lane, ticket),
                 self.shared.classifier.clone(),
             ),
             Err(retry_after) => {
@@ -313,7 +313,7 @@ where
             .unwrap_or_else(|e| e.into_inner());
         map.map
             .iter()
-            .map(|(k, e)| (k.clone(), e.breaker.state()))
+            .map(|(k, e)| (k.clone(), e.lane.breaker.state()))
             .collect()
     }
 
@@ -341,6 +341,6 @@ where
             .unwrap_or_else(|e| e.into_inner());
         map.map
             .get(key)
-            .map(|e| CircuitBreakerHandle::new(e.breaker.clone()))
+            .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
     }
 }

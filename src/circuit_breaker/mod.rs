@@ -174,7 +174,7 @@ pub use self::error::CircuitOpen;
 pub use self::keyed::{KeyedCircuitBreaker, KeyedCircuitBreakerHandle, KeyedCircuitBreakerLayer};
 pub use self::layer::{CircuitBreakerBuilder, CircuitBreakerLayer};
 
-use self::breaker::{Breaker, Readiness};
+use self::breaker::{Breaker, Lane, Readiness};
 use self::future::Call;
 use crate::BoxError;
 use crate::classify::{ClassifyStream, DefaultClassifier};
@@ -301,7 +301,7 @@ impl CircuitBreakerHandle {
 /// Fails calls fast while its dependency is down. See the [module docs](self).
 pub struct CircuitBreaker<S, C = DefaultClassifier> {
     inner: S,
-    breaker: Arc<Breaker>,
+    lane: Arc<Lane>,
     classifier: C,
     // Readiness mode only: the timer until half-open.
     sleep: Option<Pin<Box<Sleep>>>,
@@ -312,7 +312,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
         // A clone shares the breaker but not a pending readiness timer.
         CircuitBreaker {
             inner: self.inner.clone(),
-            breaker: self.breaker.clone(),
+            lane: self.lane.clone(),
             classifier: self.classifier.clone(),
             sleep: None,
         }
@@ -323,7 +323,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("breaker", &self.breaker)
+            .field("breaker", &self.lane.breaker)
             .field("classifier", &self.classifier)
             .finish()
     }
@@ -349,7 +349,7 @@ impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn from_parts(inner: S, breaker: Arc<Breaker>, classifier: C) -> Self {
         CircuitBreaker {
             inner,
-            breaker,
+            lane: Lane::new(breaker),
             classifier,
             sleep: None,
         }
@@ -357,7 +357,7 @@ impl<S, C> CircuitBreaker<S, C> {
 
     /// A handle on the shared breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
-        CircuitBreakerHandle::new(self.breaker.clone())
+        CircuitBreakerHandle::new(self.lane.breaker.clone())
     }
 
     /// A reference to the inner service.
@@ -416,8 +416,8 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.breaker.settings.backpressure
-            && poll_open(&self.breaker, &mut self.sleep, cx).is_pending()
+        if self.lane.breaker.settings.backpressure
+            && poll_open(&self.lane.breaker, &mut self.sleep, cx).is_pending()
         {
             return Poll::Pending;
         }
@@ -426,10 +426,10 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.breaker.admit() {
+        match self.lane.breaker.admit() {
             Ok(ticket) => future::ResponseFuture::called(
                 self.inner.call(req),
-                Call::new(self.breaker.clone(), ticket),
+                Call::new(self.lane.clone(), ticket),
                 self.classifier.clone(),
             ),
             Err(retry_after) => {

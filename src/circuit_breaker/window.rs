@@ -80,6 +80,9 @@ impl<T> std::ops::Deref for CachePadded<T> {
     }
 }
 
+/// Ring positions a lane reserves at a time.
+const BATCH: u64 = 16;
+
 /// The largest count window: a 16-bit lane must hold it as a positive `i16`.
 pub(crate) const MAX_COUNT_WINDOW: usize = i16::MAX as usize;
 
@@ -122,13 +125,17 @@ impl CountWindow {
 
     /// Records one outcome. Returns the counts after it, or `None` when
     /// they did not change or the outcome belongs to an older window.
-    pub(crate) fn record(&self, generation: u16, bits: u8) -> Option<Snapshot> {
+    pub(crate) fn record(
+        &self,
+        generation: u16,
+        bits: u8,
+        lane_cursor: &AtomicU64,
+    ) -> Option<Snapshot> {
         let mut c = self.counter.load(Acquire);
         if lane(c, GEN_SHIFT) != generation {
             return None;
         }
-        let n = self.slots.len() as u64;
-        let i = (self.cursor.fetch_add(1, Relaxed) % n) as usize;
+        let i = self.next_index(generation, lane_cursor);
         let new_slot = (u32::from(generation) << 8) | u32::from(bits);
         // The steady state of a healthy service: a success replaces a
         // success, and no count changes. A load instead of a swap and no
@@ -161,6 +168,44 @@ impl CountWindow {
             match self.counter.compare_exchange_weak(c, next, AcqRel, Acquire) {
                 Ok(_) => return decode_count(next),
                 Err(actual) => c = actual,
+            }
+        }
+    }
+
+    /// The slot for the next outcome.
+    ///
+    /// Each service (a *lane*; clones share one) reserves `BATCH` positions
+    /// of the ring at a time from the shared cursor and hands them out in
+    /// order, so that services on different cores do not write the shared
+    /// cursor's cache line on every call. One lane alone fills the ring in
+    /// exactly the order a single shared cursor would; with several lanes
+    /// writing at once the ring holds the last N calls give or take one
+    /// batch per lane.
+    fn next_index(&self, generation: u16, lane: &AtomicU64) -> usize {
+        let n = self.slots.len() as u64;
+        let advance = |pos: u64| if pos + 1 == n { 0 } else { pos + 1 };
+        // Lane word: gen:16 | pos:16 | left:16.
+        let mut w = lane.load(Relaxed);
+        loop {
+            let left = (w >> 16) & 0xFFFF;
+            if (w >> 48) as u16 == generation && left > 0 {
+                let pos = (w >> 32) & 0xFFFF;
+                let next =
+                    (w & !(0xFFFF_FFFF_u64 << 16)) | (advance(pos) << 32) | ((left - 1) << 16);
+                match lane.compare_exchange_weak(w, next, Relaxed, Relaxed) {
+                    Ok(_) => return pos as usize,
+                    Err(actual) => {
+                        w = actual;
+                        continue;
+                    }
+                }
+            }
+            let start = self.cursor.fetch_add(BATCH, Relaxed) % n;
+            let next = (u64::from(generation) << 48) | (advance(start) << 32) | ((BATCH - 1) << 16);
+            match lane.compare_exchange(w, next, Relaxed, Relaxed) {
+                Ok(_) => return start as usize,
+                // Another clone refilled first; this batch is skipped.
+                Err(actual) => w = actual,
             }
         }
     }
@@ -353,19 +398,20 @@ mod tests {
     #[test]
     fn count_window_slides() {
         let w = CountWindow::new(3);
+        let l = AtomicU64::new(0);
         w.reset(7);
-        assert_eq!(w.record(7, REC | FAIL).unwrap().failures, 1);
-        w.record(7, REC);
-        let s = w.record(7, REC | SLOW).unwrap();
+        assert_eq!(w.record(7, REC | FAIL, &l).unwrap().failures, 1);
+        w.record(7, REC, &l);
+        let s = w.record(7, REC | SLOW, &l).unwrap();
         assert_eq!((s.total, s.failures, s.slow), (3, 1, 1));
         // The failure falls out of the window.
-        let s = w.record(7, REC).unwrap();
+        let s = w.record(7, REC, &l).unwrap();
         assert_eq!((s.total, s.failures, s.slow), (3, 0, 1));
         // A stale generation is dropped.
-        assert_eq!(w.record(6, REC | FAIL), None);
+        assert_eq!(w.record(6, REC | FAIL, &l), None);
         w.reset(8);
         assert_eq!(w.snapshot().unwrap().total, 0);
-        let s = w.record(8, REC | FAIL).unwrap();
+        let s = w.record(8, REC | FAIL, &l).unwrap();
         assert_eq!((s.total, s.failures), (1, 1));
     }
 
@@ -378,6 +424,23 @@ mod tests {
         assert_eq!(decode_count(w), None);
         assert_eq!(lane(w, TOTAL_SHIFT), 2);
         assert_eq!(lane(w, GEN_SHIFT), 0);
+    }
+
+    #[test]
+    fn one_lane_fills_the_ring_in_order_and_lanes_share_it() {
+        let w = CountWindow::new(5);
+        w.reset(1);
+        let a = AtomicU64::new(0);
+        let order: Vec<usize> = (0..40).map(|_| w.next_index(1, &a)).collect();
+        let want: Vec<usize> = (0..40).map(|i| i % 5).collect();
+        assert_eq!(order, want);
+        // A reset starts every lane over at position 0.
+        w.reset(2);
+        assert_eq!(w.next_index(2, &a), 0);
+        // A second lane takes the next batch.
+        let b = AtomicU64::new(0);
+        assert_eq!(w.next_index(2, &b), 16 % 5);
+        assert_eq!(w.next_index(2, &a), 1);
     }
 
     #[test]
