@@ -83,6 +83,10 @@
 //!
 //! - **Count window** (`count_window(n)`): the last `n` outcomes, a ring of
 //!   `n` slots and one packed counter word. O(1) per call, fixed memory.
+//!   Each service made by the layer (its clones share it) takes ring
+//!   positions 16 at a time, so services on different cores do not contend
+//!   on one cursor; with several of them recording at once, the ring holds
+//!   the last `n` calls give or take 16 per service.
 //! - **Time window** (`time_window(d)`): the outcomes of the last `d`, in 10
 //!   buckets of `d / 10`; a bucket leaves the window whole. O(1) per call,
 //!   fixed memory.
