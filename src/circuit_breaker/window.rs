@@ -181,33 +181,30 @@ impl CountWindow {
     /// exactly the order a single shared cursor would; with several lanes
     /// writing at once the ring holds the last N calls give or take one
     /// batch per lane.
+    ///
+    /// The lane word is advanced with a plain load and store, not a
+    /// read-modify-write: a lane is normally driven from one core at a time.
+    /// Should two clones of one service record at the same instant on two
+    /// cores, they may take the same position; both outcomes are still
+    /// accounted exactly (the slot is swapped), and the window holds one
+    /// call fewer until that slot's next lap.
+    #[inline]
     fn next_index(&self, generation: u16, lane: &AtomicU64) -> usize {
         let n = self.slots.len() as u64;
         let advance = |pos: u64| if pos + 1 == n { 0 } else { pos + 1 };
         // Lane word: gen:16 | pos:16 | left:16.
-        let mut w = lane.load(Relaxed);
-        loop {
-            let left = (w >> 16) & 0xFFFF;
-            if (w >> 48) as u16 == generation && left > 0 {
-                let pos = (w >> 32) & 0xFFFF;
-                let next =
-                    (w & !(0xFFFF_FFFF_u64 << 16)) | (advance(pos) << 32) | ((left - 1) << 16);
-                match lane.compare_exchange_weak(w, next, Relaxed, Relaxed) {
-                    Ok(_) => return pos as usize,
-                    Err(actual) => {
-                        w = actual;
-                        continue;
-                    }
-                }
-            }
-            let start = self.cursor.fetch_add(BATCH, Relaxed) % n;
-            let next = (u64::from(generation) << 48) | (advance(start) << 32) | ((BATCH - 1) << 16);
-            match lane.compare_exchange(w, next, Relaxed, Relaxed) {
-                Ok(_) => return start as usize,
-                // Another clone refilled first; this batch is skipped.
-                Err(actual) => w = actual,
-            }
+        let w = lane.load(Relaxed);
+        let left = (w >> 16) & 0xFFFF;
+        if (w >> 48) as u16 == generation && left > 0 {
+            let pos = (w >> 32) & 0xFFFF;
+            let next = (w & !(0xFFFF_FFFF_u64 << 16)) | (advance(pos) << 32) | ((left - 1) << 16);
+            lane.store(next, Relaxed);
+            return pos as usize;
         }
+        let start = self.cursor.fetch_add(BATCH, Relaxed) % n;
+        let next = (u64::from(generation) << 48) | (advance(start) << 32) | ((BATCH - 1) << 16);
+        lane.store(next, Relaxed);
+        start as usize
     }
 
     #[cfg(test)]
