@@ -186,7 +186,7 @@ impl Breaker {
             open_until: AtomicU64::new(0),
             half_open_since: AtomicU64::new(0),
             opens: AtomicU32::new(0),
-            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            rng: AtomicU64::new(random_seed()),
             base: Instant::now(),
             transition: Mutex::new(()),
             events,
@@ -581,6 +581,15 @@ impl Breaker {
             _ => Readiness::Ready,
         }
     }
+}
+
+/// A per-breaker seed, so that the breakers of one process (keyed breakers
+/// above all) do not jitter in step. std's `RandomState` is randomly keyed.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// `now + d`, or a year from now where that would overflow the clock.

@@ -613,3 +613,22 @@ async fn huge_durations_do_not_overflow() {
     h.force_open();
     assert!(tokio::time::timeout(secs(3600), svc.ready()).await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn two_breakers_do_not_jitter_in_step() {
+    let mut firsts = Vec::new();
+    for _ in 0..2 {
+        let layer = CircuitBreakerLayer::builder()
+            .consecutive_failures(1)
+            .open_for(secs(10))
+            .max_open_for(secs(40))
+            .open_jitter(0.5)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let mut svc = layer.layer(Counter::default().service());
+        let _ = call(&mut svc, Cmd::Fail).await;
+        firsts.push(h.retry_after().unwrap());
+    }
+    assert_ne!(firsts[0], firsts[1]);
+}
