@@ -118,7 +118,9 @@
 //! By default `Err` is a failure and `Ok` a success. Our own rejections
 //! (another breaker's `CircuitOpen`, `BulkheadFull`, `RateLimited`,
 //! `DeadlineExceeded`) are not counted at all: they say nothing about the
-//! dependency. Pass a classifier with
+//! dependency. An attempt timeout ([`Elapsed`](crate::timeout::Elapsed)) from
+//! a timeout layer inside the breaker *is* a failure: that is how a hanging
+//! dependency opens it. Pass a classifier with
 //! [`classifier`](CircuitBreakerBuilder::classifier) to judge responses:
 //! [`HttpClassifier`](crate::classify::HttpClassifier) (5xx, optionally 429
 //! and 408) or [`GrpcClassifier`](crate::classify::GrpcClassifier). See
@@ -156,8 +158,10 @@
 //! # Differences from Resilience4j and tower-resilience
 //!
 //! - The hot path takes no lock and allocates nothing when closed: admission
-//!   is one atomic load, and recording an outcome is a few atomic operations
-//!   on the window. tower-resilience 0.13 boxes each future and takes a
+//!   is one atomic load, and recording an outcome in the steady state writes
+//!   only cache lines of the calling service's own lane (its reference count
+//!   and ring position), so cores do not contend. tower-resilience 0.13
+//!   boxes each future and takes a
 //!   `tokio::sync::Mutex` twice per call.
 //! - Slow-call detection is off unless asked for (see [Defaults](#defaults)).
 //! - Half-open probes are reserved atomically, and a cancelled probe returns
