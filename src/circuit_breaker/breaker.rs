@@ -551,6 +551,11 @@ impl Breaker {
         self.events.subscribe()
     }
 
+    /// The window's counts now.
+    pub(crate) fn counts(&self) -> Snapshot {
+        self.window.counts(self.nanos(Instant::now()))
+    }
+
     /// Time left until Open turns HalfOpen, if Open.
     pub(crate) fn open_remaining(&self) -> Option<Duration> {
         let word = self.state.load(Acquire);

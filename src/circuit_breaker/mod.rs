@@ -249,6 +249,39 @@ pub enum Event {
     },
 }
 
+/// The counts in a breaker's sliding window; see
+/// [`CircuitBreakerHandle::metrics`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// Calls in the window.
+    pub calls: u64,
+    /// Of those, failures.
+    pub failures: u64,
+    /// Of those, slow calls (only counted with slow-call detection on).
+    pub slow_calls: u64,
+}
+
+impl Metrics {
+    /// `failures / calls`, or 0 for an empty window.
+    pub fn failure_rate(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.failures as f64 / self.calls as f64
+        }
+    }
+
+    /// `slow_calls / calls`, or 0 for an empty window.
+    pub fn slow_call_rate(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.slow_calls as f64 / self.calls as f64
+        }
+    }
+}
+
 /// A handle on a shared breaker. Clone it freely; every method is
 /// synchronous and needs no runtime.
 #[derive(Clone)]
@@ -295,6 +328,24 @@ impl CircuitBreakerHandle {
     /// when it is not open.
     pub fn retry_after(&self) -> Option<Duration> {
         self.breaker.open_remaining()
+    }
+
+    /// The calls in the sliding window now: how many, how many failed, how
+    /// many were slow.
+    ///
+    /// The window is emptied when the breaker closes (and on
+    /// [`reset`](Self::reset) and [`disable`](Self::disable)); while it is
+    /// open or half-open, this is the window that opened it. While
+    /// [`Disabled`](State::Disabled) it keeps counting. In the
+    /// consecutive-failures mode, `calls` and `failures` are both the current
+    /// run of failures.
+    pub fn metrics(&self) -> Metrics {
+        let s = self.breaker.counts();
+        Metrics {
+            calls: s.total,
+            failures: s.failures,
+            slow_calls: s.slow,
+        }
     }
 
     /// A stream of state changes and rejections.

@@ -44,6 +44,39 @@ impl Window {
         }
     }
 
+    /// The counts now (`now_nanos` since the breaker's base).
+    pub(crate) fn counts(&self, now_nanos: u64) -> Snapshot {
+        match self {
+            Window::Count(w) => {
+                // A lane transiently negative (see CountWindow) settles at
+                // once; read again rather than report it.
+                for _ in 0..64 {
+                    if let Some(s) = decode_count(w.counter.load(Acquire)) {
+                        return s;
+                    }
+                    std::hint::spin_loop();
+                }
+                Snapshot {
+                    total: 0,
+                    failures: 0,
+                    slow: 0,
+                }
+            }
+            Window::Time(w) => {
+                let generation = w.generation.load(Acquire) as u16;
+                w.snapshot(generation, now_nanos / w.width_nanos)
+            }
+            Window::Consecutive(c) => {
+                let run = c.word.load(Acquire) & TICK_MASK;
+                Snapshot {
+                    total: run,
+                    failures: run,
+                    slow: 0,
+                }
+            }
+        }
+    }
+
     /// Whether recording needs the time of completion.
     pub(crate) fn needs_clock(&self) -> bool {
         matches!(self, Window::Time(_))

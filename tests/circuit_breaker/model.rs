@@ -2,8 +2,8 @@
 //!
 //! Random sequences of call starts, finishes (success, failure, ignored),
 //! drops, time advances and handle operations run against both; after every
-//! step they must agree on the state, and on every call on admit or reject
-//! (and on the rejection's `retry_after`).
+//! step they must agree on the state and on the window's counts, and on
+//! every call on admit or reject (and on the rejection's `retry_after`).
 
 use proptest::prelude::*;
 use std::collections::VecDeque;
@@ -117,6 +117,8 @@ struct Model {
     cfg: Cfg,
     state: State,
     epoch: u64,
+    /// The epoch of the Closed or Disabled state the window belongs to.
+    window_epoch: u64,
     until: Duration,
     since: Duration,
     opens: u32,
@@ -135,6 +137,7 @@ impl Model {
             cfg,
             state: State::Closed,
             epoch: 0,
+            window_epoch: 0,
             until: Duration::ZERO,
             since: Duration::ZERO,
             opens: 0,
@@ -166,6 +169,7 @@ impl Model {
                 self.records.clear();
                 self.run = 0;
                 self.opens = 0;
+                self.window_epoch = self.epoch;
             }
             State::Open => {
                 self.opens += 1;
@@ -253,11 +257,8 @@ impl Model {
             Finish::Success => false,
         };
         let slow = self.cfg.slow.is_some_and(|(_, d)| now - c.start >= d);
-        if c.epoch != self.epoch {
-            return;
-        }
         if c.probe {
-            if self.state != State::HalfOpen {
+            if self.state != State::HalfOpen || c.epoch != self.epoch {
                 return;
             }
             self.done += 1;
@@ -273,7 +274,10 @@ impl Model {
             }
             return;
         }
-        if !matches!(self.state, State::Closed | State::Disabled) {
+        // A call records into the window of the state that admitted it,
+        // even if the breaker has opened since (that window is only emptied
+        // when the breaker closes); only the state that admitted it can trip.
+        if c.epoch != self.window_epoch {
             return;
         }
         let trip = match self.cfg.win {
@@ -302,9 +306,32 @@ impl Model {
                 self.trips(total, b, s, self.minimum())
             }
         };
-        if trip && self.state == State::Closed {
+        if trip && self.state == State::Closed && self.epoch == c.epoch {
             self.go(State::Open, now);
         }
+    }
+
+    /// (calls, failures, slow calls) in the window at `now`.
+    fn metrics(&self, now: Duration) -> (u64, u64, u64) {
+        let (t, b, s) = match self.cfg.win {
+            Win::Consecutive(_) => (self.run as usize, self.run as usize, 0),
+            Win::Count(_) => {
+                let (b, s) = self.counts(|_| true);
+                (self.records.len(), b, s)
+            }
+            Win::Time(d) => {
+                let width = d.as_nanos() / 10;
+                let tick = now.as_nanos() / width;
+                let in_window = |t: Duration| {
+                    let k = t.as_nanos() / width;
+                    k <= tick && k + 10 > tick
+                };
+                let total = self.records.iter().filter(|r| in_window(r.0)).count();
+                let (b, s) = self.counts(in_window);
+                (total, b, s)
+            }
+        };
+        (t as u64, b as u64, s as u64)
     }
 
     fn counts(&self, keep: impl Fn(Duration) -> bool) -> (usize, usize) {
@@ -418,6 +445,13 @@ fn run(cfg: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             let now = start.elapsed();
             prop_assert_eq!(h.state(), model.state(now), "after step {}", step);
+            let m = h.metrics();
+            prop_assert_eq!(
+                (m.calls, m.failures, m.slow_calls),
+                model.metrics(now),
+                "metrics after step {}",
+                step
+            );
         }
         Ok(())
     })

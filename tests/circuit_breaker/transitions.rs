@@ -632,3 +632,34 @@ async fn two_breakers_do_not_jitter_in_step() {
     }
     assert_ne!(firsts[0], firsts[1]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_the_window_and_disabled_keeps_counting() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(4)
+        .minimum_calls(4)
+        .failure_rate(1.0)
+        .slow_call_duration(secs(1))
+        .slow_call_rate(1.0)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(Counter::default().service());
+    let _ = call(&mut svc, Cmd::Fail).await;
+    call(&mut svc, Cmd::Slow(secs(2))).await.unwrap();
+    call(&mut svc, Cmd::Ok).await.unwrap();
+    let m = h.metrics();
+    assert_eq!((m.calls, m.failures, m.slow_calls), (3, 1, 1));
+    assert!((m.failure_rate() - 1.0 / 3.0).abs() < 1e-9);
+
+    h.disable();
+    assert_eq!(h.metrics().calls, 0, "disable starts an empty window");
+    for _ in 0..6 {
+        let _ = call(&mut svc, Cmd::Fail).await;
+    }
+    let m = h.metrics();
+    assert_eq!((m.calls, m.failures), (4, 4), "recorded, and never opens");
+    assert_eq!(h.state(), State::Disabled);
+    h.reset();
+    assert_eq!(h.metrics().calls, 0);
+}
