@@ -101,9 +101,42 @@ fn generation(epoch: u64) -> u16 {
 /// slow-call detection needs to know).
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    pub(crate) epoch: u64,
-    pub(crate) probe: bool,
-    pub(crate) start: Option<Instant>,
+    /// `probe:1 | epoch:63`. Two plain words keep the ticket cheap to move
+    /// through the response future.
+    tag: u64,
+    /// Nanoseconds since the breaker's base, or `NO_START`.
+    start: u64,
+}
+
+const PROBE_BIT: u64 = 1 << 63;
+const NO_START: u64 = u64::MAX;
+
+impl Ticket {
+    #[inline]
+    fn new(epoch: u64, probe: bool, start: u64) -> Self {
+        Ticket {
+            tag: epoch | if probe { PROBE_BIT } else { 0 },
+            start,
+        }
+    }
+
+    #[inline]
+    fn epoch(&self) -> u64 {
+        self.tag & !PROBE_BIT
+    }
+
+    /// Whether this call holds a half-open probe slot.
+    #[inline]
+    pub(crate) fn is_probe(&self) -> bool {
+        self.tag & PROBE_BIT != 0
+    }
+
+    /// The probe slot has been accounted for: dropping the call must not
+    /// give it back.
+    #[inline]
+    pub(crate) fn spend(&mut self) {
+        self.tag &= !PROBE_BIT;
+    }
 }
 
 /// One service's (and its clones') access to a shared breaker. Calls hold an
@@ -200,8 +233,14 @@ impl Breaker {
             .min(u128::from(u64::MAX)) as u64
     }
 
-    fn slow_enabled(&self) -> bool {
-        self.settings.slow.is_some()
+    /// A call's start, read only when slow-call detection needs it.
+    #[inline]
+    fn start(&self) -> u64 {
+        if self.settings.slow.is_some() {
+            self.nanos(Instant::now())
+        } else {
+            NO_START
+        }
     }
 
     /// Decides whether a call may go through.
@@ -213,11 +252,7 @@ impl Breaker {
         loop {
             match word & KIND_MASK {
                 K_CLOSED | K_DISABLED => {
-                    return Ok(Ticket {
-                        epoch: epoch_of(word),
-                        probe: false,
-                        start: self.slow_enabled().then(Instant::now),
-                    });
+                    return Ok(Ticket::new(epoch_of(word), false, self.start()));
                 }
                 K_OPEN => {
                     let now = Instant::now();
@@ -238,11 +273,7 @@ impl Breaker {
                             Acquire,
                         ) {
                             Ok(_) => {
-                                return Ok(Ticket {
-                                    epoch: epoch_of(word),
-                                    probe: true,
-                                    start: self.slow_enabled().then(Instant::now),
-                                });
+                                return Ok(Ticket::new(epoch_of(word), true, self.start()));
                             }
                             Err(actual) => {
                                 word = actual;
@@ -283,30 +314,32 @@ impl Breaker {
     /// Whether a call admitted with `ticket` needs the clock when it finishes.
     #[inline]
     pub(crate) fn needs_clock(&self, ticket: &Ticket) -> bool {
-        ticket.start.is_some() || (!ticket.probe && self.window.needs_clock())
+        ticket.start != NO_START || (!ticket.is_probe() && self.window.needs_clock())
     }
 
     /// Records the outcome of an admitted call.
     fn record(&self, ticket: &Ticket, verdict: Outcome, now: Option<Instant>, lane: &AtomicU64) {
         let failed = match verdict {
             Outcome::Ignore => {
-                if ticket.probe {
-                    self.release_probe(ticket.epoch);
+                if ticket.is_probe() {
+                    self.release_probe(ticket.epoch());
                 }
                 return;
             }
             Outcome::Failure => true,
             Outcome::Success => false,
         };
-        let slow = match (self.settings.slow, ticket.start, now) {
-            (Some((_, d)), Some(start), Some(now)) => now.saturating_duration_since(start) >= d,
+        let slow = match (self.settings.slow, now) {
+            (Some((_, d)), Some(now)) if ticket.start != NO_START => {
+                self.nanos(now).saturating_sub(ticket.start) >= duration_nanos(d)
+            }
             _ => false,
         };
-        if ticket.probe {
-            self.record_probe(ticket.epoch, failed, slow);
+        if ticket.is_probe() {
+            self.record_probe(ticket.epoch(), failed, slow);
             return;
         }
-        let g = generation(ticket.epoch);
+        let g = generation(ticket.epoch());
         let bits = REC | if failed { FAIL } else { 0 } | if slow { SLOW } else { 0 };
         let trip = match &self.window {
             Window::Count(w) => w
@@ -325,7 +358,7 @@ impl Breaker {
             }
         };
         if trip {
-            self.trip(ticket.epoch);
+            self.trip(ticket.epoch());
         }
     }
 

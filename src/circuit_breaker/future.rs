@@ -64,7 +64,7 @@ impl Call {
             .then(Instant::now);
         self.lane.record(&self.ticket, outcome, now);
         // Recorded: dropping `self` must not give the probe slot back.
-        self.ticket.probe = false;
+        self.ticket.spend();
     }
 }
 
@@ -72,7 +72,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         // A probe still marked here never completed (its future was
         // dropped): give the slot back. Completion clears the mark.
-        if self.ticket.probe {
+        if self.ticket.is_probe() {
             self.lane.record(&self.ticket, Outcome::Ignore, None);
         }
     }
