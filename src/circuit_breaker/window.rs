@@ -473,6 +473,55 @@ mod tests {
         assert_eq!(w.next_index(2, &a), 1);
     }
 
+    /// Two threads record at once, through their own lanes and through one
+    /// shared lane (the racy case): afterwards the packed counter must equal
+    /// a recount of the slots, lane by lane.
+    #[test]
+    fn concurrent_records_keep_the_counter_equal_to_the_slots() {
+        for n in [1usize, 3, 16, 100] {
+            let w = std::sync::Arc::new(CountWindow::new(n));
+            w.reset(5);
+            let shared = std::sync::Arc::new(AtomicU64::new(0));
+            let threads: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let w = w.clone();
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        let own = AtomicU64::new(0);
+                        let mut x = 0x2545_F491_4F6C_DD1D_u64 ^ t;
+                        for i in 0..50_000 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let bits = REC | (x as u8 & (FAIL | SLOW));
+                            let lane = if i % 3 == 0 { &*shared } else { &own };
+                            w.record(5, bits, lane);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let (mut total, mut fail, mut slow) = (0, 0, 0);
+            for s in w.slots.iter() {
+                let v = s.load(Acquire);
+                assert_eq!(v >> 8, 5);
+                let b = v as u8;
+                total += u64::from(b & REC != 0);
+                fail += u64::from(b & FAIL != 0);
+                slow += u64::from(b & SLOW != 0);
+            }
+            let snap = w.snapshot().expect("settled");
+            assert_eq!(
+                (snap.total, snap.failures, snap.slow),
+                (total, fail, slow),
+                "n = {n}"
+            );
+            assert_eq!(total, n as u64);
+        }
+    }
+
     #[test]
     fn time_window_expires_buckets() {
         let w = TimeWindow::new(100);
