@@ -59,6 +59,7 @@
 pub mod bulkhead;
 pub mod chaos;
 pub mod circuit_breaker;
+pub mod classify;
 pub mod deadline;
 pub mod defer;
 pub mod error;

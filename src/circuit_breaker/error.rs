@@ -2,6 +2,17 @@ use std::fmt;
 use std::time::Duration;
 
 /// The circuit breaker is open: the call was not made.
+///
+/// [`retry_after`](Self::retry_after) comes from the breaker's real state:
+///
+/// | state | `retry_after` |
+/// | --- | --- |
+/// | Open | the time left until it turns half-open |
+/// | HalfOpen, every probe slot taken | zero: a slot comes free when a probe finishes |
+/// | ForcedOpen | `open_for`, as a hint: only a reset ends it |
+///
+/// Map it to `503 Service Unavailable` with a `Retry-After` header, or gRPC
+/// `UNAVAILABLE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CircuitOpen {
     retry_after: Duration,

@@ -1,0 +1,346 @@
+use super::breaker::{Breaker, Lane, Settings};
+use super::future::{Call, ResponseFuture};
+use super::{CircuitBreakerHandle, State};
+use crate::BoxError;
+use crate::classify::{ClassifyStream, DefaultClassifier};
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+/// One breaker per key. See the [module docs](super#per-key-breakers).
+///
+/// The key function runs on every request, and the key table is a
+/// `std::sync::Mutex<HashMap>` held only to look the key up (never across an
+/// await): this is the flexible path, not the lock-free one.
+///
+/// At most `max_keys` breakers live at once. When a new key arrives, closed
+/// breakers unused for `idle_timeout` are dropped (checked when the table is
+/// full, and otherwise at most once per `idle_timeout`); if the table is still
+/// full, the least recently used closed breaker goes, and only if every
+/// breaker is open (or forced open, half-open, disabled) the least
+/// recently used of those. Memory stays bounded under any number of keys.
+/// A call in flight on an evicted breaker still completes normally.
+///
+/// The readiness mode does not apply: a keyed breaker cannot know the key in
+/// `poll_ready`, so it always decides in `call`.
+pub struct KeyedCircuitBreaker<S, K, F, C = DefaultClassifier> {
+    inner: S,
+    shared: Arc<Shared<K, F, C>>,
+}
+
+struct Entry {
+    lane: Arc<Lane>,
+    last_used: Instant,
+}
+
+struct Shared<K, F, C> {
+    key_fn: F,
+    classifier: C,
+    settings: Settings,
+    max_keys: usize,
+    idle_timeout: Duration,
+    breakers: Mutex<Table<K>>,
+}
+
+struct Table<K> {
+    map: HashMap<K, Entry>,
+    /// When idle breakers were last swept out.
+    swept: Instant,
+}
+
+impl<K> Table<K> {
+    fn new() -> Self {
+        Table {
+            map: HashMap::new(),
+            swept: Instant::now(),
+        }
+    }
+}
+
+impl<K, F, C> Shared<K, F, C>
+where
+    K: Hash + Eq + Clone,
+{
+    fn lane_for(&self, key: K) -> Arc<Lane> {
+        let now = Instant::now();
+        let mut table = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = table.map.get_mut(&key) {
+            e.last_used = now;
+            return e.lane.clone();
+        }
+        // Sweep idle breakers when the table is full, and at most once per
+        // idle_timeout otherwise, so a new key never pays a sweep each time.
+        let idle = self.idle_timeout;
+        if table.map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
+            table.swept = now;
+            table.map.retain(|_, e| {
+                !(e.lane.breaker.state() == State::Closed
+                    && now.saturating_duration_since(e.last_used) >= idle)
+            });
+        }
+        let map = &mut table.map;
+        if map.len() >= self.max_keys {
+            let victim = map
+                .iter()
+                .min_by_key(|(_, e)| (e.lane.breaker.state() != State::Closed, e.last_used))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                map.remove(&k);
+            }
+        }
+        let lane = Lane::new(Arc::new(Breaker::new(self.settings.clone())));
+        map.insert(
+            key,
+            Entry {
+                lane: lane.clone(),
+                last_used: now,
+            },
+        );
+        lane
+    }
+}
+
+impl<S: Clone, K, F, C> Clone for KeyedCircuitBreaker<S, K, F, C> {
+    fn clone(&self) -> Self {
+        KeyedCircuitBreaker {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, F, C> fmt::Debug for KeyedCircuitBreaker<S, K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreaker")
+            .field("inner", &self.inner)
+            .field("max_keys", &self.shared.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, F, C> KeyedCircuitBreaker<S, K, F, C> {
+    /// A handle on every keyed breaker of this service's layer.
+    pub fn handle(&self) -> KeyedCircuitBreakerHandle<K, F, C> {
+        KeyedCircuitBreakerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, F, C, Req> Service<Req> for KeyedCircuitBreaker<S, K, F, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone,
+    F: Fn(&Req) -> K,
+    C: ClassifyStream<S::Response> + Clone,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C, S::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = (self.shared.key_fn)(&req);
+        let lane = self.shared.lane_for(key);
+        match lane.breaker.admit() {
+            Ok(ticket) => ResponseFuture::called(
+                self.inner.call(req),
+                Call::new(lane, ticket),
+                self.shared.classifier.clone(),
+            ),
+            Err(retry_after) => {
+                ResponseFuture::rejected(retry_after, self.shared.classifier.clone())
+            }
+        }
+    }
+}
+
+/// Applies a [`KeyedCircuitBreaker`]. Every service made from one layer
+/// shares its breakers.
+///
+/// Build it from a [`CircuitBreakerConfig`](super::CircuitBreakerConfig)
+/// with [`into_keyed_layer`](super::CircuitBreakerConfig::into_keyed_layer):
+///
+/// ```
+/// use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, KeyedCircuitBreakerLayer};
+///
+/// // One breaker per upstream host.
+/// let layer: KeyedCircuitBreakerLayer<String, _> =
+///     CircuitBreakerConfig { max_keys: 64, ..Default::default() }
+///     .into_keyed_layer(|req: &http::Request<()>| {
+///         req.uri().host().unwrap_or_default().to_owned()
+///     })
+///     .unwrap();
+/// # let _ = layer;
+/// ```
+pub struct KeyedCircuitBreakerLayer<K, F, C = DefaultClassifier> {
+    shared: Arc<Shared<K, F, C>>,
+}
+
+impl<K, F, C> Clone for KeyedCircuitBreakerLayer<K, F, C> {
+    fn clone(&self) -> Self {
+        KeyedCircuitBreakerLayer {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K, F, C> fmt::Debug for KeyedCircuitBreakerLayer<K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerLayer")
+            .field("settings", &self.shared.settings)
+            .field("max_keys", &self.shared.max_keys)
+            .field("idle_timeout", &self.shared.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, F> KeyedCircuitBreakerLayer<K, F> {
+    pub(crate) fn from_parts(
+        settings: Settings,
+        classifier: DefaultClassifier,
+        key_fn: F,
+        max_keys: usize,
+        idle_timeout: Duration,
+    ) -> Self {
+        KeyedCircuitBreakerLayer {
+            shared: Arc::new(Shared {
+                key_fn,
+                classifier,
+                settings,
+                max_keys,
+                idle_timeout,
+                breakers: Mutex::new(Table::new()),
+            }),
+        }
+    }
+}
+
+impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
+    /// Uses `classifier` instead.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: set the classifier first.
+    pub fn classifier<C2>(self, classifier: C2) -> KeyedCircuitBreakerLayer<K, F, C2> {
+        let shared = Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("set the classifier before cloning the layer"));
+        KeyedCircuitBreakerLayer {
+            shared: Arc::new(Shared {
+                key_fn: shared.key_fn,
+                classifier,
+                settings: shared.settings,
+                max_keys: shared.max_keys,
+                idle_timeout: shared.idle_timeout,
+                breakers: shared.breakers,
+            }),
+        }
+    }
+
+    /// A handle on every breaker of this layer.
+    pub fn handle(&self) -> KeyedCircuitBreakerHandle<K, F, C> {
+        KeyedCircuitBreakerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, K, F, C> Layer<S> for KeyedCircuitBreakerLayer<K, F, C> {
+    type Service = KeyedCircuitBreaker<S, K, F, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedCircuitBreaker {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A handle on the breakers of a [`KeyedCircuitBreakerLayer`].
+pub struct KeyedCircuitBreakerHandle<K, F, C = DefaultClassifier> {
+    shared: Arc<Shared<K, F, C>>,
+}
+
+impl<K, F, C> Clone for KeyedCircuitBreakerHandle<K, F, C> {
+    fn clone(&self) -> Self {
+        KeyedCircuitBreakerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K, F, C> fmt::Debug for KeyedCircuitBreakerHandle<K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerHandle")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, F, C> KeyedCircuitBreakerHandle<K, F, C>
+where
+    K: Hash + Eq + Clone,
+{
+    /// Every live key and its breaker's state.
+    pub fn states(&self) -> Vec<(K, State)> {
+        let map = self
+            .shared
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.map
+            .iter()
+            .map(|(k, e)| (k.clone(), e.lane.breaker.state()))
+            .collect()
+    }
+
+    /// Live keys.
+    pub fn len(&self) -> usize {
+        self.shared
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
+    }
+
+    /// Whether no key is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The handle of one key's breaker, if it is live.
+    pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
+        let map = self
+            .shared
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.map
+            .get(key)
+            .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
+    }
+}

@@ -1,0 +1,107 @@
+//! One breaker per key.
+
+use crate::support::{Cmd, Counter};
+use std::time::Duration;
+use tower::{Layer, Service, ServiceExt};
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, State};
+
+fn config() -> CircuitBreakerConfig {
+    CircuitBreakerConfig {
+        consecutive_failures: Some(2),
+        max_keys: 3,
+        idle_timeout: Duration::from_secs(60),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_have_their_own_breakers() {
+    let layer = config()
+        .into_keyed_layer(|(k, _): &(&'static str, Cmd)| *k)
+        .unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let inner = c.service().map_request(|(_, cmd): (&'static str, Cmd)| cmd);
+    let mut svc = layer.layer(inner);
+    for _ in 0..2 {
+        let _ = svc.ready().await.unwrap().call(("a", Cmd::Fail)).await;
+    }
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("b", Cmd::Ok))
+        .await
+        .unwrap();
+    assert!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(("a", Cmd::Ok))
+            .await
+            .is_err()
+    );
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("b", Cmd::Ok))
+        .await
+        .unwrap();
+    let mut states = h.states();
+    states.sort_by_key(|(k, _)| *k);
+    assert_eq!(states, [("a", State::Open), ("b", State::Closed)]);
+    assert_eq!(h.get(&"a").unwrap().state(), State::Open);
+    assert_eq!(c.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_keys_are_bounded_and_open_breakers_outlive_idle_closed_ones() {
+    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    // Key 0 opens.
+    for _ in 0..2 {
+        let _ = svc.ready().await.unwrap().call((0, Cmd::Fail)).await;
+    }
+    for k in 1..100 {
+        svc.ready().await.unwrap().call((k, Cmd::Ok)).await.unwrap();
+        assert!(h.len() <= 3, "{} live keys", h.len());
+    }
+    // The open breaker was never evicted for a closed one.
+    assert_eq!(h.get(&0).map(|b| b.state()), Some(State::Open));
+    assert!(svc.ready().await.unwrap().call((0, Cmd::Ok)).await.is_err());
+
+    // Idle closed breakers are dropped first once the table is full.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    svc.ready()
+        .await
+        .unwrap()
+        .call((500, Cmd::Ok))
+        .await
+        .unwrap();
+    let mut keys: Vec<u32> = h.states().into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    // Key 0 turned half-open (still not closed), 98 and 99 were idle.
+    assert_eq!(keys, [0, 500]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_closed_breakers_are_swept_even_below_the_bound() {
+    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(
+        Counter::default()
+            .service()
+            .map_request(|(_, cmd): (u32, Cmd)| cmd),
+    );
+    svc.ready().await.unwrap().call((1, Cmd::Ok)).await.unwrap();
+    svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    svc.ready().await.unwrap().call((3, Cmd::Ok)).await.unwrap();
+    let mut keys: Vec<u32> = h.states().into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    // Key 1 was idle 61 s; key 2 only 31 s.
+    assert_eq!(keys, [2, 3]);
+}
