@@ -67,6 +67,7 @@ pub mod fallback;
 pub mod grpc;
 pub mod hedge;
 pub mod http;
+pub mod preset;
 pub mod queue;
 pub mod rate_limit;
 pub mod retry;

@@ -3,14 +3,19 @@
 //! [`Resilience::builder()`] (or a [`ResilienceConfig`] loaded with serde)
 //! builds one [`ResilienceLayer`] that stacks, outermost first:
 //!
-//! 1. rate limit ([`rate_limit`](crate::rate_limit))
-//! 2. bulkhead ([`bulkhead`](crate::bulkhead))
-//! 3. deadline, the total timeout ([`deadline`](crate::deadline))
-//! 4. retry, with its request-body buffering ([`retry`](crate::retry))
-//! 5. circuit breaker with the HTTP classifier ([`circuit_breaker`](crate::circuit_breaker))
-//! 6. attempt timeout ([`timeout`](crate::timeout)), then the deadline
+//! 1. rate limit ([`crate::rate_limit`])
+//! 2. bulkhead ([`crate::bulkhead`])
+//! 3. deadline, the total timeout ([`crate::deadline`])
+//! 4. retry, with its request-body buffering ([`crate::retry`])
+//! 5. circuit breaker with the HTTP classifier ([`crate::circuit_breaker`])
+//! 6. attempt timeout ([`crate::timeout`]), then the deadline
 //!    written onto the outgoing request ([`PropagateDeadline`])
 //! 7. the service
+//!
+//! The preset serves `http::Request<B>`; the service inside it receives
+//! `http::Request<`[`ReplayBody`](crate::retry::ReplayBody)`<B>>`, the
+//! buffered body retries replay (a hyper client is built with
+//! `build_http::<ReplayBody<Full<Bytes>>>()`; an axum `Router` takes any body).
 //!
 //! Every stage is optional. `defer` or `fallback` go outside the preset (they
 //! carry your queue or your fallback value): `.layer(DeferLayer::new(q)).layer(preset)`.
@@ -201,16 +206,16 @@ impl ResilienceConfig {
 
         let budget = deadline.as_ref().map(|d| d.budget);
         let attempt = timeout.as_ref().map(|t| t.timeout);
-        if let (Some(budget), Some(attempt)) = (budget, attempt) {
-            if attempt > budget {
-                return Err(ConfigError::conflict(
-                    "timeout.timeout",
-                    attempt,
-                    "deadline.budget",
-                    budget,
-                    "an attempt cannot be allowed longer than the whole call",
-                ));
-            }
+        if let (Some(budget), Some(attempt)) = (budget, attempt)
+            && attempt > budget
+        {
+            return Err(ConfigError::conflict(
+                "timeout.timeout",
+                attempt,
+                "deadline.budget",
+                budget,
+                "an attempt cannot be allowed longer than the whole call",
+            ));
         }
         let retry_policy = match &retry {
             Some(r) => r.policy().map_err(|e| e.in_section("retry"))?.http(),
@@ -233,18 +238,17 @@ impl ResilienceConfig {
                 ));
             }
         }
-        if let (Some(b), Some(attempt)) = (&breaker, attempt) {
-            if let Some(window) = b.time_window {
-                if window < attempt * 2 {
-                    return Err(ConfigError::conflict(
-                        "circuit_breaker.time_window",
-                        window,
-                        "timeout.timeout",
-                        attempt,
-                        "the window must hold at least two attempts, or a hang is never seen as a failure in time",
-                    ));
-                }
-            }
+        if let (Some(b), Some(attempt)) = (&breaker, attempt)
+            && let Some(window) = b.time_window
+            && window < attempt * 2
+        {
+            return Err(ConfigError::conflict(
+                "circuit_breaker.time_window",
+                window,
+                "timeout.timeout",
+                attempt,
+                "the window must hold at least two attempts, or a hang is never seen as a failure in time",
+            ));
         }
 
         let breaker_layer = match breaker {
@@ -289,10 +293,25 @@ pub struct Resilience {
 }
 
 impl Resilience {
-    /// A builder with the [defaults](self#defaults).
+    /// A builder for protecting calls to a dependency, with the
+    /// [defaults](self#defaults): every stage but the rate limit.
     pub fn builder() -> ResilienceBuilder {
         ResilienceBuilder {
             config: ResilienceConfig::default(),
+        }
+    }
+
+    /// A builder for protecting your own server: bulkhead and deadline on
+    /// (add `.rate_limit(n)`), and no retry, breaker or attempt timeout, which
+    /// belong on the calls your server makes, not on the requests it serves.
+    pub fn server() -> ResilienceBuilder {
+        ResilienceBuilder {
+            config: ResilienceConfig {
+                retry: Stage::Off,
+                circuit_breaker: Stage::Off,
+                timeout: Stage::Off,
+                ..ResilienceConfig::default()
+            },
         }
     }
 }

@@ -58,6 +58,12 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
+    pub(crate) fn unbounded(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Running { fut, permit: None },
+        }
+    }
+
     pub(crate) fn full(max_concurrent: usize) -> Self {
         ResponseFuture {
             state: State::Full { max_concurrent },

@@ -45,6 +45,6 @@ impl<S> Layer<S> for BulkheadLayer {
     type Service = Bulkhead<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Bulkhead::from_pool(inner, self.pool.clone())
+        Bulkhead::from_pool(inner, Some(self.pool.clone()))
     }
 }

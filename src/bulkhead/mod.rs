@@ -70,7 +70,8 @@ use tower::Service;
 #[derive(Clone, Debug)]
 pub struct Bulkhead<S> {
     inner: S,
-    pool: Pool,
+    // None: no bound (a preset stage turned off).
+    pool: Option<Pool>,
 }
 
 /// One pool of slots, shared by every clone of a service.
@@ -209,7 +210,7 @@ impl<S> Bulkhead<S> {
     pub fn new(inner: S, max_concurrent: usize) -> Self {
         Bulkhead {
             inner,
-            pool: Pool::new(max_concurrent, Duration::ZERO),
+            pool: Some(Pool::new(max_concurrent, Duration::ZERO)),
         }
     }
 
@@ -218,13 +219,13 @@ impl<S> Bulkhead<S> {
         BulkheadLayer::new(max_concurrent)
     }
 
-    pub(crate) fn from_pool(inner: S, pool: Pool) -> Self {
+    pub(crate) fn from_pool(inner: S, pool: Option<Pool>) -> Self {
         Bulkhead { inner, pool }
     }
 
-    /// Calls in flight right now, across every clone.
+    /// Calls in flight right now, across every clone (zero when unbounded).
     pub fn in_flight(&self) -> usize {
-        self.pool.in_flight()
+        self.pool.as_ref().map_or(0, Pool::in_flight)
     }
 
     /// A reference to the inner service.
@@ -257,6 +258,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        self.pool.call(&mut self.inner, req)
+        match &self.pool {
+            Some(pool) => pool.call(&mut self.inner, req),
+            None => future::ResponseFuture::unbounded(self.inner.call(req)),
+        }
     }
 }

@@ -270,6 +270,15 @@ impl CircuitBreakerConfig {
         ))
     }
 
+    /// Checks the settings and builds a [`CircuitBreakerLayer`] with
+    /// `classifier` (for example [`HttpClassifier`](crate::classify::HttpClassifier)).
+    pub fn into_layer_with<C>(self, classifier: C) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+        Ok(CircuitBreakerLayer::from_settings(
+            self.settings()?,
+            classifier,
+        ))
+    }
+
     /// Checks the settings and builds a [`KeyedCircuitBreakerLayer`]: one
     /// breaker per key returned by `key_fn`.
     pub fn into_keyed_layer<K, F>(

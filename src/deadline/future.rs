@@ -33,6 +33,11 @@ pin_project! {
         },
         // The deadline had passed before the call: the inner service was not called.
         Expired,
+        // No deadline (a preset stage turned off).
+        Passthrough {
+            #[pin]
+            inner: F,
+        },
     }
 }
 
@@ -44,6 +49,12 @@ impl<F> ResponseFuture<F> {
                 sleep: None,
                 at,
             },
+        }
+    }
+
+    pub(crate) fn passthrough(inner: F) -> Self {
+        ResponseFuture {
+            state: State::Passthrough { inner },
         }
     }
 
@@ -64,6 +75,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Expired => Poll::Ready(Err(DeadlineExceeded::new().into())),
+            StateProj::Passthrough { inner } => inner.poll(cx).map_err(Into::into),
             StateProj::Running {
                 inner,
                 mut sleep,

@@ -121,7 +121,8 @@ impl CallDeadline {
 #[derive(Clone, Debug)]
 pub struct Deadline<S> {
     inner: S,
-    budget: Duration,
+    // None: pass every call through untouched (a preset stage turned off).
+    budget: Option<Duration>,
     read_headers: bool,
 }
 
@@ -130,8 +131,17 @@ impl<S> Deadline<S> {
     pub const fn new(inner: S, budget: Duration) -> Self {
         Deadline {
             inner,
-            budget,
+            budget: Some(budget),
             read_headers: true,
+        }
+    }
+
+    /// No deadline: a stage of a preset that is turned off.
+    pub(crate) const fn off(inner: S) -> Self {
+        Deadline {
+            inner,
+            budget: None,
+            read_headers: false,
         }
     }
 
@@ -175,8 +185,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let Some(budget) = self.budget else {
+            return future::ResponseFuture::passthrough(self.inner.call(req));
+        };
         let now = Instant::now();
-        let mut at = now + self.budget;
+        let mut at = now + budget;
         if let Some(outer) = current() {
             at = at.min(outer);
         }

@@ -72,7 +72,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            limiter: self.limiter.clone(),
+            limiter: Some(self.limiter.clone()),
             max_wait: self.max_wait,
         }
     }

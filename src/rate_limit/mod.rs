@@ -107,11 +107,21 @@ pub(crate) type Check = Box<dyn Fn() -> Result<(), Duration> + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct RateLimit<S> {
     inner: S,
-    limiter: Arc<DirectLimiter>,
+    // None: no limit (a preset stage turned off).
+    limiter: Option<Arc<DirectLimiter>>,
     max_wait: Option<Duration>,
 }
 
 impl<S> RateLimit<S> {
+    /// No limit: a stage of a preset that is turned off.
+    pub(crate) fn off(inner: S) -> Self {
+        RateLimit {
+            inner,
+            limiter: None,
+            max_wait: None,
+        }
+    }
+
     /// A [`RateLimitLayer`] of `per_second` calls a second.
     pub fn layer(per_second: u32) -> RateLimitLayer {
         RateLimitLayer::per_second(per_second)
@@ -182,8 +192,10 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let first = check_direct(&self.limiter);
-        let limiter = &self.limiter;
+        let Some(limiter) = &self.limiter else {
+            return future::ResponseFuture::running(self.inner.call(req));
+        };
+        let first = check_direct(limiter);
         decide(&mut self.inner, req, first, self.max_wait, || {
             let l = limiter.clone();
             Box::new(move || check_direct(&l))

@@ -19,7 +19,9 @@ pin_project! {
         inner: F,
         #[pin]
         timer: Timer,
-        timeout: Duration,
+        // None: no attempt timeout of our own (a preset stage turned off);
+        // only an enclosing deadline can still arm the timer.
+        timeout: Option<Duration>,
     }
 }
 
@@ -40,7 +42,7 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, timeout: Duration) -> Self {
+    pub(crate) fn new(inner: F, timeout: Option<Duration>) -> Self {
         ResponseFuture {
             inner,
             timer: Timer::Unarmed,
@@ -62,10 +64,12 @@ where
             return Poll::Ready(res.map_err(Into::into));
         }
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
-            let own = Instant::now() + *this.timeout;
-            let (at, by_deadline) = match deadline::current() {
-                Some(d) if d < own => (d, true),
-                _ => (own, false),
+            let own = this.timeout.map(|t| Instant::now() + t);
+            let (at, by_deadline) = match (own, deadline::current()) {
+                (Some(own), Some(d)) if d < own => (d, true),
+                (Some(own), _) => (own, false),
+                (None, Some(d)) => (d, true),
+                (None, None) => return Poll::Pending,
             };
             this.timer.set(Timer::Armed {
                 sleep: tokio::time::sleep_until(at),
@@ -80,7 +84,7 @@ where
                     DeadlineExceeded::new().into()
                 } else {
                     crate::trace::rejected("timeout", RejectionKind::Timeout, None);
-                    Elapsed::new(*this.timeout).into()
+                    Elapsed::new(this.timeout.unwrap_or_default()).into()
                 };
                 Poll::Ready(Err(err))
             }

@@ -73,13 +73,25 @@ use tower::Service;
 #[derive(Clone, Debug)]
 pub struct Timeout<S> {
     inner: S,
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 impl<S> Timeout<S> {
     /// Wraps `inner` with a timeout of `timeout` for each call.
     pub const fn new(inner: S, timeout: Duration) -> Self {
-        Timeout { inner, timeout }
+        Timeout {
+            inner,
+            timeout: Some(timeout),
+        }
+    }
+
+    /// No attempt timeout: a stage of a preset that is turned off. An
+    /// enclosing deadline still bounds the call.
+    pub(crate) const fn off(inner: S) -> Self {
+        Timeout {
+            inner,
+            timeout: None,
+        }
     }
 
     /// A [`TimeoutLayer`] that wraps services with this timeout.
@@ -87,8 +99,8 @@ impl<S> Timeout<S> {
         TimeoutLayer::new(timeout)
     }
 
-    /// The configured timeout.
-    pub fn timeout(&self) -> Duration {
+    /// The configured timeout; `None` when the stage is turned off.
+    pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
 

@@ -1,0 +1,305 @@
+//! The `Resilience` preset: defaults, contradictions, config files, and the
+//! stack end to end around an axum router and a hyper client.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_firebreak::circuit_breaker::State;
+use tower_firebreak::error::{Rejection, RejectionKind};
+use tower_firebreak::preset::{Policies, Resilience, ResilienceConfig, Stage};
+use tower_firebreak::retry::RetryConfig;
+
+/// Every row of the defaults table in the preset's docs, checked against the
+/// values the code really uses.
+#[test]
+fn the_documented_defaults_are_the_code_defaults() {
+    let doc = include_str!("../../src/preset.rs");
+    let mut rows = 0;
+    let d = ResilienceConfig::default();
+    let on = |s: &str| -> bool {
+        match s {
+            "rate_limit" => matches!(d.rate_limit, Stage::On(_)),
+            _ => unreachable!(),
+        }
+    };
+    for line in doc.lines() {
+        let Some(row) = line.strip_prefix("//! | `") else {
+            continue;
+        };
+        let mut cells = row.split('|').map(str::trim);
+        let key = cells.next().unwrap().trim_end_matches('`');
+        let documented = cells.next().unwrap();
+        let Stage::On(b) = &d.bulkhead else {
+            panic!("bulkhead on")
+        };
+        let Stage::On(dl) = &d.deadline else {
+            panic!("deadline on")
+        };
+        let Stage::On(r) = &d.retry else {
+            panic!("retry on")
+        };
+        let Stage::On(cb) = &d.circuit_breaker else {
+            panic!("breaker on")
+        };
+        let Stage::On(t) = &d.timeout else {
+            panic!("timeout on")
+        };
+        let fmt = |v: Duration| humantime_fmt(v);
+        let actual = match key {
+            "rate_limit" => (if on("rate_limit") { "on" } else { "off" }).to_owned(),
+            "bulkhead.max_concurrent" => b.max_concurrent.to_string(),
+            "bulkhead.max_wait" => fmt(b.max_wait),
+            "deadline.budget" => fmt(dl.budget),
+            "retry.max_attempts" => r.max_attempts.to_string(),
+            "retry.base_delay" => fmt(r.base_delay),
+            "retry.budget.ratio" => r.budget.ratio.to_string(),
+            "circuit_breaker.time_window" => fmt(cb.time_window.expect("a time window")),
+            "circuit_breaker.minimum_calls" => cb.minimum_calls.to_string(),
+            "circuit_breaker.failure_rate" => cb.failure_rate.to_string(),
+            "circuit_breaker.open_for" => fmt(cb.open_for),
+            "timeout.timeout" => fmt(t.timeout),
+            other => panic!("the docs name a setting the test does not know: {other}"),
+        };
+        assert_eq!(documented, actual, "the documented default of {key}");
+        rows += 1;
+    }
+    assert_eq!(rows, 12, "every row of the defaults table was checked");
+}
+
+fn humantime_fmt(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[test]
+fn the_defaults_build() {
+    let layer = Resilience::builder()
+        .build()
+        .expect("defaults are consistent");
+    assert_eq!(layer.breaker().state(), State::Closed);
+    Resilience::server()
+        .build()
+        .expect("server defaults are consistent");
+}
+
+#[cfg(feature = "toml")]
+#[test]
+fn a_config_file_with_a_contradiction_names_both_fields() {
+    let err = Policies::from_toml(
+        r#"
+        [policies.search]
+        retry = false
+
+        [policies.payments]
+        deadline = { budget = "1s" }
+        timeout = { timeout = "2s" }
+        "#,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "policies.payments.timeout.timeout");
+    assert_eq!(err.other_field(), Some("policies.payments.deadline.budget"));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("policies.payments.timeout.timeout = 2s"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("policies.payments.deadline.budget = 1s"),
+        "{msg}"
+    );
+
+    // Retry delays that cannot fit the deadline.
+    let err = Policies::from_toml(
+        r#"
+        [policies.slow]
+        deadline = { budget = "1s" }
+        timeout = { timeout = "100ms" }
+        retry = { max_attempts = 4, base_delay = "300ms", jitter = false }
+        "#,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "policies.slow.retry.base_delay");
+    assert_eq!(err.other_field(), Some("policies.slow.deadline.budget"));
+
+    // A breaker window under twice the attempt timeout.
+    let err = Policies::from_toml(
+        r#"
+        [policies.flaky]
+        timeout = { timeout = "10s" }
+        circuit_breaker = { time_window = "15s" }
+        "#,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "policies.flaky.circuit_breaker.time_window");
+    assert_eq!(err.other_field(), Some("policies.flaky.timeout.timeout"));
+
+    // A typo is an error too, not a silently ignored setting.
+    let err = Policies::from_toml("[policies.a]\nbulkhed = { max_concurrent = 1 }").unwrap_err();
+    assert!(err.to_string().contains("bulkhed"), "{err}");
+}
+
+#[cfg(feature = "yaml")]
+#[test]
+fn yaml_loads_the_same_policies() {
+    let p = Policies::from_yaml(
+        "policies:\n  payments:\n    deadline: { budget: 2s }\n    timeout: { timeout: 500ms }\n    rate_limit: { per_second: 200 }\n    retry: false\n",
+    )
+    .unwrap();
+    let cfg = p.get("payments").unwrap();
+    assert_eq!(cfg.retry, Stage::Off);
+    assert!(matches!(&cfg.rate_limit, Stage::On(r) if r.per_second == 200));
+    p.layer("payments").unwrap();
+    assert!(p.layer("nope").is_err());
+}
+
+#[test]
+fn builder_contradictions_are_config_errors() {
+    let err = Resilience::builder()
+        .deadline(Duration::from_millis(500))
+        .retry(RetryConfig {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(200),
+            jitter: false,
+            ..RetryConfig::default()
+        })
+        .attempt_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "retry.base_delay");
+}
+
+/// A router protected by the server preset: the rate limit answers 429 with
+/// the limiter's Retry-After and a problem body; the deadline answers 504.
+#[tokio::test(start_paused = true)]
+async fn a_router_takes_the_server_preset_directly() {
+    let preset = Resilience::server()
+        .rate_limit(2)
+        .deadline(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        )
+        .layer(preset.infallible());
+    let addr = support::serve(app).await;
+    let client = support::client();
+    assert_eq!(support::get(&client, addr, "/").await.status, 200);
+    let slow = support::get(&client, addr, "/slow").await;
+    assert_eq!(slow.status, 504);
+    assert_eq!(slow.kind(), "deadline_exceeded");
+    let limited = support::get(&client, addr, "/").await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.kind(), "rate_limited");
+    assert!(limited.headers.contains_key(http::header::RETRY_AFTER));
+}
+
+/// The client preset around hyper's legacy client: transient 503s are
+/// retried to success; a dependency that keeps failing opens the breaker,
+/// and then calls fail fast without reaching it.
+#[tokio::test]
+async fn the_client_preset_around_a_hyper_client() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail_until = Arc::new(AtomicUsize::new(2));
+    let (c, f) = (calls.clone(), fail_until.clone());
+    let downstream = Router::new().route(
+        "/",
+        get(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let fail = n < f.load(Ordering::SeqCst);
+            async move {
+                if fail {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                } else {
+                    (http::StatusCode::OK, "up")
+                }
+            }
+        }),
+    );
+    let addr = support::serve(downstream).await;
+
+    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+        count_window: Some(10),
+        time_window: None,
+        minimum_calls: 4,
+        failure_rate: 0.5,
+        open_for: Duration::from_secs(30),
+        ..ResilienceConfig::default_breaker()
+    };
+    let preset = Resilience::builder()
+        .deadline(Duration::from_secs(5))
+        .attempt_timeout(Duration::from_secs(1))
+        .retry(RetryConfig {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(10),
+            ..RetryConfig::default()
+        })
+        .circuit_breaker(breaker_cfg)
+        .build()
+        .unwrap();
+    let breaker = preset.breaker();
+    // The preset buffers bodies so retries can replay them: the client takes
+    // `ReplayBody<B>` bodies.
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<tower_firebreak::retry::ReplayBody<Full<Bytes>>>();
+    let mut client = ServiceBuilder::new().layer(preset).service(hyper);
+    let get_root = || {
+        http::Request::get(format!("http://{addr}/"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+
+    // Two 503s, then 200: the retry hides the outage from the caller.
+    let res = client
+        .ready()
+        .await
+        .unwrap()
+        .call(get_root())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "up");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // Now B fails for good: the breaker sees the failures and opens.
+    fail_until.store(usize::MAX, Ordering::SeqCst);
+    for _ in 0..3 {
+        let res = client.ready().await.unwrap().call(get_root()).await;
+        if let Ok(r) = res {
+            assert_eq!(r.status(), 503);
+        }
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let before = calls.load(Ordering::SeqCst);
+    let err = client
+        .ready()
+        .await
+        .unwrap()
+        .call(get_root())
+        .await
+        .unwrap_err();
+    let r = Rejection::of(&*err).expect("a rejection");
+    assert_eq!(r.kind(), RejectionKind::CircuitOpen);
+    assert!(r.retry_after().unwrap() <= Duration::from_secs(30));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before,
+        "an open breaker sends nothing"
+    );
+}
