@@ -2,7 +2,6 @@
 //! upstream that calls it through hyper with a breaker (stand-in), a timeout
 //! and `defer` on a `DiskQueue`; then recovery and replay.
 
-use super::StandInBreakerLayer;
 use super::support;
 use axum::Router;
 use axum::extract::State;
@@ -16,6 +15,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::ServiceBuilder;
+use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
+use tower_firebreak::classify::HttpClassifier;
 use tower_firebreak::defer::{DeferLayer, JOB_ID_HEADER, Replayer, status_router};
 use tower_firebreak::http::RejectionResponseLayer;
 use tower_firebreak::queue::disk::DiskQueue;
@@ -112,10 +113,20 @@ async fn outage_requests_are_accepted_then_delivered_exactly_once_per_key() {
     )
     .await;
 
-    // The protected client stack: breaker (stand-in), attempt timeout, hyper.
-    let breaker = StandInBreakerLayer::new(Duration::from_millis(500));
+    // The protected client stack: the real breaker (503s and timeouts count as
+    // failures), attempt timeout, hyper. It stays open until reset, so the
+    // test decides when the dependency has recovered.
+    let breaker = CircuitBreakerLayer::builder()
+        .count_window(20)
+        .minimum_calls(10)
+        .failure_rate(0.5)
+        .open_for(Duration::from_secs(600))
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
     let client_stack = ServiceBuilder::new()
-        .layer(breaker.clone())
+        .layer(breaker)
         .layer(TimeoutLayer::new(Duration::from_secs(1)))
         .service(support::client());
 
@@ -139,23 +150,39 @@ async fn outage_requests_are_accepted_then_delivered_exactly_once_per_key() {
 
     // The outage: 503s, then hangs, then an open breaker.
     let mut jobs = post_orders(&client, upstream, 0..100).await;
-    assert!(downstream.refused.load(Ordering::SeqCst) >= 100);
+    let refused = downstream.refused.load(Ordering::SeqCst);
+    assert!(refused >= 10, "the downstream saw the 503s ({refused})");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "503s opened the breaker"
+    );
+    // Now the breaker answers for the downstream: the next call never reaches it.
+    jobs.extend(post_orders(&client, upstream, 200..201).await);
+    assert_eq!(downstream.refused.load(Ordering::SeqCst), refused);
+    // Hangs: the attempt timeout answers, and the breaker opens again.
+    handle.reset();
     downstream.mode.store(HANGING, Ordering::SeqCst);
     jobs.extend(post_orders(&client, upstream, 100..150).await);
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "timeouts opened the breaker"
+    );
+    // Healthy again, but the breaker is still open: calls are rejected fast.
     downstream.mode.store(HEALTHY, Ordering::SeqCst);
-    breaker.set_open(true);
     jobs.extend(post_orders(&client, upstream, 150..200).await);
     assert!(
         downstream.seen.lock().unwrap().is_empty(),
         "nothing was delivered during the outage"
     );
-    assert_eq!(jobs.len(), 200);
+    assert_eq!(jobs.len(), 201);
     let distinct: std::collections::HashSet<_> = jobs.iter().map(|(_, id)| *id).collect();
-    assert_eq!(distinct.len(), 200, "one job per key");
-    assert_eq!(queue.depth().await.unwrap(), 200);
+    assert_eq!(distinct.len(), 201, "one job per key");
+    assert_eq!(queue.depth().await.unwrap(), 201);
 
     // Recovery, and replay through the same protected stack.
-    breaker.set_open(false);
+    handle.reset();
     let replayer = Replayer::new(queue.clone(), client_stack)
         .rate_per_second(200)
         .burst(20)
@@ -171,7 +198,7 @@ async fn outage_requests_are_accepted_then_delivered_exactly_once_per_key() {
     replayer.shutdown().await;
 
     let seen = downstream.seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 200, "every key reached the downstream");
+    assert_eq!(seen.len(), 201, "every key reached the downstream");
     assert!(
         seen.values().all(|&n| n == 1),
         "exactly once per key: {:?}",

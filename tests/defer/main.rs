@@ -12,10 +12,9 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
@@ -30,77 +29,6 @@ use tower_firebreak::timeout::TimeoutLayer;
 
 type Req = http::Request<Full<Bytes>>;
 type Res = http::Response<Full<Bytes>>;
-
-/// A TEST STAND-IN for the circuit breaker (the real one is built on another
-/// branch): while `open` is set it rejects every call with `CircuitOpen`
-/// without calling the inner service, and it counts the calls it sees.
-#[derive(Clone)]
-struct StandInBreaker<S> {
-    inner: S,
-    open: Arc<AtomicBool>,
-    retry_after: Duration,
-    calls: Arc<AtomicUsize>,
-}
-
-#[derive(Clone)]
-struct StandInBreakerLayer {
-    open: Arc<AtomicBool>,
-    retry_after: Duration,
-    calls: Arc<AtomicUsize>,
-}
-
-impl StandInBreakerLayer {
-    fn new(retry_after: Duration) -> Self {
-        StandInBreakerLayer {
-            open: Arc::new(AtomicBool::new(false)),
-            retry_after,
-            calls: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-    }
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-impl<S> Layer<S> for StandInBreakerLayer {
-    type Service = StandInBreaker<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        StandInBreaker {
-            inner,
-            open: self.open.clone(),
-            retry_after: self.retry_after,
-            calls: self.calls.clone(),
-        }
-    }
-}
-
-impl<S, R> Service<R> for StandInBreaker<S>
-where
-    S: Service<R>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.open.load(Ordering::SeqCst) {
-            let err: BoxError = CircuitOpen::new(self.retry_after).into();
-            return Box::pin(async move { Err(err) });
-        }
-        let fut = self.inner.call(req);
-        Box::pin(async move { fut.await.map_err(Into::into) })
-    }
-}
 
 fn post(key: Option<&str>, body: &'static str) -> Req {
     let mut b = http::Request::post("http://orders.internal/orders");
@@ -742,8 +670,14 @@ async fn a_slow_pace_leases_no_more_than_it_can_send_within_the_visibility() {
 /// Replay gating: while the breaker rejects, the replayer sends nothing to
 /// the dependency and probes at most once per `retry_after`; after recovery
 /// it keeps its pace.
+/// Replay through the real circuit breaker: while the dependency is down the
+/// breaker is open, and the replayer sends nothing but the breaker's own
+/// half-open probes; after recovery it never exceeds its pace.
 #[tokio::test(start_paused = true)]
 async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
+    use tower_firebreak::classify::HttpClassifier;
+
     const JOBS: usize = 30;
     const RATE: u32 = 5;
     let queue = MemoryQueue::builder().max_attempts(100).build().unwrap();
@@ -751,40 +685,92 @@ async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
     for i in 0..JOBS {
         ids.push(queue.enqueue(job(&format!("g{i}"), "x")).await.unwrap());
     }
+    let down = Arc::new(AtomicBool::new(true));
+    let outage_calls = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let sent2 = sent.clone();
+    let (down2, outage2, sent2) = (down.clone(), outage_calls.clone(), sent.clone());
     let downstream = service_fn(move |_: Req| {
-        sent2.lock().unwrap().push(tokio::time::Instant::now());
-        async { Ok::<_, BoxError>(reply(200, "ok")) }
+        let res = if down2.load(Ordering::SeqCst) {
+            outage2.fetch_add(1, Ordering::SeqCst);
+            reply(503, "down")
+        } else {
+            sent2.lock().unwrap().push(tokio::time::Instant::now());
+            reply(200, "ok")
+        };
+        async move { Ok::<_, BoxError>(res) }
     });
-    let breaker = StandInBreakerLayer::new(Duration::from_secs(2));
-    breaker.set_open(true);
-    let handle = Replayer::new(queue.clone(), breaker.layer(downstream))
+    let breaker = CircuitBreakerLayer::builder()
+        .count_window(4)
+        .minimum_calls(2)
+        .failure_rate(0.5)
+        .open_for(Duration::from_secs(2))
+        .half_open_calls(1)
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let mut protected = breaker.layer(downstream);
+    // The dependency fails two calls, and the breaker opens.
+    for _ in 0..2 {
+        let res = protected
+            .ready()
+            .await
+            .unwrap()
+            .call(post(Some("warm"), "x"))
+            .await;
+        assert_eq!(res.unwrap().status(), 503);
+    }
+    assert_eq!(handle.state(), BreakerState::Open);
+    let before = outage_calls.load(Ordering::SeqCst);
+
+    // Count what the replayer hands the breaker, rejected or not.
+    let tried = Arc::new(AtomicUsize::new(0));
+    let tried2 = tried.clone();
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |r: Req| {
+            tried2.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(protected);
+    // A short failure backoff, so only the breaker gating can hold the
+    // replayer back for whole open periods.
+    let replayer = Replayer::new(queue.clone(), counted)
         .rate_per_second(RATE)
+        .backoff(Duration::from_millis(10), Duration::from_millis(100))
         .spawn();
-
     tokio::time::sleep(Duration::from_secs(20)).await;
+    // Gated by the breaker's retry_after, each 2 s open period costs at most
+    // two tries: the one the breaker rejects, and the half-open probe.
+    // Ungated, the replayer would try ~100 times at its pace in 20 s.
+    let attempts = tried.load(Ordering::SeqCst);
     assert!(
-        sent.lock().unwrap().is_empty(),
-        "nothing reaches the dependency"
+        (1..=22).contains(&attempts),
+        "{attempts} replays tried while the breaker was open"
     );
-    let probes = breaker.calls();
-    // Ungated, the replayer would try at its pace: ~100 calls in 20 s.
-    assert!((1..=11).contains(&probes), "{probes} calls while open");
+    let probes = outage_calls.load(Ordering::SeqCst) - before;
+    // One half-open probe per 2 s open period at most; ungated, the replayer
+    // would have sent ~100 calls at its pace in 20 s.
+    assert!(
+        (1..=11).contains(&probes),
+        "{probes} calls reached the dependency while it was down"
+    );
+    assert!(sent.lock().unwrap().is_empty());
 
-    breaker.set_open(false);
+    down.store(false, Ordering::SeqCst);
     let recovered = tokio::time::Instant::now();
-    wait_until(Duration::from_secs(60), || async {
+    wait_until(Duration::from_secs(120), || async {
         queue.depth().await.unwrap() == 0
     })
     .await;
-    handle.shutdown().await;
+    replayer.shutdown().await;
+    assert_eq!(handle.state(), BreakerState::Closed);
 
     let sent = sent.lock().unwrap().clone();
-    assert_eq!(sent.len(), JOBS, "each job sent once");
+    assert_eq!(sent.len(), JOBS, "each job delivered once");
     assert!(
-        sent[0] - recovered <= Duration::from_secs(2),
-        "a probe soon after recovery"
+        sent[0] - recovered <= Duration::from_secs(3),
+        "a probe soon after recovery ({:?})",
+        sent[0] - recovered
     );
     // Never more than RATE sends in any one-second window.
     for w in sent.windows(RATE as usize + 1) {
