@@ -242,7 +242,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         .and_then(|v| v["detail"].as_str().map(str::to_owned));
     if let Some(detail) = detail
-        && let Ok(v) = HeaderValue::from_str(&percent_encode(&detail))
+        && let Ok(v) = HeaderValue::from_str(&crate::grpc::percent_encode(&detail))
     {
         h.insert("grpc-message", v);
     }
@@ -256,19 +256,6 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
             crate::grpc::PUSHBACK_HEADER,
             HeaderValue::from(secs.saturating_mul(1000)),
         );
-    }
-    out
-}
-
-/// `grpc-message` is percent-encoded outside printable ASCII, and `%`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
     }
     out
 }

@@ -23,10 +23,26 @@
 //!
 //! The deadline travels as `grpc-timeout`: see [`deadline`](crate::deadline).
 
-pub mod future;
-mod layer;
+use crate::http::{Answer, AnswerLayer, ErrorMapping};
 
-pub use self::layer::{GrpcRejection, GrpcRejectionLayer};
+/// gRPC answers: a Trailers-Only response per [`error_response`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrailersOnly;
+
+impl ErrorMapping for TrailersOnly {
+    fn response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>> {
+        error_response(err)
+    }
+}
+
+/// Answers every error of the inner service with a gRPC Trailers-Only
+/// response ([`error_response`]), so the service is infallible and each
+/// rejection reaches the client with its own code. Put it outermost on a gRPC
+/// server: `Server::builder().layer(...)` in tonic. See [`Answer`].
+pub type GrpcRejection<S> = Answer<S, TrailersOnly>;
+
+/// Applies [`GrpcRejection`].
+pub type GrpcRejectionLayer = AnswerLayer<TrailersOnly>;
 
 #[cfg(feature = "tonic")]
 mod status;
@@ -99,7 +115,7 @@ pub fn error_response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>
 
 /// `grpc-message` is percent-encoded: every byte outside printable ASCII
 /// (0x20–0x7E), and `%` itself (gRPC over HTTP/2 spec).
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

@@ -1,44 +1,80 @@
 use super::future::ResponseFuture;
 use crate::BoxError;
-use http_body_util::Either;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
 use std::convert::Infallible;
+use std::error::Error;
+use std::fmt;
+use std::marker::PhantomData;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
-/// Turns every error of the inner service into its HTTP response
-/// ([`error_response`](super::error_response)), so the service is infallible.
+/// How an error becomes a response: [`ProblemDetails`] for HTTP,
+/// [`TrailersOnly`](crate::grpc::TrailersOnly) for gRPC.
+pub trait ErrorMapping {
+    /// The response that answers `err`.
+    fn response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>>;
+}
+
+/// HTTP answers: DESIGN.md's status codes, `Retry-After` and problem-details
+/// bodies ([`error_response`](super::error_response)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProblemDetails;
+
+impl ErrorMapping for ProblemDetails {
+    fn response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>> {
+        super::error_response(err)
+    }
+}
+
+/// Answers every error of the inner service with the response `M` makes of
+/// it, so the service is infallible. Use it as [`RejectionResponse`] (HTTP)
+/// or [`GrpcRejection`](crate::grpc::GrpcRejection).
 ///
 /// The response body is `Either<B, Full<Bytes>>`: the inner body, or ours.
 ///
 /// `poll_ready` is the inner service's. None of our layers fail readiness; if
 /// the inner service does, the error is kept and answers the next call as a
 /// response, since an infallible service has no other way to report it.
-#[derive(Debug)]
-pub struct RejectionResponse<S> {
+pub struct Answer<S, M> {
     inner: S,
     ready_err: Option<BoxError>,
+    _mapping: PhantomData<fn() -> M>,
 }
+
+/// Our rejections as HTTP responses; see [`Answer`] and the [module docs](super).
+pub type RejectionResponse<S> = Answer<S, ProblemDetails>;
 
 // By hand: a clone must not inherit an error that belongs to this instance's
 // next call.
-impl<S: Clone> Clone for RejectionResponse<S> {
+impl<S: Clone, M> Clone for Answer<S, M> {
     fn clone(&self) -> Self {
-        RejectionResponse::new(self.inner.clone())
+        Answer::new(self.inner.clone())
     }
 }
 
-impl<S> RejectionResponse<S> {
+impl<S: fmt::Debug, M> fmt::Debug for Answer<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer")
+            .field("inner", &self.inner)
+            .field("mapping", &std::any::type_name::<M>())
+            .finish()
+    }
+}
+
+impl<S, M> Answer<S, M> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        RejectionResponse {
+        Answer {
             inner,
             ready_err: None,
+            _mapping: PhantomData,
         }
     }
 
-    /// A [`RejectionResponseLayer`].
-    pub fn layer() -> RejectionResponseLayer {
-        RejectionResponseLayer::new()
+    /// The layer that applies this service.
+    pub fn layer() -> AnswerLayer<M> {
+        AnswerLayer::new()
     }
 
     /// A reference to the inner service.
@@ -57,14 +93,15 @@ impl<S> RejectionResponse<S> {
     }
 }
 
-impl<S, Req, B> Service<Req> for RejectionResponse<S>
+impl<S, M, Req, B> Service<Req> for Answer<S, M>
 where
     S: Service<Req, Response = http::Response<B>>,
     S::Error: Into<BoxError>,
+    M: ErrorMapping,
 {
-    type Response = http::Response<Either<B, http_body_util::Full<bytes::Bytes>>>;
+    type Response = http::Response<Either<B, Full<Bytes>>>;
     type Error = Infallible;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.ready_err.is_some() {
@@ -87,23 +124,49 @@ where
     }
 }
 
-/// Applies [`RejectionResponse`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RejectionResponseLayer {
-    _priv: (),
+/// Applies [`Answer`].
+pub struct AnswerLayer<M> {
+    _mapping: PhantomData<fn() -> M>,
 }
 
-impl RejectionResponseLayer {
+/// Applies [`RejectionResponse`].
+pub type RejectionResponseLayer = AnswerLayer<ProblemDetails>;
+
+impl<M> AnswerLayer<M> {
     /// A new layer.
     pub const fn new() -> Self {
-        RejectionResponseLayer { _priv: () }
+        AnswerLayer {
+            _mapping: PhantomData,
+        }
     }
 }
 
-impl<S> Layer<S> for RejectionResponseLayer {
-    type Service = RejectionResponse<S>;
+impl<M> Default for AnswerLayer<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M> Clone for AnswerLayer<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M> Copy for AnswerLayer<M> {}
+
+impl<M> fmt::Debug for AnswerLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnswerLayer")
+            .field("mapping", &std::any::type_name::<M>())
+            .finish()
+    }
+}
+
+impl<S, M> Layer<S> for AnswerLayer<M> {
+    type Service = Answer<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RejectionResponse::new(inner)
+        Answer::new(inner)
     }
 }

@@ -50,7 +50,9 @@
 pub mod future;
 mod layer;
 
-pub use self::layer::{RejectionResponse, RejectionResponseLayer};
+pub use self::layer::{
+    Answer, AnswerLayer, ErrorMapping, ProblemDetails, RejectionResponse, RejectionResponseLayer,
+};
 
 use crate::BoxError;
 use crate::error::{Rejection, RejectionKind};
