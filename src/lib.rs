@@ -56,6 +56,8 @@
 //!
 //! [Tower]: https://docs.rs/tower
 
+#[cfg(feature = "axum")]
+pub mod admin;
 pub mod bulkhead;
 pub mod chaos;
 pub mod circuit_breaker;
@@ -67,8 +69,10 @@ pub mod fallback;
 pub mod grpc;
 pub mod hedge;
 pub mod http;
+mod observe;
 pub mod queue;
 pub mod rate_limit;
+pub mod registry;
 pub mod retry;
 pub mod timeout;
 mod trace;

@@ -93,7 +93,10 @@ where
                 map.remove(&k);
             }
         }
-        let lane = Lane::new(Arc::new(Breaker::new(self.settings.clone())));
+        let mut settings = self.settings.clone();
+        // Per-key breakers do not share the layer's series (cardinality).
+        settings.name = None;
+        let lane = Lane::new(Arc::new(Breaker::new(settings)));
         map.insert(
             key,
             Entry {

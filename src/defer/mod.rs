@@ -221,6 +221,7 @@ pub(crate) struct Settings {
     pub(crate) deferrable: Deferrable,
     pub(crate) failed_response: FailedResponse,
     pub(crate) failed_error: FailedError,
+    pub(crate) obs: Arc<crate::observe::QueueMetrics>,
 }
 
 impl Default for Settings {
@@ -233,6 +234,7 @@ impl Default for Settings {
             deferrable: Arc::new(deferrable_by_default),
             failed_response: Arc::new(server_error),
             failed_error: Arc::new(|_| true),
+            obs: Arc::default(),
         }
     }
 }
@@ -433,8 +435,10 @@ async fn answer<Q: Queue>(
         job = job.with_ttl(ttl);
     }
     let retry_after = cause.retry_after.unwrap_or(settings.retry_after);
+    let started = tokio::time::Instant::now();
     match queue.submit(job).await {
         Ok(Enqueued::Created(id)) => {
+            settings.obs.deferred(started.elapsed());
             tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, "request deferred");
             response::accepted(&settings, &id, retry_after)
         }

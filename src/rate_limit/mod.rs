@@ -109,6 +109,7 @@ pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<DirectLimiter>,
     max_wait: Option<Duration>,
+    obs: Arc<crate::observe::LimiterMetrics>,
 }
 
 impl<S> RateLimit<S> {
@@ -183,6 +184,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let first = check_direct(&self.limiter);
+        match (first, self.max_wait) {
+            (Ok(()), _) => self.obs.admitted(),
+            (Err(wait), Some(max)) if wait <= max => {}
+            (Err(_), _) => self.obs.rejected(),
+        }
         let limiter = &self.limiter;
         decide(&mut self.inner, req, first, self.max_wait, || {
             let l = limiter.clone();

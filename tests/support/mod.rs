@@ -71,7 +71,6 @@ pub async fn handle_error(err: BoxError) -> Response {
 
 // ---- breaker-test helpers: a commandable service that counts its calls ----
 
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,137 @@
+//! What the `metrics` feature costs on the hot path, in one criterion run
+//! (method: ../shared/BENCH.md).
+//!
+//! Run: `cargo bench --bench metrics --features prometheus`
+//!
+//! For each layer, three cases side by side:
+//! - `unnamed`: no name, so no metric handles; the same code a build
+//!   without the feature runs, plus one `Option` check;
+//! - `named, no recorder`: the handles exist but point at the facade's no-op
+//!   recorder (what a library user gets before installing an exporter);
+//! - `named, prometheus`: the Prometheus recorder installed, every call
+//!   bumps its counter.
+//!
+//! The recorder is process-wide, so the `named, prometheus` cases run last.
+//! A build without the feature is measured by `benches/overhead.rs`.
+#![allow(missing_docs, clippy::disallowed_types)]
+
+use criterion::{Criterion, criterion_group};
+use std::hint::black_box;
+use tokio::runtime::Runtime;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_firebreak::BoxError;
+use tower_firebreak::bulkhead::BulkheadLayer;
+use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+use tower_firebreak::rate_limit::RateLimitLayer;
+
+fn rt() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+type Bare = tower::util::ServiceFn<fn(u64) -> std::future::Ready<Result<u64, BoxError>>>;
+
+fn bare() -> Bare {
+    service_fn(|x: u64| std::future::ready(Ok::<_, BoxError>(x)))
+}
+
+async fn drive<S>(svc: &mut S, n: u64)
+where
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    for i in 0..n {
+        let s = svc.ready().await.unwrap();
+        black_box(s.call(black_box(i)).await.unwrap());
+    }
+}
+
+fn case<S, F>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    make: F,
+) where
+    F: Fn() -> S,
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    let rt = rt();
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut svc = rt.block_on(async { make() });
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                drive(&mut svc, iters).await;
+                start.elapsed()
+            })
+        })
+    });
+}
+
+fn breaker(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+    let mut b = CircuitBreakerLayer::builder();
+    if let Some(n) = name {
+        b = b.name(n);
+    }
+    b.build().unwrap().layer(bare())
+}
+
+fn bulkhead(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+    let mut l = BulkheadLayer::new(1000);
+    if let Some(n) = name {
+        l = l.name(n);
+    }
+    l.layer(bare())
+}
+
+fn limiter(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+    let mut l = RateLimitLayer::per_second(u32::MAX);
+    if let Some(n) = name {
+        l = l.name(n);
+    }
+    l.layer(bare())
+}
+
+fn cases(c: &mut Criterion, recorder: &str) {
+    let mut g = c.benchmark_group("metrics");
+    if recorder == "no recorder" {
+        case(&mut g, "bare", bare);
+        case(&mut g, "breaker closed, unnamed", || breaker(None));
+        case(&mut g, "bulkhead, unnamed", || bulkhead(None));
+        case(&mut g, "rate limit, unnamed", || limiter(None));
+    }
+    case(
+        &mut g,
+        &format!("breaker closed, named, {recorder}"),
+        || breaker(Some("b")),
+    );
+    case(&mut g, &format!("bulkhead, named, {recorder}"), || {
+        bulkhead(Some("h"))
+    });
+    case(&mut g, &format!("rate limit, named, {recorder}"), || {
+        limiter(Some("l"))
+    });
+    g.finish();
+}
+
+fn no_recorder(c: &mut Criterion) {
+    cases(c, "no recorder");
+}
+
+fn prometheus(c: &mut Criterion) {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("install the recorder");
+    cases(c, "prometheus");
+    // The counters really were recorded.
+    assert!(handle.render().contains("firebreak_calls"));
+}
+
+criterion_group!(benches, no_recorder, prometheus);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
