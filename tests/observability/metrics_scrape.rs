@@ -27,10 +27,12 @@ use tower_firebreak::registry::Registry;
 type Req = http::Request<Full<Bytes>>;
 type Res = http::Response<Full<Bytes>>;
 
+type Labels = BTreeSet<(String, String)>;
+
 /// A Prometheus text exposition, as `series name -> [(labels, value)]`.
 struct Scrape {
     text: String,
-    series: BTreeMap<String, Vec<(BTreeSet<(String, String)>, f64)>>,
+    series: BTreeMap<String, Vec<(Labels, f64)>>,
 }
 
 impl Scrape {
@@ -65,7 +67,7 @@ impl Scrape {
     /// The value of the one series `name` whose labels are exactly `labels`.
     #[track_caller]
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let want: BTreeSet<(String, String)> = labels
+        let want: Labels = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
