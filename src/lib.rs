@@ -47,6 +47,8 @@
 //! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
 //! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
 //! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
+//! | `metrics` | `firebreak.*` metrics on the `metrics` facade for named layers ([`registry`] lists them) |
+//! | `prometheus` | `metrics` plus `GET /metrics` in the [`admin`] router, via `metrics-exporter-prometheus` |
 //! | `full` | every feature above |
 //!
 //! # Time
@@ -74,6 +76,7 @@ pub mod queue;
 pub mod rate_limit;
 pub mod registry;
 pub mod retry;
+pub mod span;
 pub mod timeout;
 mod trace;
 

@@ -289,6 +289,6 @@ mod tests {
     fn the_page_fetches_the_status_relative_to_itself() {
         // Served at /firebreak/, so "status" is /firebreak/status.
         assert!(PAGE.contains("fetch('status'"));
-        assert!(PAGE.contains("'breakers/' + encodeURIComponent(b.name) + '/reset'"));
+        assert!(PAGE.contains("'breakers/' + encodeURIComponent(name) + '/reset'"));
     }
 }

@@ -430,6 +430,10 @@ async fn answer<Q: Queue>(
             Some((name.to_owned(), v.to_owned()))
         })
         .collect();
+    let traceparent = trace
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone());
     let mut job = Job::from_request(req).with_trace_context(trace);
     if let Some(ttl) = settings.ttl {
         job = job.with_ttl(ttl);
@@ -439,7 +443,7 @@ async fn answer<Q: Queue>(
     match queue.submit(job).await {
         Ok(Enqueued::Created(id)) => {
             settings.obs.deferred(started.elapsed());
-            tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, "request deferred");
+            tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, traceparent = traceparent.as_deref(), "request deferred");
             response::accepted(&settings, &id, retry_after)
         }
         Ok(Enqueued::Existing(id)) => match queue.status(&id).await {

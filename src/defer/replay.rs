@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
+use tracing::Instrument as _;
 
 type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 
@@ -271,12 +272,33 @@ where
                 }
                 let started = tokio::time::Instant::now();
                 let outcome = {
-                    let send = pin!(deliver(
-                        &mut service,
-                        &*retry_response,
-                        cfg.max_response_body,
-                        &item.job,
-                    ));
+                    // Joins the deferred request's trace: the stored
+                    // `traceparent` is a field here and is sent again as a
+                    // header by `replay_request`.
+                    let span = tracing::info_span!(
+                        target: "tower_firebreak",
+                        "firebreak.replay",
+                        job_id = %item.lease.id(),
+                        attempts = item.job.attempts(),
+                        traceparent = tracing::field::Empty,
+                    );
+                    if let Some((_, tp)) = item
+                        .job
+                        .trace_context()
+                        .iter()
+                        .find(|(k, _)| k == "traceparent")
+                    {
+                        span.record("traceparent", tp.as_str());
+                    }
+                    let send = pin!(
+                        deliver(
+                            &mut service,
+                            &*retry_response,
+                            cfg.max_response_body,
+                            &item.job,
+                        )
+                        .instrument(span)
+                    );
                     with_grace(send, &mut stop, cfg.shutdown_grace).await
                 };
                 if outcome.is_some() {
