@@ -29,6 +29,8 @@ pub(crate) mod names {
     pub(crate) const DEFER_ENQUEUE: &str = "firebreak.defer.enqueue.duration";
     pub(crate) const REPLAY_DURATION: &str = "firebreak.replay.duration";
     pub(crate) const REPLAY_JOBS: &str = "firebreak.replay.jobs";
+    pub(crate) const RETRY_ATTEMPTS: &str = "firebreak.retry.attempts";
+    pub(crate) const RETRY_GAVE_UP: &str = "firebreak.retry.gave_up";
 }
 
 #[cfg(feature = "metrics")]
@@ -128,6 +130,27 @@ mod imp {
                 admitted: counter!(CALLS, "layer" => "rate_limit", "name" => n.clone(), "outcome" => "admitted"),
                 rejected: counter!(CALLS, "layer" => "rate_limit", "name" => n.clone(), "outcome" => "rejected"),
                 rejections: counter!(REJECTIONS, "layer" => "rate_limit", "name" => n, "kind" => "rate_limited"),
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct Retry {
+        pub(crate) attempts: Counter,
+        pub(crate) max_attempts: Counter,
+        pub(crate) deadline: Counter,
+        pub(crate) budget: Counter,
+    }
+
+    impl Retry {
+        pub(crate) fn new(name: &str) -> Self {
+            let n = name.to_string();
+            let gave_up = |reason: &'static str| counter!(RETRY_GAVE_UP, "name" => n.clone(), "reason" => reason);
+            Retry {
+                max_attempts: gave_up("max_attempts"),
+                deadline: gave_up("deadline"),
+                budget: gave_up("budget"),
+                attempts: counter!(RETRY_ATTEMPTS, "name" => n),
             }
         }
     }
@@ -389,6 +412,45 @@ impl QueueMetrics {
             m.depth.set(depth as f64);
             m.oldest_age.set(oldest.map_or(0.0, |d| d.as_secs_f64()));
             m.dead.set(dead as f64);
+        }
+    }
+}
+
+/// A named retry policy's series. The policy is cloned into every call's
+/// future, so this is one `Option<Arc>`: a copy of `None` when unnamed.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RetryMetrics {
+    #[cfg(feature = "metrics")]
+    inner: Option<std::sync::Arc<imp::Retry>>,
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+impl RetryMetrics {
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        RetryMetrics {
+            #[cfg(feature = "metrics")]
+            inner: name.map(|n| std::sync::Arc::new(imp::Retry::new(n))),
+        }
+    }
+
+    /// A retry was scheduled.
+    pub(crate) fn retrying(&self) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.inner {
+            m.attempts.increment(1);
+        }
+    }
+
+    /// A retryable failure went back to the caller: "max_attempts",
+    /// "deadline" or "budget".
+    pub(crate) fn gave_up(&self, reason: &'static str) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.inner {
+            match reason {
+                "max_attempts" => m.max_attempts.increment(1),
+                "deadline" => m.deadline.increment(1),
+                _ => m.budget.increment(1),
+            }
         }
     }
 }

@@ -41,6 +41,8 @@
 //! | `firebreak.breaker.state` | gauge | `state` | 1 for the current state, 0 for the others |
 //! | `firebreak.breaker.transitions` | counter | `from`, `to` | state changes |
 //! | `firebreak.breaker.probes` | counter | `outcome` | half-open probes finished: `success`, `failure` |
+//! | `firebreak.retry.attempts` | counter | | retries scheduled (the first attempt is not counted) |
+//! | `firebreak.retry.gave_up` | counter | `reason` | retryable failures returned to the caller: `max_attempts`, `deadline`, `budget` (the retry budget was exhausted) |
 //! | `firebreak.bulkhead.in_flight` | gauge | | calls in flight (sampled by [`Registry::snapshot`]) |
 //! | `firebreak.bulkhead.wait` | histogram (s) | | how long an admitted call waited for its slot (only calls that waited) |
 //! | `firebreak.queue.depth` | gauge | | jobs waiting (sampled by [`Registry::snapshot`]) |
@@ -49,6 +51,9 @@
 //! | `firebreak.defer.enqueue.duration` | histogram (s) | | storing a deferred request |
 //! | `firebreak.replay.duration` | histogram (s) | | one replayed send |
 //! | `firebreak.replay.jobs` | counter | `outcome` | `delivered`, `failed` (given back with a backoff), `breaker_open` (given back unsent), `expired` (TTL passed, dead-lettered) |
+//!
+//! A retry policy is named with [`RetryPolicy::name`](crate::retry::RetryPolicy::name);
+//! it has no registry entry (it has no state worth listing).
 //!
 //! An unnamed layer records nothing, and without the feature the calls are
 //! compiled out. The handles are registered when the layer is built, so a

@@ -23,6 +23,7 @@ use tower_firebreak::queue::Queue;
 use tower_firebreak::queue::memory::MemoryQueue;
 use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::registry::Registry;
+use tower_firebreak::retry::{RetryBudget, RetryLayer, RetryPolicy};
 
 type Req = http::Request<Full<Bytes>>;
 type Res = http::Response<Full<Bytes>>;
@@ -197,6 +198,28 @@ async fn every_series_has_the_value_the_calls_made() {
     lsvc.clone().oneshot(()).await.unwrap();
     assert!(lsvc.clone().oneshot(()).await.is_err(), "rate limited");
 
+    // -------------------------------------------------------------- retry
+    let failing = service_fn(|_: u32| async { Err::<(), BoxError>("flaky".into()) });
+    let retried = RetryLayer::new(
+        RetryPolicy::fixed(Duration::from_millis(10))
+            .no_jitter()
+            .max_attempts(3)
+            .name("search"),
+    )
+    .layer(failing);
+    assert!(
+        retried.oneshot(1).await.is_err(),
+        "three attempts, all failed"
+    );
+    // A budget with nothing in it: no retry at all.
+    let broke = RetryLayer::new(
+        RetryPolicy::fixed(Duration::from_millis(10))
+            .budget(RetryBudget::new(Duration::from_secs(1), 0, 0.0))
+            .name("search"),
+    )
+    .layer(failing);
+    assert!(broke.oneshot(1).await.is_err());
+
     // -------------------------------------------- defer, replay, dead letter
     let queue = MemoryQueue::builder().max_attempts(2).build().unwrap();
     registry.add_queue("orders", queue.clone());
@@ -333,6 +356,12 @@ async fn every_series_has_the_value_the_calls_made() {
         ],
         1.0,
     );
+
+    s.check("firebreak_retry_attempts", &[("name", "search")], 2.0);
+    let gave_up = |reason| [("name", "search"), ("reason", reason)];
+    s.check("firebreak_retry_gave_up", &gave_up("max_attempts"), 1.0);
+    s.check("firebreak_retry_gave_up", &gave_up("budget"), 1.0);
+    s.check("firebreak_retry_gave_up", &gave_up("deadline"), 0.0);
 
     s.check(
         "firebreak_calls",
