@@ -37,8 +37,7 @@ pub(crate) mod names {
 mod imp {
     use super::names::*;
     use crate::circuit_breaker::State;
-    use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-    use std::sync::Arc;
+    use metrics::{Counter, Gauge, Histogram, Label, counter, gauge, histogram};
 
     pub(crate) const STATES: [State; 5] = [
         State::Closed,
@@ -60,7 +59,8 @@ mod imp {
 
     #[derive(Debug)]
     pub(crate) struct Breaker {
-        pub(crate) name: Arc<str>,
+        /// `name`, and `key` for an opted-in keyed breaker.
+        pub(crate) labels: Vec<Label>,
         pub(crate) success: Counter,
         pub(crate) failure: Counter,
         pub(crate) rejected: Counter,
@@ -70,13 +70,28 @@ mod imp {
         pub(crate) state: [Gauge; 5],
     }
 
+    pub(crate) fn with(base: &[Label], extra: &[(&'static str, &'static str)]) -> Vec<Label> {
+        let mut v = base.to_vec();
+        v.extend(extra.iter().map(|(k, val)| Label::new(*k, *val)));
+        v
+    }
+
     impl Breaker {
-        pub(crate) fn new(name: &str) -> Self {
-            let n: Arc<str> = name.into();
-            let calls = |outcome: &'static str| counter!(CALLS, "layer" => "circuit_breaker", "name" => n.to_string(), "outcome" => outcome);
-            let probes = |outcome: &'static str| counter!(BREAKER_PROBES, "name" => n.to_string(), "outcome" => outcome);
-            let state = STATES
-                .map(|s| gauge!(BREAKER_STATE, "name" => n.to_string(), "state" => s.as_str()));
+        pub(crate) fn new(name: &str, key: Option<&str>) -> Self {
+            let mut labels = vec![Label::new("name", name.to_owned())];
+            if let Some(k) = key {
+                labels.push(Label::new("key", k.to_owned()));
+            }
+            let b = &labels;
+            let calls = |outcome: &'static str| {
+                counter!(
+                    CALLS,
+                    with(b, &[("layer", "circuit_breaker"), ("outcome", outcome)])
+                )
+            };
+            let probes =
+                |outcome: &'static str| counter!(BREAKER_PROBES, with(b, &[("outcome", outcome)]));
+            let state = STATES.map(|s| gauge!(BREAKER_STATE, with(b, &[("state", s.as_str())])));
             state[0].set(1.0);
             for g in &state[1..] {
                 g.set(0.0);
@@ -85,11 +100,14 @@ mod imp {
                 success: calls("success"),
                 failure: calls("failure"),
                 rejected: calls("rejected"),
-                rejections: counter!(REJECTIONS, "layer" => "circuit_breaker", "name" => n.to_string(), "kind" => "circuit_open"),
+                rejections: counter!(
+                    REJECTIONS,
+                    with(b, &[("layer", "circuit_breaker"), ("kind", "circuit_open")])
+                ),
                 probe_success: probes("success"),
                 probe_failure: probes("failure"),
                 state,
-                name: n,
+                labels,
             }
         }
     }
@@ -198,10 +216,10 @@ pub(crate) struct BreakerMetrics {
 
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 impl BreakerMetrics {
-    pub(crate) fn new(name: Option<&str>) -> Self {
+    pub(crate) fn new(name: Option<&str>, key: Option<&str>) -> Self {
         BreakerMetrics {
             #[cfg(feature = "metrics")]
-            inner: name.map(imp::Breaker::new),
+            inner: name.map(|n| imp::Breaker::new(n, key)),
         }
     }
 
@@ -246,9 +264,7 @@ impl BreakerMetrics {
             m.state[imp::state_index(to)].set(1.0);
             metrics::counter!(
                 names::BREAKER_TRANSITIONS,
-                "name" => m.name.to_string(),
-                "from" => from.as_str(),
-                "to" => to.as_str()
+                imp::with(&m.labels, &[("from", from.as_str()), ("to", to.as_str())])
             )
             .increment(1);
         }

@@ -57,9 +57,13 @@
 //!
 //! An unnamed layer records nothing, and without the feature the calls are
 //! compiled out. The handles are registered when the layer is built, so a
-//! call only bumps an atomic. Per-key breakers of a keyed layer are not
-//! labelled (one series per key would be unbounded); their layer's state is
-//! visible through [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states).
+//! call only bumps an atomic. The breakers of a keyed layer record nothing
+//! unless the layer opts in with
+//! [`label_keys`](crate::circuit_breaker::KeyedCircuitBreakerLayer::label_keys):
+//! then each key's breaker records the breaker series with a `key` label
+//! next to the layer's `name` (one series per key, so opt in only for a
+//! small key set). Keyed breakers have no registry entry; their states are
+//! in [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states).
 //!
 //! The gauges marked *sampled* are set when a snapshot is taken; the admin
 //! router's `GET /metrics` takes one before it renders.

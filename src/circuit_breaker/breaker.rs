@@ -212,6 +212,11 @@ impl std::fmt::Debug for Breaker {
 
 impl Breaker {
     pub(crate) fn new(settings: Settings) -> Self {
+        Breaker::with_key(settings, None)
+    }
+
+    /// A breaker whose metrics carry a `key` label too (keyed breakers).
+    pub(crate) fn with_key(settings: Settings, key: Option<&str>) -> Self {
         let window = match settings.window {
             WindowKind::Count(n) => Window::Count(CountWindow::new(n)),
             WindowKind::Time(d) => {
@@ -222,7 +227,7 @@ impl Breaker {
         };
         window.reset(generation(0));
         let (events, _) = broadcast::channel(256);
-        let obs = BreakerMetrics::new(settings.name.as_deref());
+        let obs = BreakerMetrics::new(settings.name.as_deref(), key);
         Breaker {
             state: CachePadded(AtomicU64::new(K_CLOSED)),
             settings,

@@ -17,7 +17,7 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
 use tower_firebreak::bulkhead::BulkheadLayer;
-use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 use tower_firebreak::defer::{DeferLayer, Replayer};
 use tower_firebreak::queue::Queue;
 use tower_firebreak::queue::memory::MemoryQueue;
@@ -172,6 +172,35 @@ async fn every_series_has_the_value_the_calls_made() {
     tokio::time::advance(Duration::from_secs(1)).await;
     svc.clone().oneshot(false).await.expect("the probe passes");
     assert_eq!(handle.state(), State::Closed);
+
+    // ------------------------------------------------------ keyed breakers
+    let keyed = |name: &str| CircuitBreakerConfig {
+        name: Some(name.to_owned()),
+        count_window: Some(2),
+        minimum_calls: 2,
+        ..Default::default()
+    };
+    let host = |req: &(&'static str, bool)| req.0;
+    let call = |req: (&'static str, bool)| async move {
+        if req.1 {
+            Err::<(), BoxError>("down".into())
+        } else {
+            Ok(())
+        }
+    };
+    let labelled = keyed("upstreams")
+        .into_keyed_layer(host)
+        .unwrap()
+        .label_keys()
+        .layer(service_fn(call));
+    let quiet = keyed("quiet")
+        .into_keyed_layer(host)
+        .unwrap()
+        .layer(service_fn(call));
+    for req in [("a", true), ("a", true), ("b", false)] {
+        let _ = labelled.clone().oneshot(req).await;
+        let _ = quiet.clone().oneshot(req).await;
+    }
 
     // ----------------------------------------------------------- bulkhead
     let bulkhead = BulkheadLayer::new(1).name("inventory");
@@ -355,6 +384,36 @@ async fn every_series_has_the_value_the_calls_made() {
             ("kind", "rate_limited"),
         ],
         1.0,
+    );
+
+    let key = |k, state| [("name", "upstreams"), ("key", k), ("state", state)];
+    s.check("firebreak_breaker_state", &key("a", "open"), 1.0);
+    s.check("firebreak_breaker_state", &key("a", "closed"), 0.0);
+    s.check("firebreak_breaker_state", &key("b", "closed"), 1.0);
+    s.check(
+        "firebreak_calls",
+        &[
+            ("layer", "circuit_breaker"),
+            ("name", "upstreams"),
+            ("key", "a"),
+            ("outcome", "failure"),
+        ],
+        2.0,
+    );
+    s.check(
+        "firebreak_breaker_transitions",
+        &[
+            ("name", "upstreams"),
+            ("key", "a"),
+            ("from", "closed"),
+            ("to", "open"),
+        ],
+        1.0,
+    );
+    assert!(
+        !s.text.contains("name=\"quiet\""),
+        "keyed breakers without label_keys record nothing:\n{}",
+        s.text
     );
 
     s.check("firebreak_retry_attempts", &[("name", "search")], 2.0);
