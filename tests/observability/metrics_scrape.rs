@@ -220,6 +220,30 @@ async fn every_series_has_the_value_the_calls_made() {
     tokio::task::yield_now().await;
     assert!(bsvc.clone().oneshot(()).await.is_err(), "bulkhead full");
 
+    // A bulkhead whose second call waits 100 ms for the first's slot.
+    let waiting = BulkheadLayer::new(1)
+        .max_wait(Duration::from_secs(1))
+        .name("stock");
+    let (free, hold) = tokio::sync::oneshot::channel::<()>();
+    let hold = Arc::new(tokio::sync::Mutex::new(Some(hold)));
+    let wsvc = waiting.layer(service_fn(move |_: ()| {
+        let hold = hold.clone();
+        async move {
+            if let Some(rx) = hold.lock().await.take() {
+                let _ = rx.await;
+            }
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let first = tokio::spawn(wsvc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    let second = tokio::spawn(wsvc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let _ = free.send(());
+    first.await.unwrap().unwrap();
+    second.await.unwrap().expect("got the slot after 100 ms");
+
     // --------------------------------------------------------- rate limit
     let limit = RateLimitLayer::per_second(1).burst(1).name("api");
     registry.add_rate_limit(&limit).unwrap();
@@ -366,6 +390,18 @@ async fn every_series_has_the_value_the_calls_made() {
         &[("name", "inventory")],
         1.0,
     );
+
+    let stock = |outcome| {
+        [
+            ("layer", "bulkhead"),
+            ("name", "stock"),
+            ("outcome", outcome),
+        ]
+    };
+    s.check("firebreak_calls", &stock("admitted"), 2.0);
+    s.check("firebreak_calls", &stock("rejected"), 0.0);
+    s.check("firebreak_bulkhead_wait_count", &[("name", "stock")], 1.0);
+    s.check("firebreak_bulkhead_wait_sum", &[("name", "stock")], 0.1);
 
     let rl = |outcome| {
         [
