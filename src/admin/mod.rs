@@ -4,6 +4,7 @@
 //!
 //! | route | what it does |
 //! | --- | --- |
+//! | `GET /firebreak` | a redirect to `/firebreak/` (the page fetches its data relative to itself) |
 //! | `GET /firebreak/` | a status page that refreshes itself every second: breakers coloured by state, with a reset button, bulkheads, queue depths, recent transitions |
 //! | `GET /firebreak/status` | the [`Snapshot`](crate::registry::Snapshot) as JSON |
 //! | `POST /firebreak/breakers/{name}/force-open` | [`force_open`](crate::circuit_breaker::CircuitBreakerHandle::force_open); 204, or 404 for an unknown name |
@@ -113,6 +114,11 @@ impl Admin {
         #[allow(unused_mut)]
         let mut router = Router::new()
             .route("/firebreak/", get(|| async { html(PAGE) }))
+            // Relative, so that a router nested under a prefix still works.
+            .route(
+                "/firebreak",
+                get(|| async { axum::response::Redirect::permanent("firebreak/") }),
+            )
             .route(
                 "/firebreak/status",
                 get(move || {

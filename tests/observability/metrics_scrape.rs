@@ -109,6 +109,31 @@ async fn scrape(admin: &axum::Router) -> Scrape {
     Scrape::parse(String::from_utf8(body.to_vec()).unwrap())
 }
 
+async fn get(admin: &axum::Router, path: &str) -> (StatusCode, http::HeaderMap, Bytes) {
+    let res = admin
+        .clone()
+        .oneshot(
+            http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+async fn get_json(admin: &axum::Router, path: &str) -> serde_json::Value {
+    let (status, headers, body) = get(admin, path).await;
+    assert_eq!(status, StatusCode::OK, "{path}");
+    assert_eq!(headers["content-type"], "application/json", "{path}");
+    serde_json::from_slice(&body).unwrap()
+}
+
 async fn post(admin: &axum::Router, path: &str) -> (StatusCode, Bytes) {
     let res = admin
         .clone()
@@ -485,6 +510,54 @@ async fn every_series_has_the_value_the_calls_made() {
     s.check("firebreak_queue_depth", &[("name", "orders")], 0.0);
     s.check("firebreak_queue_oldest_age", &[("name", "orders")], 0.0);
     s.check("firebreak_queue_dead_letters", &[("name", "orders")], 1.0);
+
+    // ----------------------------------------------- the JSON routes
+    let status = get_json(&admin, "/firebreak/status").await;
+    assert_eq!(status["breakers"][0]["name"], "payments");
+    assert_eq!(status["breakers"][0]["state"], "closed");
+    let transitions: Vec<_> = status["breakers"][0]["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            format!(
+                "{}>{}",
+                t["from"].as_str().unwrap(),
+                t["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        ["closed>open", "open>half_open", "half_open>closed"]
+    );
+    assert_eq!(status["bulkheads"][0]["name"], "inventory");
+    assert_eq!(status["bulkheads"][0]["in_flight"], 1);
+    assert_eq!(status["rate_limits"][0]["name"], "api");
+    assert_eq!(status["rate_limits"][0]["burst"], 1);
+    assert_eq!(status["queues"][0]["name"], "orders");
+    assert_eq!(status["queues"][0]["depth"], 0);
+    assert_eq!(status["queues"][0]["dead_letters"], 1);
+    let listing = get_json(&admin, "/firebreak/jobs/dead").await;
+    let letters = listing["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{listing}");
+    assert_eq!(letters[0]["queue"], "orders");
+    assert_eq!(letters[0]["id"], dead[0].id.to_string());
+    assert_eq!(letters[0]["uri"], "http://orders.internal/orders");
+    let (code, headers, _) = get(&admin, "/firebreak").await;
+    assert_eq!(code, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        headers["location"], "firebreak/",
+        "relative, so a nested router works"
+    );
+    let (code, headers, page) = get(&admin, "/firebreak/").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(
+        std::str::from_utf8(&page)
+            .unwrap()
+            .contains("fetch('status'")
+    );
 
     // ------------------------------------------- admin actions, then again
     let (status, _) = post(&admin, "/firebreak/breakers/payments/force-open").await;
