@@ -11,6 +11,11 @@
 //! - `named, prometheus`: the Prometheus recorder installed, every call
 //!   bumps its counter.
 //!
+//! Also `call span, no subscriber`: [`CallSpanLayer`] with no `tracing`
+//! subscriber installed.
+//!
+//! [`CallSpanLayer`]: tower_firebreak::span::CallSpanLayer
+//!
 //! The recorder is process-wide, so the `named, prometheus` cases run last.
 //! A build without the feature is measured by `benches/overhead.rs`.
 #![allow(missing_docs, clippy::disallowed_types)]
@@ -131,6 +136,10 @@ fn cases(c: &mut Criterion, recorder: &str) {
         case(&mut g, "breaker closed, unnamed", || breaker(None));
         case(&mut g, "bulkhead, unnamed", || bulkhead(None));
         case(&mut g, "rate limit, unnamed", || limiter(None));
+        // No subscriber: the span's callsite is disabled.
+        case(&mut g, "call span, no subscriber", || {
+            tower_firebreak::span::CallSpanLayer::new("s").layer(bare())
+        });
     }
     case(
         &mut g,
