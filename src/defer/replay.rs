@@ -99,6 +99,7 @@ impl<Q, S> Replayer<Q, S> {
     pub fn name(mut self, name: impl Into<String>) -> Self {
         let name: String = name.into();
         self.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
+        self.config.name = Some(name);
         self
     }
 

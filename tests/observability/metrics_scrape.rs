@@ -18,7 +18,7 @@ use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
 use tower_firebreak::bulkhead::BulkheadLayer;
 use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
-use tower_firebreak::defer::{DeferLayer, Replayer};
+use tower_firebreak::defer::{DeferConfig, DeferLayer, Replayer};
 use tower_firebreak::queue::Queue;
 use tower_firebreak::queue::memory::MemoryQueue;
 use tower_firebreak::rate_limit::RateLimitLayer;
@@ -308,6 +308,17 @@ async fn every_series_has_the_value_the_calls_made() {
         let res = app.clone().oneshot(order(key, body)).await.unwrap();
         assert_eq!(res.status(), StatusCode::ACCEPTED);
     }
+    // The name can come from config too.
+    let from_config = DeferConfig {
+        name: Some("configured".into()),
+        ..Default::default()
+    }
+    .into_layer(MemoryQueue::new())
+    .unwrap()
+    .layer(service_fn(|_: Req| async { Ok::<_, BoxError>(reply(503)) }));
+    let res = from_config.oneshot(order("k3", "x")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
     let bad_sends = Arc::new(AtomicUsize::new(0));
     let counted = bad_sends.clone();
     let upstream = service_fn(move |req: Req| {
@@ -496,6 +507,15 @@ async fn every_series_has_the_value_the_calls_made() {
         "firebreak_defer_enqueue_duration_count",
         &[("name", "orders")],
         2.0,
+    );
+    s.check(
+        "firebreak_calls",
+        &[
+            ("layer", "defer"),
+            ("name", "configured"),
+            ("outcome", "deferred"),
+        ],
+        1.0,
     );
     // Three sends: the good job once, the bad one twice.
     s.check(
