@@ -47,6 +47,8 @@
 //! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
 //! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
 //! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
+//! | `metrics` | `firebreak.*` metrics on the `metrics` facade for named layers ([`registry`] lists them) |
+//! | `prometheus` | `metrics` plus `GET /metrics` in the [`admin`] router, via `metrics-exporter-prometheus` |
 //! | `full` | every feature above |
 //!
 //! # Time
@@ -56,6 +58,8 @@
 //!
 //! [Tower]: https://docs.rs/tower
 
+#[cfg(feature = "axum")]
+pub mod admin;
 pub mod bulkhead;
 pub mod chaos;
 pub mod circuit_breaker;
@@ -67,10 +71,13 @@ pub mod fallback;
 pub mod grpc;
 pub mod hedge;
 pub mod http;
+mod observe;
 pub mod preset;
 pub mod queue;
 pub mod rate_limit;
+pub mod registry;
 pub mod retry;
+pub mod span;
 pub mod timeout;
 mod trace;
 

@@ -41,6 +41,7 @@ pin_project! {
             svc: Option<S>,
             req: Option<Req>,
             max_concurrent: usize,
+            slots: Arc<Slots>,
         },
         Full {
             max_concurrent: usize,
@@ -74,11 +75,12 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         let max_concurrent = slots.max;
         ResponseFuture {
             state: State::Waiting {
-                acquire: Box::pin(wait_for_slot(slots)),
+                acquire: Box::pin(wait_for_slot(slots.clone())),
                 sleep: tokio::time::sleep(max_wait),
                 svc: Some(svc),
                 req: Some(req),
                 max_concurrent,
+                slots,
             },
         }
     }
@@ -116,11 +118,13 @@ where
                     svc,
                     req,
                     max_concurrent,
+                    slots,
                 } => {
                     let permit = match acquire.as_mut().poll(cx) {
                         Poll::Ready(p) => p,
                         Poll::Pending => {
                             ready!(sleep.poll(cx));
+                            slots.obs.rejected();
                             crate::trace::rejected("bulkhead", RejectionKind::BulkheadFull, None);
                             let m = *max_concurrent;
                             state.set(State::Full { max_concurrent: m });

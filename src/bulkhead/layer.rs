@@ -31,8 +31,27 @@ impl BulkheadLayer {
     /// [`BulkheadFull`](super::BulkheadFull). Default: zero (fail at once).
     pub fn max_wait(self, max_wait: Duration) -> Self {
         BulkheadLayer {
-            pool: Pool::new(self.pool.max_concurrent(), max_wait),
+            pool: Pool::named(self.pool.max_concurrent(), max_wait, self.pool.name()),
         }
+    }
+
+    /// Names the bulkhead: the `name` label of its metrics (feature
+    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
+    /// An unnamed bulkhead records no metrics.
+    pub fn name(self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        BulkheadLayer {
+            pool: Pool::named(
+                self.pool.max_concurrent(),
+                self.pool.max_wait(),
+                Some(name.into()),
+            ),
+        }
+    }
+
+    /// A read-only view of the shared pool, for a registry.
+    pub fn handle(&self) -> super::BulkheadHandle {
+        self.pool.handle()
     }
 
     /// Calls in flight right now through every service made from this layer.

@@ -91,6 +91,8 @@ pub(crate) struct Slots {
     waiters: AtomicUsize,
     notify: Notify,
     max: usize,
+    pub(crate) obs: crate::observe::BulkheadMetrics,
+    name: Option<Arc<str>>,
 }
 
 impl Slots {
@@ -122,6 +124,39 @@ impl Slots {
     }
 }
 
+/// A read-only view of a bulkhead, for a [`Registry`](crate::registry::Registry).
+#[derive(Clone, Debug)]
+pub struct BulkheadHandle {
+    slots: Arc<Slots>,
+}
+
+impl BulkheadHandle {
+    /// The bulkhead's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.slots.name.as_deref()
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.slots.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Calls waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.slots.waiters.load(Ordering::SeqCst)
+    }
+
+    /// The bound on calls in flight.
+    pub fn max_concurrent(&self) -> usize {
+        self.slots.max
+    }
+
+    /// Sets the in-flight gauge from the live count (feature `metrics`).
+    pub(crate) fn sample(&self) {
+        self.slots.obs.in_flight(self.in_flight());
+    }
+}
+
 /// A taken slot; dropping it gives the slot back.
 #[derive(Debug)]
 pub(crate) struct Permit {
@@ -142,6 +177,7 @@ pub(crate) async fn wait_for_slot(slots: Arc<Slots>) -> Permit {
             self.0.fetch_sub(1, Ordering::SeqCst);
         }
     }
+    let started = tokio::time::Instant::now();
     slots.waiters.fetch_add(1, Ordering::SeqCst);
     let _waiting = Waiting(&slots.waiters);
     loop {
@@ -150,6 +186,7 @@ pub(crate) async fn wait_for_slot(slots: Arc<Slots>) -> Permit {
         // Registered before the check, so a release in between is not missed.
         notified.as_mut().enable();
         if slots.try_take() {
+            slots.obs.waited(started.elapsed());
             return Permit {
                 slots: slots.clone(),
             };
@@ -160,14 +197,34 @@ pub(crate) async fn wait_for_slot(slots: Arc<Slots>) -> Permit {
 
 impl Pool {
     pub(crate) fn new(max_concurrent: usize, max_wait: Duration) -> Self {
+        Pool::named(max_concurrent, max_wait, None)
+    }
+
+    pub(crate) fn named(max_concurrent: usize, max_wait: Duration, name: Option<Arc<str>>) -> Self {
         Pool {
             slots: Arc::new(Slots {
                 in_flight: AtomicUsize::new(0),
                 waiters: AtomicUsize::new(0),
                 notify: Notify::new(),
                 max: max_concurrent,
+                obs: crate::observe::BulkheadMetrics::new(name.as_deref()),
+                name,
             }),
             max_wait,
+        }
+    }
+
+    pub(crate) fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    pub(crate) fn name(&self) -> Option<Arc<str>> {
+        self.slots.name.clone()
+    }
+
+    pub(crate) fn handle(&self) -> BulkheadHandle {
+        BulkheadHandle {
+            slots: self.slots.clone(),
         }
     }
 
@@ -192,9 +249,11 @@ impl Pool {
             let permit = Permit {
                 slots: self.slots.clone(),
             };
+            self.slots.obs.admitted();
             return future::ResponseFuture::running(inner.call(req), permit);
         }
         if self.max_wait.is_zero() {
+            self.slots.obs.rejected();
             crate::trace::rejected("bulkhead", crate::error::RejectionKind::BulkheadFull, None);
             return future::ResponseFuture::full(self.slots.max);
         }

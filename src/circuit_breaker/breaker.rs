@@ -11,9 +11,11 @@
 use super::window::{
     CachePadded, Consecutive, CountWindow, FAIL, REC, SLOW, Snapshot, TimeWindow, Window,
 };
-use super::{Event, State};
+use super::{Event, State, Transition};
 use crate::classify::Outcome;
 use crate::error::RejectionKind;
+use crate::observe::BreakerMetrics;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +49,8 @@ pub(crate) struct Settings {
     pub(crate) half_open_calls: usize,
     pub(crate) max_wait_in_half_open: Option<Duration>,
     pub(crate) backpressure: bool,
+    /// The label of the breaker's metrics and its registry entry.
+    pub(crate) name: Option<Arc<str>>,
 }
 
 // State word: kind:3 | reserved:16 | epoch:45.
@@ -188,7 +192,14 @@ pub(crate) struct Breaker {
     transition: Mutex<()>,
     events: broadcast::Sender<Event>,
     subscribed: AtomicBool,
+    obs: BreakerMetrics,
+    /// The last few transitions, for the status page. Written only under
+    /// `transition`.
+    recent: Mutex<VecDeque<Transition>>,
 }
+
+/// How many transitions [`Breaker::recent`] keeps.
+const RECENT: usize = 16;
 
 impl std::fmt::Debug for Breaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,6 +212,11 @@ impl std::fmt::Debug for Breaker {
 
 impl Breaker {
     pub(crate) fn new(settings: Settings) -> Self {
+        Breaker::with_key(settings, None)
+    }
+
+    /// A breaker whose metrics carry a `key` label too (keyed breakers).
+    pub(crate) fn with_key(settings: Settings, key: Option<&str>) -> Self {
         let window = match settings.window {
             WindowKind::Count(n) => Window::Count(CountWindow::new(n)),
             WindowKind::Time(d) => {
@@ -211,6 +227,7 @@ impl Breaker {
         };
         window.reset(generation(0));
         let (events, _) = broadcast::channel(256);
+        let obs = BreakerMetrics::new(settings.name.as_deref(), key);
         Breaker {
             state: CachePadded(AtomicU64::new(K_CLOSED)),
             settings,
@@ -224,6 +241,8 @@ impl Breaker {
             transition: Mutex::new(()),
             events,
             subscribed: AtomicBool::new(false),
+            obs,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
         }
     }
 
@@ -300,6 +319,7 @@ impl Breaker {
 
     #[cold]
     fn reject(&self, state: State, retry_after: Duration) -> Duration {
+        self.obs.rejected();
         crate::trace::rejected(
             "circuit_breaker",
             RejectionKind::CircuitOpen,
@@ -329,6 +349,7 @@ impl Breaker {
             Outcome::Failure => true,
             Outcome::Success => false,
         };
+        self.obs.call(failed);
         let slow = match (self.settings.slow, now) {
             (Some((_, d)), Some(now)) if ticket.start != NO_START => {
                 self.nanos(now).saturating_sub(ticket.start) >= duration_nanos(d)
@@ -336,6 +357,7 @@ impl Breaker {
             _ => false,
         };
         if ticket.is_probe() {
+            self.obs.probe(failed);
             self.record_probe(ticket.epoch(), failed, slow);
             return;
         }
@@ -516,6 +538,14 @@ impl Breaker {
                 "circuit breaker state change"
             );
         }
+        self.obs.transition(from, to);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(Transition::new(from, to, why));
+        }
         if self.subscribed.load(Relaxed) {
             let _ = self.events.send(Event::Transition { from, to });
         }
@@ -577,6 +607,16 @@ impl Breaker {
 
     pub(crate) fn disable(&self) {
         self.transition_any(State::Disabled, "disabled by handle");
+    }
+
+    /// The last transitions, oldest first.
+    pub(crate) fn recent(&self) -> Vec<Transition> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -74,6 +74,10 @@ pub struct CircuitBreakerConfig {
     /// Default: 10 min.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Names the breaker: the `name` label of its metrics (feature
+    /// `metrics`) and its key in a [`Registry`](crate::registry::Registry).
+    /// Default: none (no metrics).
+    pub name: Option<String>,
 }
 
 impl CircuitBreakerConfig {
@@ -257,6 +261,7 @@ impl CircuitBreakerConfig {
             half_open_calls: self.half_open_calls,
             max_wait_in_half_open: self.max_wait_in_half_open,
             backpressure: self.backpressure,
+            name: self.name.as_deref().map(Into::into),
         })
     }
 
@@ -329,6 +334,7 @@ impl Default for CircuitBreakerConfig {
             backpressure: false,
             max_keys: Self::DEFAULT_MAX_KEYS,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            name: None,
         }
     }
 }

@@ -45,6 +45,9 @@ struct Shared<K, F, C> {
     max_keys: usize,
     idle_timeout: Duration,
     breakers: Mutex<Table<K>>,
+    /// Set by `label_keys`: each key's breaker records the layer's series
+    /// with a `key` label.
+    key_label: Option<fn(&K) -> String>,
 }
 
 struct Table<K> {
@@ -93,7 +96,17 @@ where
                 map.remove(&k);
             }
         }
-        let lane = Lane::new(Arc::new(Breaker::new(self.settings.clone())));
+        // Per-key breakers record metrics only when the user opted in to a
+        // `key` label (one series per key is unbounded cardinality).
+        let breaker = match (self.key_label, &self.settings.name) {
+            (Some(label), Some(_)) => Breaker::with_key(self.settings.clone(), Some(&label(&key))),
+            _ => {
+                let mut settings = self.settings.clone();
+                settings.name = None;
+                Breaker::new(settings)
+            }
+        };
+        let lane = Lane::new(Arc::new(breaker));
         map.insert(
             key,
             Entry {
@@ -235,6 +248,7 @@ impl<K, F> KeyedCircuitBreakerLayer<K, F> {
                 max_keys,
                 idle_timeout,
                 breakers: Mutex::new(Table::new()),
+                key_label: None,
             }),
         }
     }
@@ -257,7 +271,32 @@ impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
                 max_keys: shared.max_keys,
                 idle_timeout: shared.idle_timeout,
                 breakers: shared.breakers,
+                key_label: shared.key_label,
             }),
+        }
+    }
+
+    /// Opts in to per-key metrics (feature `metrics`): each key's breaker
+    /// records the `firebreak.*` breaker series under the layer's `name`
+    /// (set in [`CircuitBreakerConfig::name`](super::CircuitBreakerConfig::name))
+    /// with a `key` label. Without this, or without a name, per-key breakers
+    /// record no metrics: one series per key is unbounded cardinality, so
+    /// opt in only for a small, known key set (a few upstream hosts). A
+    /// recorder keeps an evicted key's series unless told to expire idle
+    /// ones.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: call this first.
+    pub fn label_keys(self) -> Self
+    where
+        K: fmt::Display,
+    {
+        let mut shared = Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("call label_keys before cloning the layer"));
+        shared.key_label = Some(|k: &K| k.to_string());
+        KeyedCircuitBreakerLayer {
+            shared: Arc::new(shared),
         }
     }
 

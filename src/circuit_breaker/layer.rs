@@ -165,6 +165,14 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
+    /// Names the breaker: the `name` label of its metrics (feature
+    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
+    /// An unnamed breaker records no metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
     /// Decides what counts as a failure. Default: [`DefaultClassifier`].
     pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
         CircuitBreakerBuilder {

@@ -282,6 +282,46 @@ impl Metrics {
     }
 }
 
+/// A state change, as kept by [`CircuitBreakerHandle::recent_transitions`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    from: State,
+    to: State,
+    reason: &'static str,
+    at: std::time::SystemTime,
+}
+
+impl Transition {
+    pub(crate) fn new(from: State, to: State, reason: &'static str) -> Self {
+        Transition {
+            from,
+            to,
+            reason,
+            at: std::time::SystemTime::now(),
+        }
+    }
+
+    /// The state left.
+    pub fn from(&self) -> State {
+        self.from
+    }
+
+    /// The state entered.
+    pub fn to(&self) -> State {
+        self.to
+    }
+
+    /// Why, in a few words ("failure or slow-call threshold reached").
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
+    /// When, by the wall clock.
+    pub fn at(&self) -> std::time::SystemTime {
+        self.at
+    }
+}
+
 /// A handle on a shared breaker. Clone it freely; every method is
 /// synchronous and needs no runtime.
 #[derive(Clone)]
@@ -346,6 +386,16 @@ impl CircuitBreakerHandle {
             failures: s.failures,
             slow_calls: s.slow,
         }
+    }
+
+    /// The breaker's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.breaker.settings.name.as_deref()
+    }
+
+    /// The last 16 state changes, oldest first.
+    pub fn recent_transitions(&self) -> Vec<Transition> {
+        self.breaker.recent()
     }
 
     /// A stream of state changes and rejections.

@@ -33,6 +33,9 @@ pub struct DeferConfig {
     /// dead-lettered. Default: none (only the queue's attempt limit).
     #[serde(with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// Names the queue for metrics (feature `metrics`); see
+    /// [`DeferLayer::name`]. Default: none.
+    pub name: Option<String>,
 }
 
 impl DeferConfig {
@@ -77,6 +80,9 @@ impl DeferConfig {
         if let Some(ttl) = self.ttl {
             layer = layer.ttl(ttl);
         }
+        if let Some(name) = self.name {
+            layer = layer.name(name);
+        }
         Ok(layer)
     }
 }
@@ -88,6 +94,7 @@ impl Default for DeferConfig {
             status_path: None,
             retry_after: Self::DEFAULT_RETRY_AFTER,
             ttl: None,
+            name: None,
         }
     }
 }
@@ -135,6 +142,9 @@ pub struct ReplayerConfig {
     /// a longer body is cut, and marked with the header
     /// `firebreak-body-truncated: true`. Default: 1 MiB.
     pub max_response_body: usize,
+    /// Names the queue for metrics (feature `metrics`); see
+    /// [`Replayer::name`]. Default: none.
+    pub name: Option<String>,
 }
 
 impl ReplayerConfig {
@@ -204,7 +214,12 @@ impl ReplayerConfig {
         Q: Queue,
     {
         self.validate()?;
-        Ok(Replayer::with_config(queue, service, self))
+        let name = self.name.clone();
+        let replayer = Replayer::with_config(queue, service, self);
+        Ok(match name {
+            Some(n) => replayer.name(n),
+            None => replayer,
+        })
     }
 }
 
@@ -220,6 +235,7 @@ impl Default for ReplayerConfig {
             max_backoff: Self::DEFAULT_MAX_BACKOFF,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             max_response_body: Self::DEFAULT_MAX_RESPONSE_BODY,
+            name: None,
         }
     }
 }

@@ -28,6 +28,16 @@ impl<Q: Queue> DeferLayer<Q> {
 }
 
 impl<Q> DeferLayer<Q> {
+    /// Names the queue this layer defers into: the `name` label of the
+    /// `firebreak.calls{layer="defer"}` and enqueue-latency series (feature
+    /// `metrics`). Give its [`Replayer`](super::Replayer) and its
+    /// [`Registry`](crate::registry::Registry) entry the same name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        self.settings.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
+        self
+    }
+
     /// The largest request body buffered, in bytes; a larger one gets
     /// `413 Payload Too Large` and is neither sent nor queued. Default: 1 MiB.
     pub fn max_body(mut self, bytes: usize) -> Self {

@@ -221,6 +221,7 @@ pub(crate) struct Settings {
     pub(crate) deferrable: Deferrable,
     pub(crate) failed_response: FailedResponse,
     pub(crate) failed_error: FailedError,
+    pub(crate) obs: Arc<crate::observe::QueueMetrics>,
 }
 
 impl Default for Settings {
@@ -233,6 +234,7 @@ impl Default for Settings {
             deferrable: Arc::new(deferrable_by_default),
             failed_response: Arc::new(server_error),
             failed_error: Arc::new(|_| true),
+            obs: Arc::default(),
         }
     }
 }
@@ -428,14 +430,20 @@ async fn answer<Q: Queue>(
             Some((name.to_owned(), v.to_owned()))
         })
         .collect();
+    let traceparent = trace
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone());
     let mut job = Job::from_request(req).with_trace_context(trace);
     if let Some(ttl) = settings.ttl {
         job = job.with_ttl(ttl);
     }
     let retry_after = cause.retry_after.unwrap_or(settings.retry_after);
+    let started = tokio::time::Instant::now();
     match queue.submit(job).await {
         Ok(Enqueued::Created(id)) => {
-            tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, "request deferred");
+            settings.obs.deferred(started.elapsed());
+            tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, traceparent = traceparent.as_deref(), "request deferred");
             response::accepted(&settings, &id, retry_after)
         }
         Ok(Enqueued::Existing(id)) => match queue.status(&id).await {

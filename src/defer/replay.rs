@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
+use tracing::Instrument as _;
 
 type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 
@@ -65,6 +66,7 @@ pub struct Replayer<Q, S> {
     service: S,
     config: ReplayerConfig,
     retry_response: RetryResponse,
+    obs: Arc<crate::observe::QueueMetrics>,
 }
 
 /// The default replay failure classifier: every 5xx, and 429.
@@ -85,11 +87,22 @@ impl<Q: Queue, S> Replayer<Q, S> {
             service,
             config,
             retry_response: Arc::new(retryable_status),
+            obs: Arc::default(),
         }
     }
 }
 
 impl<Q, S> Replayer<Q, S> {
+    /// Names the queue this replayer drains: the `name` label of the
+    /// `firebreak.replay.*` series (feature `metrics`). Use the name given
+    /// to its [`DeferLayer`](super::DeferLayer).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        self.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
+        self.config.name = Some(name);
+        self
+    }
+
     /// The most deliveries a second. Default: 10.
     pub fn rate_per_second(mut self, n: u32) -> Self {
         self.config.rate_per_second = n;
@@ -213,6 +226,7 @@ where
             mut service,
             config: cfg,
             retry_response,
+            obs,
         } = self;
         let queue = &*queue;
         let rate = NonZeroU32::new(cfg.rate_per_second).expect("validated");
@@ -253,18 +267,44 @@ where
                     return;
                 }
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
+                    obs.expired();
                     settle_dead(queue, &item, "ttl expired").await;
                     continue;
                 }
+                let started = tokio::time::Instant::now();
                 let outcome = {
-                    let send = pin!(deliver(
-                        &mut service,
-                        &*retry_response,
-                        cfg.max_response_body,
-                        &item.job,
-                    ));
+                    // Joins the deferred request's trace: the stored
+                    // `traceparent` is a field here and is sent again as a
+                    // header by `replay_request`.
+                    let span = tracing::info_span!(
+                        target: "tower_firebreak",
+                        "firebreak.replay",
+                        job_id = %item.lease.id(),
+                        attempts = item.job.attempts(),
+                        traceparent = tracing::field::Empty,
+                    );
+                    if let Some((_, tp)) = item
+                        .job
+                        .trace_context()
+                        .iter()
+                        .find(|(k, _)| k == "traceparent")
+                    {
+                        span.record("traceparent", tp.as_str());
+                    }
+                    let send = pin!(
+                        deliver(
+                            &mut service,
+                            &*retry_response,
+                            cfg.max_response_body,
+                            &item.job,
+                        )
+                        .instrument(span)
+                    );
                     with_grace(send, &mut stop, cfg.shutdown_grace).await
                 };
+                if outcome.is_some() {
+                    obs.replayed(started.elapsed());
+                }
                 match outcome {
                     None => {
                         // Shut down mid-delivery, past the grace: the send is
@@ -275,10 +315,12 @@ where
                     Some(Sent::Delivered(response)) => {
                         probing = false;
                         failures = 0;
+                        obs.delivered();
                         settle_ack(queue, &item, response).await;
                     }
                     Some(Sent::Open(retry_after)) => {
                         tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
+                        obs.paused();
                         give_back(queue, std::iter::once(item), retry_after).await;
                         give_back(queue, batch, Duration::ZERO).await;
                         probing = true;
@@ -289,6 +331,7 @@ where
                     }
                     Some(Sent::Failed(why)) => {
                         failures = failures.saturating_add(1);
+                        obs.failed();
                         let delay = backoff(&cfg, item.job.attempts());
                         tracing::debug!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), attempts = item.job.attempts(), error = %why, "replay failed");
                         give_back(queue, std::iter::once(item), delay).await;

@@ -1,4 +1,5 @@
 use super::{DirectLimiter, RateLimit, TokioClock};
+use crate::observe::LimiterMetrics;
 use governor::Quota;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ pub struct RateLimitLayer {
     quota: Quota,
     limiter: Arc<DirectLimiter>,
     max_wait: Option<Duration>,
+    name: Option<Arc<str>>,
+    obs: Arc<LimiterMetrics>,
 }
 
 pub(crate) fn nonzero(field: &'static str, v: u32) -> NonZeroU32 {
@@ -38,7 +41,31 @@ impl RateLimitLayer {
                 TokioClock::new(),
             )),
             max_wait,
+            name: None,
+            obs: Arc::default(),
         }
+    }
+
+    /// Keeps the name (and its metrics) of `from` across a rebuild.
+    fn named_as(mut self, from: RateLimitLayer) -> Self {
+        self.name = from.name;
+        self.obs = from.obs;
+        self
+    }
+
+    /// Names the limiter: the `name` label of its metrics (feature
+    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
+    /// An unnamed limiter records no metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: Arc<str> = name.into().into();
+        self.obs = Arc::new(LimiterMetrics::new(Some(&name)));
+        self.name = Some(name);
+        self
+    }
+
+    /// The limiter's name, if it was given one.
+    pub fn get_name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// How many calls may pass at one instant (governor's burst size).
@@ -52,12 +79,13 @@ impl RateLimitLayer {
             self.quota.allow_burst(nonzero("burst", burst)),
             self.max_wait,
         )
+        .named_as(self)
     }
 
     /// Wait mode: a call over the limit waits for its permit, for at most
     /// `max_wait`, instead of failing at once.
     pub fn max_wait(self, max_wait: Duration) -> Self {
-        Self::from_quota(self.quota, Some(max_wait))
+        Self::from_quota(self.quota, Some(max_wait)).named_as(self)
     }
 
     /// The GCRA quota.
@@ -74,6 +102,7 @@ impl<S> Layer<S> for RateLimitLayer {
             inner,
             limiter: Some(self.limiter.clone()),
             max_wait: self.max_wait,
+            obs: self.obs.clone(),
         }
     }
 }

@@ -110,6 +110,7 @@ pub struct RateLimit<S> {
     // None: no limit (a preset stage turned off).
     limiter: Option<Arc<DirectLimiter>>,
     max_wait: Option<Duration>,
+    obs: Arc<crate::observe::LimiterMetrics>,
 }
 
 impl<S> RateLimit<S> {
@@ -119,6 +120,7 @@ impl<S> RateLimit<S> {
             inner,
             limiter: None,
             max_wait: None,
+            obs: Arc::new(crate::observe::LimiterMetrics::new(None)),
         }
     }
 
@@ -196,6 +198,11 @@ where
             return future::ResponseFuture::running(self.inner.call(req));
         };
         let first = check_direct(limiter);
+        match (first, self.max_wait) {
+            (Ok(()), _) => self.obs.admitted(),
+            (Err(wait), Some(max)) if wait <= max => {}
+            (Err(_), _) => self.obs.rejected(),
+        }
         decide(&mut self.inner, req, first, self.max_wait, || {
             let l = limiter.clone();
             Box::new(move || check_direct(&l))

@@ -72,6 +72,7 @@ pub struct RetryPolicy<C = DefaultClassifier> {
     // the policy into every response future, and only that copy counts.
     attempts: u32,
     prev_ns: u64,
+    obs: crate::observe::RetryMetrics,
 }
 
 impl RetryPolicy {
@@ -93,6 +94,7 @@ impl RetryPolicy {
             classify: DefaultClassifier,
             attempts: 0,
             prev_ns: 0,
+            obs: crate::observe::RetryMetrics::default(),
         }
     }
 
@@ -124,6 +126,15 @@ impl RetryPolicy {
 }
 
 impl<C> RetryPolicy<C> {
+    /// Names the policy: the `name` label of `firebreak.retry.attempts` and
+    /// `firebreak.retry.gave_up` (feature `metrics`). An unnamed policy
+    /// records no metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        self.obs = crate::observe::RetryMetrics::new(Some(&name));
+        self
+    }
+
     /// How many attempts a call may make, the first one included. `1` turns
     /// retries off; `0` is taken as `1`.
     pub fn max_attempts(mut self, n: u32) -> Self {
@@ -171,6 +182,7 @@ impl<C> RetryPolicy<C> {
             classify,
             attempts: 0,
             prev_ns: 0,
+            obs: self.obs,
         }
     }
 
@@ -240,6 +252,7 @@ impl<C> RetryPolicy<C> {
         req_deadline: Option<Instant>,
     ) -> Option<super::future::Backoff> {
         if self.attempts >= self.max_attempts {
+            self.obs.gave_up("max_attempts");
             crate::trace::retry_gave_up("max_attempts", self.attempts);
             return None;
         }
@@ -257,6 +270,7 @@ impl<C> RetryPolicy<C> {
         // tokio's timer fires on whole milliseconds, rounding up, so the
         // sleep may end up to one tick after `now + delay`.
         if deadline.is_some_and(|d| now + delay + TIMER_TICK >= d) {
+            self.obs.gave_up("deadline");
             crate::trace::retry_gave_up("deadline", self.attempts);
             return None;
         }
@@ -264,9 +278,11 @@ impl<C> RetryPolicy<C> {
         if let Some(budget) = &self.budget
             && !budget.withdraw()
         {
+            self.obs.gave_up("budget");
             crate::trace::retry_gave_up("budget", self.attempts);
             return None;
         }
+        self.obs.retrying();
         crate::trace::retrying(self.attempts, delay);
         Some(super::future::Backoff::until(now + delay))
     }
