@@ -11,11 +11,19 @@ use tower::{Layer, Service};
 
 /// The `tonic::Status` for `err`: our rejections get their code, message and
 /// `grpc-retry-pushback-ms` metadata; a `Status` already in the error's
-/// source chain is kept as it is; anything else is `UNKNOWN`.
+/// source chain is kept as it is; tonic's own `TimeoutExpired` (the
+/// `Channel` enforcing `grpc-timeout`) is `DEADLINE_EXCEEDED`; anything else
+/// is `UNKNOWN`.
 pub fn to_status(err: &(dyn Error + 'static)) -> tonic::Status {
     if Rejection::of(err).is_none() {
         if let Some(status) = crate::error::find::<tonic::Status>(err) {
             return status.clone();
+        }
+        // tonic's Channel enforces the `grpc-timeout` that
+        // `PropagateDeadline` writes, at the same instant as the caller's
+        // `Deadline`; when its timer wins, the call still ran out of time.
+        if crate::error::find::<tonic::TimeoutExpired>(err).is_some() {
+            return tonic::Status::deadline_exceeded(format!("deadline exceeded: {err}"));
         }
         return tonic::Status::unknown(err.to_string());
     }

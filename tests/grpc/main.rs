@@ -78,6 +78,9 @@ async fn to_status_maps_codes_and_pushback_metadata() {
     // A Status from the transport passes through as it is.
     let upstream: BoxError = Box::new(tonic::Status::not_found("no such user"));
     assert_eq!(to_status(&*upstream).code(), tonic::Code::NotFound);
+    // The Channel's own grpc-timeout ran out: the call missed its deadline.
+    let expired: BoxError = Box::new(tonic::TimeoutExpired(()));
+    assert_eq!(to_status(&*expired).code(), tonic::Code::DeadlineExceeded);
 
     // The layer hands tonic a Status it recognises.
     let svc = StatusLayer::new().layer(service_fn(|_: ()| async {

@@ -171,3 +171,68 @@ fn retry_after_rounds_up_to_whole_seconds() {
     assert_eq!(retry_after_value(Duration::from_secs(2)), "2");
     assert_eq!(retry_after_value(Duration::from_millis(2001)), "3");
 }
+
+/// A real breaker behind a real socket: once open, the 503's Retry-After is
+/// the time left in the open breaker (rounded up to whole seconds), not its
+/// configured open time, and the problem body carries it in milliseconds.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_answers_503_with_its_time_left_as_retry_after() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(2)
+        .open_for(Duration::from_secs(10))
+        .open_jitter(0.0)
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let dependency = service_fn(move |_: axum::extract::Request| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Err::<axum::response::Response, BoxError>(std::io::Error::other("refused").into()) }
+    });
+    let app = Router::new().route_service(
+        "/",
+        ServiceBuilder::new()
+            .layer(RejectionResponseLayer::new())
+            .layer(breaker)
+            .service(dependency),
+    );
+    let addr = support::serve(app).await;
+    let client = support::client();
+    for _ in 0..2 {
+        assert_eq!(support::get(&client, addr, "/").await.status, 500);
+    }
+    assert_eq!(handle.state(), State::Open);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let open = support::get(&client, addr, "/").await;
+    assert_eq!(open.status, 503);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the open breaker let a call through"
+    );
+    let left = handle.retry_after().expect("still open");
+    let header: u64 = open.headers[http::header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 6.5 s were left: 7, within a second of the breaker's own answer.
+    assert_eq!(header, 7);
+    assert!(
+        header.abs_diff(left.as_secs()) <= 1,
+        "{header} s vs {left:?}"
+    );
+    let p = problem(&open.body);
+    assert_eq!(p["kind"], "circuit_open");
+    let ms = p["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        ms.abs_diff(left.as_millis() as u64) <= 100,
+        "{ms} ms vs {left:?}"
+    );
+}
