@@ -1,2 +1,223 @@
-//! Placeholder, replaced below.
-fn main() {}
+//! Per-call overhead of each layer on a trivial ready service, side by side
+//! with tower's own layers, in one criterion run (method: ../shared/BENCH.md).
+//!
+//! Run: `cargo bench --bench overhead`
+//!
+//! After the criterion group it prints allocations per call for each case,
+//! counted by a global allocator over 100,000 calls minus a zero-call run.
+#![allow(missing_docs, clippy::disallowed_types)]
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group};
+use http_body_util::Full;
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+use std::alloc::System;
+use std::future::Future;
+use std::hint::black_box;
+use std::time::Duration;
+use tokio::runtime::Runtime;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_firebreak::BoxError;
+use tower_firebreak::bulkhead::BulkheadLayer;
+use tower_firebreak::deadline::DeadlineLayer;
+use tower_firebreak::rate_limit::RateLimitLayer;
+use tower_firebreak::timeout::TimeoutLayer;
+
+// stats_alloc counts every allocation without any unsafe code of ours.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+fn allocated() -> (u64, u64) {
+    let s = GLOBAL.stats();
+    (s.allocations as u64, s.bytes_allocated as u64)
+}
+
+fn rt() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+type Bare = tower::util::ServiceFn<fn(u64) -> std::future::Ready<Result<u64, BoxError>>>;
+
+fn bare() -> Bare {
+    service_fn(|x: u64| std::future::ready(Ok::<_, BoxError>(x)))
+}
+
+/// Never limits: the per-second rate is far above what one core can call.
+const NEVER: u32 = u32::MAX;
+
+/// Calls `svc` `n` times by `&mut`, with `ready().await` and `call`.
+async fn drive<S, Req>(svc: &mut S, n: u64, mk: impl Fn(u64) -> Req)
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    for i in 0..n {
+        let s = svc.ready().await.unwrap();
+        black_box(s.call(mk(black_box(i))).await.unwrap());
+    }
+}
+
+fn case<S, Req, F>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    allocs: &mut Vec<(String, f64, f64)>,
+    name: &str,
+    make: F,
+    mk: fn(u64) -> Req,
+) where
+    F: Fn() -> S,
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let rt = rt();
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut svc = rt.block_on(async { make() });
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                drive(&mut svc, iters, mk).await;
+                start.elapsed()
+            })
+        })
+    });
+    let count = |n: u64| {
+        rt.block_on(async {
+            let mut svc = make();
+            drive(&mut svc, 10, mk).await;
+            let (a0, b0) = allocated();
+            drive(&mut svc, n, mk).await;
+            let (a1, b1) = allocated();
+            (a1 - a0, b1 - b0)
+        })
+    };
+    let (a, b) = count(100_000);
+    let (a_zero, b_zero) = count(0);
+    allocs.push((
+        name.to_owned(),
+        (a - a_zero) as f64 / 100_000.0,
+        (b - b_zero) as f64 / 100_000.0,
+    ));
+}
+
+fn ours_vs_tower(c: &mut Criterion) {
+    let mut allocs = Vec::new();
+    let mut g = c.benchmark_group("overhead");
+    let a = &mut allocs;
+    let id = |x: u64| x;
+
+    case(&mut g, a, "bare", bare, id);
+    case(
+        &mut g,
+        a,
+        "firebreak timeout",
+        || TimeoutLayer::new(Duration::from_secs(1)).layer(bare()),
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "tower timeout",
+        || tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(bare()),
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "firebreak bulkhead",
+        || BulkheadLayer::new(1000).layer(bare()),
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "tower load_shed+concurrency_limit",
+        || {
+            ServiceBuilder::new()
+                .load_shed()
+                .concurrency_limit(1000)
+                .service(bare())
+        },
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "firebreak rate_limit",
+        || RateLimitLayer::per_second(NEVER).layer(bare()),
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "tower rate_limit",
+        || {
+            ServiceBuilder::new()
+                .rate_limit(u64::MAX, Duration::from_secs(1))
+                .service(bare())
+        },
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "firebreak rate_limit+bulkhead+timeout",
+        || {
+            ServiceBuilder::new()
+                .layer(RateLimitLayer::per_second(NEVER))
+                .layer(BulkheadLayer::new(1000))
+                .layer(TimeoutLayer::new(Duration::from_secs(1)))
+                .service(bare())
+        },
+        id,
+    );
+
+    type HttpReq = http::Request<Full<Bytes>>;
+    fn http_req(_: u64) -> HttpReq {
+        http::Request::new(Full::default())
+    }
+    fn bare_http() -> impl Service<
+        HttpReq,
+        Response = (),
+        Error = BoxError,
+        Future = impl Future<Output = Result<(), BoxError>>,
+    > + Clone {
+        service_fn(|_: HttpReq| std::future::ready(Ok::<_, BoxError>(())))
+    }
+    case(&mut g, a, "bare http", bare_http, http_req);
+    case(
+        &mut g,
+        a,
+        "firebreak deadline (http)",
+        || DeadlineLayer::new(Duration::from_secs(1)).layer(bare_http()),
+        http_req,
+    );
+    case(
+        &mut g,
+        a,
+        "tower timeout (http)",
+        || tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(bare_http()),
+        http_req,
+    );
+    g.finish();
+
+    println!("\nallocations per call (100,000 calls minus a zero-call run):");
+    println!("{:<52} {:>10} {:>12}", "case", "allocs", "bytes");
+    for (name, n, b) in allocs {
+        println!("{name:<52} {n:>10.2} {b:>12.1}");
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = ours_vs_tower
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -8,6 +8,9 @@
 //! | capacity runs out | [`bulkhead`] | [`BulkheadFull`](bulkhead::BulkheadFull) within `max_wait` |
 //! | too much load | [`rate_limit`] | [`RateLimited`](rate_limit::RateLimited) with `retry_after` |
 //!
+//! [`chaos`] injects latency, errors, hangs and aborted connections on a
+//! seeded schedule, to test and benchmark the layers above.
+//!
 //! Every layer is a `tower::Layer`, every service is `Clone` when its inner
 //! service is, and every service's error is [`BoxError`]. Match errors with
 //! [`error::find`] or view them with [`error::Rejection`].
@@ -39,7 +42,8 @@
 //!
 //! | feature | what it adds |
 //! | --- | --- |
-//! | `axum` | error → HTTP response mapping for axum |
+//! | `axum` | axum-only helpers (status routes, admin router) |
+//! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
 //! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
 //! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
 //! | `full` | every feature above |
@@ -52,12 +56,23 @@
 //! [Tower]: https://docs.rs/tower
 
 pub mod bulkhead;
+pub mod chaos;
 pub mod circuit_breaker;
 pub mod deadline;
 pub mod error;
+pub mod fallback;
+pub mod grpc;
+pub mod hedge;
+pub mod http;
 pub mod queue;
 pub mod rate_limit;
+pub mod retry;
 pub mod timeout;
 mod trace;
 
 pub use crate::error::{BoxError, ConfigError};
+
+// The README's example compiles as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -44,13 +44,6 @@ impl BulkheadConfig {
                 "must be at least 1",
             ));
         }
-        if self.max_concurrent > tokio::sync::Semaphore::MAX_PERMITS {
-            return Err(ConfigError::new(
-                "max_concurrent",
-                self.max_concurrent,
-                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
-            ));
-        }
         if self.max_keys == 0 {
             return Err(ConfigError::new(
                 "max_keys",

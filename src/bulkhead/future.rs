@@ -1,6 +1,6 @@
 //! The response future of [`Bulkhead`](super::Bulkhead) and [`KeyedBulkhead`](super::KeyedBulkhead).
 
-use super::BulkheadFull;
+use super::{BulkheadFull, Permit, Slots, wait_for_slot};
 use crate::BoxError;
 use crate::error::RejectionKind;
 use pin_project_lite::pin_project;
@@ -10,11 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tower::Service;
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+type Acquire = Pin<Box<dyn Future<Output = Permit> + Send + Sync>>;
 
 pin_project! {
     /// The response future of a bulkhead.
@@ -32,7 +31,7 @@ pin_project! {
         Running {
             #[pin]
             fut: S::Future,
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<Permit>,
         },
         // Contended path only: the acquire future is boxed, the happy path never is.
         Waiting {
@@ -50,7 +49,7 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    pub(crate) fn running(fut: S::Future, permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn running(fut: S::Future, permit: Permit) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
@@ -65,16 +64,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    pub(crate) fn waiting(
-        svc: S,
-        req: Req,
-        sem: Arc<Semaphore>,
-        max_wait: Duration,
-        max_concurrent: usize,
-    ) -> Self {
+    pub(crate) fn waiting(svc: S, req: Req, slots: Arc<Slots>, max_wait: Duration) -> Self {
+        let max_concurrent = slots.max;
         ResponseFuture {
             state: State::Waiting {
-                acquire: Box::pin(sem.acquire_owned()),
+                acquire: Box::pin(wait_for_slot(slots)),
                 sleep: tokio::time::sleep(max_wait),
                 svc: Some(svc),
                 req: Some(req),
@@ -118,10 +112,7 @@ where
                     max_concurrent,
                 } => {
                     let permit = match acquire.as_mut().poll(cx) {
-                        Poll::Ready(Ok(p)) => p,
-                        Poll::Ready(Err(_)) => {
-                            unreachable!("the bulkhead never closes its semaphore")
-                        }
+                        Poll::Ready(p) => p,
                         Poll::Pending => {
                             ready!(sleep.poll(cx));
                             crate::trace::rejected("bulkhead", RejectionKind::BulkheadFull, None);

@@ -152,11 +152,11 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
     ///
     /// # Panics
     ///
-    /// If `max_concurrent` is zero or above `Semaphore::MAX_PERMITS`.
+    /// If `max_concurrent` is zero.
     pub fn new(max_concurrent: usize, key_fn: F) -> Self {
         assert!(
-            max_concurrent > 0 && max_concurrent <= tokio::sync::Semaphore::MAX_PERMITS,
-            "bulkhead max_concurrent must be in 1..=Semaphore::MAX_PERMITS, got {max_concurrent}"
+            max_concurrent > 0,
+            "bulkhead max_concurrent must be at least 1"
         );
         Self::from_parts(
             max_concurrent,

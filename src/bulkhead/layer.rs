@@ -15,12 +15,12 @@ impl BulkheadLayer {
     ///
     /// # Panics
     ///
-    /// If `max_concurrent` is zero or above `tokio::sync::Semaphore::MAX_PERMITS`;
+    /// If `max_concurrent` is zero;
     /// [`BulkheadConfig`](super::BulkheadConfig) reports that as a `ConfigError` instead.
     pub fn new(max_concurrent: usize) -> Self {
         assert!(
-            max_concurrent > 0 && max_concurrent <= tokio::sync::Semaphore::MAX_PERMITS,
-            "bulkhead max_concurrent must be in 1..=Semaphore::MAX_PERMITS, got {max_concurrent}"
+            max_concurrent > 0,
+            "bulkhead max_concurrent must be at least 1"
         );
         BulkheadLayer {
             pool: Pool::new(max_concurrent, Duration::ZERO),
@@ -31,7 +31,7 @@ impl BulkheadLayer {
     /// [`BulkheadFull`](super::BulkheadFull). Default: zero (fail at once).
     pub fn max_wait(self, max_wait: Duration) -> Self {
         BulkheadLayer {
-            pool: Pool::new(self.pool.max_concurrent, max_wait),
+            pool: Pool::new(self.pool.max_concurrent(), max_wait),
         }
     }
 

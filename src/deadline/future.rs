@@ -25,8 +25,10 @@ pin_project! {
         Running {
             #[pin]
             inner: F,
+            // Armed only once the inner future returns Pending: a call that
+            // answers at once never registers a timer.
             #[pin]
-            sleep: Sleep,
+            sleep: Option<Sleep>,
             at: Instant,
         },
         // The deadline had passed before the call: the inner service was not called.
@@ -39,7 +41,7 @@ impl<F> ResponseFuture<F> {
         ResponseFuture {
             state: State::Running {
                 inner,
-                sleep: tokio::time::sleep_until(at),
+                sleep: None,
                 at,
             },
         }
@@ -62,12 +64,19 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Expired => Poll::Ready(Err(DeadlineExceeded::new().into())),
-            StateProj::Running { inner, sleep, at } => {
+            StateProj::Running {
+                inner,
+                mut sleep,
+                at,
+            } => {
                 // Inner layers see the deadline while they run (see `current()`).
                 if let Poll::Ready(res) = CURRENT.sync_scope(*at, || inner.poll(cx)) {
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                ready!(sleep.poll(cx));
+                if sleep.is_none() {
+                    sleep.set(Some(tokio::time::sleep_until(*at)));
+                }
+                ready!(sleep.as_pin_mut().expect("armed above").poll(cx));
                 crate::trace::rejected("deadline", RejectionKind::DeadlineExceeded, None);
                 Poll::Ready(Err(DeadlineExceeded::new().into()))
             }

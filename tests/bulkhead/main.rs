@@ -1,0 +1,356 @@
+//! The bulkhead: bounded concurrency, bounded waiting, released permits.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::routing::get;
+use proptest::prelude::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_firebreak::BoxError;
+use tower_firebreak::bulkhead::{BulkheadConfig, BulkheadFull, BulkheadLayer, KeyedBulkheadLayer};
+use tower_firebreak::error::{self, Rejection, RejectionKind};
+
+#[tokio::test(start_paused = true)]
+async fn the_extra_call_fails_after_max_wait_and_not_before() {
+    let layer = BulkheadLayer::new(2).max_wait(Duration::from_millis(100));
+    let (mock, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let svc = layer.layer(mock);
+    handle.allow(10);
+
+    let a = tokio::spawn(svc.clone().oneshot(1));
+    let b = tokio::spawn(svc.clone().oneshot(2));
+    let (_, ra) = handle.next_request().await.unwrap();
+    let (_, _rb) = handle.next_request().await.unwrap();
+    assert_eq!(layer.in_flight(), 2);
+
+    let start = Instant::now();
+    let c = tokio::spawn(svc.clone().oneshot(3));
+    tokio::time::sleep(Duration::from_millis(99)).await;
+    assert!(!c.is_finished(), "rejected before max_wait");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let err = c.await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(
+        error::find::<BulkheadFull>(&*err).unwrap().max_concurrent(),
+        2
+    );
+    assert_eq!(
+        Rejection::of(&*err).unwrap().kind(),
+        RejectionKind::BulkheadFull
+    );
+
+    // A waiter gets the slot the moment one frees up.
+    let d = tokio::spawn(svc.clone().oneshot(4));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    ra.send_response(10);
+    assert_eq!(a.await.unwrap().unwrap(), 10);
+    let (req, rd) = handle.next_request().await.unwrap();
+    assert_eq!(req, 4);
+    rd.send_response(40);
+    assert_eq!(d.await.unwrap().unwrap(), 40);
+    drop(b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_max_wait_the_extra_call_fails_at_once_and_never_reaches_the_service() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let (c, g) = (calls.clone(), gate.clone());
+    let svc = BulkheadLayer::new(1).layer(service_fn(move |_: ()| {
+        c.fetch_add(1, Ordering::SeqCst);
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let held = tokio::spawn(svc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert!(error::find::<BulkheadFull>(&*err).is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    gate.notify_one();
+    held.await.unwrap().unwrap();
+    // The slot is free again: the next call reaches the service.
+    let next = tokio::spawn(svc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    gate.notify_one();
+    next.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_response_future_releases_its_slot() {
+    let layer = BulkheadLayer::new(1);
+    let mut svc = layer.layer(service_fn(|_: ()| async {
+        std::future::pending::<()>().await;
+        Ok::<(), BoxError>(())
+    }));
+    let fut = svc.ready().await.unwrap().call(());
+    assert_eq!(layer.in_flight(), 1);
+    drop(fut);
+    assert_eq!(layer.in_flight(), 0);
+    // A cancelled (aborted) task too.
+    let task = tokio::spawn(svc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    assert_eq!(layer.in_flight(), 1);
+    task.abort();
+    let _ = task.await;
+    assert_eq!(layer.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_pools_are_independent_and_bounded() {
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let layer = KeyedBulkheadLayer::new(1, |k: &u32| *k).max_keys(2);
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok::<_, BoxError>(())
+        }
+    }));
+    let a = tokio::spawn(svc.clone().oneshot(1));
+    let b = tokio::spawn(svc.clone().oneshot(2));
+    tokio::task::yield_now().await;
+    assert_eq!(svc.keys(), 2);
+    // Key 1 is full; key 2 is full; key 3 finds the table full of busy pools.
+    assert!(error::find::<BulkheadFull>(&*svc.clone().oneshot(1).await.unwrap_err()).is_some());
+    assert!(error::find::<BulkheadFull>(&*svc.clone().oneshot(3).await.unwrap_err()).is_some());
+    assert_eq!(svc.keys(), 2);
+    gate.notify_waiters();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    // Now the idle pools make room for new keys, and the table stays bounded.
+    for k in 10..1000u32 {
+        let call = svc.clone().oneshot(k);
+        tokio::pin!(call);
+        tokio::select! {
+            biased;
+            _ = &mut call => panic!("the gate is closed"),
+            _ = tokio::task::yield_now() => {}
+        }
+        gate.notify_waiters();
+        call.await.unwrap();
+        assert!(svc.keys() <= 2);
+    }
+}
+
+#[test]
+fn config_defaults_and_errors() {
+    let cfg = BulkheadConfig::default();
+    assert_eq!(cfg.max_concurrent, 1000);
+    assert_eq!(cfg.max_wait, Duration::ZERO);
+    assert_eq!(cfg.max_keys, 1024);
+    let err = BulkheadConfig {
+        max_concurrent: 0,
+        ..Default::default()
+    }
+    .into_layer()
+    .unwrap_err();
+    assert_eq!(err.field(), "max_concurrent");
+    let err = BulkheadConfig {
+        max_keys: 0,
+        ..Default::default()
+    }
+    .into_keyed_layer::<(), _>(|_: &()| ())
+    .unwrap_err();
+    assert_eq!(err.field(), "max_keys");
+    let cfg: BulkheadConfig = toml::from_str("max_concurrent = 8\nmax_wait = \"20ms\"").unwrap();
+    assert_eq!(cfg.max_wait, Duration::from_millis(20));
+    assert!(toml::from_str::<BulkheadConfig>("max_concurent = 8").is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn end_to_end_a_slow_route_cannot_take_the_fast_one_down() {
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let slow = Router::new()
+        .route(
+            "/slow",
+            get(move || {
+                let g = g.clone();
+                async move {
+                    g.notified().await;
+                    "slow"
+                }
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(support::handle_error))
+                .layer(BulkheadLayer::new(2)),
+        );
+    let app = Router::new()
+        .route("/fast", get(|| async { "fast" }))
+        .merge(slow);
+    let addr = support::serve(app).await;
+    let client = support::client();
+
+    let c1 = client.clone();
+    let c2 = client.clone();
+    let h1 = tokio::spawn(async move { support::get(&c1, addr, "/slow").await });
+    let h2 = tokio::spawn(async move { support::get(&c2, addr, "/slow").await });
+    // Wait until both slow calls hold their slots.
+    let mut third = support::get(&client, addr, "/slow").await;
+    for _ in 0..100 {
+        if third.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        third = support::get(&client, addr, "/slow").await;
+    }
+    assert_eq!(third.status, 503);
+    assert_eq!(third.kind(), "bulkhead_full");
+    assert_eq!(support::get(&client, addr, "/fast").await.status, 200);
+    gate.notify_waiters();
+    assert_eq!(h1.await.unwrap().status, 200);
+    assert_eq!(h2.await.unwrap().status, 200);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Start { hold_ms: u64 },
+    Cancel(usize),
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u64..50).prop_map(|hold_ms| Op::Start { hold_ms }),
+        2 => (0usize..64).prop_map(Op::Cancel),
+        2 => (0u64..40).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Under random concurrent calls, cancellations and time, the inner
+    /// service never sees more than `n` calls at once, a call is rejected at
+    /// once only when all `n` slots are taken, and every slot comes back.
+    #[test]
+    fn in_flight_never_exceeds_the_bound(
+        n in 1usize..5,
+        wait_ms in prop_oneof![Just(0u64), 1u64..30],
+        ops in proptest::collection::vec(op(), 1..60),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let live = Arc::new(AtomicUsize::new(0));
+            let broke = Arc::new(AtomicBool::new(false));
+            let layer = BulkheadLayer::new(n).max_wait(Duration::from_millis(wait_ms));
+            let (l, b) = (live.clone(), broke.clone());
+            let mut svc = layer.layer(service_fn(move |hold_ms: u64| {
+                struct Guard(Arc<AtomicUsize>);
+                impl Drop for Guard {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                if l.fetch_add(1, Ordering::SeqCst) + 1 > n {
+                    b.store(true, Ordering::SeqCst);
+                }
+                let guard = Guard(l.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+                    drop(guard);
+                    Ok::<_, BoxError>(())
+                }
+            }));
+            let mut tasks = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Start { hold_ms } => {
+                        let before = layer.in_flight();
+                        let fut = svc.ready().await.unwrap().call(hold_ms);
+                        tasks.push(tokio::spawn(async move {
+                            let res = fut.await;
+                            (before, res)
+                        }));
+                    }
+                    Op::Cancel(i) => {
+                        if let Some(t) = tasks.get(i) {
+                            t.abort();
+                        }
+                    }
+                    Op::Advance(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                }
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                assert!(layer.in_flight() <= n);
+                assert!(!broke.load(Ordering::SeqCst), "more than {n} calls in flight");
+            }
+            for t in tasks {
+                if let Ok((before, Err(err))) = t.await {
+                    assert!(error::find::<BulkheadFull>(&*err).is_some());
+                    if wait_ms == 0 {
+                        assert_eq!(before, n, "rejected with a free slot");
+                    }
+                }
+            }
+            assert_eq!(layer.in_flight(), 0, "a slot was never released");
+            assert_eq!(live.load(Ordering::SeqCst), 0);
+        });
+    }
+}
+
+/// Two worker threads racing releases against waiters: the bound holds, no
+/// waiter is stranded while a slot is free, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_hammering_one_bulkhead_keep_the_bound() {
+    let n = 2;
+    let live = Arc::new(AtomicUsize::new(0));
+    let broke = Arc::new(AtomicBool::new(false));
+    let layer = BulkheadLayer::new(n).max_wait(Duration::from_secs(5));
+    let (l, b) = (live.clone(), broke.clone());
+    let svc = layer.layer(service_fn(move |_: u32| {
+        let (l, b) = (l.clone(), b.clone());
+        async move {
+            if l.fetch_add(1, Ordering::SeqCst) + 1 > n {
+                b.store(true, Ordering::SeqCst);
+            }
+            tokio::task::yield_now().await;
+            l.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(())
+        }
+    }));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250u32 {
+                svc.clone().oneshot(t * 1000 + i).await.unwrap();
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    // With a 5 s max_wait and calls of microseconds, a rejection or a stall
+    // here means a lost wake-up.
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("the hammer finished");
+    assert!(
+        !broke.load(Ordering::SeqCst),
+        "more than {n} calls in flight"
+    );
+    assert_eq!(layer.in_flight(), 0);
+}

@@ -1,0 +1,290 @@
+//! The total deadline: across retries, into inner timeouts, and over the wire.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::Full;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_firebreak::deadline::{
+    self, CallDeadline, DeadlineConfig, DeadlineExceeded, DeadlineLayer, PropagateDeadlineLayer,
+    TIMEOUT_HEADER,
+};
+use tower_firebreak::error::{self, Rejection, RejectionKind};
+use tower_firebreak::timeout::TimeoutLayer;
+use tower_firebreak::{BoxError, ConfigError};
+
+type Req = http::Request<Full<Bytes>>;
+
+fn req() -> Req {
+    http::Request::new(Full::default())
+}
+
+/// Retries every error after 100 ms, without end: only the deadline stops it.
+#[derive(Clone)]
+struct AlwaysRetry;
+
+impl<Res> tower::retry::Policy<Req, Res, BoxError> for AlwaysRetry {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, _: &mut Req, result: &mut Result<Res, BoxError>) -> Option<Self::Future> {
+        result
+            .is_err()
+            .then(|| tokio::time::sleep(Duration::from_millis(100)))
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        let mut r = http::Request::new(req.body().clone());
+        *r.headers_mut() = req.headers().clone();
+        Some(r)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_second_across_retries_stops_the_call_at_one_second() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let hang = service_fn(move |_: Req| {
+        a.fetch_add(1, Ordering::SeqCst);
+        async {
+            std::future::pending::<()>().await;
+            Ok::<http::Response<()>, BoxError>(http::Response::new(()))
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(1)))
+        .layer(tower::retry::RetryLayer::new(AlwaysRetry))
+        .layer(TimeoutLayer::new(Duration::from_millis(350)))
+        .service(hang);
+
+    let start = Instant::now();
+    let err = svc.oneshot(req()).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert!(error::find::<DeadlineExceeded>(&*err).is_some(), "{err}");
+    // 0–350 ms, 450–800 ms, then 900 ms until the deadline cut the third short.
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_timeout_shrinks_to_the_time_left() {
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_millis(300)))
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
+        .service(service_fn(|_: Req| async {
+            // The attempt sees the deadline while it runs.
+            let d = deadline::current().expect("a deadline in scope");
+            assert_eq!(d - Instant::now(), Duration::from_millis(300));
+            std::future::pending::<()>().await;
+            Ok::<(), BoxError>(())
+        }));
+    let start = Instant::now();
+    let err = svc.oneshot(req()).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    assert_eq!(
+        Rejection::of(&*err).unwrap().kind(),
+        RejectionKind::DeadlineExceeded
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_in_the_request_extensions() {
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(2)))
+        .service(service_fn(|r: Req| async move {
+            let d = *r.extensions().get::<CallDeadline>().expect("CallDeadline");
+            Ok::<_, BoxError>(d.remaining())
+        }));
+    let left = svc.oneshot(req()).await.unwrap();
+    assert_eq!(left, Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_incoming_header_shortens_the_budget_and_an_expired_one_is_refused() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let mut svc =
+        ServiceBuilder::new()
+            .layer(DeadlineLayer::new(Duration::from_secs(10)))
+            .service(service_fn(move |r: Req| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok::<_, BoxError>(r.extensions().get::<CallDeadline>().unwrap().remaining())
+                }
+            }));
+    let mut r = req();
+    r.headers_mut()
+        .insert("grpc-timeout", "250m".parse().unwrap());
+    assert_eq!(
+        svc.ready().await.unwrap().call(r).await.unwrap(),
+        Duration::from_millis(250)
+    );
+    let mut r = req();
+    r.headers_mut()
+        .insert(TIMEOUT_HEADER, "1500".parse().unwrap());
+    assert_eq!(
+        svc.ready().await.unwrap().call(r).await.unwrap(),
+        Duration::from_millis(1500)
+    );
+    // A longer header never extends our own budget.
+    let mut r = req();
+    r.headers_mut()
+        .insert(TIMEOUT_HEADER, "60000".parse().unwrap());
+    assert_eq!(
+        svc.ready().await.unwrap().call(r).await.unwrap(),
+        Duration::from_secs(10)
+    );
+    // Already out of time: the inner service is never called.
+    let before = calls.load(Ordering::SeqCst);
+    let mut r = req();
+    r.headers_mut().insert(TIMEOUT_HEADER, "0".parse().unwrap());
+    let err = svc.ready().await.unwrap().call(r).await.unwrap_err();
+    assert!(error::find::<DeadlineExceeded>(&*err).is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn grpc_timeout_parses_and_formats() {
+    use deadline::{format_grpc_timeout, parse_grpc_timeout};
+    assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+    assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+    assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+    assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+    for bad in ["", "m", "123456789m", "1x", "-1S", "1.5S"] {
+        assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+    }
+    // The finest unit that fits gRPC's 8 digits.
+    assert_eq!(format_grpc_timeout(Duration::from_millis(250)), "250000u");
+    assert_eq!(format_grpc_timeout(Duration::from_secs(3600)), "3600000m");
+    for d in [
+        Duration::from_nanos(1),
+        Duration::from_millis(250),
+        Duration::from_secs(3),
+        Duration::from_secs(200_000),
+        Duration::from_secs(10 * 365 * 86_400),
+    ] {
+        let s = format_grpc_timeout(d);
+        let back = parse_grpc_timeout(&s).expect("parses back");
+        assert!(back <= d, "{s} must not promise more than {d:?}");
+        assert!(
+            d - back < d / 1000 + Duration::from_nanos(1),
+            "{s} loses too much of {d:?}"
+        );
+    }
+}
+
+#[test]
+fn config_defaults_and_errors() {
+    let cfg = DeadlineConfig::default();
+    assert_eq!(cfg.budget, Duration::from_secs(30));
+    assert!(cfg.read_headers);
+    let err: ConfigError = DeadlineConfig {
+        budget: Duration::ZERO,
+        ..Default::default()
+    }
+    .into_layer()
+    .unwrap_err();
+    assert_eq!(err.field(), "budget");
+    assert!(toml::from_str::<DeadlineConfig>("budjet = \"1s\"").is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn end_to_end_the_caller_deadline_crosses_the_wire_and_is_honoured() {
+    // Server: honours the caller's deadline, and reports what it received.
+    let server = Router::new()
+        .route(
+            "/echo",
+            get(|headers: http::HeaderMap| async move {
+                headers
+                    .get(TIMEOUT_HEADER)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default()
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                "late"
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(support::handle_error))
+                .layer(DeadlineLayer::new(Duration::from_secs(10))),
+        );
+    let addr = support::serve(server).await;
+
+    // Client: a deadline of 2 s, written onto the wire by PropagateDeadline.
+    let client = support::client();
+    let mut stack = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(2)).read_headers(false))
+        .layer(PropagateDeadlineLayer::new())
+        .service(client.clone());
+
+    let res = stack
+        .ready()
+        .await
+        .unwrap()
+        .call(
+            http::Request::get(format!("http://{addr}/echo"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "2000");
+
+    // The server stops at the caller's 500 ms rather than its own 10 s.
+    let start = Instant::now();
+    let mut r = http::Request::get(format!("http://{addr}/slow"))
+        .body(Full::default())
+        .unwrap();
+    r.headers_mut()
+        .insert(TIMEOUT_HEADER, "500".parse().unwrap());
+    let answer = support::send(&client, r).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(answer.kind(), "deadline_exceeded");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_requests_get_grpc_timeout() {
+    let svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_millis(1500)))
+        .layer(PropagateDeadlineLayer::new())
+        .service(service_fn(|r: Req| async move {
+            Ok::<_, BoxError>((
+                r.headers().get("grpc-timeout").cloned(),
+                r.headers().get(TIMEOUT_HEADER).cloned(),
+            ))
+        }));
+    let mut r = req();
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/grpc+proto".parse().unwrap(),
+    );
+    let (grpc, http) = svc.oneshot(r).await.unwrap();
+    let grpc = grpc.expect("grpc-timeout set");
+    assert_eq!(
+        deadline::parse_grpc_timeout(grpc.to_str().unwrap()),
+        Some(Duration::from_millis(1500))
+    );
+    assert!(http.is_none());
+}
