@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | [`disk::DiskQueue`] | `disk` (default) | embedded, on disk (redb), durable, one process |
 //! | [`memory::MemoryQueue`] | always | tests; same semantics, nothing survives the process |
+//! | [`redis::RedisQueue`] | `redis` | Redis Streams, shared by a fleet; durable as Redis's AOF setting |
 //!
 //! # Guarantees
 //!
@@ -64,6 +65,8 @@ pub mod disk;
 mod error;
 mod job;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod state;
 
 pub use self::error::QueueError;

@@ -63,3 +63,14 @@ conformance!(
     unit = Duration::from_millis(100),
     memory
 );
+
+#[cfg(feature = "redis")]
+mod brokers;
+
+#[cfg(feature = "redis")]
+conformance!(
+    redis_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::redis
+);
