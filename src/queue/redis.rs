@@ -51,10 +51,14 @@
 //! operation is bounded by [`op_timeout`](RedisQueueBuilder::op_timeout)
 //! (default 500 ms): while Redis is down, `submit` fails with
 //! [`QueueError::Unavailable`] within that bound. It never reports a job
-//! stored that Redis did not acknowledge. The converse can happen: a
-//! timeout that fires after Redis applied the write reports `Unavailable`
-//! for a stored job; a caller that retries with the same idempotency key
-//! then gets [`Enqueued::Existing`].
+//! stored that Redis did not acknowledge. The converse cannot be ruled
+//! out by any network client: a request in flight when the connection
+//! breaks (Redis applied and fsynced it, then died before answering), or
+//! one whose timeout fires after Redis applied it, reports `Unavailable`
+//! for a job that is stored. So [`Queue::submit`]'s "on `Err`, nothing was
+//! stored" holds here for every refusal (`Full`, `Conflict`) but not for
+//! that one in-flight request; a caller that retries with the same
+//! idempotency key then gets [`Enqueued::Existing`].
 //!
 //! # Clock
 //!

@@ -10,31 +10,42 @@ pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }
 
-/// Deletes a Redis queue's keys when the test is done.
+/// The suite drops a fixture as soon as it has the queue, so the cleanup
+/// guard cannot wait for the end of a check. Instead, each run deletes the
+/// queues that runs of this suite made more than ten minutes ago (their
+/// names carry a v7 uuid, which starts with a millisecond timestamp).
 #[cfg(feature = "redis")]
-struct RedisCleanup(String);
-
-#[cfg(feature = "redis")]
-impl Drop for RedisCleanup {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(REDIS_URL) else {
-            return;
-        };
-        let Ok(mut c) = client.get_connection() else {
+fn sweep_old_redis_queues() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(mut c) = redis::Client::open(REDIS_URL).and_then(|c| c.get_connection()) else {
             return;
         };
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("fb:{{{}}}:*", self.0))
+            .arg("fb:{conf-*")
             .query(&mut c)
             .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut c);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let old: Vec<&String> = keys
+            .iter()
+            .filter(|k| {
+                k.get(9..21)
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .is_some_and(|ms| ms + 600_000 < now)
+            })
+            .collect();
+        if !old.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(old).query(&mut c);
         }
-    }
+    });
 }
 
 #[cfg(feature = "redis")]
 pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis::RedisQueue> {
+    sweep_old_redis_queues();
     let name = unique("conf");
     let queue = tower_firebreak::queue::redis::RedisQueue::builder()
         .name(&name)
@@ -49,6 +60,6 @@ pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis:
         });
     Fixture {
         queue,
-        _keep: Box::new(RedisCleanup(name)),
+        _keep: Box::new(()),
     }
 }
