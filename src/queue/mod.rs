@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | [`disk::DiskQueue`] | `disk` (default) | embedded, on disk (redb), durable, one process |
 //! | [`memory::MemoryQueue`] | always | tests; same semantics, nothing survives the process |
+//! | [`nats::NatsQueue`] | `nats` | NATS JetStream, shared by a fleet; file-backed streams and KV |
 //! | [`redis::RedisQueue`] | `redis` | Redis Streams, shared by a fleet; durable as Redis's AOF setting |
 //!
 //! # Guarantees
@@ -65,6 +66,8 @@ pub mod disk;
 mod error;
 mod job;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod state;

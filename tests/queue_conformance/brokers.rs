@@ -3,6 +3,7 @@
 
 use crate::suite::{Fixture, Settings};
 
+#[cfg(feature = "redis")]
 pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// A name no other test (or earlier run) uses.
@@ -57,6 +58,61 @@ pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis:
         .await
         .unwrap_or_else(|e| {
             panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        });
+    Fixture {
+        queue,
+        _keep: Box::new(()),
+    }
+}
+
+pub(crate) const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Deletes the JetStream streams (and so the KV buckets) that runs of this
+/// suite made more than ten minutes ago; see `sweep_old_redis_queues`.
+#[cfg(feature = "nats")]
+async fn sweep_old_nats_queues() {
+    use futures_util::TryStreamExt;
+    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let Ok(client) = async_nats::connect(NATS_URL).await else {
+            return;
+        };
+        let js = async_nats::jetstream::new(client);
+        let names: Vec<String> = js.stream_names().try_collect().await.unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        for name in names {
+            let Some(pos) = name.find("conf-") else {
+                continue;
+            };
+            let old = name
+                .get(pos + 5..pos + 17)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .is_some_and(|ms| ms + 600_000 < now);
+            if old {
+                let _ = js.delete_stream(&name).await;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(feature = "nats")]
+pub(crate) async fn nats(s: Settings) -> Fixture<tower_firebreak::queue::nats::NatsQueue> {
+    sweep_old_nats_queues().await;
+    let name = unique("conf");
+    let queue = tower_firebreak::queue::nats::NatsQueue::builder()
+        .name(&name)
+        .capacity(s.capacity)
+        .max_attempts(s.max_attempts)
+        .retention(s.retention)
+        .op_timeout(std::time::Duration::from_secs(5))
+        .connect(NATS_URL)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("NATS at {NATS_URL} is unreachable ({e}); start it with JetStream (see shared/DESIGN.md)")
         });
     Fixture {
         queue,

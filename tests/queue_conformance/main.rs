@@ -64,7 +64,7 @@ conformance!(
     memory
 );
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "nats"))]
 mod brokers;
 
 #[cfg(feature = "redis")]
@@ -73,4 +73,12 @@ conformance!(
     paused = false,
     unit = Duration::from_millis(100),
     brokers::redis
+);
+
+#[cfg(feature = "nats")]
+conformance!(
+    nats_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::nats
 );
