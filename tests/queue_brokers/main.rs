@@ -14,3 +14,6 @@ mod support;
 
 #[cfg(feature = "redis")]
 mod redis;
+
+#[cfg(feature = "nats")]
+mod nats;
