@@ -40,8 +40,8 @@
 //! The client reconnects with backoff (at most
 //! [`max_backoff`](NatsQueueBuilder::max_backoff) between tries). While
 //! it is disconnected every operation fails at once with
-//! [`QueueError::Unavailable`] instead of buffering, and every request is
-//! bounded by [`op_timeout`](NatsQueueBuilder::op_timeout) (default
+//! [`QueueError::Unavailable`] instead of buffering, and every operation
+//! is bounded by [`op_timeout`](NatsQueueBuilder::op_timeout) (default
 //! 500 ms). A request in flight when the connection breaks is ambiguous:
 //! the server may have stored a job whose `submit` then fails; a retry with
 //! the same idempotency key finds it.
@@ -213,8 +213,9 @@ impl NatsQueueBuilder {
         self
     }
 
-    /// The bound on every request to the server: past it the operation
-    /// fails with [`QueueError::Unavailable`]. Default: 500 ms.
+    /// The bound on every operation (all its requests to the server
+    /// together): past it the operation fails with
+    /// [`QueueError::Unavailable`]. Default: 500 ms.
     pub fn op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
         self
@@ -426,12 +427,12 @@ impl NatsQueue {
         if self.inner.client.connection_state() != State::Connected {
             return Err(QueueError::unavailable("not connected to NATS"));
         }
-        tokio::time::timeout(self.inner.op_timeout * 4, f)
+        tokio::time::timeout(self.inner.op_timeout, f)
             .await
             .map_err(|_| {
                 QueueError::unavailable(format!(
                     "NATS did not answer within {:?}",
-                    self.inner.op_timeout * 4
+                    self.inner.op_timeout
                 ))
             })?
     }

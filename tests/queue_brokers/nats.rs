@@ -56,7 +56,7 @@ async fn outage_fails_fast_and_keeps_every_acknowledged_job() {
     let mut broker = Broker::start(nats_server(), args, port);
     let url = format!("nats://127.0.0.1:{port}");
     let q = connect(&url, "outage", Duration::from_millis(300)).await;
-    outage(q, &mut broker, Duration::from_millis(1500)).await;
+    outage(q, &mut broker, Duration::from_millis(450)).await;
 }
 
 /// Debian installs the server in /usr/sbin, which is not on every PATH.

@@ -62,5 +62,5 @@ async fn outage_fails_fast_and_keeps_every_acknowledged_job() {
     let mut broker = Broker::start("redis-server", args, port);
     let url = format!("redis://127.0.0.1:{port}");
     let q = connect(&url, "outage", Duration::from_millis(300)).await;
-    outage(q, &mut broker, Duration::from_millis(800)).await;
+    outage(q, &mut broker, Duration::from_millis(450)).await;
 }
