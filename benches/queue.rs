@@ -157,14 +157,16 @@ mod brokers {
     use tower_firebreak::queue::Queue;
 
     type Slice<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+    type RunSlice = Box<dyn for<'a> Fn(&'a mut u64, &'a mut Row) -> Slice<'a>>;
+    type Later<T> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = T>>>>;
 
     /// A queue under test, its producer count, its row, and its cleanup.
     pub(super) struct Setup {
         pub(super) row: Row,
         offset: u64,
-        run: Box<dyn for<'a> Fn(&'a mut u64, &'a mut Row) -> Slice<'a>>,
-        depth: Box<dyn Fn() -> Pin<Box<dyn Future<Output = usize>>>>,
-        pub(super) cleanup: Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()>>>>,
+        run: RunSlice,
+        depth: Later<usize>,
+        pub(super) cleanup: Later<()>,
     }
 
     impl Setup {
@@ -172,7 +174,7 @@ mod brokers {
             name: String,
             queue: Q,
             producers: usize,
-            cleanup: Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()>>>>,
+            cleanup: Later<()>,
         ) -> Setup {
             let q2 = queue.clone();
             Setup {
