@@ -214,20 +214,83 @@ mod brokers {
             64,
             Box::new(|| Box::pin(async {})),
         ));
+        // The shared Redis runs without an AOF (as `.ci/run` starts it), so
+        // the run also starts its own Redis with `appendfsync always`: the
+        // setting under which an acknowledged job survives a crash, as the
+        // disk queue's do.
         #[cfg(feature = "redis")]
-        for producers in [1, 64] {
-            const URL: &str = "redis://127.0.0.1:6379";
+        let own_redis = {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--dir", dir.to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start redis-server for the AOF-always setup");
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            (
+                port,
+                std::sync::Arc::new(std::sync::Mutex::new(Some(child))),
+            )
+        };
+        #[cfg(feature = "redis")]
+        for (label, url, producers) in [
+            (
+                "shared server, no AOF",
+                "redis://127.0.0.1:6379".to_owned(),
+                1,
+            ),
+            (
+                "shared server, no AOF",
+                "redis://127.0.0.1:6379".to_owned(),
+                64,
+            ),
+            (
+                "AOF, appendfsync always",
+                format!("redis://127.0.0.1:{}", own_redis.0),
+                1,
+            ),
+            (
+                "AOF, appendfsync always",
+                format!("redis://127.0.0.1:{}", own_redis.0),
+                64,
+            ),
+        ] {
             let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
             let q = tower_firebreak::queue::redis::RedisQueue::builder()
                 .name(&name)
                 .op_timeout(std::time::Duration::from_secs(10))
-                .connect(URL)
+                .connect(&url)
                 .await
-                .unwrap_or_else(|e| panic!("Redis at {URL} is unreachable: {e}"));
+                .unwrap_or_else(|e| panic!("Redis at {url} is unreachable: {e}"));
+            let own = own_redis.1.clone();
             let cleanup = move || -> Pin<Box<dyn Future<Output = ()>>> {
                 let name = name.clone();
+                let url = url.clone();
+                let own = own.clone();
                 Box::pin(async move {
-                    let mut c = redis::Client::open(URL).unwrap().get_connection().unwrap();
+                    if !url.ends_with(":6379") {
+                        if let Some(mut child) = own.lock().unwrap().take() {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        return;
+                    }
+                    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
                     let keys: Vec<String> = redis::cmd("KEYS")
                         .arg(format!("fb:{{{name}}}:*"))
                         .query(&mut c)
@@ -238,7 +301,7 @@ mod brokers {
                 })
             };
             out.push(Setup::new(
-                format!("RedisQueue, {producers} producers"),
+                format!("RedisQueue ({label}), {producers} producers"),
                 q,
                 producers,
                 Box::new(cleanup),
@@ -269,7 +332,7 @@ mod brokers {
                 })
             };
             out.push(Setup::new(
-                format!("NatsQueue, {producers} producers"),
+                format!("NatsQueue (shared server), {producers} producers"),
                 q,
                 producers,
                 Box::new(cleanup),
@@ -346,6 +409,9 @@ fn main() {
             "{}: every acknowledged job is stored",
             setup.row.name
         );
+    }
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    for setup in &broker_setups {
         rt.block_on((setup.cleanup)());
     }
     #[cfg(any(feature = "redis", feature = "nats"))]
