@@ -46,6 +46,8 @@
 //! | `tonic` | `tonic::Status` mapping for gRPC clients ([`grpc::to_status`]) |
 //! | `disk` (default) | [`queue::disk::DiskQueue`], the embedded durable job queue on redb |
 //! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
+//! | `redis` | [`queue::redis::RedisQueue`], the job queue on Redis Streams, shared by a fleet |
+//! | `nats` | [`queue::nats::NatsQueue`], the job queue on NATS JetStream, shared by a fleet |
 //! | `full` | every feature above |
 //!
 //! # Time
