@@ -381,6 +381,10 @@ impl NatsQueueBuilder {
     }
 }
 
+/// How long a claim on an idempotency key whose job is not (yet) in the
+/// stream is taken for a submit under way rather than a failed one.
+const CLAIM_GRACE_MS: u64 = 10_000;
+
 const H_ENQ: &str = "fb-enqueued-at";
 const H_DEADLINE: &str = "fb-deadline";
 const H_REASON: &str = "fb-reason";
@@ -525,15 +529,35 @@ impl NatsQueue {
 
     /// Whether job `id` still holds its idempotency key: it is unfinished
     /// (its message is in the stream), dead, or delivered within retention.
+    ///
+    /// The order of the reads matters: an ack writes the done record before
+    /// it deletes the live one, so reading the live side first and the done
+    /// side last sees a job that is being acked meanwhile.
     async fn holds_key(&self, id: &JobId) -> Result<bool, QueueError> {
-        if self.done(id).await?.is_some() {
-            return Ok(true);
-        }
         match self.rec(id).await? {
-            Some((rec, _)) if rec.s == "dead" => Ok(true),
-            Some(_) => Ok(self.message(id).await?.is_some()),
-            None => Ok(false),
+            Some((rec, _)) if rec.s == "dead" => return Ok(true),
+            Some(_) if self.message(id).await?.is_some() => return Ok(true),
+            _ => {}
         }
+        Ok(self.done(id).await?.is_some())
+    }
+
+    /// The job that holds key `ik` in the done bucket, if one does.
+    async fn done_claim(&self, ik: &str) -> Result<Option<(JobId, String)>, QueueError> {
+        if let Some(e) = self
+            .inner
+            .done
+            .entry(ik.to_owned())
+            .await
+            .map_err(QueueError::unavailable)?
+            && e.operation == kv::Operation::Put
+        {
+            let (cid, cfp) = self.parse_claim(&e.value)?;
+            if self.holds_key(&cid).await? {
+                return Ok(Some((cid, cfp)));
+            }
+        }
+        Ok(None)
     }
 
     /// Sends `body` to a message's ack subject and waits for the server's
@@ -612,28 +636,26 @@ impl NatsQueue {
         let mut claimed = None;
         if let Some(key) = job.idempotency_key() {
             let ik = idem_key(key);
-            // A delivered job keeps its key in the done bucket.
-            if let Some(e) = self
-                .inner
-                .done
-                .entry(ik.clone())
-                .await
-                .map_err(QueueError::unavailable)?
-                && e.operation == kv::Operation::Put
-            {
-                let (cid, cfp) = self.parse_claim(&e.value)?;
-                if self.holds_key(&cid).await? {
+            for _ in 0..3 {
+                // A delivered job keeps its key in the done bucket; an ack
+                // moves it there before it deletes it here.
+                if let Some((cid, cfp)) = self.done_claim(&ik).await? {
                     return self.existing(key, cid, cfp == fp);
                 }
-            }
-            for _ in 0..3 {
                 match self
                     .inner
                     .live
                     .create(&ik, Bytes::from(claim.clone()))
                     .await
                 {
-                    Ok(_) => {
+                    Ok(rev) => {
+                        // An ack may have moved the key between the look
+                        // above and the create: look again, and give the
+                        // claim back if so.
+                        if let Some((cid, cfp)) = self.done_claim(&ik).await? {
+                            let _ = self.inner.live.delete_expect_revision(&ik, Some(rev)).await;
+                            return self.existing(key, cid, cfp == fp);
+                        }
                         claimed = Some(ik.clone());
                         break;
                     }
@@ -649,13 +671,25 @@ impl NatsQueue {
                 else {
                     continue;
                 };
-                if e.operation == kv::Operation::Put {
-                    let (cid, cfp) = self.parse_claim(&e.value)?;
-                    if self.holds_key(&cid).await? {
-                        return self.existing(key, cid, cfp == fp);
-                    }
+                if e.operation != kv::Operation::Put {
+                    // Deleted since: moved to the done bucket, or a failed
+                    // submit let it go. Look again.
+                    continue;
                 }
-                // A stale claim: a purged job, or a submit that failed.
+                let (cid, cfp) = self.parse_claim(&e.value)?;
+                if self.holds_key(&cid).await? {
+                    return self.existing(key, cid, cfp == fp);
+                }
+                // A claim whose job is not stored: a submit still under way,
+                // or one that failed. Taking a young one could store the
+                // request twice, so the caller is asked to try again.
+                let created_ms =
+                    u64::try_from(e.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                if now.saturating_sub(created_ms) < CLAIM_GRACE_MS {
+                    return Err(QueueError::unavailable(format!(
+                        "idempotency key {key:?} is being claimed by another submit; try again"
+                    )));
+                }
                 if self
                     .inner
                     .live
