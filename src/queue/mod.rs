@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | [`disk::DiskQueue`] | `disk` (default) | embedded, on disk (redb), durable, one process |
 //! | [`memory::MemoryQueue`] | always | tests; same semantics, nothing survives the process |
+//! | [`amqp::AmqpQueue`] | `amqp` | RabbitMQ, shared by a fleet, with its job status in a [`amqp::StatusStore`] (Redis) |
 //! | [`nats::NatsQueue`] | `nats` | NATS JetStream, shared by a fleet; file-backed streams and KV |
 //! | [`redis::RedisQueue`] | `redis` | Redis Streams, shared by a fleet; durable as Redis's AOF setting |
 //!
@@ -59,6 +60,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 mod clock;
 pub mod codec;
 #[cfg(feature = "disk")]

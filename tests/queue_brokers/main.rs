@@ -8,7 +8,7 @@
 //! The `defer` layer and its `Replayer` are not on this branch yet, so the
 //! fleet is driven by two plain lease/ack loops, one per queue handle.
 
-#![cfg(any(feature = "redis", feature = "nats"))]
+#![cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 
 mod support;
 
@@ -17,3 +17,6 @@ mod redis;
 
 #[cfg(feature = "nats")]
 mod nats;
+
+#[cfg(feature = "amqp")]
+mod amqp;

@@ -119,3 +119,36 @@ pub(crate) async fn nats(s: Settings) -> Fixture<tower_firebreak::queue::nats::N
         _keep: Box::new(()),
     }
 }
+
+#[cfg(feature = "amqp")]
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[cfg(feature = "amqp")]
+pub(crate) async fn amqp(
+    s: Settings,
+) -> Fixture<tower_firebreak::queue::amqp::AmqpQueue<tower_firebreak::queue::amqp::RedisStatusStore>>
+{
+    use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
+    let name = unique("conf");
+    let timeout = std::time::Duration::from_secs(5);
+    let store = RedisStatusStore::connect_with_timeout(REDIS_URL, &name, timeout)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Redis at {REDIS_URL} (the status store) is unreachable ({e}); start it (see shared/DESIGN.md)")
+        });
+    let queue = AmqpQueue::builder()
+        .name(&name)
+        .capacity(s.capacity)
+        .max_attempts(s.max_attempts)
+        .retention(s.retention)
+        .op_timeout(timeout)
+        .connect(AMQP_URL, store)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        });
+    Fixture {
+        queue,
+        _keep: Box::new(()),
+    }
+}

@@ -82,3 +82,11 @@ conformance!(
     unit = Duration::from_millis(100),
     brokers::nats
 );
+
+#[cfg(feature = "amqp")]
+conformance!(
+    amqp_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::amqp
+);
