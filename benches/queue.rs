@@ -16,15 +16,17 @@
 //! of 0.5 s (baseline, 1, 16, 256, baseline, 1, ...) and each row sums its
 //! slices: every ratio compares setups measured under the same conditions.
 //!
-//! Built with the `redis` and/or `nats` features, the run adds the broker
+//! Built with the `redis`, `nats` or `amqp` features, the run adds the broker
 //! backends at 1 and 64 producers, interleaved with the same slices, with
 //! the disk queue at 64 producers beside them. They talk to the brokers on
-//! this machine (Redis 127.0.0.1:6379, NATS 127.0.0.1:4222) and panic if one
-//! is unreachable:
+//! this machine (Redis 127.0.0.1:6379, NATS 127.0.0.1:4222, RabbitMQ
+//! 127.0.0.1:5672) and panic if one is unreachable:
 //!
 //! ```text
-//! cargo bench --bench queue --features redis,nats
+//! cargo bench --bench queue --features redis,nats,amqp
 //! ```
+//!
+//! (`amqp` also needs Redis, for its status store.)
 
 use hdrhistogram::Histogram;
 use redb::{Database, Durability, TableDefinition};
@@ -115,7 +117,7 @@ fn baseline_slice(db: &Database, record: &[u8], next: &mut u128, row: &mut Row) 
 }
 
 /// [`disk_slice`] for any queue: `producers` tasks enqueue for one slice.
-#[cfg(any(feature = "redis", feature = "nats"))]
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 async fn queue_slice<Q: Queue + Clone>(
     queue: &Q,
     producers: usize,
@@ -149,7 +151,7 @@ async fn queue_slice<Q: Queue + Clone>(
 }
 
 /// The broker setups: each a closure that runs one slice into its row.
-#[cfg(any(feature = "redis", feature = "nats"))]
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 mod brokers {
     use super::{Row, queue_slice};
     use std::future::Future;
@@ -338,6 +340,61 @@ mod brokers {
                 Box::new(cleanup),
             ));
         }
+        #[cfg(feature = "amqp")]
+        for producers in [1, 64] {
+            use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
+            const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+            const REDIS: &str = "redis://127.0.0.1:6379";
+            let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+            let timeout = std::time::Duration::from_secs(10);
+            let store = RedisStatusStore::connect_with_timeout(REDIS, &name, timeout)
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {REDIS} is unreachable: {e}"));
+            let q = AmqpQueue::builder()
+                .name(&name)
+                .op_timeout(timeout)
+                .connect(URL, store)
+                .await
+                .unwrap_or_else(|e| panic!("RabbitMQ at {URL} is unreachable: {e}"));
+            let cleanup = move || -> Pin<Box<dyn Future<Output = ()>>> {
+                let name = name.clone();
+                Box::pin(async move {
+                    let conn =
+                        lapin::Connection::connect(URL, lapin::ConnectionProperties::default())
+                            .await
+                            .unwrap();
+                    let ch = conn.create_channel().await.unwrap();
+                    for q in [format!("fb.{name}"), format!("fb.{name}.dead")] {
+                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
+                    let _ = ch
+                        .exchange_delete(
+                            format!("fb.{name}.dlx").as_str().into(),
+                            Default::default(),
+                        )
+                        .await;
+                    let mut c = redis::Client::open(REDIS)
+                        .unwrap()
+                        .get_connection()
+                        .unwrap();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("fba:{{{name}}}:*"))
+                        .query(&mut c)
+                        .unwrap();
+                    if !keys.is_empty() {
+                        let _: () = redis::cmd("DEL").arg(keys).query(&mut c).unwrap();
+                    }
+                })
+            };
+            out.push(Setup::new(
+                format!(
+                    "AmqpQueue (shared RabbitMQ, status in shared Redis), {producers} producers"
+                ),
+                q,
+                producers,
+                Box::new(cleanup),
+            ));
+        }
         out
     }
 }
@@ -372,12 +429,12 @@ fn main() {
         .collect();
     let mut offsets = vec![0u64; setups.len()];
 
-    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
     let mut broker_setups = rt.block_on(brokers::setups(dir.path()));
 
     for _ in 0..rounds {
         baseline_slice(&db, &record, &mut next, &mut baseline);
-        #[cfg(any(feature = "redis", feature = "nats"))]
+        #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
         for setup in &mut broker_setups {
             rt.block_on(setup.slice());
         }
@@ -400,7 +457,7 @@ fn main() {
         );
     }
 
-    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
     for setup in &broker_setups {
         let depth = rt.block_on(setup.depth()) as u64;
         assert_eq!(
@@ -410,11 +467,11 @@ fn main() {
             setup.row.name
         );
     }
-    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
     for setup in &broker_setups {
         rt.block_on((setup.cleanup)());
     }
-    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
     let rows: Vec<Row> = rows
         .into_iter()
         .chain(broker_setups.into_iter().map(|s| s.row))
