@@ -31,15 +31,25 @@
 //! carries a stale ticket and is dropped when it arrives. A nack parks a
 //! copy in the retry queue of its delay. Each copy is published *before*
 //! the record points at it, so a crash between the two leaves a stray copy
-//! (dropped later), never a record without a copy.
+//! (dropped later), never a record without a copy. A copy that arrives
+//! before its record exists (its submit has published but not yet claimed)
+//! is put back five times, 200 ms apart, before it is dropped; a claim
+//! that is refused (existing key, conflict, full) leaves a tombstone for
+//! ten minutes so that its copy is dropped at once.
+//!
+//! Jobs are pulled with `basic.get` and acked manually, one message per
+//! round trip; a settled lease's timer copy stays in its retry queue until
+//! its visibility timeout ends, and is then dropped.
 //!
 //! # Durability
 //!
 //! `submit` returns after the broker's publisher confirm for a persistent
-//! message on a durable queue (RabbitMQ confirms persistent messages once
-//! they are written to disk) and after the status store has the record.
-//! The store's durability is the store's: for Redis, see
-//! [`RedisQueue`](super::redis::RedisQueue)'s notes on `appendfsync`.
+//! message on a durable queue (RabbitMQ confirms a persistent message once
+//! it is persisted to disk) and after the status store has the record.
+//! The job is lost if either loses it: the store's durability is the
+//! store's, and for Redis that is its AOF setting (see
+//! [`RedisQueue`](super::redis::RedisQueue): `appendfsync always` for an
+//! fsync before the answer).
 //!
 //! # Connection loss
 //!
@@ -844,6 +854,7 @@ pub struct AmqpQueueBuilder {
     name: String,
     policy: Policy,
     format: Format,
+    connect_timeout: Duration,
     op_timeout: Duration,
     max_backoff: Duration,
 }
@@ -854,6 +865,7 @@ impl Default for AmqpQueueBuilder {
             name: "default".to_owned(),
             policy: Policy::default(),
             format: Format::default(),
+            connect_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
         }
@@ -889,6 +901,15 @@ impl AmqpQueueBuilder {
     /// The envelope format of stored jobs. Default: JSON.
     pub fn format(mut self, format: Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// How long the first connection (made by
+    /// [`connect`](Self::connect), with the declarations) may take.
+    /// Default: 2 s. Reconnecting later happens inside an operation, within
+    /// its [`op_timeout`](Self::op_timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -939,7 +960,7 @@ impl AmqpQueueBuilder {
                 clock: Clock::new(),
             }),
         };
-        queue.channel().await?;
+        queue.channel_within(self.connect_timeout).await?;
         Ok(queue)
     }
 }
@@ -1046,6 +1067,10 @@ impl<S: StatusStore> AmqpQueue<S> {
     /// The channel, reconnecting when there is none and the backoff has
     /// passed.
     async fn channel(&self) -> Result<Channel, QueueError> {
+        self.channel_within(self.inner.op_timeout).await
+    }
+
+    async fn channel_within(&self, timeout: Duration) -> Result<Channel, QueueError> {
         let mut st = self.inner.state.lock().await;
         if let Some(link) = &st.link
             && link.channel.status().connected()
@@ -1060,7 +1085,7 @@ impl<S: StatusStore> AmqpQueue<S> {
                 "RabbitMQ is unreachable; waiting to reconnect",
             ));
         }
-        match tokio::time::timeout(self.inner.op_timeout, self.open()).await {
+        match tokio::time::timeout(timeout, self.open()).await {
             Ok(Ok(link)) => {
                 let ch = link.channel.clone();
                 st.link = Some(link);
@@ -1264,9 +1289,14 @@ impl<S: StatusStore> AmqpQueue<S> {
         let channel = self.channel().await?;
         let mut out = Vec::new();
         let max_attempts = self.inner.policy.max_attempts;
-        // Stale copies do not count; bound the work of one call.
+        // Stale copies do not count; bound the work of one call. Each job
+        // costs a few round trips, so a large batch stops at half the
+        // operation's time budget and returns what it has: leases taken
+        // and then lost to the timeout would only come back after their
+        // visibility timeout.
+        let started = Instant::now();
         for _ in 0..max.saturating_mul(4).saturating_add(64) {
-            if out.len() >= max {
+            if out.len() >= max || started.elapsed() > self.inner.op_timeout / 2 {
                 break;
             }
             let Some(msg) = channel

@@ -295,3 +295,56 @@ pub(crate) async fn outage<Q: Queue + Clone>(q: Q, broker: &mut Broker, bound: D
         "jobs stored though their enqueue failed: {phantom:?}"
     );
 }
+
+/// A TCP proxy in front of a broker this test cannot stop: `cut` closes
+/// every connection through it and stops listening, as a broker crash
+/// looks to a client; `restore` listens again on the same port.
+pub(crate) struct Proxy {
+    pub(crate) port: u16,
+    upstream: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub(crate) async fn start(upstream: u16) -> Proxy {
+        let mut p = Proxy {
+            port: spare_port(),
+            upstream,
+            task: None,
+        };
+        p.restore().await;
+        p
+    }
+
+    pub(crate) async fn restore(&mut self) {
+        assert!(self.task.is_none(), "proxy already running");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind the proxy port again");
+        let upstream = self.upstream;
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Dropping the accept task drops its `JoinSet`, which aborts every
+    /// connection task and so closes both sides of each connection.
+    pub(crate) async fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
