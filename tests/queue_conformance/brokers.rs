@@ -75,6 +75,7 @@ pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis:
     }
 }
 
+#[cfg(feature = "nats")]
 pub(crate) const NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// Deletes the JetStream streams (and so the KV buckets) that runs of this
