@@ -58,6 +58,11 @@
 //! a backoff that doubles up to [`max_backoff`](AmqpQueueBuilder::max_backoff);
 //! until then operations fail at once with [`QueueError::Unavailable`].
 //! Every operation is bounded by [`op_timeout`](AmqpQueueBuilder::op_timeout).
+//! A submit that fails never leaves a job behind it reported as stored,
+//! with one exception no network client can rule out: a timeout that
+//! fires after the status store took the claim reports `Unavailable` for a
+//! job that is stored; a retry with the same idempotency key then gets
+//! [`Enqueued::Existing`].
 //!
 //! ```no_run
 //! use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
