@@ -15,6 +15,18 @@
 //! from one second to the next, so the setups run in interleaved slices
 //! of 0.5 s (baseline, 1, 16, 256, baseline, 1, ...) and each row sums its
 //! slices: every ratio compares setups measured under the same conditions.
+//!
+//! Built with the `redis`, `nats` or `amqp` features, the run adds the broker
+//! backends at 1 and 64 producers, interleaved with the same slices, with
+//! the disk queue at 64 producers beside them. They talk to the brokers on
+//! this machine (Redis 127.0.0.1:6379, NATS 127.0.0.1:4222, RabbitMQ
+//! 127.0.0.1:5672) and panic if one is unreachable:
+//!
+//! ```text
+//! cargo bench --bench queue --features redis,nats,amqp
+//! ```
+//!
+//! (`amqp` also needs Redis, for its status store.)
 
 use hdrhistogram::Histogram;
 use redb::{Database, Durability, TableDefinition};
@@ -104,6 +116,289 @@ fn baseline_slice(db: &Database, record: &[u8], next: &mut u128, row: &mut Row) 
     row.secs += start.elapsed().as_secs_f64();
 }
 
+/// [`disk_slice`] for any queue: `producers` tasks enqueue for one slice.
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+async fn queue_slice<Q: Queue + Clone>(
+    queue: &Q,
+    producers: usize,
+    offset: &mut u64,
+    row: &mut Row,
+) {
+    let start = Instant::now();
+    let base = *offset;
+    let tasks: Vec<_> = (0..producers)
+        .map(|p| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new(3).unwrap();
+                let mut i = base;
+                while start.elapsed() < SLICE {
+                    let t = Instant::now();
+                    queue.enqueue(job(p, i)).await.unwrap();
+                    hist.record(t.elapsed().as_micros() as u64).unwrap();
+                    i += 1;
+                }
+                hist
+            })
+        })
+        .collect();
+    for t in tasks {
+        let hist = t.await.unwrap();
+        *offset = (*offset).max(base + hist.len());
+        row.hist.add(hist).unwrap();
+    }
+    row.secs += start.elapsed().as_secs_f64();
+}
+
+/// The broker setups: each a closure that runs one slice into its row.
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+mod brokers {
+    use super::{Row, queue_slice};
+    use std::future::Future;
+    use std::pin::Pin;
+    use tower_firebreak::queue::Queue;
+
+    type Slice<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+    type RunSlice = Box<dyn for<'a> Fn(&'a mut u64, &'a mut Row) -> Slice<'a>>;
+    type Later<T> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = T>>>>;
+
+    /// A queue under test, its producer count, its row, and its cleanup.
+    pub(super) struct Setup {
+        pub(super) row: Row,
+        offset: u64,
+        run: RunSlice,
+        depth: Later<usize>,
+        pub(super) cleanup: Later<()>,
+    }
+
+    impl Setup {
+        pub(super) fn new<Q: Queue + Clone>(
+            name: String,
+            queue: Q,
+            producers: usize,
+            cleanup: Later<()>,
+        ) -> Setup {
+            let q2 = queue.clone();
+            Setup {
+                row: Row::new(name),
+                offset: 0,
+                run: Box::new(move |offset, row| {
+                    let queue = queue.clone();
+                    Box::pin(async move { queue_slice(&queue, producers, offset, row).await })
+                }),
+                depth: Box::new(move || {
+                    let q = q2.clone();
+                    Box::pin(async move { q.depth().await.unwrap() })
+                }),
+                cleanup,
+            }
+        }
+
+        pub(super) async fn slice(&mut self) {
+            let Setup {
+                row, offset, run, ..
+            } = self;
+            run(offset, row).await;
+        }
+
+        pub(super) async fn depth(&self) -> usize {
+            (self.depth)().await
+        }
+    }
+
+    pub(super) async fn setups(dir: &std::path::Path) -> Vec<Setup> {
+        let mut out = Vec::new();
+        let disk =
+            tower_firebreak::queue::disk::DiskQueue::open(dir.join("queue-64.redb")).unwrap();
+        out.push(Setup::new(
+            "DiskQueue, 64 producers".into(),
+            disk,
+            64,
+            Box::new(|| Box::pin(async {})),
+        ));
+        // The shared Redis runs without an AOF (as `.ci/run` starts it), so
+        // the run also starts its own Redis with `appendfsync always`: the
+        // setting under which an acknowledged job survives a crash, as the
+        // disk queue's do.
+        #[cfg(feature = "redis")]
+        let own_redis = {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--dir", dir.to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start redis-server for the AOF-always setup");
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            (
+                port,
+                std::sync::Arc::new(std::sync::Mutex::new(Some(child))),
+            )
+        };
+        #[cfg(feature = "redis")]
+        for (label, url, producers) in [
+            (
+                "shared server, no AOF",
+                "redis://127.0.0.1:6379".to_owned(),
+                1,
+            ),
+            (
+                "shared server, no AOF",
+                "redis://127.0.0.1:6379".to_owned(),
+                64,
+            ),
+            (
+                "AOF, appendfsync always",
+                format!("redis://127.0.0.1:{}", own_redis.0),
+                1,
+            ),
+            (
+                "AOF, appendfsync always",
+                format!("redis://127.0.0.1:{}", own_redis.0),
+                64,
+            ),
+        ] {
+            let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+            let q = tower_firebreak::queue::redis::RedisQueue::builder()
+                .name(&name)
+                .op_timeout(std::time::Duration::from_secs(10))
+                .connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {url} is unreachable: {e}"));
+            let own = own_redis.1.clone();
+            let cleanup = move || -> Pin<Box<dyn Future<Output = ()>>> {
+                let name = name.clone();
+                let url = url.clone();
+                let own = own.clone();
+                Box::pin(async move {
+                    if !url.ends_with(":6379") {
+                        if let Some(mut child) = own.lock().unwrap().take() {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        return;
+                    }
+                    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("fb:{{{name}}}:*"))
+                        .query(&mut c)
+                        .unwrap();
+                    if !keys.is_empty() {
+                        let _: () = redis::cmd("DEL").arg(keys).query(&mut c).unwrap();
+                    }
+                })
+            };
+            out.push(Setup::new(
+                format!("RedisQueue ({label}), {producers} producers"),
+                q,
+                producers,
+                Box::new(cleanup),
+            ));
+        }
+        #[cfg(feature = "nats")]
+        for producers in [1, 64] {
+            const URL: &str = "nats://127.0.0.1:4222";
+            let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+            let q = tower_firebreak::queue::nats::NatsQueue::builder()
+                .name(&name)
+                .op_timeout(std::time::Duration::from_secs(10))
+                .connect(URL)
+                .await
+                .unwrap_or_else(|e| panic!("NATS at {URL} is unreachable: {e}"));
+            let cleanup = move || -> Pin<Box<dyn Future<Output = ()>>> {
+                let name = name.clone();
+                Box::pin(async move {
+                    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
+                    for s in [
+                        format!("FB_{name}"),
+                        format!("FB_{name}_DEAD"),
+                        format!("KV_fb_{name}_live"),
+                        format!("KV_fb_{name}_done"),
+                    ] {
+                        let _ = js.delete_stream(&s).await;
+                    }
+                })
+            };
+            out.push(Setup::new(
+                format!("NatsQueue (shared server), {producers} producers"),
+                q,
+                producers,
+                Box::new(cleanup),
+            ));
+        }
+        #[cfg(feature = "amqp")]
+        for producers in [1, 64] {
+            use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
+            const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+            const REDIS: &str = "redis://127.0.0.1:6379";
+            let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+            let timeout = std::time::Duration::from_secs(10);
+            let store = RedisStatusStore::connect_with_timeout(REDIS, &name, timeout)
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {REDIS} is unreachable: {e}"));
+            let q = AmqpQueue::builder()
+                .name(&name)
+                .op_timeout(timeout)
+                .connect(URL, store)
+                .await
+                .unwrap_or_else(|e| panic!("RabbitMQ at {URL} is unreachable: {e}"));
+            let cleanup = move || -> Pin<Box<dyn Future<Output = ()>>> {
+                let name = name.clone();
+                Box::pin(async move {
+                    let conn =
+                        lapin::Connection::connect(URL, lapin::ConnectionProperties::default())
+                            .await
+                            .unwrap();
+                    let ch = conn.create_channel().await.unwrap();
+                    for q in [format!("fb.{name}"), format!("fb.{name}.dead")] {
+                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
+                    let _ = ch
+                        .exchange_delete(
+                            format!("fb.{name}.dlx").as_str().into(),
+                            Default::default(),
+                        )
+                        .await;
+                    let mut c = redis::Client::open(REDIS)
+                        .unwrap()
+                        .get_connection()
+                        .unwrap();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("fba:{{{name}}}:*"))
+                        .query(&mut c)
+                        .unwrap();
+                    if !keys.is_empty() {
+                        let _: () = redis::cmd("DEL").arg(keys).query(&mut c).unwrap();
+                    }
+                })
+            };
+            out.push(Setup::new(
+                format!(
+                    "AmqpQueue (shared RabbitMQ, status in shared Redis), {producers} producers"
+                ),
+                q,
+                producers,
+                Box::new(cleanup),
+            ));
+        }
+        out
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
     // then one round is enough to show it runs.
@@ -134,8 +429,15 @@ fn main() {
         .collect();
     let mut offsets = vec![0u64; setups.len()];
 
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+    let mut broker_setups = rt.block_on(brokers::setups(dir.path()));
+
     for _ in 0..rounds {
         baseline_slice(&db, &record, &mut next, &mut baseline);
+        #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+        for setup in &mut broker_setups {
+            rt.block_on(setup.slice());
+        }
         for (i, &producers) in setups.iter().enumerate() {
             rt.block_on(disk_slice(
                 &queues[i],
@@ -154,6 +456,26 @@ fn main() {
             row.name
         );
     }
+
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+    for setup in &broker_setups {
+        let depth = rt.block_on(setup.depth()) as u64;
+        assert_eq!(
+            depth,
+            setup.row.hist.len(),
+            "{}: every acknowledged job is stored",
+            setup.row.name
+        );
+    }
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+    for setup in &broker_setups {
+        rt.block_on((setup.cleanup)());
+    }
+    #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .chain(broker_setups.into_iter().map(|s| s.row))
+        .collect();
 
     println!("| setup | durable jobs/s | vs redb single commit | p50 | p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");

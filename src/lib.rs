@@ -49,6 +49,9 @@
 //! | `prost` | the compact protobuf job envelope ([`queue::codec::Format`]) |
 //! | `metrics` | `firebreak.*` metrics on the `metrics` facade for named layers ([`registry`] lists them) |
 //! | `prometheus` | `metrics` plus `GET /metrics` in the [`admin`] router, via `metrics-exporter-prometheus` |
+//! | `redis` | [`queue::redis::RedisQueue`], the job queue on Redis Streams, shared by a fleet |
+//! | `nats` | [`queue::nats::NatsQueue`], the job queue on NATS JetStream, shared by a fleet |
+//! | `amqp` | [`queue::amqp::AmqpQueue`], the job queue on RabbitMQ, its status in Redis (turns on `redis`) |
 //! | `full` | every feature above |
 //!
 //! # Time

@@ -8,6 +8,9 @@
 //! | --- | --- | --- |
 //! | [`disk::DiskQueue`] | `disk` (default) | embedded, on disk (redb), durable, one process |
 //! | [`memory::MemoryQueue`] | always | tests; same semantics, nothing survives the process |
+//! | [`amqp::AmqpQueue`] | `amqp` | RabbitMQ, shared by a fleet, with its job status in a [`amqp::StatusStore`] (Redis) |
+//! | [`nats::NatsQueue`] | `nats` | NATS JetStream, shared by a fleet; file-backed streams and KV |
+//! | [`redis::RedisQueue`] | `redis` | Redis Streams, shared by a fleet; durable as Redis's AOF setting |
 //!
 //! # Guarantees
 //!
@@ -44,8 +47,9 @@
 //!   and for as long as the job is dead-lettered.
 //! - **Retention.** A delivered job's status and response are kept for
 //!   `retention` (default 24 h); dead letters until they are redriven, or
-//!   for `dead_letter_retention` when that is set. Both are purged by the
-//!   sweep that runs with each `lease` call.
+//!   for `dead_letter_retention` when that is set (the disk and memory
+//!   queues; the broker backends keep dead letters until redriven). Both are
+//!   purged by the sweep that runs with each `lease` call.
 //! - **Capacity.** At most `capacity` unfinished (queued or in-flight) jobs.
 //!   One more is refused with [`QueueError::Full`], never dropped.
 //!
@@ -61,6 +65,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 mod clock;
 pub mod codec;
 #[cfg(feature = "disk")]
@@ -68,6 +74,10 @@ pub mod disk;
 mod error;
 mod job;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod state;
 
 pub use self::error::QueueError;

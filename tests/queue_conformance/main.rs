@@ -83,3 +83,33 @@ conformance!(
     unit = Duration::from_millis(100),
     arc_memory
 );
+
+#[cfg(any(feature = "redis", feature = "nats"))]
+mod brokers;
+
+#[cfg(feature = "redis")]
+conformance!(
+    redis_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::redis,
+    dead_letters_kept_until_redriven
+);
+
+#[cfg(feature = "nats")]
+conformance!(
+    nats_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::nats,
+    dead_letters_kept_until_redriven
+);
+
+#[cfg(feature = "amqp")]
+conformance!(
+    amqp_queue,
+    paused = false,
+    unit = Duration::from_millis(100),
+    brokers::amqp,
+    dead_letters_kept_until_redriven
+);

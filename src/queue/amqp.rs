@@ -1,0 +1,1517 @@
+//! [`AmqpQueue`]: a [`Queue`] on RabbitMQ, with its job status in a
+//! [`StatusStore`].
+//!
+//! RabbitMQ delivers messages; it cannot answer "where is job X", hold an
+//! idempotency key, or give a delivered message back after a visibility
+//! timeout. So an `AmqpQueue` is two parts:
+//!
+//! - **RabbitMQ** carries the jobs and does the timing. A durable queue
+//!   `fb.<name>` holds persistent messages, each a copy of a job's envelope
+//!   with a *ticket* header; every publish waits for the broker's publisher
+//!   confirm. Delays go through TTL'd retry queues `fb.<name>.retry.<ms>`
+//!   (one per delay, so no message waits behind a longer one; each
+//!   dead-letters its expired messages back into `fb.<name>`, and is
+//!   deleted after a minute unused). A dead job is also published to the
+//!   dead-letter exchange `fb.<name>.dlx`, bound to the queue
+//!   `fb.<name>.dead`, for operators.
+//! - **A [`StatusStore`]** holds each job's record: its state, attempts,
+//!   the ticket of its one live copy, the delivered response, the dead-letter
+//!   reason, and the idempotency keys, depth and oldest age.
+//!   [`RedisStatusStore`] is the implementation here; every change to a
+//!   record is one atomic step.
+//!
+//! A lease takes a message from `fb.<name>` (`basic.get`, manual ack). If
+//! its ticket is the record's current one, the job is leased: a fresh copy
+//! with a new ticket is first parked in the retry queue of the visibility
+//! timeout (the lease's timer), then the record switches to that ticket,
+//! then the message is acked. When the timer copy comes back and the record
+//! still holds its ticket, the lease has expired and the job is leased
+//! again (or dead-lettered, out of attempts or time). Ack, nack and
+//! dead-letter change the record first, so every copy still in flight then
+//! carries a stale ticket and is dropped when it arrives. A nack parks a
+//! copy in the retry queue of its delay. Each copy is published *before*
+//! the record points at it, so a crash between the two leaves a stray copy
+//! (dropped later), never a record without a copy. A copy that arrives
+//! before its record exists (its submit has published but not yet claimed)
+//! is put back five times, 200 ms apart, before it is dropped; a claim
+//! that is refused (existing key, conflict, full) leaves a tombstone for
+//! ten minutes so that its copy is dropped at once.
+//!
+//! Jobs are pulled with `basic.get` and acked manually, one message per
+//! round trip; a settled lease's timer copy stays in its retry queue until
+//! its visibility timeout ends, and is then dropped.
+//!
+//! # Durability
+//!
+//! `submit` returns after the broker's publisher confirm for a persistent
+//! message on a durable queue (RabbitMQ confirms a persistent message once
+//! it is persisted to disk) and after the status store has the record.
+//! The job is lost if either loses it: the store's durability is the
+//! store's, and for Redis that is its AOF setting (see
+//! [`RedisQueue`](super::redis::RedisQueue): `appendfsync always` for an
+//! fsync before the answer).
+//!
+//! # Connection loss
+//!
+//! The handle keeps one connection and channel. When an operation fails on
+//! them, they are dropped and the next operation reconnects, no sooner than
+//! a backoff that doubles up to [`max_backoff`](AmqpQueueBuilder::max_backoff);
+//! until then operations fail at once with [`QueueError::Unavailable`].
+//! Every operation is bounded by [`op_timeout`](AmqpQueueBuilder::op_timeout).
+//! A submit that fails never leaves a job behind it reported as stored,
+//! with one exception no network client can rule out: a timeout that
+//! fires after the status store took the claim reports `Unavailable` for a
+//! job that is stored; a retry with the same idempotency key then gets
+//! [`Enqueued::Existing`].
+//!
+//! ```no_run
+//! use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
+//! use tower_firebreak::queue::{Job, Queue};
+//!
+//! # async fn run() -> Result<(), tower_firebreak::queue::QueueError> {
+//! let store = RedisStatusStore::connect("redis://127.0.0.1:6379", "orders").await?;
+//! let queue = AmqpQueue::builder()
+//!     .name("orders")
+//!     .connect("amqp://guest:guest@127.0.0.1:5672/%2f", store)
+//!     .await?;
+//! queue.enqueue(Job::new(http::Method::POST, "/orders".parse().unwrap())).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use super::clock::Clock;
+use super::codec::{Format, b64_decode, b64_encode};
+use super::job::{duration_ms, ms_system};
+use super::{
+    DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
+    QueueError,
+};
+use crate::ConfigError;
+use ::redis::Script;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// What a copy's arrival did, as the [`StatusStore`] decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Take {
+    /// The copy is not the job's live one: drop it.
+    Stale,
+    /// There is no record of the job: its submit has not claimed it yet
+    /// (the copy is published first), or the claim was refused.
+    Missing,
+    /// The job is leased under the new ticket, for this attempt.
+    Leased {
+        /// The attempt this lease is (1 for the first).
+        attempts: u32,
+    },
+    /// The job was dead-lettered instead, with this reason.
+    Dead {
+        /// `ttl expired` or `max attempts (N) reached`.
+        reason: String,
+    },
+}
+
+/// What [`StatusStore::claim`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// A new record under the given ticket.
+    Created,
+    /// The key is held by this job with the same fingerprint.
+    Existing(JobId),
+    /// The key is held by this job for a different request.
+    Conflict(JobId),
+    /// The queue holds `capacity` unfinished jobs.
+    Full,
+}
+
+/// What [`StatusStore::nack`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Nacked {
+    /// The token is not the current lease.
+    Lost,
+    /// The job is queued again; its live copy is the new ticket.
+    Queued,
+    /// The job was out of attempts or time, and is dead-lettered with this
+    /// reason.
+    Dead(String),
+}
+
+/// A dead job as a [`StatusStore`] keeps it.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DeadRecord {
+    /// The job.
+    pub id: JobId,
+    /// Its stored envelope.
+    pub envelope: Vec<u8>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// How many leases it had.
+    pub attempts: u32,
+    /// When, in wall-clock milliseconds.
+    pub at_ms: u64,
+}
+
+impl DeadRecord {
+    /// A dead record.
+    pub fn new(id: JobId, envelope: Vec<u8>, reason: String, attempts: u32, at_ms: u64) -> Self {
+        DeadRecord {
+            id,
+            envelope,
+            reason,
+            attempts,
+            at_ms,
+        }
+    }
+}
+
+/// Where an [`AmqpQueue`] keeps what RabbitMQ cannot: each job's record,
+/// its idempotency key, and the counts.
+///
+/// Every method is one atomic step on the store. A *ticket* names the one
+/// copy of a job that is live in RabbitMQ; the lease token is the ticket
+/// of the lease's timer copy.
+pub trait StatusStore: Send + Sync + 'static {
+    /// Creates the record of a new, queued job whose copy carries `ticket`,
+    /// unless its key is held or the queue is full.
+    fn claim(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+    ) -> impl Future<Output = Result<Claim, QueueError>> + Send;
+
+    /// A copy carrying `ticket` arrived: leases the job under `new_ticket`
+    /// (already parked as the lease's timer), dead-letters it, or says the
+    /// copy is stale.
+    fn take(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<Take, QueueError>> + Send;
+
+    /// Marks the job leased under `token` delivered, keeping `response`
+    /// for `retention`. `false` when `token` is not the current lease.
+    fn ack(
+        &self,
+        id: &JobId,
+        token: &str,
+        response: &DeliveredResponse,
+        now_ms: u64,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// Queues the job leased under `token` again, its live copy now
+    /// `new_ticket`; or dead-letters it when it is out of attempts or time.
+    fn nack(
+        &self,
+        id: &JobId,
+        token: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> impl Future<Output = Result<Nacked, QueueError>> + Send;
+
+    /// Dead-letters the job leased under `token`. `false` when `token` is
+    /// not the current lease.
+    fn dead_letter(
+        &self,
+        id: &JobId,
+        token: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<bool, QueueError>> + Send;
+
+    /// Queues a dead job again, attempts reset, its live copy `new_ticket`.
+    /// Returns the envelope to publish, `None` when the job is not dead.
+    fn redrive(
+        &self,
+        id: &JobId,
+        new_ticket: &str,
+        capacity: usize,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, QueueError>> + Send;
+
+    /// The stored envelope of an unfinished or dead job.
+    fn envelope(
+        &self,
+        id: &JobId,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, QueueError>> + Send;
+
+    /// The job's status.
+    fn status(
+        &self,
+        id: &JobId,
+    ) -> impl Future<Output = Result<Option<JobStatus>, QueueError>> + Send;
+
+    /// The number of unfinished jobs.
+    fn depth(&self) -> impl Future<Output = Result<usize, QueueError>> + Send;
+
+    /// The enqueue time (wall-clock ms) of the oldest unfinished job.
+    fn oldest(&self) -> impl Future<Output = Result<Option<u64>, QueueError>> + Send;
+
+    /// Up to `limit` dead jobs, oldest id first, with their envelopes.
+    fn dead(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadRecord>, QueueError>> + Send;
+}
+
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function k(s) return P .. s end
+local function to_dead(id, r, reason, now)
+  redis.call('HSET', r, 'state', 'dead', 'reason', reason, 'at', now, 'ticket', '')
+  redis.call('ZREM', k('q'), id)
+  redis.call('ZADD', k('x'), 0, id)
+end
+"#;
+
+/// ARGV: prefix, id, ticket, envelope, enq, deadline or '', key or '', fp, cap.
+const CLAIM: &str = r#"
+local id, ticket, env, enq, dl, key, fp, cap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+-- A refused job's copy is already published: a short-lived tombstone
+-- tells the lease that finds it to drop it.
+local function void()
+  redis.call('HSET', k('r:' .. id), 'state', 'void')
+  redis.call('PEXPIRE', k('r:' .. id), 600000)
+end
+if key ~= '' then
+  local cur = redis.call('HGET', k('i'), key)
+  if cur then
+    local cid = string.sub(cur, 1, 36)
+    local st = redis.call('HGET', k('r:' .. cid), 'state')
+    if st and st ~= 'void' then
+      void()
+      if string.sub(cur, 38) == fp then return {'existing', cid} end
+      return {'conflict', cid}
+    end
+  end
+end
+if redis.call('ZCARD', k('q')) >= cap then void() return {'full', ''} end
+redis.call('HSET', k('r:' .. id), 'state', 'queued', 'ticket', ticket, 'attempts', 0,
+  'enq', enq, 'deadline', dl, 'job', env)
+redis.call('ZADD', k('q'), enq, id)
+if key ~= '' then redis.call('HSET', k('i'), key, id .. ' ' .. fp) end
+return {'created', id}
+"#;
+
+/// ARGV: prefix, id, ticket, new_ticket, now, max_attempts.
+const TAKE: &str = r#"
+local id, ticket, nt, now, max_att = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local r = k('r:' .. id)
+local f = redis.call('HMGET', r, 'state', 'ticket', 'attempts', 'deadline')
+if not f[1] then return {'missing', ''} end
+if f[2] ~= ticket or (f[1] ~= 'queued' and f[1] ~= 'inflight') then return {'stale', ''} end
+if f[4] ~= '' and tonumber(f[4]) <= now then
+  to_dead(id, r, 'ttl expired', now)
+  return {'dead', 'ttl expired'}
+end
+local att = tonumber(f[3])
+if att >= max_att then
+  local reason = 'max attempts (' .. max_att .. ') reached'
+  to_dead(id, r, reason, now)
+  return {'dead', reason}
+end
+redis.call('HSET', r, 'state', 'inflight', 'ticket', nt, 'attempts', att + 1)
+return {'leased', tostring(att + 1)}
+"#;
+
+/// ARGV: prefix, id, token, now, retention, status, headers, body.
+const ACK: &str = r#"
+local id, token, now, ret = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local r = k('r:' .. id)
+local f = redis.call('HMGET', r, 'state', 'ticket')
+if f[1] ~= 'inflight' or f[2] ~= token then return 0 end
+redis.call('HSET', r, 'state', 'delivered', 'ticket', '', 'status', ARGV[6], 'headers', ARGV[7],
+  'body', ARGV[8], 'at', now)
+redis.call('HDEL', r, 'job')
+redis.call('PEXPIRE', r, math.max(ret, 1))
+redis.call('ZREM', k('q'), id)
+return 1
+"#;
+
+/// ARGV: prefix, id, token, new_ticket, now, max_attempts.
+/// Returns {'lost'}, {'queued'} or {'dead', reason}.
+const NACK: &str = r#"
+local id, token, nt, now, max_att = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local r = k('r:' .. id)
+local f = redis.call('HMGET', r, 'state', 'ticket', 'attempts', 'deadline')
+if f[1] ~= 'inflight' or f[2] ~= token then return {'lost', ''} end
+if f[4] ~= '' and tonumber(f[4]) <= now then
+  to_dead(id, r, 'ttl expired', now)
+  return {'dead', 'ttl expired'}
+end
+if tonumber(f[3]) >= max_att then
+  local reason = 'max attempts (' .. max_att .. ') reached'
+  to_dead(id, r, reason, now)
+  return {'dead', reason}
+end
+redis.call('HSET', r, 'state', 'queued', 'ticket', nt)
+return {'queued', ''}
+"#;
+
+/// ARGV: prefix, id, token, reason, now.
+const DEAD: &str = r#"
+local id, token = ARGV[2], ARGV[3]
+local r = k('r:' .. id)
+local f = redis.call('HMGET', r, 'state', 'ticket')
+if f[1] ~= 'inflight' or f[2] ~= token then return 0 end
+to_dead(id, r, ARGV[4], tonumber(ARGV[5]))
+return 1
+"#;
+
+/// ARGV: prefix, id, new_ticket, cap. Returns {'ok', envelope}, {'no'} or {'full'}.
+const REDRIVE: &str = r#"
+local id, nt, cap = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local r = k('r:' .. id)
+if redis.call('HGET', r, 'state') ~= 'dead' then return {'no', ''} end
+if redis.call('ZCARD', k('q')) >= cap then return {'full', ''} end
+redis.call('HSET', r, 'state', 'queued', 'ticket', nt, 'attempts', 0, 'reason', '')
+redis.call('ZREM', k('x'), id)
+redis.call('ZADD', k('q'), redis.call('HGET', r, 'enq'), id)
+return {'ok', redis.call('HGET', r, 'job')}
+"#;
+
+struct Scripts {
+    claim: Script,
+    take: Script,
+    ack: Script,
+    nack: Script,
+    dead: Script,
+    redrive: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+    Scripts {
+        claim: s(CLAIM),
+        take: s(TAKE),
+        ack: s(ACK),
+        nack: s(NACK),
+        dead: s(DEAD),
+        redrive: s(REDRIVE),
+    }
+});
+
+/// A [`StatusStore`] in Redis: a hash per job (`fba:{name}:r:<id>`, expiring
+/// after retention once delivered), and per queue a sorted set of
+/// unfinished jobs, a sorted set of dead ones and a hash of idempotency
+/// keys. Each change is one Lua script.
+#[derive(Clone)]
+pub struct RedisStatusStore {
+    conn: ConnectionManager,
+    prefix: String,
+    location: String,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStatusStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStatusStore")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStatusStore {
+    /// Connects to Redis at `url` for the queue `name`, with a 500 ms
+    /// bound on every operation.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Config`] for a bad URL or name,
+    /// [`QueueError::Unavailable`] when Redis cannot be reached.
+    pub async fn connect(url: &str, name: &str) -> Result<RedisStatusStore, QueueError> {
+        Self::connect_with_timeout(url, name, Duration::from_millis(500)).await
+    }
+
+    /// [`connect`](Self::connect) with another bound on every operation.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`](Self::connect).
+    pub async fn connect_with_timeout(
+        url: &str,
+        name: &str,
+        op_timeout: Duration,
+    ) -> Result<RedisStatusStore, QueueError> {
+        if name.is_empty() || name.contains(['{', '}']) {
+            return Err(ConfigError::new("name", name, "must be non-empty, without braces").into());
+        }
+        let client = ::redis::Client::open(url)
+            .map_err(|e| QueueError::from(ConfigError::new("url", url, e.to_string())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(op_timeout))
+            .set_response_timeout(Some(op_timeout))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            op_timeout,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| QueueError::unavailable(format!("connecting to {url} timed out")))?
+        .map_err(QueueError::unavailable)?;
+        let prefix = format!("fba:{{{name}}}:");
+        Ok(RedisStatusStore {
+            conn,
+            location: format!("{url}#{prefix}"),
+            prefix,
+            op_timeout,
+        })
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> QueueError {
+        QueueError::corrupt(PathBuf::from(&self.location), what.into())
+    }
+
+    async fn run<T, Fut>(&self, f: Fut) -> Result<T, QueueError>
+    where
+        Fut: Future<Output = Result<T, ::redis::RedisError>>,
+    {
+        match tokio::time::timeout(self.op_timeout, f).await {
+            Ok(r) => r.map_err(QueueError::unavailable),
+            Err(_) => Err(QueueError::unavailable(format!(
+                "redis did not answer within {:?}",
+                self.op_timeout
+            ))),
+        }
+    }
+
+    async fn invoke<T: ::redis::FromRedisValue>(
+        &self,
+        script: &'static Script,
+        args: Vec<Vec<u8>>,
+    ) -> Result<T, QueueError> {
+        let mut c = self.conn.clone();
+        let prefix = self.prefix.clone();
+        self.run(async move {
+            let mut inv = script.prepare_invoke();
+            inv.arg(prefix);
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            inv.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    fn parse_id(&self, s: &str) -> Result<JobId, QueueError> {
+        s.parse()
+            .map_err(|_| self.corrupt(format!("bad job id {s:?}")))
+    }
+}
+
+fn arg(v: impl ToString) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
+fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn num<T: std::str::FromStr>(raw: Option<&[u8]>) -> Option<T> {
+    std::str::from_utf8(raw?).ok()?.parse().ok()
+}
+
+impl StatusStore for RedisStatusStore {
+    async fn claim(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+    ) -> Result<Claim, QueueError> {
+        let fp: String = job
+            .fingerprint()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let args = vec![
+            arg(id),
+            arg(ticket),
+            envelope.to_vec(),
+            arg(job.enqueued_at_ms),
+            job.deadline_ms().map(arg).unwrap_or_default(),
+            job.idempotency_key()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec(),
+            fp.into_bytes(),
+            arg(capacity),
+        ];
+        let (what, other): (String, String) = self.invoke(&SCRIPTS.claim, args).await?;
+        match what.as_str() {
+            "created" => Ok(Claim::Created),
+            "existing" => Ok(Claim::Existing(self.parse_id(&other)?)),
+            "conflict" => Ok(Claim::Conflict(self.parse_id(&other)?)),
+            "full" => Ok(Claim::Full),
+            _ => Err(self.corrupt(format!("unexpected claim answer {what:?}"))),
+        }
+    }
+
+    async fn take(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> Result<Take, QueueError> {
+        let args = vec![
+            arg(id),
+            arg(ticket),
+            arg(new_ticket),
+            arg(now_ms),
+            arg(max_attempts),
+        ];
+        let (what, other): (String, String) = self.invoke(&SCRIPTS.take, args).await?;
+        match what.as_str() {
+            "stale" => Ok(Take::Stale),
+            "missing" => Ok(Take::Missing),
+            "dead" => Ok(Take::Dead { reason: other }),
+            "leased" => Ok(Take::Leased {
+                attempts: other.parse().map_err(|_| self.corrupt("bad attempts"))?,
+            }),
+            _ => Err(self.corrupt(format!("unexpected take answer {what:?}"))),
+        }
+    }
+
+    async fn ack(
+        &self,
+        id: &JobId,
+        token: &str,
+        response: &DeliveredResponse,
+        now_ms: u64,
+        retention: Duration,
+    ) -> Result<bool, QueueError> {
+        let headers: Vec<(&str, String)> = response
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), b64_encode(v.as_bytes())))
+            .collect();
+        let args = vec![
+            arg(id),
+            arg(token),
+            arg(now_ms),
+            arg(duration_ms(retention)),
+            arg(response.status),
+            serde_json::to_vec(&headers).expect("headers serialise"),
+            response.body.to_vec(),
+        ];
+        let r: i64 = self.invoke(&SCRIPTS.ack, args).await?;
+        Ok(r == 1)
+    }
+
+    async fn nack(
+        &self,
+        id: &JobId,
+        token: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> Result<Nacked, QueueError> {
+        let args = vec![
+            arg(id),
+            arg(token),
+            arg(new_ticket),
+            arg(now_ms),
+            arg(max_attempts),
+        ];
+        let (what, reason): (String, String) = self.invoke(&SCRIPTS.nack, args).await?;
+        Ok(match what.as_str() {
+            "queued" => Nacked::Queued,
+            "dead" => Nacked::Dead(reason),
+            _ => Nacked::Lost,
+        })
+    }
+
+    async fn dead_letter(
+        &self,
+        id: &JobId,
+        token: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let args = vec![arg(id), arg(token), arg(reason), arg(now_ms)];
+        let r: i64 = self.invoke(&SCRIPTS.dead, args).await?;
+        Ok(r == 1)
+    }
+
+    async fn redrive(
+        &self,
+        id: &JobId,
+        new_ticket: &str,
+        capacity: usize,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let args = vec![arg(id), arg(new_ticket), arg(capacity)];
+        let (what, env): (String, Vec<u8>) = self.invoke(&SCRIPTS.redrive, args).await?;
+        match what.as_str() {
+            "ok" => Ok(Some(env)),
+            "full" => Err(QueueError::Full { capacity }),
+            _ => Ok(None),
+        }
+    }
+
+    async fn envelope(&self, id: &JobId) -> Result<Option<Vec<u8>>, QueueError> {
+        let key = format!("{}r:{id}", self.prefix);
+        let mut c = self.conn.clone();
+        self.run(async move {
+            ::redis::cmd("HGET")
+                .arg(&key)
+                .arg("job")
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        let key = format!("{}r:{id}", self.prefix);
+        let mut c = self.conn.clone();
+        let fields: Vec<(String, Vec<u8>)> = self
+            .run(async move { ::redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+            .await?;
+        let Some(state) = field(&fields, "state").filter(|s| *s != b"void") else {
+            return Ok(None);
+        };
+        let bad = |what: &str| self.corrupt(format!("record of job {id}: {what}"));
+        let attempts = num(field(&fields, "attempts")).unwrap_or(0);
+        let at = || {
+            num::<u64>(field(&fields, "at"))
+                .map(ms_system)
+                .ok_or_else(|| bad("at"))
+        };
+        match state {
+            b"queued" => Ok(Some(JobStatus::Queued)),
+            b"inflight" => Ok(Some(JobStatus::InFlight)),
+            b"dead" => Ok(Some(JobStatus::DeadLettered {
+                reason: String::from_utf8_lossy(field(&fields, "reason").unwrap_or_default())
+                    .into_owned(),
+                attempts,
+                at: at()?,
+            })),
+            b"delivered" => {
+                let list: Vec<(String, String)> =
+                    serde_json::from_slice(field(&fields, "headers").unwrap_or(b"[]"))
+                        .map_err(|_| bad("headers"))?;
+                let mut headers = HeaderMap::new();
+                for (n, v) in list {
+                    let v = b64_decode(&v).map_err(|_| bad("header value"))?;
+                    headers.append(
+                        HeaderName::from_bytes(n.as_bytes()).map_err(|_| bad("header name"))?,
+                        HeaderValue::from_bytes(&v).map_err(|_| bad("header value"))?,
+                    );
+                }
+                Ok(Some(JobStatus::Delivered {
+                    status: num(field(&fields, "status")).ok_or_else(|| bad("status"))?,
+                    headers,
+                    body: Bytes::copy_from_slice(field(&fields, "body").unwrap_or_default()),
+                    attempts,
+                    delivered_at: at()?,
+                }))
+            }
+            _ => Err(bad("unknown state")),
+        }
+    }
+
+    async fn depth(&self) -> Result<usize, QueueError> {
+        let key = format!("{}q", self.prefix);
+        let mut c = self.conn.clone();
+        self.run(async move { ::redis::cmd("ZCARD").arg(&key).query_async(&mut c).await })
+            .await
+    }
+
+    async fn oldest(&self) -> Result<Option<u64>, QueueError> {
+        let key = format!("{}q", self.prefix);
+        let mut c = self.conn.clone();
+        let v: Vec<(String, f64)> = self
+            .run(async move {
+                ::redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(v.first().map(|(_, at)| *at as u64))
+    }
+
+    async fn dead(&self, limit: usize) -> Result<Vec<DeadRecord>, QueueError> {
+        let key = format!("{}x", self.prefix);
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = self
+            .run(async move {
+                ::redis::cmd("ZRANGEBYLEX")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = format!("{}r:{id}", self.prefix);
+            let mut c = self.conn.clone();
+            let fields: Vec<(String, Vec<u8>)> = self
+                .run(async move { ::redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
+                .await?;
+            let id = self.parse_id(&id)?;
+            out.push(DeadRecord::new(
+                id,
+                field(&fields, "job").unwrap_or_default().to_vec(),
+                String::from_utf8_lossy(field(&fields, "reason").unwrap_or_default()).into_owned(),
+                num(field(&fields, "attempts")).unwrap_or(0),
+                num(field(&fields, "at")).unwrap_or(0),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// A [`Queue`] on RabbitMQ with a [`StatusStore`]: see the
+/// [module docs](self).
+///
+/// Clones share one connection. Handles made by separate
+/// [`connect`](AmqpQueueBuilder::connect) calls with one name and one store
+/// share one queue.
+pub struct AmqpQueue<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for AmqpQueue<S> {
+    fn clone(&self) -> Self {
+        AmqpQueue {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for AmqpQueue<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpQueue")
+            .field("queue", &self.inner.queue)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Link {
+    _conn: Connection,
+    channel: Channel,
+    retry_queues: HashSet<u64>,
+}
+
+struct LinkState {
+    link: Option<Link>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+struct Inner<S> {
+    url: String,
+    queue: String,
+    dlx: String,
+    store: S,
+    state: Mutex<LinkState>,
+    policy: Policy,
+    format: Format,
+    op_timeout: Duration,
+    max_backoff: Duration,
+    clock: Clock,
+}
+
+/// Settings for an [`AmqpQueue`].
+#[derive(Clone, Debug)]
+pub struct AmqpQueueBuilder {
+    name: String,
+    policy: Policy,
+    format: Format,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    max_backoff: Duration,
+}
+
+impl Default for AmqpQueueBuilder {
+    fn default() -> Self {
+        AmqpQueueBuilder {
+            name: "default".to_owned(),
+            policy: Policy::default(),
+            format: Format::default(),
+            connect_timeout: Duration::from_secs(2),
+            op_timeout: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl AmqpQueueBuilder {
+    /// The queue's name: handles with one name share one queue. Default:
+    /// `default`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The most unfinished jobs the queue holds. Default: 1,000,000.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.policy.capacity = capacity;
+        self
+    }
+
+    /// How many leases a job gets before it is dead-lettered. Default: 10.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.policy.max_attempts = max_attempts;
+        self
+    }
+
+    /// How long a delivered job's status and response are kept. Default: 24 h.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.policy.retention = retention;
+        self
+    }
+
+    /// The envelope format of stored jobs. Default: JSON.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How long the first connection (made by
+    /// [`connect`](Self::connect), with the declarations) may take.
+    /// Default: 2 s. Reconnecting later happens inside an operation, within
+    /// its [`op_timeout`](Self::op_timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The bound on every operation, reconnecting included. Default: 500 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The longest pause between two reconnect attempts. Default: 2 s.
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// Checks the settings, connects to RabbitMQ at `url` (for example
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`) and declares the queues
+    /// and the dead-letter exchange.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Config`] for bad settings, [`QueueError::Unavailable`]
+    /// when RabbitMQ cannot be reached.
+    pub async fn connect<S: StatusStore>(
+        self,
+        url: &str,
+        store: S,
+    ) -> Result<AmqpQueue<S>, QueueError> {
+        self.policy.validate()?;
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", &self.name, "must be non-empty").into());
+        }
+        let queue = AmqpQueue {
+            inner: Arc::new(Inner {
+                url: url.to_owned(),
+                queue: format!("fb.{}", self.name),
+                dlx: format!("fb.{}.dlx", self.name),
+                store,
+                state: Mutex::new(LinkState {
+                    link: None,
+                    retry_at: None,
+                    backoff: Duration::from_millis(10),
+                }),
+                policy: self.policy,
+                format: self.format,
+                op_timeout: self.op_timeout,
+                max_backoff: self.max_backoff,
+                clock: Clock::new(),
+            }),
+        };
+        queue.channel_within(self.connect_timeout).await?;
+        Ok(queue)
+    }
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<String> {
+    let headers: &'a FieldTable = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A header a copy may carry besides its id and ticket.
+enum Extra<'a> {
+    /// Why the job is dead (copies sent to the dead-letter exchange).
+    Reason(&'a str),
+    /// How many times a copy without a record has been put back.
+    Orphan(u32),
+}
+
+/// How many times, and how far apart, a copy that arrives before its
+/// job's record is put back before it is dropped.
+const ORPHAN_RETRIES: u32 = 5;
+const ORPHAN_DELAY_MS: u64 = 200;
+
+fn new_ticket() -> String {
+    format!("{:032x}", uuid::Uuid::now_v7().as_u128())
+}
+
+impl AmqpQueue<RedisStatusStore> {
+    /// Settings for a new queue handle. The status store, of any
+    /// [`StatusStore`] type, is given to
+    /// [`connect`](AmqpQueueBuilder::connect).
+    pub fn builder() -> AmqpQueueBuilder {
+        AmqpQueueBuilder::default()
+    }
+}
+
+impl<S: StatusStore> AmqpQueue<S> {
+    /// The status store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> QueueError {
+        QueueError::corrupt(
+            PathBuf::from(format!("{}#{}", self.inner.url, self.inner.queue)),
+            what.into(),
+        )
+    }
+
+    async fn open(&self) -> Result<Link, lapin::Error> {
+        let conn = Connection::connect(&self.inner.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .queue_declare(
+                self.inner.queue.as_str().into(),
+                durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.inner.dlx.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let dead = format!("{}.dead", self.inner.queue);
+        channel
+            .queue_declare(dead.as_str().into(), durable(), FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                dead.as_str().into(),
+                self.inner.dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Link {
+            _conn: conn,
+            channel,
+            retry_queues: HashSet::new(),
+        })
+    }
+
+    /// The channel, reconnecting when there is none and the backoff has
+    /// passed.
+    async fn channel(&self) -> Result<Channel, QueueError> {
+        self.channel_within(self.inner.op_timeout).await
+    }
+
+    async fn channel_within(&self, timeout: Duration) -> Result<Channel, QueueError> {
+        let mut st = self.inner.state.lock().await;
+        if let Some(link) = &st.link
+            && link.channel.status().connected()
+        {
+            return Ok(link.channel.clone());
+        }
+        st.link = None;
+        if let Some(at) = st.retry_at
+            && Instant::now() < at
+        {
+            return Err(QueueError::unavailable(
+                "RabbitMQ is unreachable; waiting to reconnect",
+            ));
+        }
+        match tokio::time::timeout(timeout, self.open()).await {
+            Ok(Ok(link)) => {
+                let ch = link.channel.clone();
+                st.link = Some(link);
+                st.retry_at = None;
+                st.backoff = Duration::from_millis(10);
+                Ok(ch)
+            }
+            failed => {
+                st.retry_at = Some(Instant::now() + st.backoff);
+                st.backoff = (st.backoff * 2).min(self.inner.max_backoff);
+                Err(match failed {
+                    Ok(Err(e)) => QueueError::unavailable(e),
+                    _ => QueueError::unavailable("connecting to RabbitMQ timed out"),
+                })
+            }
+        }
+    }
+
+    /// Drops the link after a failure on it.
+    async fn broken(&self) {
+        let mut st = self.inner.state.lock().await;
+        st.link = None;
+    }
+
+    async fn retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, QueueError> {
+        let name = format!("{}.retry.{delay_ms}", self.inner.queue);
+        {
+            let st = self.inner.state.lock().await;
+            if st
+                .link
+                .as_ref()
+                .is_some_and(|l| l.retry_queues.contains(&delay_ms))
+            {
+                return Ok(name);
+            }
+        }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.inner.queue.as_str().into()),
+        );
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(delay_ms as i64 + 60_000),
+        );
+        channel
+            .queue_declare(name.as_str().into(), durable(), args)
+            .await
+            .map_err(QueueError::unavailable)?;
+        let mut st = self.inner.state.lock().await;
+        if let Some(l) = st.link.as_mut() {
+            l.retry_queues.insert(delay_ms);
+        }
+        Ok(name)
+    }
+
+    /// Publishes a persistent copy of a job, waiting for the broker's
+    /// confirm: to the main queue, or parked in the retry queue of `delay`.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        id: &JobId,
+        ticket: &str,
+        envelope: &[u8],
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let delay_ms = duration_ms(delay);
+        let (exchange, key) = if delay_ms == 0 {
+            (String::new(), self.inner.queue.clone())
+        } else {
+            (String::new(), self.retry_queue(channel, delay_ms).await?)
+        };
+        self.publish_to(channel, &exchange, &key, id, ticket, envelope, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_to(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        key: &str,
+        id: &JobId,
+        ticket: &str,
+        envelope: &[u8],
+        extra: Option<Extra<'_>>,
+    ) -> Result<(), QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert("fb-id".into(), AMQPValue::LongString(id.to_string().into()));
+        headers.insert("fb-ticket".into(), AMQPValue::LongString(ticket.into()));
+        match extra {
+            Some(Extra::Reason(reason)) => {
+                headers.insert("fb-reason".into(), AMQPValue::LongString(reason.into()));
+            }
+            Some(Extra::Orphan(n)) => {
+                headers.insert(
+                    "fb-orphan".into(),
+                    AMQPValue::LongString(n.to_string().into()),
+                );
+            }
+            None => {}
+        }
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(key),
+                BasicPublishOptions::default(),
+                envelope,
+                props,
+            )
+            .await
+            .map_err(QueueError::unavailable)?
+            .await
+            .map_err(QueueError::unavailable)?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(QueueError::unavailable(
+                "RabbitMQ refused the message (nack)",
+            ))
+        }
+    }
+
+    /// Publishes a dead job to the dead-letter exchange, for operators.
+    /// The status store stays the record of dead letters.
+    async fn to_dlx(&self, channel: &Channel, id: &JobId, envelope: &[u8], reason: &str) {
+        let _ = self
+            .publish_to(
+                channel,
+                &self.inner.dlx.clone(),
+                "",
+                id,
+                "",
+                envelope,
+                Some(Extra::Reason(reason)),
+            )
+            .await;
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        let r = match tokio::time::timeout(self.inner.op_timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(QueueError::unavailable(format!(
+                "RabbitMQ did not answer within {:?}",
+                self.inner.op_timeout
+            ))),
+        };
+        if matches!(r, Err(QueueError::Unavailable { .. })) {
+            self.broken().await;
+        }
+        r
+    }
+
+    async fn submit_inner(&self, mut job: Job) -> Result<Enqueued, QueueError> {
+        let channel = self.channel().await?;
+        job.enqueued_at_ms = self.inner.clock.now_ms();
+        job.attempts = 0;
+        let id = JobId::new();
+        let ticket = new_ticket();
+        let envelope = self.inner.format.encode(&job);
+        // The copy first: if the claim then fails, the copy is stale.
+        self.publish(&channel, &id, &ticket, &envelope, Duration::ZERO)
+            .await?;
+        match self
+            .inner
+            .store
+            .claim(&id, &ticket, &job, &envelope, self.inner.policy.capacity)
+            .await?
+        {
+            Claim::Created => Ok(Enqueued::Created(id)),
+            Claim::Existing(e) => Ok(Enqueued::Existing(e)),
+            Claim::Conflict(existing) => Err(QueueError::Conflict {
+                key: job.idempotency_key.unwrap_or_default(),
+                existing,
+            }),
+            Claim::Full => Err(QueueError::Full {
+                capacity: self.inner.policy.capacity,
+            }),
+        }
+    }
+
+    async fn lease_inner(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let channel = self.channel().await?;
+        let mut out = Vec::new();
+        let max_attempts = self.inner.policy.max_attempts;
+        // Stale copies do not count; bound the work of one call. Each job
+        // costs a few round trips, so a large batch stops at half the
+        // operation's time budget and returns what it has: leases taken
+        // and then lost to the timeout would only come back after their
+        // visibility timeout.
+        let started = Instant::now();
+        for _ in 0..max.saturating_mul(4).saturating_add(64) {
+            if out.len() >= max || started.elapsed() > self.inner.op_timeout / 2 {
+                break;
+            }
+            let Some(msg) = channel
+                .basic_get(
+                    self.inner.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(QueueError::unavailable)?
+            else {
+                break;
+            };
+            let d = msg.delivery;
+            let id = header(&d.properties, "fb-id").and_then(|s| s.parse::<JobId>().ok());
+            let ticket = header(&d.properties, "fb-ticket").unwrap_or_default();
+            let Some(id) = id else {
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(QueueError::unavailable)?;
+                continue;
+            };
+            let next = new_ticket();
+            // The lease's timer goes out before the record points at it.
+            self.publish(&channel, &id, &next, &d.data, visibility)
+                .await?;
+            let taken = self
+                .inner
+                .store
+                .take(&id, &ticket, &next, self.inner.clock.now_ms(), max_attempts)
+                .await?;
+            match taken {
+                Take::Stale => {}
+                Take::Missing => {
+                    // Published by a submit that has not written its record
+                    // yet, or whose claim was refused: look again a little
+                    // later, a few times, then drop it.
+                    let orphan: u32 = header(&d.properties, "fb-orphan")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    if orphan < ORPHAN_RETRIES {
+                        let retry = self.retry_queue(&channel, ORPHAN_DELAY_MS).await?;
+                        self.publish_to(
+                            &channel,
+                            "",
+                            &retry,
+                            &id,
+                            &ticket,
+                            &d.data,
+                            Some(Extra::Orphan(orphan + 1)),
+                        )
+                        .await?;
+                    }
+                }
+                Take::Dead { reason } => self.to_dlx(&channel, &id, &d.data, &reason).await,
+                Take::Leased { attempts } => {
+                    let mut job = self
+                        .inner
+                        .format
+                        .decode(&d.data)
+                        .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+                    job.attempts = attempts;
+                    out.push(Leased::new(Lease::new(id, next), job));
+                }
+            }
+            d.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(QueueError::unavailable)?;
+        }
+        Ok(out)
+    }
+
+    async fn nack_inner(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        let channel = self.channel().await?;
+        let id = lease.id();
+        let envelope = self.envelope(id).await?;
+        let next = new_ticket();
+        self.publish(&channel, id, &next, &envelope, delay).await?;
+        match self
+            .inner
+            .store
+            .nack(
+                id,
+                lease.token(),
+                &next,
+                self.inner.clock.now_ms(),
+                self.inner.policy.max_attempts,
+            )
+            .await?
+        {
+            Nacked::Lost => Err(QueueError::LeaseLost { id: *id }),
+            Nacked::Queued => Ok(()),
+            Nacked::Dead(reason) => {
+                self.to_dlx(&channel, id, &envelope, &reason).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn envelope(&self, id: &JobId) -> Result<Vec<u8>, QueueError> {
+        self.inner
+            .store
+            .envelope(id)
+            .await?
+            .ok_or(QueueError::LeaseLost { id: *id })
+    }
+}
+
+impl<S: StatusStore> Queue for AmqpQueue<S> {
+    async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
+        self.bounded(self.submit_inner(job)).await
+    }
+
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.bounded(self.lease_inner(max, visibility)).await
+    }
+
+    async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {
+        let ok = self
+            .bounded(self.inner.store.ack(
+                lease.id(),
+                lease.token(),
+                &response,
+                self.inner.clock.now_ms(),
+                self.inner.policy.retention,
+            ))
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost { id: *lease.id() })
+        }
+    }
+
+    async fn nack(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        self.bounded(self.nack_inner(lease, delay)).await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        self.bounded(async {
+            let id = lease.id();
+            let now = self.inner.clock.now_ms();
+            if !self
+                .inner
+                .store
+                .dead_letter(id, lease.token(), reason, now)
+                .await?
+            {
+                return Err(QueueError::LeaseLost { id: *id });
+            }
+            if let (Ok(channel), Ok(Some(envelope))) =
+                (self.channel().await, self.inner.store.envelope(id).await)
+            {
+                self.to_dlx(&channel, id, &envelope, reason).await;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        self.bounded(self.inner.store.status(id)).await
+    }
+
+    async fn depth(&self) -> Result<usize, QueueError> {
+        self.bounded(self.inner.store.depth()).await
+    }
+
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        let oldest = self.bounded(self.inner.store.oldest()).await?;
+        let now = self.inner.clock.now_ms();
+        Ok(oldest.map(|at| Duration::from_millis(now.saturating_sub(at))))
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let rows = self.bounded(self.inner.store.dead(limit)).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut job = self
+                .inner
+                .format
+                .decode(&r.envelope)
+                .map_err(|e| self.corrupt(format!("dead job {}: {e}", r.id)))?;
+            job.attempts = r.attempts;
+            out.push(DeadLetter::new(r.id, job, r.reason, ms_system(r.at_ms)));
+        }
+        Ok(out)
+    }
+
+    async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
+        self.bounded(async {
+            let channel = self.channel().await?;
+            let Some(envelope) = self.inner.store.envelope(id).await? else {
+                return Ok(false);
+            };
+            let next = new_ticket();
+            // The copy first; if the job turns out not to be dead, it is stale.
+            self.publish(&channel, id, &next, &envelope, Duration::ZERO)
+                .await?;
+            Ok(self
+                .inner
+                .store
+                .redrive(id, &next, self.inner.policy.capacity)
+                .await?
+                .is_some())
+        })
+        .await
+    }
+}

@@ -1,0 +1,1226 @@
+//! [`NatsQueue`]: a [`Queue`] on NATS JetStream, shared by a fleet.
+//!
+//! # Layout
+//!
+//! For a queue named `orders`:
+//!
+//! | JetStream object | holds |
+//! | --- | --- |
+//! | stream `FB_orders`, subjects `fb.orders.job.<id>` | one message per unfinished job; work-queue retention, file storage, `max_msgs` = capacity with `discard: new` (the server refuses the job past capacity) |
+//! | durable pull consumer `fb` | explicit acks; `ack_wait` is the lease backstop, `max_deliver` = `max_attempts + 1` |
+//! | stream `FB_orders_DEAD`, subjects `fb.orders.dead.<id>` | the dead-letter subject: one message per dead job, with its reason |
+//! | KV bucket `fb_orders_live` | each unfinished or dead job's record (state, lease token, the message's ack subject, attempts) and the idempotency keys of unfinished jobs |
+//! | KV bucket `fb_orders_done`, `max_age` = retention | delivered jobs' responses and their idempotency keys: JetStream expires them after `retention` |
+//!
+//! A lease is a delivery of the job's message by the pull consumer. The
+//! handle that fetches it answers at once with a delayed negative ack
+//! (`-NAK {"delay": visibility}`): the server then redelivers it exactly
+//! when the lease's visibility timeout passes, unless it is acked or
+//! terminated first; the consumer's `ack_wait` (default 30 s) only covers
+//! the moment between delivery and that answer. A job's attempts are the
+//! message's delivery count. The lease token lives in the job's KV record,
+//! and every settle (ack, nack, dead-letter) first replaces that record
+//! with a compare-and-set on its revision, so a late holder whose lease was
+//! taken over gets [`QueueError::LeaseLost`]. The ack, nack or term then
+//! goes to the message's ack subject, which any connection can answer: a
+//! job leased by one replica can be settled through another handle.
+//!
+//! # Durability
+//!
+//! `submit` returns after the server's publish acknowledgement: with file
+//! storage the message is written to the stream's file. NATS syncs those
+//! files to disk every `sync_interval` (two minutes by default); for an
+//! fsync before the acknowledgement, run the server with
+//! `jetstream { sync_interval: always }` (NATS 2.10 and later), or use a
+//! three-replica stream, which acknowledges only once a quorum has the
+//! message.
+//!
+//! # Connection loss
+//!
+//! The client reconnects with backoff (at most
+//! [`max_backoff`](NatsQueueBuilder::max_backoff) between tries). While
+//! it is disconnected every operation fails at once with
+//! [`QueueError::Unavailable`] instead of buffering, and every operation
+//! is bounded by [`op_timeout`](NatsQueueBuilder::op_timeout) (default
+//! 500 ms). A request in flight when the connection breaks is ambiguous:
+//! the server may have stored a job whose `submit` then fails; a retry with
+//! the same idempotency key finds it.
+//!
+//! ```no_run
+//! use tower_firebreak::queue::{nats::NatsQueue, Job, Queue};
+//!
+//! # async fn run() -> Result<(), tower_firebreak::queue::QueueError> {
+//! let queue = NatsQueue::builder()
+//!     .name("orders")
+//!     .connect("nats://127.0.0.1:4222")
+//!     .await?;
+//! let id = queue.enqueue(Job::new(http::Method::POST, "/orders".parse().unwrap())).await?;
+//! # let _ = id;
+//! # Ok(())
+//! # }
+//! ```
+
+use super::clock::Clock;
+use super::codec::{Format, b64_decode, b64_encode};
+use super::job::ms_system;
+use super::{
+    DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
+    QueueError,
+};
+use crate::ConfigError;
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A job's record in the live bucket.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Rec {
+    /// `queued`, `inflight`, `settling` or `dead`.
+    s: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    token: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    reply: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    reason: String,
+    #[serde(default)]
+    at: u64,
+    #[serde(default)]
+    dseq: u64,
+}
+
+/// A delivered job's record in the done bucket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Done {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    attempts: u32,
+    at: u64,
+}
+
+/// A [`Queue`] on NATS JetStream: see the [module docs](self) for the
+/// layout, durability and connection-loss behaviour.
+///
+/// Clones share one connection. Handles made by separate
+/// [`connect`](NatsQueueBuilder::connect) calls with one name share one
+/// queue and one durable consumer.
+#[derive(Clone)]
+pub struct NatsQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    jobs: stream::Stream,
+    dead: stream::Stream,
+    consumer: consumer::PullConsumer,
+    live: kv::Store,
+    done: kv::Store,
+    subject: String,
+    dead_subject: String,
+    location: String,
+    policy: Policy,
+    format: Format,
+    op_timeout: Duration,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for NatsQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsQueue")
+            .field("location", &self.inner.location)
+            .field("policy", &self.inner.policy)
+            .field("op_timeout", &self.inner.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`NatsQueue`].
+#[derive(Clone, Debug)]
+pub struct NatsQueueBuilder {
+    name: String,
+    policy: Policy,
+    format: Format,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    max_backoff: Duration,
+    ack_wait: Duration,
+}
+
+impl Default for NatsQueueBuilder {
+    fn default() -> Self {
+        NatsQueueBuilder {
+            name: "default".to_owned(),
+            policy: Policy::default(),
+            format: Format::default(),
+            connect_timeout: Duration::from_millis(250),
+            op_timeout: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NatsQueueBuilder {
+    /// The queue's name (letters, digits, `-` and `_`): handles with one
+    /// name share one queue. Default: `default`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The most unfinished jobs the queue holds. Default: 1,000,000.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.policy.capacity = capacity;
+        self
+    }
+
+    /// How many leases a job gets before it is dead-lettered. Default: 10.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.policy.max_attempts = max_attempts;
+        self
+    }
+
+    /// How long a delivered job's status and response are kept. Default:
+    /// 24 h. It is the done bucket's `max_age`, fixed when the bucket is
+    /// first made.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.policy.retention = retention;
+        self
+    }
+
+    /// The envelope format of stored jobs. Default: JSON.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How long one attempt to (re)connect may take. Default: 250 ms.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The bound on every operation (all its requests to the server
+    /// together): past it the operation fails with
+    /// [`QueueError::Unavailable`]. Default: 500 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The longest pause between two reconnect attempts. Default: 2 s.
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// The consumer's `ack_wait`: how long a delivered message may go
+    /// unanswered before the server redelivers it. Leases set their own
+    /// visibility; this only bounds a handle that dies between the delivery
+    /// and its answer. Default: 30 s.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Checks the settings, connects to NATS at `url` and creates the
+    /// streams, the consumer and the buckets if they are not there.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Config`] for bad settings, [`QueueError::Unavailable`]
+    /// when the server cannot be reached or has no JetStream.
+    pub async fn connect(self, url: &str) -> Result<NatsQueue, QueueError> {
+        self.policy.validate()?;
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(
+                ConfigError::new("name", &self.name, "must be letters, digits, - or _").into(),
+            );
+        }
+        if self.op_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "op_timeout",
+                format!("{:?}", self.op_timeout),
+                "must be above zero",
+            )
+            .into());
+        }
+        let max_backoff = self.max_backoff;
+        let options = async_nats::ConnectOptions::new()
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.op_timeout))
+            .max_reconnects(None)
+            .reconnect_delay_callback(move |n| {
+                let exp = 10u64.saturating_mul(1u64 << n.min(16));
+                Duration::from_millis(exp).min(max_backoff)
+            });
+        let client = tokio::time::timeout(
+            self.connect_timeout.max(self.op_timeout),
+            options.connect(url),
+        )
+        .await
+        .map_err(|_| QueueError::unavailable(format!("connecting to {url} timed out")))?
+        .map_err(QueueError::unavailable)?;
+        let js = jetstream::new(client.clone());
+        let name = &self.name;
+        let subject = format!("fb.{name}.job");
+        let dead_subject = format!("fb.{name}.dead");
+        let setup = async {
+            let jobs = js
+                .get_or_create_stream(stream::Config {
+                    name: format!("FB_{name}"),
+                    subjects: vec![format!("{subject}.*")],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    max_messages: i64::try_from(self.policy.capacity).unwrap_or(i64::MAX),
+                    discard: stream::DiscardPolicy::New,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| QueueError::unavailable(format!("creating the jobs stream: {e}")))?;
+            let dead = js
+                .get_or_create_stream(stream::Config {
+                    name: format!("FB_{name}_DEAD"),
+                    subjects: vec![format!("{dead_subject}.*")],
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    QueueError::unavailable(format!("creating the dead-letter stream: {e}"))
+                })?;
+            let consumer = jobs
+                .get_or_create_consumer(
+                    "fb",
+                    consumer::pull::Config {
+                        durable_name: Some("fb".to_owned()),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: self.ack_wait,
+                        max_deliver: i64::from(self.policy.max_attempts) + 1,
+                        max_ack_pending: -1,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| QueueError::unavailable(format!("creating the consumer: {e}")))?;
+            // The bucket's stream is made here rather than with
+            // `create_key_value`, whose account query does not parse a
+            // NATS 2.9 answer; the settings are the ones it would use.
+            let bucket = |suffix: &'static str, max_age: Duration| {
+                let js = js.clone();
+                let bucket = format!("fb_{name}_{suffix}");
+                async move {
+                    js.get_or_create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: 1,
+                        max_age,
+                        storage: stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        QueueError::unavailable(format!("creating the {suffix} bucket: {e}"))
+                    })?;
+                    js.get_key_value(bucket).await.map_err(|e| {
+                        QueueError::unavailable(format!("opening the {suffix} bucket: {e}"))
+                    })
+                }
+            };
+            let live = bucket("live", Duration::ZERO).await?;
+            let done = bucket(
+                "done",
+                self.policy.retention.max(Duration::from_millis(100)),
+            )
+            .await?;
+            Ok::<_, QueueError>((jobs, dead, consumer, live, done))
+        };
+        let (jobs, dead, consumer, live, done) = tokio::time::timeout(self.op_timeout * 20, setup)
+            .await
+            .map_err(|_| QueueError::unavailable("setting up the JetStream objects timed out"))??;
+        Ok(NatsQueue {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                jobs,
+                dead,
+                consumer,
+                live,
+                done,
+                location: format!("{url}#FB_{name}"),
+                subject,
+                dead_subject,
+                policy: self.policy,
+                format: self.format,
+                op_timeout: self.op_timeout,
+                clock: Clock::new(),
+            }),
+        })
+    }
+}
+
+/// How long a claim on an idempotency key whose job is not (yet) in the
+/// stream is taken for a submit under way rather than a failed one.
+const CLAIM_GRACE_MS: u64 = 10_000;
+
+const H_ENQ: &str = "fb-enqueued-at";
+const H_DEADLINE: &str = "fb-deadline";
+const H_REASON: &str = "fb-reason";
+const H_ATTEMPTS: &str = "fb-attempts";
+const H_AT: &str = "fb-at";
+
+fn idem_key(key: &str) -> String {
+    let h: String = Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("idem.{h}")
+}
+
+fn job_key(id: &JobId) -> String {
+    format!("job.{id}")
+}
+
+fn hex(fp: &[u8]) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn header_u64(h: Option<&async_nats::HeaderMap>, name: &str) -> Option<u64> {
+    h?.get(name)?.as_str().parse().ok()
+}
+
+impl NatsQueue {
+    /// Settings for a new queue handle.
+    pub fn builder() -> NatsQueueBuilder {
+        NatsQueueBuilder::default()
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> QueueError {
+        QueueError::corrupt(PathBuf::from(&self.inner.location), what.into())
+    }
+
+    /// Fails at once while the client is disconnected, so that nothing is
+    /// buffered for a server that may never see it; bounds `f` by the
+    /// operation timeout.
+    async fn run<T, Fut>(&self, f: Fut) -> Result<T, QueueError>
+    where
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
+        if self.inner.client.connection_state() != State::Connected {
+            return Err(QueueError::unavailable("not connected to NATS"));
+        }
+        tokio::time::timeout(self.inner.op_timeout, f)
+            .await
+            .map_err(|_| {
+                QueueError::unavailable(format!(
+                    "NATS did not answer within {:?}",
+                    self.inner.op_timeout
+                ))
+            })?
+    }
+
+    async fn rec(&self, id: &JobId) -> Result<Option<(Rec, u64)>, QueueError> {
+        let Some(e) = self
+            .inner
+            .live
+            .entry(job_key(id))
+            .await
+            .map_err(QueueError::unavailable)?
+        else {
+            return Ok(None);
+        };
+        if e.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let rec: Rec = serde_json::from_slice(&e.value)
+            .map_err(|err| self.corrupt(format!("record of job {id}: {err}")))?;
+        Ok(Some((rec, e.revision)))
+    }
+
+    /// Writes `rec` if the record is still at `revision` (`None`: absent).
+    async fn cas(&self, id: &JobId, rec: &Rec, revision: Option<u64>) -> Result<bool, QueueError> {
+        let value = Bytes::from(serde_json::to_vec(rec).expect("a record serialises"));
+        let live = &self.inner.live;
+        let r = match revision {
+            Some(rev) => live
+                .update(job_key(id), value, rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => live
+                .create(job_key(id), value)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err((true, _)) => Ok(false),
+            Err((false, e)) => Err(QueueError::unavailable(e)),
+        }
+    }
+
+    async fn done(&self, id: &JobId) -> Result<Option<Done>, QueueError> {
+        let Some(e) = self
+            .inner
+            .done
+            .entry(job_key(id))
+            .await
+            .map_err(QueueError::unavailable)?
+        else {
+            return Ok(None);
+        };
+        if e.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        serde_json::from_slice(&e.value)
+            .map(Some)
+            .map_err(|err| self.corrupt(format!("response of job {id}: {err}")))
+    }
+
+    /// The job's message in the jobs stream, if it is there.
+    async fn message(
+        &self,
+        id: &JobId,
+    ) -> Result<Option<jetstream::message::StreamMessage>, QueueError> {
+        match self
+            .inner
+            .jobs
+            .get_last_raw_message_by_subject(&format!("{}.{id}", self.inner.subject))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(QueueError::unavailable(e)),
+        }
+    }
+
+    /// Whether job `id` still holds its idempotency key: it is unfinished
+    /// (its message is in the stream), dead, or delivered within retention.
+    ///
+    /// The order of the reads matters: an ack writes the done record before
+    /// it deletes the live one, so reading the live side first and the done
+    /// side last sees a job that is being acked meanwhile.
+    async fn holds_key(&self, id: &JobId) -> Result<bool, QueueError> {
+        match self.rec(id).await? {
+            Some((rec, _)) if rec.s == "dead" => return Ok(true),
+            Some(_) if self.message(id).await?.is_some() => return Ok(true),
+            _ => {}
+        }
+        Ok(self.done(id).await?.is_some())
+    }
+
+    /// The job that holds key `ik` in the done bucket, if one does.
+    async fn done_claim(&self, ik: &str) -> Result<Option<(JobId, String)>, QueueError> {
+        if let Some(e) = self
+            .inner
+            .done
+            .entry(ik.to_owned())
+            .await
+            .map_err(QueueError::unavailable)?
+            && e.operation == kv::Operation::Put
+        {
+            let (cid, cfp) = self.parse_claim(&e.value)?;
+            if self.holds_key(&cid).await? {
+                return Ok(Some((cid, cfp)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends `body` to a message's ack subject and waits for the server's
+    /// confirmation.
+    async fn answer(&self, reply: &str, body: &'static str) -> Result<(), QueueError> {
+        self.inner
+            .client
+            .request(reply.to_owned(), Bytes::from_static(body.as_bytes()))
+            .await
+            .map(|_| ())
+            .map_err(QueueError::unavailable)
+    }
+
+    /// Publishes the job to the dead-letter subject, marks it dead and
+    /// terminates its message.
+    async fn bury(
+        &self,
+        id: &JobId,
+        payload: Bytes,
+        attempts: u32,
+        reason: &str,
+        reply: &str,
+        revision: Option<u64>,
+    ) -> Result<bool, QueueError> {
+        let now = self.inner.clock.now_ms();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(H_REASON, reason);
+        headers.insert(H_ATTEMPTS, attempts.to_string().as_str());
+        headers.insert(H_AT, now.to_string().as_str());
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(
+                format!("{}.{id}", self.inner.dead_subject),
+                headers,
+                payload,
+            )
+            .await
+            .map_err(QueueError::unavailable)?
+            .await
+            .map_err(QueueError::unavailable)?;
+        let rec = Rec {
+            s: "dead".to_owned(),
+            attempts,
+            reason: reason.to_owned(),
+            at: now,
+            dseq: ack.sequence,
+            ..Rec::default()
+        };
+        if !self.cas(id, &rec, revision).await? {
+            // Someone settled it meanwhile; take our copy back out.
+            let _ = self.inner.dead.delete_message(ack.sequence).await;
+            return Ok(false);
+        }
+        if !reply.is_empty() {
+            self.answer(reply, "+TERM").await?;
+        }
+        Ok(true)
+    }
+
+    /// The current record if `lease` still holds the job.
+    async fn held(&self, lease: &Lease) -> Result<(Rec, u64), QueueError> {
+        match self.rec(lease.id()).await? {
+            Some((rec, rev)) if rec.s == "inflight" && rec.token == lease.token() => Ok((rec, rev)),
+            _ => Err(QueueError::LeaseLost { id: *lease.id() }),
+        }
+    }
+
+    async fn submit_inner(&self, mut job: Job) -> Result<Enqueued, QueueError> {
+        let now = self.inner.clock.now_ms();
+        job.enqueued_at_ms = now;
+        job.attempts = 0;
+        let id = JobId::new();
+        let fp = hex(&job.fingerprint());
+        let claim = format!("{id} {fp}");
+        let mut claimed = None;
+        if let Some(key) = job.idempotency_key() {
+            let ik = idem_key(key);
+            for _ in 0..3 {
+                // A delivered job keeps its key in the done bucket; an ack
+                // moves it there before it deletes it here.
+                if let Some((cid, cfp)) = self.done_claim(&ik).await? {
+                    return self.existing(key, cid, cfp == fp);
+                }
+                match self
+                    .inner
+                    .live
+                    .create(&ik, Bytes::from(claim.clone()))
+                    .await
+                {
+                    Ok(rev) => {
+                        // An ack may have moved the key between the look
+                        // above and the create: look again, and give the
+                        // claim back if so.
+                        if let Some((cid, cfp)) = self.done_claim(&ik).await? {
+                            let _ = self.inner.live.delete_expect_revision(&ik, Some(rev)).await;
+                            return self.existing(key, cid, cfp == fp);
+                        }
+                        claimed = Some(ik.clone());
+                        break;
+                    }
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(QueueError::unavailable(e)),
+                }
+                let Some(e) = self
+                    .inner
+                    .live
+                    .entry(ik.clone())
+                    .await
+                    .map_err(QueueError::unavailable)?
+                else {
+                    continue;
+                };
+                if e.operation != kv::Operation::Put {
+                    // Deleted since: moved to the done bucket, or a failed
+                    // submit let it go. Look again.
+                    continue;
+                }
+                let (cid, cfp) = self.parse_claim(&e.value)?;
+                if self.holds_key(&cid).await? {
+                    return self.existing(key, cid, cfp == fp);
+                }
+                // A claim whose job is not stored: a submit still under way,
+                // or one that failed. Taking a young one could store the
+                // request twice, so the caller is asked to try again.
+                let created_ms =
+                    u64::try_from(e.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                if now.saturating_sub(created_ms) < CLAIM_GRACE_MS {
+                    return Err(QueueError::unavailable(format!(
+                        "idempotency key {key:?} is being claimed by another submit; try again"
+                    )));
+                }
+                if self
+                    .inner
+                    .live
+                    .update(&ik, Bytes::from(claim.clone()), e.revision)
+                    .await
+                    .is_ok()
+                {
+                    claimed = Some(ik.clone());
+                    break;
+                }
+            }
+            if claimed.is_none() {
+                return Err(QueueError::unavailable(format!(
+                    "could not claim idempotency key {key:?}"
+                )));
+            }
+        }
+        let r = self.store(&id, &job, now).await;
+        if r.is_err() {
+            // Best effort: a claim left behind is stale, since the job's
+            // message is not in the stream, and the next submit takes it.
+            let _ = self.inner.live.delete(job_key(&id)).await;
+            if let Some(ik) = claimed {
+                let _ = self.inner.live.delete(ik).await;
+            }
+        }
+        r.map(|()| Enqueued::Created(id))
+    }
+
+    async fn store(&self, id: &JobId, job: &Job, now: u64) -> Result<(), QueueError> {
+        let queued = Rec {
+            s: "queued".to_owned(),
+            ..Rec::default()
+        };
+        self.inner
+            .live
+            .put(
+                job_key(id),
+                Bytes::from(serde_json::to_vec(&queued).expect("serialises")),
+            )
+            .await
+            .map_err(QueueError::unavailable)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(H_ENQ, now.to_string().as_str());
+        if let Some(d) = job.deadline_ms() {
+            headers.insert(H_DEADLINE, d.to_string().as_str());
+        }
+        let payload = Bytes::from(self.inner.format.encode(job));
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(format!("{}.{id}", self.inner.subject), headers, payload)
+            .await
+            .map_err(QueueError::unavailable)?
+            .await;
+        match ack {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("maximum messages") => Err(QueueError::Full {
+                capacity: self.inner.policy.capacity,
+            }),
+            Err(e) => Err(QueueError::unavailable(e)),
+        }
+    }
+
+    fn parse_claim(&self, raw: &[u8]) -> Result<(JobId, String), QueueError> {
+        let s = std::str::from_utf8(raw).map_err(|_| self.corrupt("bad idempotency claim"))?;
+        let (id, fp) = s
+            .split_once(' ')
+            .ok_or_else(|| self.corrupt("bad idempotency claim"))?;
+        let id = id
+            .parse()
+            .map_err(|_| self.corrupt("bad idempotency claim"))?;
+        Ok((id, fp.to_owned()))
+    }
+
+    fn existing(&self, key: &str, id: JobId, same: bool) -> Result<Enqueued, QueueError> {
+        if same {
+            Ok(Enqueued::Existing(id))
+        } else {
+            Err(QueueError::Conflict {
+                key: key.to_owned(),
+                existing: id,
+            })
+        }
+    }
+
+    async fn lease_inner(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let mut out = Vec::new();
+        let max_attempts = self.inner.policy.max_attempts;
+        // Dead-lettered messages count against a batch; fetch until full or dry.
+        while out.len() < max {
+            let mut batch = self
+                .inner
+                .consumer
+                .fetch()
+                .max_messages(max - out.len())
+                .messages()
+                .await
+                .map_err(QueueError::unavailable)?;
+            let mut seen = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(QueueError::unavailable)?;
+                seen += 1;
+                let now = self.inner.clock.now_ms();
+                let info = msg.info().map_err(|e| self.corrupt(e.to_string()))?;
+                let attempts = u32::try_from(info.delivered).unwrap_or(u32::MAX);
+                let reply = msg
+                    .reply
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
+                let Some(id) = msg
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|s| s.parse::<JobId>().ok())
+                else {
+                    self.answer(&reply, "+TERM").await?;
+                    continue;
+                };
+                let current = self.rec(&id).await?;
+                let revision = match &current {
+                    Some((rec, _)) if rec.s == "dead" => {
+                        self.answer(&reply, "+TERM").await?;
+                        continue;
+                    }
+                    Some((rec, _)) if rec.s == "settling" && self.done(&id).await?.is_some() => {
+                        self.answer(&reply, "+ACK").await?;
+                        continue;
+                    }
+                    Some((_, rev)) => Some(*rev),
+                    None => None,
+                };
+                let deadline = header_u64(msg.headers.as_ref(), H_DEADLINE);
+                let reason = if deadline.is_some_and(|d| d <= now) {
+                    Some("ttl expired".to_owned())
+                } else if attempts > max_attempts {
+                    Some(format!("max attempts ({max_attempts}) reached"))
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    let had = attempts.saturating_sub(1).min(max_attempts);
+                    self.bury(&id, msg.payload.clone(), had, &reason, &reply, revision)
+                        .await?;
+                    continue;
+                }
+                let mut job = self
+                    .inner
+                    .format
+                    .decode(&msg.payload)
+                    .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+                job.attempts = attempts;
+                let token = format!("{:032x}", uuid::Uuid::now_v7().as_u128());
+                let rec = Rec {
+                    s: "inflight".to_owned(),
+                    token: token.clone(),
+                    reply: reply.clone(),
+                    attempts,
+                    ..Rec::default()
+                };
+                if !self.cas(&id, &rec, revision).await? {
+                    // Settled or taken meanwhile; the server redelivers it
+                    // after ack_wait if it still needs a lease.
+                    continue;
+                }
+                // The lease's visibility timeout: the server redelivers
+                // the message then, unless it is settled first.
+                msg.ack_with(jetstream::AckKind::Nak(Some(visibility)))
+                    .await
+                    .map_err(QueueError::unavailable)?;
+                out.push(Leased::new(Lease::new(id, token), job));
+            }
+            if seen == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack_inner(
+        &self,
+        lease: &Lease,
+        response: DeliveredResponse,
+    ) -> Result<(), QueueError> {
+        let (rec, rev) = self.held(lease).await?;
+        let id = lease.id();
+        let settling = Rec {
+            s: "settling".to_owned(),
+            ..rec.clone()
+        };
+        if !self.cas(id, &settling, Some(rev)).await? {
+            return Err(QueueError::LeaseLost { id: *id });
+        }
+        let done = Done {
+            status: response.status,
+            headers: response
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), b64_encode(v.as_bytes())))
+                .collect(),
+            body: b64_encode(&response.body),
+            attempts: rec.attempts,
+            at: self.inner.clock.now_ms(),
+        };
+        let done_kv = &self.inner.done;
+        done_kv
+            .put(
+                job_key(id),
+                Bytes::from(serde_json::to_vec(&done).expect("serialises")),
+            )
+            .await
+            .map_err(QueueError::unavailable)?;
+        // The idempotency key moves to the done bucket, to expire with it.
+        let key = self
+            .message(id)
+            .await?
+            .and_then(|m| self.inner.format.decode(&m.payload).ok())
+            .and_then(|j| j.idempotency_key);
+        if let Some(key) = key {
+            let ik = idem_key(&key);
+            if let Some(e) = self
+                .inner
+                .live
+                .entry(ik.clone())
+                .await
+                .map_err(QueueError::unavailable)?
+                && e.operation == kv::Operation::Put
+            {
+                done_kv
+                    .put(&ik, e.value.clone())
+                    .await
+                    .map_err(QueueError::unavailable)?;
+                let _ = self
+                    .inner
+                    .live
+                    .delete_expect_revision(&ik, Some(e.revision))
+                    .await;
+            }
+        }
+        self.answer(&rec.reply, "+ACK").await?;
+        self.inner
+            .live
+            .delete(job_key(id))
+            .await
+            .map_err(QueueError::unavailable)
+    }
+
+    async fn nack_inner(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        let (rec, rev) = self.held(lease).await?;
+        let id = lease.id();
+        let now = self.inner.clock.now_ms();
+        let max = self.inner.policy.max_attempts;
+        let msg = self.message(id).await?;
+        let deadline = msg.as_ref().and_then(|m| {
+            m.headers
+                .get(H_DEADLINE)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+        });
+        let reason = if deadline.is_some_and(|d| d <= now) {
+            Some("ttl expired".to_owned())
+        } else if rec.attempts >= max {
+            Some(format!("max attempts ({max}) reached"))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let payload = msg.map(|m| m.payload).unwrap_or_default();
+            return if self
+                .bury(id, payload, rec.attempts, &reason, &rec.reply, Some(rev))
+                .await?
+            {
+                Ok(())
+            } else {
+                Err(QueueError::LeaseLost { id: *id })
+            };
+        }
+        let queued = Rec {
+            s: "queued".to_owned(),
+            attempts: rec.attempts,
+            ..Rec::default()
+        };
+        if !self.cas(id, &queued, Some(rev)).await? {
+            return Err(QueueError::LeaseLost { id: *id });
+        }
+        let nak = if delay.is_zero() {
+            "-NAK".to_owned()
+        } else {
+            format!("-NAK {{\"delay\":{}}}", delay.as_nanos())
+        };
+        self.inner
+            .client
+            .request(rec.reply.clone(), Bytes::from(nak))
+            .await
+            .map(|_| ())
+            .map_err(QueueError::unavailable)
+    }
+
+    async fn dead_inner(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        let (rec, rev) = self.held(lease).await?;
+        let id = lease.id();
+        let payload = self
+            .message(id)
+            .await?
+            .map(|m| m.payload)
+            .unwrap_or_default();
+        if self
+            .bury(id, payload, rec.attempts, reason, &rec.reply, Some(rev))
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost { id: *id })
+        }
+    }
+
+    async fn status_inner(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        if let Some(d) = self.done(id).await? {
+            let mut headers = HeaderMap::new();
+            for (n, v) in d.headers {
+                let v = b64_decode(&v).map_err(|e| self.corrupt(e.to_string()))?;
+                headers.append(
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|e| self.corrupt(e.to_string()))?,
+                    HeaderValue::from_bytes(&v).map_err(|e| self.corrupt(e.to_string()))?,
+                );
+            }
+            return Ok(Some(JobStatus::Delivered {
+                status: d.status,
+                headers,
+                body: b64_decode(&d.body).map_err(|e| self.corrupt(e.to_string()))?,
+                attempts: d.attempts,
+                delivered_at: ms_system(d.at),
+            }));
+        }
+        let Some((rec, _)) = self.rec(id).await? else {
+            return Ok(None);
+        };
+        match rec.s.as_str() {
+            "dead" => Ok(Some(JobStatus::DeadLettered {
+                reason: rec.reason,
+                attempts: rec.attempts,
+                at: ms_system(rec.at),
+            })),
+            // A record whose message never reached the stream is a failed
+            // submit's leftover.
+            _ if self.message(id).await?.is_none() => Ok(None),
+            "inflight" => Ok(Some(JobStatus::InFlight)),
+            _ => Ok(Some(JobStatus::Queued)),
+        }
+    }
+
+    async fn depth_inner(&self) -> Result<usize, QueueError> {
+        let mut jobs = self.inner.jobs.clone();
+        let info = jobs.info().await.map_err(QueueError::unavailable)?;
+        Ok(usize::try_from(info.state.messages).unwrap_or(usize::MAX))
+    }
+
+    async fn oldest_inner(&self) -> Result<Option<Duration>, QueueError> {
+        let mut jobs = self.inner.jobs.clone();
+        let state = jobs
+            .info()
+            .await
+            .map_err(QueueError::unavailable)?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        let first = match self.inner.jobs.get_raw_message(state.first_sequence).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(QueueError::unavailable(e)),
+        };
+        let at = first
+            .headers
+            .get(H_ENQ)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| self.corrupt("job message without an enqueue time"))?;
+        Ok(Some(Duration::from_millis(
+            self.inner.clock.now_ms().saturating_sub(at),
+        )))
+    }
+
+    async fn dead_letters_inner(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut dead = self.inner.dead.clone();
+        let state = dead
+            .info()
+            .await
+            .map_err(QueueError::unavailable)?
+            .state
+            .clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        // The stream is in dead-letter order; the trait wants id order, so
+        // the whole (normally short) stream is read and sorted.
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = match self.inner.dead.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => continue,
+                Err(e) => return Err(QueueError::unavailable(e)),
+            };
+            let Some(id) = m
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|s| s.parse::<JobId>().ok())
+            else {
+                continue;
+            };
+            let mut job = self
+                .inner
+                .format
+                .decode(&m.payload)
+                .map_err(|e| self.corrupt(format!("dead job {id}: {e}")))?;
+            job.attempts = m
+                .headers
+                .get(H_ATTEMPTS)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            let reason = m
+                .headers
+                .get(H_REASON)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let at = m
+                .headers
+                .get(H_AT)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0);
+            out.push(DeadLetter::new(id, job, reason, ms_system(at)));
+        }
+        out.sort_by_key(|d| d.id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn redrive_inner(&self, id: &JobId) -> Result<bool, QueueError> {
+        let Some((rec, rev)) = self.rec(id).await? else {
+            return Ok(false);
+        };
+        if rec.s != "dead" {
+            return Ok(false);
+        }
+        let m = match self.inner.dead.get_raw_message(rec.dseq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(false);
+            }
+            Err(e) => return Err(QueueError::unavailable(e)),
+        };
+        let mut job = self
+            .inner
+            .format
+            .decode(&m.payload)
+            .map_err(|e| self.corrupt(format!("dead job {id}: {e}")))?;
+        job.attempts = 0;
+        let queued = Rec {
+            s: "queued".to_owned(),
+            ..Rec::default()
+        };
+        if !self.cas(id, &queued, Some(rev)).await? {
+            return Ok(false);
+        }
+        let enq = job.enqueued_at_ms;
+        if let Err(e) = self.store(id, &job, enq).await {
+            // Put the dead record back: the job is still dead.
+            let _ = self
+                .inner
+                .live
+                .put(
+                    job_key(id),
+                    Bytes::from(serde_json::to_vec(&rec).expect("serialises")),
+                )
+                .await;
+            return Err(e);
+        }
+        let _ = self.inner.dead.delete_message(rec.dseq).await;
+        Ok(true)
+    }
+}
+
+impl Queue for NatsQueue {
+    async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
+        self.run(self.submit_inner(job)).await
+    }
+
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(self.lease_inner(max, visibility)).await
+    }
+
+    async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {
+        self.run(self.ack_inner(lease, response)).await
+    }
+
+    async fn nack(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        self.run(self.nack_inner(lease, delay)).await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        self.run(self.dead_inner(lease, reason)).await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        self.run(self.status_inner(id)).await
+    }
+
+    async fn depth(&self) -> Result<usize, QueueError> {
+        self.run(self.depth_inner()).await
+    }
+
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        self.run(self.oldest_inner()).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.run(self.dead_letters_inner(limit)).await
+    }
+
+    async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
+        self.run(self.redrive_inner(id)).await
+    }
+}

@@ -1,0 +1,900 @@
+//! [`RedisQueue`]: a [`Queue`] on Redis Streams, shared by a fleet.
+//!
+//! # Layout
+//!
+//! Every key of a queue named `orders` starts with `fb:{orders}:` (the
+//! braces are a cluster hash tag: all of a queue's keys live in one slot).
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `s` | stream, consumer group `fb` | one entry per job ready to lease, in enqueue order |
+//! | `j`, `a`, `t` | hashes | the encoded job, its attempts, its TTL deadline, by job id |
+//! | `e`, `l` | hashes | the job's current stream entry; its current lease token |
+//! | `q` | sorted set | unfinished jobs by enqueue time: depth, oldest age, capacity |
+//! | `d` | sorted set | nacked jobs by the time they become visible again |
+//! | `i`, `k` | hashes | idempotency key → job id and fingerprint, and back |
+//! | `x`, `xe` | stream, hash | the dead-letter stream, and each dead job's entry in it |
+//! | `st:<id>` | hash with a TTL | a finished job's status: the delivered response (expires after `retention`) or the dead-letter reason |
+//! | `p` | sorted set | delivered jobs by the time their idempotency key is released |
+//!
+//! A lease is a stream entry pending in the consumer group. When a job is
+//! leased for `visibility`, its entry's idle time is set so that
+//! `XAUTOCLAIM` with a fixed minimum idle time of 30 days claims it exactly
+//! `visibility` later: that is how an expired lease comes back, and why a
+//! visibility timeout can be at most 30 days. Each operation is one Lua
+//! script, so it applies whole or not at all, and many handles (a fleet of
+//! replicas) can share one queue.
+//!
+//! # Durability
+//!
+//! `submit` returns once Redis has run the script and answered. Whether
+//! the job then survives a Redis restart is Redis's persistence setting,
+//! not this crate's:
+//!
+//! - `appendonly yes` with `appendfsync always`: Redis fsyncs the AOF
+//!   before it answers, so an acknowledged job survives a crash of Redis or
+//!   of the machine. This is the setting that matches
+//!   [`DiskQueue`](super::disk::DiskQueue).
+//! - `appendfsync everysec` (Redis's AOF default): up to about a second of
+//!   acknowledged jobs can be lost if the machine crashes.
+//! - No AOF (RDB snapshots only, or `--save ""`, Redis's out-of-the-box
+//!   state): every job acknowledged since the last snapshot is lost when
+//!   Redis restarts.
+//!
+//! A replica does not help by itself: replication is asynchronous. Use
+//! `WAIT` semantics in Redis or the AOF setting above.
+//!
+//! # Connection loss
+//!
+//! The handle keeps one multiplexed connection through the `redis` crate's
+//! `ConnectionManager`, which reconnects with exponential backoff. Each
+//! operation is bounded by [`op_timeout`](RedisQueueBuilder::op_timeout)
+//! (default 500 ms): while Redis is down, `submit` fails with
+//! [`QueueError::Unavailable`] within that bound. It never reports a job
+//! stored that Redis did not acknowledge. The converse cannot be ruled
+//! out by any network client: a request in flight when the connection
+//! breaks (Redis applied and fsynced it, then died before answering), or
+//! one whose timeout fires after Redis applied it, reports `Unavailable`
+//! for a job that is stored. So [`Queue::submit`]'s "on `Err`, nothing was
+//! stored" holds here for every refusal (`Full`, `Conflict`) but not for
+//! that one in-flight request; a caller that retries with the same
+//! idempotency key then gets [`Enqueued::Existing`].
+//!
+//! # Clock
+//!
+//! Enqueue times, TTLs, nack delays and retention are wall-clock
+//! milliseconds taken on the client (advancing with `tokio::time`), so the
+//! hosts of a fleet need synchronised clocks (NTP); lease expiry is timed
+//! by Redis itself, through the stream's idle times.
+//!
+//! ```no_run
+//! use tower_firebreak::queue::{redis::RedisQueue, Job, Queue};
+//!
+//! # async fn run() -> Result<(), tower_firebreak::queue::QueueError> {
+//! let queue = RedisQueue::builder()
+//!     .name("orders")
+//!     .connect("redis://127.0.0.1:6379")
+//!     .await?;
+//! let id = queue.enqueue(Job::new(http::Method::POST, "/orders".parse().unwrap())).await?;
+//! # let _ = id;
+//! # Ok(())
+//! # }
+//! ```
+
+use super::clock::Clock;
+use super::codec::{Format, b64_decode, b64_encode};
+use super::job::{duration_ms, ms_system};
+use super::{
+    DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
+    QueueError,
+};
+use crate::ConfigError;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisError, Script};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+/// The fixed minimum idle time of `XAUTOCLAIM`, and so the longest
+/// visibility timeout.
+const MAX_VISIBILITY_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Helpers shared by the scripts. `P` is the queue's key prefix.
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function k(s) return P .. s end
+local G = 'fb'
+
+local function spent(id, now, max_att)
+  local dl = redis.call('HGET', k('t'), id)
+  if dl and tonumber(dl) <= now then return 'ttl expired' end
+  local att = tonumber(redis.call('HGET', k('a'), id) or '0')
+  if att >= max_att then return 'max attempts (' .. max_att .. ') reached' end
+  return nil
+end
+
+local function drop_entry(id)
+  local e = redis.call('HGET', k('e'), id)
+  if e then
+    redis.call('XACK', k('s'), G, e)
+    redis.call('XDEL', k('s'), e)
+    redis.call('HDEL', k('e'), id)
+  end
+end
+
+local function forget(id)
+  redis.call('HDEL', k('j'), id)
+  redis.call('HDEL', k('a'), id)
+  redis.call('HDEL', k('l'), id)
+  redis.call('HDEL', k('t'), id)
+  redis.call('ZREM', k('q'), id)
+  redis.call('ZREM', k('d'), id)
+end
+
+local function to_dead(id, reason, now)
+  drop_entry(id)
+  local job = redis.call('HGET', k('j'), id)
+  if not job then return end
+  local att = redis.call('HGET', k('a'), id) or '0'
+  local dl = redis.call('HGET', k('t'), id) or ''
+  local enq = redis.call('ZSCORE', k('q'), id) or '0'
+  local xe = redis.call('XADD', k('x'), '*', 'id', id, 'reason', reason, 'at', now,
+    'attempts', att, 'deadline', dl, 'enq', enq, 'job', job)
+  redis.call('HSET', k('xe'), id, xe)
+  local st = k('st:' .. id)
+  redis.call('DEL', st)
+  redis.call('HSET', st, 'state', 'dead', 'reason', reason, 'attempts', att, 'at', now)
+  forget(id)
+end
+
+local function held(id, token)
+  return redis.call('HGET', k('l'), id) == token
+end
+"#;
+
+/// ARGV: prefix, id, job, enqueued_at, deadline or '', key or '',
+/// fingerprint, capacity.
+const SUBMIT: &str = r#"
+local id, job, enq, dl, key, fp, cap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+if key ~= '' then
+  local cur = redis.call('HGET', k('i'), key)
+  if cur then
+    local cid = string.sub(cur, 1, 36)
+    local live = redis.call('HEXISTS', k('j'), cid) == 1
+      or redis.call('HEXISTS', k('xe'), cid) == 1
+      or redis.call('EXISTS', k('st:' .. cid)) == 1
+    if live then
+      if string.sub(cur, 38) == fp then return {'existing', cid} end
+      return {'conflict', cid}
+    end
+  end
+end
+if redis.call('ZCARD', k('q')) >= cap then return {'full', ''} end
+redis.call('HSET', k('j'), id, job)
+redis.call('HSET', k('a'), id, 0)
+if dl ~= '' then redis.call('HSET', k('t'), id, dl) end
+redis.call('ZADD', k('q'), enq, id)
+if key ~= '' then
+  redis.call('HSET', k('i'), key, id .. ' ' .. fp)
+  redis.call('HSET', k('k'), id, key)
+end
+local e = redis.call('XADD', k('s'), '*', 'id', id)
+redis.call('HSET', k('e'), id, e)
+return {'created', id}
+"#;
+
+/// ARGV: prefix, now, max, visibility, max_attempts, nonce, consumer,
+/// min idle. Returns `{id, token, job, attempts}` for each leased job.
+const LEASE: &str = r#"
+local now, max, vis, max_att = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local nonce, consumer, M = ARGV[6], ARGV[7], tonumber(ARGV[8])
+
+-- Release the idempotency keys of jobs delivered longer than `retention` ago.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0, 1024)) do
+  redis.call('ZREM', k('p'), id)
+  local key = redis.call('HGET', k('k'), id)
+  if key then
+    local cur = redis.call('HGET', k('i'), key)
+    if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+    redis.call('HDEL', k('k'), id)
+  end
+  redis.call('DEL', k('st:' .. id))
+end
+
+-- Nacked jobs whose delay has passed go back to the stream.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('d'), '-inf', now, 'LIMIT', 0, 1024)) do
+  redis.call('ZREM', k('d'), id)
+  if redis.call('HEXISTS', k('j'), id) == 1 then
+    local e = redis.call('XADD', k('s'), '*', 'id', id)
+    redis.call('HSET', k('e'), id, e)
+  end
+end
+
+local out = {}
+local function give_out(id, e)
+  local att = redis.call('HINCRBY', k('a'), id, 1)
+  local token = nonce .. ':' .. (#out + 1)
+  redis.call('HSET', k('l'), id, token)
+  -- Idle M - vis now: XAUTOCLAIM (min idle M) takes it back in `vis` ms.
+  redis.call('XCLAIM', k('s'), G, consumer, 0, e, 'IDLE', M - vis, 'JUSTID')
+  out[#out + 1] = {id, token, redis.call('HGET', k('j'), id), att}
+end
+
+local function offer(e, fields)
+  if not fields then return end
+  local id = fields[2]
+  if redis.call('HEXISTS', k('j'), id) == 0 or redis.call('HGET', k('e'), id) ~= e then
+    redis.call('XACK', k('s'), G, e)
+    redis.call('XDEL', k('s'), e)
+    return
+  end
+  local reason = spent(id, now, max_att)
+  if reason then to_dead(id, reason, now) else give_out(id, e) end
+end
+
+-- Expired leases first: their entries have been idle for M.
+local cursor = '0-0'
+for _ = 1, 16 do
+  if #out >= max then break end
+  local r = redis.call('XAUTOCLAIM', k('s'), G, consumer, M, cursor, 'COUNT', max - #out)
+  cursor = r[1]
+  for _, ent in ipairs(r[2]) do
+    local fields = ent[2]
+    if fields then redis.call('HDEL', k('l'), fields[2]) end
+    offer(ent[1], fields)
+  end
+  if cursor == '0-0' then break end
+end
+
+-- Then new entries.
+while #out < max do
+  local r = redis.call('XREADGROUP', 'GROUP', G, consumer, 'COUNT', max - #out, 'STREAMS', k('s'), '>')
+  if not r or #r[1][2] == 0 then break end
+  for _, ent in ipairs(r[1][2]) do offer(ent[1], ent[2]) end
+end
+return out
+"#;
+
+/// ARGV: prefix, id, token, now, retention, status, headers, body.
+const ACK: &str = r#"
+local id, token, now, ret = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if not held(id, token) then return 0 end
+drop_entry(id)
+local att = redis.call('HGET', k('a'), id) or '0'
+forget(id)
+local st = k('st:' .. id)
+redis.call('DEL', st)
+redis.call('HSET', st, 'state', 'delivered', 'status', ARGV[6], 'headers', ARGV[7],
+  'body', ARGV[8], 'attempts', att, 'at', now)
+redis.call('PEXPIRE', st, math.max(ret, 1))
+redis.call('ZADD', k('p'), now + ret, id)
+return 1
+"#;
+
+/// ARGV: prefix, id, token, now, delay, max_attempts.
+const NACK: &str = r#"
+local id, token, now, delay, max_att = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if not held(id, token) then return 0 end
+redis.call('HDEL', k('l'), id)
+drop_entry(id)
+local reason = spent(id, now, max_att)
+if reason then to_dead(id, reason, now) else redis.call('ZADD', k('d'), now + delay, id) end
+return 1
+"#;
+
+/// ARGV: prefix, id, token, now, reason.
+const DEAD: &str = r#"
+local id, token, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+if not held(id, token) then return 0 end
+redis.call('HDEL', k('l'), id)
+to_dead(id, ARGV[5], now)
+return 1
+"#;
+
+/// ARGV: prefix, id, capacity. Returns 1, 0 (not dead) or -1 (full).
+const REDRIVE: &str = r#"
+local id, cap = ARGV[2], tonumber(ARGV[3])
+local xe = redis.call('HGET', k('xe'), id)
+if not xe then return 0 end
+if redis.call('ZCARD', k('q')) >= cap then return -1 end
+local r = redis.call('XRANGE', k('x'), xe, xe)
+redis.call('HDEL', k('xe'), id)
+if #r == 0 then return 0 end
+local f = {}
+local raw = r[1][2]
+for n = 1, #raw, 2 do f[raw[n]] = raw[n + 1] end
+redis.call('XDEL', k('x'), xe)
+redis.call('DEL', k('st:' .. id))
+redis.call('HSET', k('j'), id, f['job'])
+redis.call('HSET', k('a'), id, 0)
+if f['deadline'] ~= '' then redis.call('HSET', k('t'), id, f['deadline']) end
+redis.call('ZADD', k('q'), f['enq'], id)
+local e = redis.call('XADD', k('s'), '*', 'id', id)
+redis.call('HSET', k('e'), id, e)
+return 1
+"#;
+
+/// ARGV: prefix, id.
+const STATUS: &str = r#"
+local id = ARGV[2]
+if redis.call('HEXISTS', k('l'), id) == 1 then return {'inflight'} end
+if redis.call('HEXISTS', k('j'), id) == 1 then return {'queued'} end
+local st = redis.call('HGETALL', k('st:' .. id))
+if #st == 0 then return {'none'} end
+table.insert(st, 1, 'done')
+return st
+"#;
+
+struct Scripts {
+    submit: Script,
+    lease: Script,
+    ack: Script,
+    nack: Script,
+    dead: Script,
+    redrive: Script,
+    status: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+    Scripts {
+        submit: s(SUBMIT),
+        lease: s(LEASE),
+        ack: s(ACK),
+        nack: s(NACK),
+        dead: s(DEAD),
+        redrive: s(REDRIVE),
+        status: s(STATUS),
+    }
+});
+
+/// A [`Queue`] on Redis Streams: see the [module docs](self) for the
+/// layout, durability and connection-loss behaviour.
+///
+/// Clones share one connection. Two handles made by two
+/// [`connect`](RedisQueueBuilder::connect) calls with one name (in one
+/// process or in many) share one queue; each is its own consumer in the
+/// stream's consumer group.
+#[derive(Clone)]
+pub struct RedisQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    prefix: String,
+    stream: String,
+    dead: String,
+    queue_key: String,
+    consumer: String,
+    location: String,
+    policy: Policy,
+    format: Format,
+    op_timeout: Duration,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("location", &self.inner.location)
+            .field("consumer", &self.inner.consumer)
+            .field("policy", &self.inner.policy)
+            .field("op_timeout", &self.inner.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`RedisQueue`].
+#[derive(Clone, Debug)]
+pub struct RedisQueueBuilder {
+    name: String,
+    policy: Policy,
+    format: Format,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    max_backoff: Duration,
+}
+
+impl Default for RedisQueueBuilder {
+    fn default() -> Self {
+        RedisQueueBuilder {
+            name: "default".to_owned(),
+            policy: Policy::default(),
+            format: Format::default(),
+            connect_timeout: Duration::from_millis(250),
+            op_timeout: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RedisQueueBuilder {
+    /// The queue's name: handles with one name share one queue. Default:
+    /// `default`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The most unfinished jobs the queue holds. Default: 1,000,000.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.policy.capacity = capacity;
+        self
+    }
+
+    /// How many leases a job gets before it is dead-lettered. Default: 10.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.policy.max_attempts = max_attempts;
+        self
+    }
+
+    /// How long a delivered job's status and response are kept. Default: 24 h.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.policy.retention = retention;
+        self
+    }
+
+    /// The envelope format of stored jobs. Default: JSON.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How long one attempt to (re)connect may take. Default: 250 ms.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The bound on every operation, reconnecting included: past it the
+    /// operation fails with [`QueueError::Unavailable`]. Default: 500 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The longest pause between two reconnect attempts. Default: 2 s.
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// Checks the settings, connects to Redis at `url` (for example
+    /// `redis://127.0.0.1:6379/0`) and creates the stream and its consumer
+    /// group if they are not there.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Config`] for bad settings or a bad URL,
+    /// [`QueueError::Unavailable`] when Redis cannot be reached within the
+    /// operation timeout.
+    pub async fn connect(self, url: &str) -> Result<RedisQueue, QueueError> {
+        self.policy.validate()?;
+        if self.name.is_empty() || self.name.contains(['{', '}']) {
+            return Err(
+                ConfigError::new("name", &self.name, "must be non-empty, without braces").into(),
+            );
+        }
+        if self.op_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "op_timeout",
+                format!("{:?}", self.op_timeout),
+                "must be above zero",
+            )
+            .into());
+        }
+        let client = ::redis::Client::open(url)
+            .map_err(|e| QueueError::from(ConfigError::new("url", url, e.to_string())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(self.max_backoff);
+        let conn = tokio::time::timeout(
+            self.op_timeout.max(self.connect_timeout),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| QueueError::unavailable(format!("connecting to {url} timed out")))?
+        .map_err(QueueError::unavailable)?;
+        let prefix = format!("fb:{{{}}}:", self.name);
+        let queue = RedisQueue {
+            inner: Arc::new(Inner {
+                conn,
+                stream: format!("{prefix}s"),
+                dead: format!("{prefix}x"),
+                queue_key: format!("{prefix}q"),
+                consumer: format!("c-{}", uuid::Uuid::now_v7().simple()),
+                location: format!("{url}#{prefix}"),
+                prefix,
+                policy: self.policy,
+                format: self.format,
+                op_timeout: self.op_timeout,
+                clock: Clock::new(),
+            }),
+        };
+        queue.create_group().await?;
+        Ok(queue)
+    }
+}
+
+fn unavailable(e: RedisError) -> QueueError {
+    QueueError::unavailable(e)
+}
+
+fn encode_headers(headers: &HeaderMap) -> String {
+    let list: Vec<(&str, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), b64_encode(v.as_bytes())))
+        .collect();
+    serde_json::to_string(&list).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn decode_headers(raw: &[u8]) -> Result<HeaderMap, String> {
+    let list: Vec<(String, String)> = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let mut map = HeaderMap::new();
+    for (name, value) in list {
+        let value = b64_decode(&value).map_err(|e| e.to_string())?;
+        map.append(
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+            HeaderValue::from_bytes(&value).map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(map)
+}
+
+fn parse<T: std::str::FromStr>(raw: &[u8]) -> Result<T, String> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad number {:?}", String::from_utf8_lossy(raw)))
+}
+
+impl RedisQueue {
+    /// Settings for a new queue handle.
+    pub fn builder() -> RedisQueueBuilder {
+        RedisQueueBuilder::default()
+    }
+
+    /// This handle's consumer name in the stream's consumer group.
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> QueueError {
+        QueueError::corrupt(PathBuf::from(&self.inner.location), what.into())
+    }
+
+    /// Runs `f` on the connection within the operation timeout.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        match tokio::time::timeout(self.inner.op_timeout, f(self.inner.conn.clone())).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(QueueError::unavailable(format!(
+                "redis did not answer within {:?}",
+                self.inner.op_timeout
+            ))),
+        }
+    }
+
+    async fn create_group(&self) -> Result<(), QueueError> {
+        let stream = self.inner.stream.clone();
+        let r = self
+            .run(|mut c| async move {
+                ::redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&stream)
+                    .arg("fb")
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        match r {
+            Err(QueueError::Unavailable { source }) if source.to_string().contains("BUSYGROUP") => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn invoke<T: ::redis::FromRedisValue>(
+        &self,
+        script: &'static Script,
+        args: Vec<Vec<u8>>,
+    ) -> Result<T, QueueError> {
+        let prefix = self.inner.prefix.clone();
+        self.run(|mut c| async move {
+            let mut inv = script.prepare_invoke();
+            inv.arg(prefix);
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            inv.invoke_async(&mut c).await
+        })
+        .await
+    }
+
+    fn settle_result(&self, lease: &Lease, r: i64) -> Result<(), QueueError> {
+        if r == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::LeaseLost { id: *lease.id() })
+        }
+    }
+}
+
+fn arg(v: impl ToString) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
+impl Queue for RedisQueue {
+    async fn submit(&self, mut job: Job) -> Result<Enqueued, QueueError> {
+        let now = self.inner.clock.now_ms();
+        job.enqueued_at_ms = now;
+        job.attempts = 0;
+        let id = JobId::new();
+        let fingerprint: String = job
+            .fingerprint()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let args = vec![
+            arg(id),
+            self.inner.format.encode(&job),
+            arg(now),
+            job.deadline_ms().map(arg).unwrap_or_default(),
+            job.idempotency_key()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec(),
+            fingerprint.into_bytes(),
+            arg(self.inner.policy.capacity),
+        ];
+        let (what, other): (String, String) = self.invoke(&SCRIPTS.submit, args).await?;
+        let other_id = || {
+            other
+                .parse::<JobId>()
+                .map_err(|_| self.corrupt(format!("bad job id {other:?}")))
+        };
+        match what.as_str() {
+            "created" => Ok(Enqueued::Created(id)),
+            "existing" => Ok(Enqueued::Existing(other_id()?)),
+            "conflict" => Err(QueueError::Conflict {
+                key: job.idempotency_key.unwrap_or_default(),
+                existing: other_id()?,
+            }),
+            "full" => Err(QueueError::Full {
+                capacity: self.inner.policy.capacity,
+            }),
+            _ => Err(self.corrupt(format!("unexpected submit answer {what:?}"))),
+        }
+    }
+
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let vis = duration_ms(visibility).min(MAX_VISIBILITY_MS);
+        let args = || {
+            vec![
+                arg(self.inner.clock.now_ms()),
+                arg(max),
+                arg(vis),
+                arg(self.inner.policy.max_attempts),
+                arg(uuid::Uuid::now_v7().simple()),
+                arg(&self.inner.consumer),
+                arg(MAX_VISIBILITY_MS),
+            ]
+        };
+        type Row = (String, String, Vec<u8>, u32);
+        let rows: Vec<Row> = match self.invoke(&SCRIPTS.lease, args()).await {
+            // A Redis that lost its data (no persistence) lost the group too.
+            Err(QueueError::Unavailable { source }) if source.to_string().contains("NOGROUP") => {
+                self.create_group().await?;
+                self.invoke(&SCRIPTS.lease, args()).await?
+            }
+            other => other?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, token, bytes, attempts) in rows {
+            let jid: JobId = id
+                .parse()
+                .map_err(|_| self.corrupt(format!("bad job id {id:?}")))?;
+            let mut job = self
+                .inner
+                .format
+                .decode(&bytes)
+                .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+            job.attempts = attempts;
+            out.push(Leased::new(Lease::new(jid, token), job));
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {
+        let args = vec![
+            arg(lease.id()),
+            arg(lease.token()),
+            arg(self.inner.clock.now_ms()),
+            arg(duration_ms(self.inner.policy.retention)),
+            arg(response.status),
+            encode_headers(&response.headers).into_bytes(),
+            response.body.to_vec(),
+        ];
+        let r: i64 = self.invoke(&SCRIPTS.ack, args).await?;
+        self.settle_result(lease, r)
+    }
+
+    async fn nack(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        let args = vec![
+            arg(lease.id()),
+            arg(lease.token()),
+            arg(self.inner.clock.now_ms()),
+            arg(duration_ms(delay)),
+            arg(self.inner.policy.max_attempts),
+        ];
+        let r: i64 = self.invoke(&SCRIPTS.nack, args).await?;
+        self.settle_result(lease, r)
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        let args = vec![
+            arg(lease.id()),
+            arg(lease.token()),
+            arg(self.inner.clock.now_ms()),
+            reason.as_bytes().to_vec(),
+        ];
+        let r: i64 = self.invoke(&SCRIPTS.dead, args).await?;
+        self.settle_result(lease, r)
+    }
+
+    async fn status(&self, id: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        let raw: Vec<Vec<u8>> = self.invoke(&SCRIPTS.status, vec![arg(id)]).await?;
+        let Some((first, fields)) = raw.split_first() else {
+            return Err(self.corrupt("empty status answer"));
+        };
+        match first.as_slice() {
+            b"inflight" => return Ok(Some(JobStatus::InFlight)),
+            b"queued" => return Ok(Some(JobStatus::Queued)),
+            b"none" => return Ok(None),
+            _ => {}
+        }
+        let get = |name: &[u8]| -> Result<&[u8], QueueError> {
+            fields
+                .chunks(2)
+                .find(|p| p[0] == name)
+                .and_then(|p| p.get(1))
+                .map(Vec::as_slice)
+                .ok_or_else(|| {
+                    self.corrupt(format!(
+                        "status of {id} lacks {}",
+                        String::from_utf8_lossy(name)
+                    ))
+                })
+        };
+        let bad = |e: String| self.corrupt(format!("status of {id}: {e}"));
+        let attempts = parse::<u32>(get(b"attempts")?).map_err(bad)?;
+        let at = ms_system(parse::<u64>(get(b"at")?).map_err(bad)?);
+        match get(b"state")? {
+            b"delivered" => Ok(Some(JobStatus::Delivered {
+                status: parse::<u16>(get(b"status")?).map_err(bad)?,
+                headers: decode_headers(get(b"headers")?).map_err(bad)?,
+                body: Bytes::copy_from_slice(get(b"body")?),
+                attempts,
+                delivered_at: at,
+            })),
+            b"dead" => Ok(Some(JobStatus::DeadLettered {
+                reason: String::from_utf8_lossy(get(b"reason")?).into_owned(),
+                attempts,
+                at,
+            })),
+            other => Err(bad(format!(
+                "unknown state {:?}",
+                String::from_utf8_lossy(other)
+            ))),
+        }
+    }
+
+    async fn depth(&self) -> Result<usize, QueueError> {
+        let key = self.inner.queue_key.clone();
+        self.run(|mut c| async move {
+            ::redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async::<usize>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        let key = self.inner.queue_key.clone();
+        let oldest: Vec<(String, f64)> = self
+            .run(|mut c| async move {
+                ::redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let now = self.inner.clock.now_ms();
+        Ok(oldest
+            .first()
+            .map(|(_, at)| Duration::from_millis(now.saturating_sub(*at as u64))))
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.inner.dead.clone();
+        // The stream is in dead-letter order; the trait wants id order, so
+        // the whole (normally short) stream is read and sorted.
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let entries: Vec<Entry> = self
+            .run(|mut c| async move {
+                ::redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (_, fields) in entries {
+            let get = |name: &str| -> Result<&[u8], QueueError> {
+                fields
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_slice())
+                    .ok_or_else(|| self.corrupt(format!("dead letter lacks {name}")))
+            };
+            let bad = |e: String| self.corrupt(format!("dead letter: {e}"));
+            let id: JobId = std::str::from_utf8(get("id")?)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("bad id".into()))?;
+            let mut job = self
+                .inner
+                .format
+                .decode(get("job")?)
+                .map_err(|e| bad(e.to_string()))?;
+            job.attempts = parse(get("attempts")?).map_err(bad)?;
+            let reason = String::from_utf8_lossy(get("reason")?).into_owned();
+            let at = ms_system(parse(get("at")?).map_err(bad)?);
+            out.push(DeadLetter::new(id, job, reason, at));
+        }
+        out.sort_by_key(|d| d.id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
+        let r: i64 = self
+            .invoke(
+                &SCRIPTS.redrive,
+                vec![arg(id), arg(self.inner.policy.capacity)],
+            )
+            .await?;
+        match r {
+            1 => Ok(true),
+            -1 => Err(QueueError::Full {
+                capacity: self.inner.policy.capacity,
+            }),
+            _ => Ok(false),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Fleet and outage tests of the broker backends, against real brokers.
+//!
+//! The fleet tests use the shared broker on this machine (a unique queue
+//! name per run). The outage tests start their own broker process on a
+//! spare loopback port, so stopping it never disturbs the shared one. Every
+//! test panics with a clear message when its broker cannot be reached.
+//!
+//! The `defer` layer and its `Replayer` are not on this branch yet, so the
+//! fleet is driven by two plain lease/ack loops, one per queue handle.
+
+#![cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+
+mod support;
+
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "nats")]
+mod nats;
+
+#[cfg(feature = "amqp")]
+mod amqp;

@@ -1,0 +1,69 @@
+use crate::support::{Broker, fleet, outage, spare_port, unique};
+use std::time::Duration;
+use tower_firebreak::queue::nats::NatsQueue;
+
+const SHARED: &str = "nats://127.0.0.1:4222";
+
+async fn connect(url: &str, name: &str, op_timeout: Duration) -> NatsQueue {
+    NatsQueue::builder()
+        .name(name)
+        .op_timeout(op_timeout)
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "NATS at {url} is unreachable ({e}); start it with JetStream (see shared/DESIGN.md)"
+            )
+        })
+}
+
+async fn cleanup(name: &str) {
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    for stream in [
+        format!("FB_{name}"),
+        format!("FB_{name}_DEAD"),
+        format!("KV_fb_{name}_live"),
+        format!("KV_fb_{name}_done"),
+    ] {
+        let _ = js.delete_stream(&stream).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_of_two_shares_one_queue() {
+    let name = unique("fleet");
+    let a = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let b = connect(SHARED, &name, Duration::from_secs(5)).await;
+    fleet(a, b).await;
+    cleanup(&name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_fast_and_keeps_every_acknowledged_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = spare_port();
+    let args = [
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-js",
+        "-sd",
+        dir.path().to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut broker = Broker::start(nats_server(), args, port);
+    let url = format!("nats://127.0.0.1:{port}");
+    let q = connect(&url, "outage", Duration::from_millis(300)).await;
+    outage(q, &mut broker, Duration::from_millis(450)).await;
+}
+
+/// Debian installs the server in /usr/sbin, which is not on every PATH.
+fn nats_server() -> &'static str {
+    if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
