@@ -127,8 +127,9 @@ impl Params {
             // inside the 5-10 s hang), while "503 at 50%" has 15 failures in
             // a row with probability 2^-15 per attempt, so there the retries
             // and their budget do the work. A 50% failure rate threshold
-            // would sit exactly at that scenario's error rate and trip on
-            // half its windows.
+            // would sit exactly at that scenario's error rate (a trial run
+            // with 50% of the last 20 calls opened there and shed most
+            // calls).
             breaker_consecutive: 15,
             breaker_open_for: Duration::from_secs(1),
             breaker_probes: 3,
