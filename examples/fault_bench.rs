@@ -21,6 +21,15 @@
 //! which hides exactly the latency this benchmark is about (coordinated
 //! omission, Gil Tene).
 //!
+//! Stacks: none; tower's own layers; tower-resilience 0.13; ours, the
+//! `Resilience` preset; and ours with `defer` in front of the preset, on a
+//! `DiskQueue` under `target/fault_bench/queues/`. For that last stack A
+//! sends `POST`s with a unique `Idempotency-Key` (the load generator's call
+//! number), so a failed call is stored and answered 202; a `Replayer` starts
+//! when B recovers and delivers the jobs, paced, through the same preset. B
+//! dedups by key, so after the drain a delivered job is a key B served, and a
+//! lost one is a call A accepted (200 or 202) whose key B never served.
+//!
 //! Output: a table, verdicts, `target/fault_bench/results.json` and
 //! `target/fault_bench/latency.svg` (A's p99 latency and in-flight calls over
 //! time per stack, fault phases shaded). The verdicts that do not depend on
@@ -28,12 +37,13 @@
 
 use axum::Router;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::routing::get;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::StatusCode;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -43,7 +53,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,11 +64,16 @@ use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_firebreak::BoxError;
-use tower_firebreak::bulkhead::BulkheadLayer;
 use tower_firebreak::chaos::{ChaosLayer, Faults, Latency, Phase, PhaseKind, Schedule};
-use tower_firebreak::deadline::{DeadlineLayer, PropagateDeadlineLayer};
+use tower_firebreak::circuit_breaker::{
+    CircuitBreakerConfig, CircuitBreakerHandle, State as BreakerState,
+};
+use tower_firebreak::defer::{DeferBody, DeferLayer, Replayer, ReplayerHandle};
 use tower_firebreak::error::Rejection;
-use tower_firebreak::timeout::TimeoutLayer;
+use tower_firebreak::preset::{Resilience, ResilienceConfig, ResilienceLayer};
+use tower_firebreak::queue::Queue;
+use tower_firebreak::queue::disk::DiskQueue;
+use tower_firebreak::retry::{ReplayBody, RetryBudgetConfig, RetryConfig};
 
 // ---------------------------------------------------------------------------
 // Settings
@@ -70,8 +85,23 @@ struct Params {
     rate: u32,
     /// One attempt's timeout (every stack that has one).
     attempt_timeout: Duration,
-    /// Our whole-call deadline.
+    /// Our whole-call deadline (the preset's).
     deadline: Duration,
+    /// The preset's retry: first delay (exponential, full jitter); its
+    /// budget is [`RetryBudgetConfig::default()`].
+    retry_base_delay: Duration,
+    /// The preset's breaker: open after `breaker_consecutive` failed
+    /// attempts in a row, for `breaker_open_for`.
+    breaker_consecutive: u32,
+    breaker_open_for: Duration,
+    /// Probes the preset's breaker admits while half-open.
+    breaker_probes: usize,
+    /// Deliveries a second of the `defer` stack's replayer, and its burst.
+    replay_rate: u32,
+    replay_burst: u32,
+    /// How long the run waits, after the load, for the replayer to empty
+    /// the queue.
+    drain_timeout: Duration,
     /// Calls to B in flight at once (bulkheads, tower's concurrency limit).
     concurrency: usize,
     /// Attempts per call, the first included, for the stacks that retry.
@@ -87,7 +117,27 @@ impl Params {
         Params {
             rate: if quick { 100 } else { 200 },
             attempt_timeout: Duration::from_secs(1),
-            deadline: Duration::from_secs(2),
+            deadline: Duration::from_millis(2500),
+            // The first delay tower-resilience's retry gets below, so the
+            // two retries differ in their budget, not their backoff.
+            retry_base_delay: Duration::from_millis(50),
+            // Failures in a row, not a rate: a hang, a flap or a refused
+            // connection fails every attempt, so the breaker opens on the
+            // 15th (within 0.1-0.2 s of the first attempt timeouts, well
+            // inside the 5-10 s hang), while "503 at 50%" has 15 failures in
+            // a row with probability 2^-15 per attempt, so there the retries
+            // and their budget do the work. A 50% failure rate threshold
+            // would sit exactly at that scenario's error rate (a trial run
+            // with 50% of the last 20 calls opened there and shed most
+            // calls).
+            breaker_consecutive: 15,
+            breaker_open_for: Duration::from_secs(1),
+            breaker_probes: 3,
+            // Five times the offered rate: fast enough to drain an outage's
+            // backlog in a few seconds, slow enough to be visibly paced.
+            replay_rate: if quick { 500 } else { 1000 },
+            replay_burst: 10,
+            drain_timeout: Duration::from_secs(if quick { 10 } else { 30 }),
             concurrency: 50,
             attempts: 3,
             caller_timeout: Duration::from_secs(30),
@@ -213,7 +263,34 @@ type Client = BoxCloneSyncService<Req, http::Response<Body>, BoxError>;
 struct Stack {
     name: &'static str,
     about: &'static str,
-    build: fn(&Params) -> Client,
+    /// Builds A's client; the path is a fresh file for a disk queue.
+    build: fn(&Params, &Path) -> Built,
+}
+
+/// What a stack's constructor gives A.
+struct Built {
+    client: Client,
+    /// For a stack with `defer`: its queue and the client its replayer
+    /// sends through. A then sends POSTs with an `Idempotency-Key`.
+    defer: Option<DeferParts>,
+    /// Our breaker, to time the calls that arrive while it is open.
+    breaker: Option<CircuitBreakerHandle>,
+}
+
+#[derive(Clone)]
+struct DeferParts {
+    queue: DiskQueue,
+    replay: Client,
+}
+
+impl From<Client> for Built {
+    fn from(client: Client) -> Self {
+        Built {
+            client,
+            defer: None,
+            breaker: None,
+        }
+    }
 }
 
 fn stacks() -> Vec<Stack> {
@@ -221,29 +298,35 @@ fn stacks() -> Vec<Stack> {
         Stack {
             name: "none",
             about: "hyper alone",
-            build: stack_none,
+            build: |p, _| stack_none(p).into(),
         },
         Stack {
             name: "tower",
             about: "tower: load shed + concurrency limit + retry (trivial policy) + timeout",
-            build: stack_tower,
+            build: |p, _| stack_tower(p).into(),
         },
         Stack {
             name: "tower-resilience",
             about: "tower-resilience 0.13: bulkhead + circuit breaker + retry + time limiter",
-            build: stack_tower_resilience,
+            build: |p, _| stack_tower_resilience(p).into(),
         },
         Stack {
-            name: "ours",
-            about: "firebreak: bulkhead + deadline + timeout (breaker and retry not merged yet)",
-            build: stack_ours,
+            name: "ours (preset)",
+            about: "firebreak: Resilience::builder() (bulkhead + deadline + retry with budget + breaker + attempt timeout)",
+            build: |p, _| {
+                let layer = preset_layer(p);
+                Built {
+                    client: preset_client(&layer),
+                    defer: None,
+                    breaker: Some(layer.breaker()),
+                }
+            },
         },
-        // TODO(issue 7): the preset, once `Resilience` lands:
-        //   Stack { name: "ours (preset)", about: "firebreak: the Resilience preset",
-        //           build: |p| /* Resilience::builder()...build() over base_client() */ },
-        // TODO(issue 5): with `defer`, the same preset under `DeferLayer::new(DiskQueue::open(..))`
-        //   and a `Replayer` spawned next to A; the verdicts then also need the queue's
-        //   delivered and lost counts (see notes/faultbench.md).
+        Stack {
+            name: "ours + defer",
+            about: "firebreak: DeferLayer on a DiskQueue over the same preset; POSTs with an Idempotency-Key; a Replayer drains after recovery",
+            build: stack_defer,
+        },
     ]
 }
 
@@ -339,19 +422,74 @@ fn stack_tower_resilience(p: &Params) -> Client {
     BoxCloneSyncService::new(svc)
 }
 
-fn stack_ours(p: &Params) -> Client {
+/// The preset with the settings in [`Params`].
+fn preset_layer(p: &Params) -> ResilienceLayer {
+    Resilience::builder()
+        .bulkhead(p.concurrency)
+        .deadline(p.deadline)
+        .attempt_timeout(p.attempt_timeout)
+        .retry(RetryConfig {
+            max_attempts: p.attempts,
+            base_delay: p.retry_base_delay,
+            ..RetryConfig::default()
+        })
+        .circuit_breaker(CircuitBreakerConfig {
+            count_window: None,
+            time_window: None,
+            consecutive_failures: Some(p.breaker_consecutive),
+            open_for: p.breaker_open_for,
+            half_open_calls: p.breaker_probes,
+            ..ResilienceConfig::default_breaker()
+        })
+        .build()
+        .expect("valid preset settings")
+}
+
+/// The preset around hyper (whose bodies the preset buffers for replay).
+fn preset_client(layer: &ResilienceLayer) -> Client {
+    let hyper = HyperClient::builder(TokioExecutor::new()).build_http::<ReplayBody<Full<Bytes>>>();
     BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .layer(BulkheadLayer::new(p.concurrency))
-            .layer(DeadlineLayer::new(p.deadline).read_headers(false))
-            // TODO(issue 4): .layer(RetryLayer::new(RetryPolicy::exponential(50ms)
-            //     .max_attempts(p.attempts).budget(RetryBudget::new(10s, 10, 0.2))))
-            // TODO(issue 3): .layer(CircuitBreakerLayer::builder().failure_rate(0.5)
-            //     .count_window(20).minimum_calls(10).open_for(2s).build()?)
-            .layer(TimeoutLayer::new(p.attempt_timeout))
-            .layer(PropagateDeadlineLayer::new())
-            .service(base_client()),
+            .map_response(|r: http::Response<Incoming>| {
+                r.map(|b| b.map_err(BoxError::from).boxed())
+            })
+            .layer(layer.clone())
+            .service(hyper),
     )
+}
+
+/// `defer` in front of the preset, on a disk queue at `path`. The replayer
+/// sends through its own copy of the preset, which shares the breaker (and
+/// bulkhead) with A's: nothing is replayed while the breaker is open.
+fn stack_defer(p: &Params, path: &Path) -> Built {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create the queue directory");
+    }
+    let _ = std::fs::remove_file(path);
+    let queue = DiskQueue::builder()
+        .capacity(1_000_000)
+        // Every lease counts as an attempt, also one the breaker gave back
+        // unsent: plenty, so that no job is dead-lettered in a long outage.
+        .max_attempts(10_000)
+        .open(path)
+        .expect("open the disk queue");
+    let layer = preset_layer(p);
+    let client = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .map_response(|r: http::Response<Either<Body, DeferBody>>| {
+                r.map(|b| b.map_err(BoxError::from).boxed())
+            })
+            .layer(DeferLayer::new(queue.clone()))
+            .service(preset_client(&layer)),
+    );
+    Built {
+        client,
+        defer: Some(DeferParts {
+            queue,
+            replay: preset_client(&layer),
+        }),
+        breaker: Some(layer.breaker()),
+    }
 }
 
 /// tower's `Retry` with the policy people write first: retry any error or
@@ -528,6 +666,9 @@ struct Gauge {
     now: AtomicUsize,
     peak: AtomicUsize,
     shed: Mutex<BTreeMap<&'static str, Histogram<u64>>>,
+    /// How long the stack took (µs) to answer the calls that found our
+    /// breaker open when they arrived and ended rejected by it.
+    open_at_call: Mutex<Vec<u64>>,
 }
 
 struct InFlight<'a>(&'a Gauge);
@@ -551,16 +692,36 @@ struct AState {
     client: Client,
     b_url: Arc<str>,
     gauge: Arc<Gauge>,
+    /// Send `POST` with `Idempotency-Key: <call number>` (deferrable)
+    /// instead of `GET`.
+    keyed: bool,
+    breaker: Option<CircuitBreakerHandle>,
 }
 
+/// The load generator's call number, sent to A in this header.
+const CALL_HEADER: &str = "x-call";
+
 /// A's only route: call B through the stack and say what happened.
-/// 200 = B answered 200; 503 = the stack shed the call (the body names the
-/// rejection); 502 = it failed.
-async fn a_handler(State(st): State<AState>) -> (StatusCode, &'static str) {
+/// 200 = B answered 200; 202 = the stack deferred the call; 503 = the stack
+/// shed the call (the body names the rejection); 502 = it failed.
+async fn a_handler(State(st): State<AState>, headers: HeaderMap) -> (StatusCode, &'static str) {
     let _in_flight = st.gauge.enter();
-    let req = http::Request::get(&*st.b_url)
-        .body(Full::default())
-        .expect("request");
+    let req = if st.keyed {
+        let call = headers
+            .get(CALL_HEADER)
+            .cloned()
+            .unwrap_or(http::HeaderValue::from_static("-"));
+        http::Request::post(&*st.b_url)
+            .header("idempotency-key", call)
+            .body(Full::new(Bytes::from_static(b"{\"work\":1}")))
+    } else {
+        http::Request::get(&*st.b_url).body(Full::default())
+    }
+    .expect("request");
+    let open_at_call = st
+        .breaker
+        .as_ref()
+        .is_some_and(|b| b.state() == BreakerState::Open);
     let called = Instant::now();
     match st.client.oneshot(req).await {
         Ok(res) => {
@@ -582,6 +743,9 @@ async fn a_handler(State(st): State<AState>) -> (StatusCode, &'static str) {
                     .entry(kind)
                     .or_insert_with(hist)
                     .saturating_record(took);
+                if open_at_call && kind == "circuit_open" {
+                    st.gauge.open_at_call.lock().expect("lock").push(took);
+                }
                 (StatusCode::SERVICE_UNAVAILABLE, kind)
             }
             None => (StatusCode::BAD_GATEWAY, "failed"),
@@ -616,6 +780,8 @@ impl Outcome {
 /// One call from the load generator to A.
 #[derive(Clone, Copy)]
 struct Sample {
+    /// The call number (`Idempotency-Key` for the keyed stack).
+    call: u64,
     /// When it was due, seconds after the start.
     due: f64,
     /// From when it was due to the end of A's answer.
@@ -631,10 +797,63 @@ struct Rig {
     gauge: Arc<Gauge>,
     reached_b: Arc<AtomicU64>,
     in_flight: Arc<Mutex<Vec<(f64, usize)>>>,
+    /// What B served of the keyed POSTs.
+    served: Arc<Served>,
+    defer: Option<DeferParts>,
+    queue_path: PathBuf,
+    /// The replayer's drain, once it ran.
+    drain: Option<Drain>,
 }
 
-async fn rig(stack: &Stack, params: &Params, sc: &Scenario, start: Instant) -> Rig {
+/// The keyed POSTs B's handler served (past the chaos layer), by key:
+/// how many times, and when first (seconds after the start). B dedups by
+/// key, so a delivery is a key in this map.
+struct Served {
+    start: Instant,
+    by_key: Mutex<BTreeMap<u64, (u32, f64)>>,
+}
+
+async fn b_post(State(served): State<Arc<Served>>, headers: HeaderMap) -> &'static str {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(key) = key {
+        let at = Instant::now()
+            .saturating_duration_since(served.start)
+            .as_secs_f64();
+        served
+            .by_key
+            .lock()
+            .expect("lock")
+            .entry(key)
+            .and_modify(|e| e.0 += 1)
+            .or_insert((1, at));
+    }
+    "ok"
+}
+
+/// How the replayer emptied the queue after the load.
+#[derive(Clone, Copy, Debug)]
+struct Drain {
+    /// Jobs left in the queue when the run stopped waiting.
+    left: usize,
+    /// Seconds after the start when the queue was empty (or the wait ended).
+    done_at: f64,
+}
+
+async fn rig(
+    stack: &Stack,
+    params: &Params,
+    sc: &Scenario,
+    start: Instant,
+    queue_path: PathBuf,
+) -> Rig {
     let reached_b = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(Served {
+        start,
+        by_key: Mutex::default(),
+    });
     let chaos = ChaosLayer::builder(sc.schedule.clone())
         .seed(params.seed)
         .start_at(start)
@@ -650,14 +869,21 @@ async fn rig(stack: &Stack, params: &Params, sc: &Scenario, start: Instant) -> R
             r
         })
         .layer(chaos)
-        .service(Router::new().route("/work", get(|| async { "ok" })));
+        .service(
+            Router::new()
+                .route("/work", get(|| async { "ok" }).post(b_post))
+                .with_state(served.clone()),
+        );
     let b = Server::start(b_svc).await;
 
     let gauge = Arc::new(Gauge::default());
+    let built = (stack.build)(params, &queue_path);
     let state = AState {
-        client: (stack.build)(params),
+        client: built.client,
         b_url: format!("http://{}/work", b.addr).into(),
         gauge: gauge.clone(),
+        keyed: built.defer.is_some(),
+        breaker: built.breaker,
     };
     let a = Server::start(Router::new().route("/", get(a_handler)).with_state(state)).await;
     Rig {
@@ -667,6 +893,10 @@ async fn rig(stack: &Stack, params: &Params, sc: &Scenario, start: Instant) -> R
         gauge,
         reached_b,
         in_flight: Arc::default(),
+        served,
+        defer: built.defer,
+        queue_path,
+        drain: None,
     }
 }
 
@@ -683,6 +913,7 @@ async fn load(a: SocketAddr, params: Params, start: Instant, length: Duration) -
         let (client, url) = (client.clone(), url.clone());
         calls.spawn(async move {
             let req = http::Request::get(&*url)
+                .header(CALL_HEADER, i)
                 .body(Full::default())
                 .expect("request");
             let answer = tokio::time::timeout(params.caller_timeout, async {
@@ -704,6 +935,7 @@ async fn load(a: SocketAddr, params: Params, start: Instant, length: Duration) -
                 _ => Outcome::Failed,
             };
             Sample {
+                call: u64::from(i),
                 due: (due - start).as_secs_f64(),
                 latency: due.elapsed(),
                 outcome,
@@ -767,6 +999,113 @@ struct RunResult {
     in_flight: Vec<(f64, usize)>,
     /// (seconds, p99 ms) of the calls due in each 250 ms.
     p99_series: Vec<(f64, f64)>,
+    /// For the stack with `defer`: what became of the accepted calls.
+    defer: Option<DeferResult>,
+    /// For our stacks: the calls that arrived while the breaker was open
+    /// and were rejected by it, timed inside A.
+    open_rejections: Option<OpenRejections>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct OpenRejections {
+    count: usize,
+    in_a_p50_ms: f64,
+    in_a_p99_ms: f64,
+    in_a_max_ms: f64,
+}
+
+fn open_rejections(rig: &Rig) -> Option<OpenRejections> {
+    let mut us = rig.gauge.open_at_call.lock().expect("lock").clone();
+    if us.is_empty() {
+        return None;
+    }
+    us.sort_unstable();
+    let at =
+        |q: f64| us[((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1] as f64 / 1000.0;
+    Some(OpenRejections {
+        count: us.len(),
+        in_a_p50_ms: at(0.5),
+        in_a_p99_ms: at(0.99),
+        in_a_max_ms: at(1.0),
+    })
+}
+
+/// What became of the calls a stack with `defer` accepted, counted at B
+/// (which dedups by `Idempotency-Key`) after the replayer drained the queue.
+#[derive(Clone, Debug, Serialize)]
+struct DeferResult {
+    /// Calls answered 202: stored in the queue.
+    accepted: u64,
+    /// Of those, how many B served (by key), after the drain.
+    delivered: u64,
+    /// Calls answered 200 or 202 whose key B never served: lost.
+    lost: u64,
+    /// Keyed POSTs B served more than once (at least once delivery).
+    duplicates: u64,
+    /// Jobs still in the queue when the run stopped waiting.
+    left_in_queue: usize,
+    /// When the replayer started (B recovered), seconds after the start.
+    replay_from_s: f64,
+    /// First and last delivery of an accepted call, seconds after the start.
+    first_delivery_s: Option<f64>,
+    last_delivery_s: Option<f64>,
+    /// When the queue was empty (or the run stopped waiting), seconds after the start.
+    drained_at_s: f64,
+    /// The most deliveries of accepted calls in any one second.
+    max_per_sec: usize,
+    /// The replayer's pace: deliveries a second, and burst.
+    rate: u32,
+    burst: u32,
+}
+
+fn defer_result(sc: &Scenario, samples: &[Sample], rig: &Rig, p: &Params) -> Option<DeferResult> {
+    rig.defer.as_ref()?;
+    let drain = rig.drain.unwrap_or(Drain {
+        left: usize::MAX,
+        done_at: f64::NAN,
+    });
+    let served = rig.served.by_key.lock().expect("lock");
+    let (mut accepted, mut delivered, mut lost) = (0, 0, 0);
+    let mut times = Vec::new();
+    for s in samples {
+        let at_b = served.get(&s.call);
+        match s.outcome {
+            Outcome::Deferred => {
+                accepted += 1;
+                if let Some(&(_, t)) = at_b {
+                    delivered += 1;
+                    times.push(t);
+                }
+            }
+            Outcome::Success => {}
+            _ => continue,
+        }
+        lost += u64::from(at_b.is_none());
+    }
+    times.sort_by(f64::total_cmp);
+    // The most deliveries within any one second: two pointers over the
+    // sorted delivery times.
+    let (mut max_per_sec, mut lo) = (0, 0);
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] >= 1.0 {
+            lo += 1;
+        }
+        max_per_sec = max_per_sec.max(hi + 1 - lo);
+    }
+    Some(DeferResult {
+        accepted,
+        delivered,
+        lost,
+        duplicates: served.values().filter(|v| v.0 > 1).count() as u64,
+        left_in_queue: drain.left,
+        drained_at_s: drain.done_at,
+        replay_from_s: sc.fault.1.as_secs_f64(),
+        first_delivery_s: times.first().copied(),
+        last_delivery_s: times.last().copied(),
+        max_per_sec,
+        rate: p.replay_rate,
+        burst: p.replay_burst,
+    })
 }
 
 fn hist() -> Histogram<u64> {
@@ -783,6 +1122,7 @@ fn summarize(
     samples: &[Sample],
     rig: &Rig,
     wall: Duration,
+    p: &Params,
 ) -> RunResult {
     let mut all = hist();
     let mut fault = hist();
@@ -873,6 +1213,8 @@ fn summarize(
         peak_in_flight: rig.gauge.peak.load(Ordering::SeqCst),
         in_flight: rig.in_flight.lock().expect("lock").clone(),
         p99_series,
+        defer: defer_result(sc, samples, rig, p),
+        open_rejections: open_rejections(rig),
     }
 }
 
@@ -886,8 +1228,29 @@ async fn run_scenario(
     // A little time to set up before the first call is due.
     let start = Instant::now() + Duration::from_millis(300);
     let mut rigs = Vec::new();
-    for stack in stacks {
-        rigs.push(rig(stack, params, sc, start).await);
+    for (i, stack) in stacks.iter().enumerate() {
+        let path = out_dir()
+            .join("queues")
+            .join(format!("{}-{i}.redb", sc.key));
+        rigs.push(rig(stack, params, sc, start, path).await);
+    }
+
+    // The replayers start when B recovers (the end of the first fault
+    // window) and deliver while the rest of the load runs.
+    let mut replayers: Vec<Option<JoinHandle<ReplayerHandle>>> = Vec::new();
+    for r in &rigs {
+        replayers.push(r.defer.clone().map(|d| {
+            let (from, p) = (start + sc.fault.1, *params);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(from).await;
+                Replayer::new(d.queue, d.replay)
+                    .rate_per_second(p.replay_rate)
+                    .burst(p.replay_burst)
+                    .backoff(Duration::from_millis(100), Duration::from_secs(1))
+                    .poll_interval(Duration::from_millis(50))
+                    .spawn()
+            })
+        }));
     }
 
     let mut samplers = Vec::new();
@@ -940,16 +1303,40 @@ async fn run_scenario(
         all_samples.push(l.await.expect("load generator"));
     }
     let wall = start.elapsed();
+
+    // Let each replayer empty its queue (bounded by the drain timeout).
+    for (r, replayer) in rigs.iter_mut().zip(replayers) {
+        let (Some(d), Some(replayer)) = (&r.defer, replayer) else {
+            continue;
+        };
+        let handle = replayer.await.expect("replayer start");
+        let until = Instant::now() + params.drain_timeout;
+        let left = loop {
+            let left = d.queue.depth().await.unwrap_or(usize::MAX);
+            if left == 0 || Instant::now() >= until {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        handle.shutdown().await;
+        r.drain = Some(Drain {
+            left,
+            done_at: start.elapsed().as_secs_f64(),
+        });
+    }
+
     ticker.abort();
     for s in &samplers {
         s.abort();
     }
     for ((stack, rig), samples) in stacks.iter().zip(&rigs).zip(&all_samples) {
-        results.push(summarize(sc, stack.name, samples, rig, wall));
+        results.push(summarize(sc, stack.name, samples, rig, wall, params));
     }
     for r in rigs {
         drop(r.a);
         drop(r.b);
+        drop(r.defer);
+        let _ = std::fs::remove_file(&r.queue_path);
     }
     results
 }
@@ -964,8 +1351,6 @@ enum Status {
     Fail,
     /// Printed and recorded, not asserted: it depends on timing.
     Measured,
-    /// Needs a layer that is not on this branch yet.
-    Pending(String),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -995,15 +1380,6 @@ fn measured(claim: &str, detail: String) -> Verdict {
     }
 }
 
-fn pending(claim: &str, needs: &str) -> Verdict {
-    Verdict {
-        claim: claim.into(),
-        status: Status::Pending(needs.into()),
-        detail: String::new(),
-        asserted: false,
-    }
-}
-
 /// A's in-flight count at the sample nearest to `t` seconds.
 fn in_flight_at(r: &RunResult, t: f64) -> usize {
     r.in_flight
@@ -1022,13 +1398,15 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     let sc = |key: &str| scs.iter().find(|s| s.key == key).expect("scenario");
     let mut v = Vec::new();
 
+    const PRESET: &str = "ours (preset)";
+    const DEFER: &str = "ours + defer";
+
     // --- B hangs
     let hang = sc("hang");
     let (h0, h1) = (hang.fault.0.as_secs_f64(), hang.fault.1.as_secs_f64());
     let hang_len = h1 - h0;
     let none = get("hang", "none");
-    // TODO(issue 7): measure these on "ours (preset)" once it is in `stacks()`.
-    let ours = get("hang", "ours");
+    let ours = get("hang", PRESET);
     let (mid, late) = (h0 + 0.45 * hang_len, h0 + 0.9 * hang_len);
     let (at_mid, at_late) = (in_flight_at(none, mid), in_flight_at(none, late));
     let expected_late = f64::from(p.rate) * 0.9 * hang_len;
@@ -1052,19 +1430,18 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
         ),
     ));
     v.push(check(
-        "B hangs: ours keeps A's in-flight calls bounded (peak under half of none's)",
+        "B hangs: the preset keeps A's in-flight calls bounded (peak under half of none's)",
         ours.peak_in_flight * 2 < none.peak_in_flight,
         format!(
-            "peak in flight: ours {} (bulkhead {}), none {}",
+            "peak in flight: preset {} (bulkhead {}), none {}",
             ours.peak_in_flight, p.concurrency, none.peak_in_flight
         ),
     ));
     v.push(check(
-        "B hangs: fewer calls reach B with ours than with no protection",
+        "B hangs: fewer calls reach B with the preset than with no protection",
         ours.reached_b < none.reached_b,
         format!(
-            "reached B: ours {}, none {} ({:.2}x); measured on 'ours' as it stands \
-             (bulkhead + deadline + timeout) until the preset lands (issue 7)",
+            "reached B: preset {}, none {} ({:.2}x)",
             ours.reached_b,
             none.reached_b,
             ours.reached_b as f64 / none.reached_b.max(1) as f64
@@ -1072,18 +1449,54 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
     ));
     let limit = p.attempt_timeout.as_secs_f64() * 1.2 * 1000.0;
     v.push(measured(
-        "B hangs: A's p99 stays within the attempt timeout + 20% (preset pending; 'ours' shown)",
+        "B hangs: the preset keeps A's p99 within the attempt timeout + 20%",
         format!(
-            "ours p99 {:.0} ms during the hang, {:.0} ms overall; limit {limit:.0} ms \
-             ({})",
+            "preset p99 {:.0} ms for the calls due during the hang, {:.0} ms overall, \
+             max {:.0} ms; limit {limit:.0} ms ({})",
             ours.fault_p99_ms,
             ours.p99_ms,
+            ours.max_ms,
             if ours.fault_p99_ms <= limit {
                 "within"
             } else {
                 "over"
             }
         ),
+    ));
+    let open = ours.rejected_by.get("circuit_open");
+    v.push(check(
+        "B hangs: the preset's breaker opens (calls rejected with circuit_open)",
+        open.is_some_and(|o| o.count > 0),
+        format!(
+            "{} calls rejected by the open breaker, of {} offered",
+            open.map_or(0, |o| o.count),
+            ours.offered
+        ),
+    ));
+    v.push(measured(
+        "B hangs: once the breaker is open, rejected calls answer in under 1 ms p99",
+        match (&ours.open_rejections, open) {
+            (Some(o), Some(all)) => format!(
+                "{} calls arrived while the breaker was open and were rejected by it: \
+                 p50 {:.3} ms, p99 {:.3} ms ({}), max {:.3} ms inside A (the stack's own cost); \
+                 all {} circuit_open calls, including those rejected on a retry after a \
+                 timed-out attempt: p99 {:.1} ms inside A, {:.1} ms at A's caller \
+                 (loopback HTTP hop included)",
+                o.count,
+                o.in_a_p50_ms,
+                o.in_a_p99_ms,
+                if o.in_a_p99_ms < 1.0 {
+                    "under 1 ms"
+                } else {
+                    "over 1 ms"
+                },
+                o.in_a_max_ms,
+                all.count,
+                all.in_a_p99_ms,
+                all.p99_ms
+            ),
+            _ => "no call arrived while the breaker was open".into(),
+        },
     ));
     let rejections: Vec<_> = results
         .iter()
@@ -1108,14 +1521,6 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
         "B hangs: p99 of the calls each stack rejected (bulkhead, load shed or breaker)",
         rejections.join(", "),
     ));
-    // TODO(issue 3): assert that the breaker opened
-    // (`ours.rejected_by["circuit_open"].count > 0`) and measure
-    // `ours.rejected_by["circuit_open"].in_a_p99_ms` against 1 ms (inside A;
-    // `p99_ms` adds the caller's HTTP round trip to A).
-    v.push(pending(
-        "B hangs: the breaker opens, and rejected calls answer in under 1 ms p99",
-        "circuit_breaker (issue 3) in the 'ours' stack",
-    ));
 
     // --- B returns 503 at 50%
     let errors = sc("errors");
@@ -1130,40 +1535,113 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
             r.reached_b as f64 / r.offered.max(1) as f64
         )
     };
-    // TODO(issue 4): assert reached_b <= 1.2 * offered + min_per_sec * length
-    // for the preset in the "errors" scenario.
-    v.push(pending(
+    // The budget's bound (retry::RetryBudget): in any `ttl` window, retries
+    // <= ratio x the calls of that window + min_per_sec x ttl (the floor).
+    // Cut the run (calls answered up to a deadline after the last one is
+    // due) into back-to-back `ttl` windows and sum: attempts <= calls x
+    // (1 + ratio) + the floor once per window. The quick run fits in one
+    // window; the full run needs two.
+    let budget = RetryBudgetConfig::default();
+    let ttl = budget.ttl.as_secs_f64();
+    let windows = ((errors.length + p.deadline).as_secs_f64() / ttl).ceil();
+    let floor = f64::from(budget.min_per_sec) * ttl * windows;
+    let pe = get("errors", PRESET);
+    let bound = (1.0 + f64::from(budget.ratio)) * pe.offered as f64 + floor;
+    v.push(check(
         "B returns 503 at 50%: the preset's retries stay within the budget \
          (calls reaching B <= 1.2x offered + the floor)",
-        "retry with RetryBudget (issue 4) and the preset (issue 7)",
+        pe.reached_b as f64 <= bound,
+        format!(
+            "preset: {} calls reached B for {} offered ({:.2}x); bound {bound:.0} \
+             = {:.1} x {} + floor {floor:.0} ({} retries/s x {} s ttl x {windows} window(s))",
+            pe.reached_b,
+            pe.offered,
+            pe.reached_b as f64 / pe.offered.max(1) as f64,
+            1.0 + f64::from(budget.ratio),
+            pe.offered,
+            budget.min_per_sec,
+            budget.ttl.as_secs()
+        ),
     ));
     v.push(measured(
         "B returns 503 at 50%: retry amplification for comparison",
         format!(
-            "{}; {}; {}; {} offered during the fault",
+            "{}; {}; {}; {}; {} offered during the fault",
             amp("tower"),
             amp("tower-resilience"),
+            amp(PRESET),
             amp("none"),
             offered_fault
         ),
     ));
 
     // --- defer
-    // TODO(issue 5): assert lost == 0 and delivered == deferred after the drain.
-    v.push(pending(
-        "With defer: zero requests lost; everything accepted during the outage is delivered after recovery, paced",
-        "defer + DiskQueue + Replayer (issue 5)",
+    let mut lines = Vec::new();
+    let (mut ok, mut accepted_total) = (true, 0);
+    for s in scs {
+        let r = get(s.key, DEFER);
+        let Some(d) = &r.defer else {
+            ok = false;
+            lines.push(format!("{}: no defer result", s.key));
+            continue;
+        };
+        accepted_total += d.accepted;
+        ok &= d.lost == 0 && d.delivered == d.accepted && d.left_in_queue == 0;
+        lines.push(format!(
+            "{}: accepted {}, delivered {}, lost {}, left {}",
+            s.key,
+            d.accepted,
+            d.delivered,
+            d.lost,
+            if d.left_in_queue == usize::MAX {
+                "?".into()
+            } else {
+                d.left_in_queue.to_string()
+            }
+        ));
+    }
+    // An outage must defer something, or the check above is empty.
+    let deferred_in_outages = ["hang", "down"]
+        .iter()
+        .all(|k| get(k, DEFER).defer.as_ref().is_some_and(|d| d.accepted > 0));
+    v.push(check(
+        "With defer: zero requests lost; everything accepted is delivered after recovery",
+        ok && deferred_in_outages,
+        format!(
+            "{}; {accepted_total} accepted in all{}",
+            lines.join("; "),
+            if deferred_in_outages {
+                ""
+            } else {
+                "; FAIL: nothing was deferred under 'hang' or 'down'"
+            }
+        ),
+    ));
+    let paced: Vec<_> = scs
+        .iter()
+        .filter_map(|s| {
+            let d = get(s.key, DEFER).defer.clone()?;
+            let (first, last) = (d.first_delivery_s?, d.last_delivery_s?);
+            Some(format!(
+                "{}: {} delivered from {:.2} s to {:.2} s (B back at {:.1} s), \
+                 at most {} in one second, {} duplicates at B",
+                s.key, d.delivered, first, last, d.replay_from_s, d.max_per_sec, d.duplicates
+            ))
+        })
+        .collect();
+    v.push(measured(
+        &format!(
+            "With defer: the replayer delivers after recovery, paced ({} a second, burst {})",
+            p.replay_rate, p.replay_burst
+        ),
+        paced.join("; "),
     ));
 
     // --- ours vs tower-resilience, every scenario
     for s in scs {
-        let (o, t) = (get(s.key, "ours"), get(s.key, "tower-resilience"));
+        let (o, t) = (get(s.key, PRESET), get(s.key, "tower-resilience"));
         v.push(measured(
-            &format!(
-                "{}: ours vs tower-resilience (ours has no breaker or retry yet; \
-                 read success with p99)",
-                s.title
-            ),
+            &format!("{}: ours (preset) vs tower-resilience", s.title),
             format!(
                 "p99 {:.1} / {:.1} ms = {:.2}x; reached B {} / {} = {:.2}x; success {} / {}",
                 o.p99_ms,
@@ -1260,7 +1738,6 @@ fn print_verdicts(v: &[Verdict]) {
             Status::Pass => "PASS".to_string(),
             Status::Fail => "FAIL".to_string(),
             Status::Measured => "measured (timing, not asserted)".to_string(),
-            Status::Pending(needs) => format!("pending: needs {needs}"),
         };
         println!("  [{tag}] {}", x.claim);
         if !x.detail.is_empty() {
@@ -1465,8 +1942,33 @@ async fn run(quick: bool, seed: u64) -> ExitCode {
         params.seed
     );
     println!(
-        "attempt timeout {:?}, deadline {:?}, concurrency {}, attempts {}",
+        "attempt timeout {:?}, deadline {:?} (ours), concurrency {}, attempts {}",
         params.attempt_timeout, params.deadline, params.concurrency, params.attempts
+    );
+    let budget = RetryBudgetConfig::default();
+    println!(
+        "preset: bulkhead {}, deadline {:?}, retry {} attempts from {:?} (exponential, jitter) \
+         within a budget of {}% + {}/s over {:?}, breaker opening after {} failed attempts \
+         in a row for {:?} with {} probes, attempt timeout {:?}",
+        params.concurrency,
+        params.deadline,
+        params.attempts,
+        params.retry_base_delay,
+        budget.ratio * 100.0,
+        budget.min_per_sec,
+        budget.ttl,
+        params.breaker_consecutive,
+        params.breaker_open_for,
+        params.breaker_probes,
+        params.attempt_timeout
+    );
+    println!(
+        "defer: DiskQueue under {}, replayer {} deliveries/s (burst {}) from the end of the fault, \
+         drain wait up to {:?}",
+        out_dir().join("queues").display(),
+        params.replay_rate,
+        params.replay_burst,
+        params.drain_timeout
     );
     for s in &stacks {
         println!("  {:<17} {}", s.name, s.about);
@@ -1488,6 +1990,7 @@ async fn run(quick: bool, seed: u64) -> ExitCode {
         progress.set_position(base + sc.length.as_millis() as u64 / 100);
     }
     progress.finish_and_clear();
+    let _ = std::fs::remove_dir_all(out_dir().join("queues"));
 
     print_table(&results, &scs);
     let verdicts = verdicts(&results, &scs, &params);
