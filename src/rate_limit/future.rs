@@ -30,8 +30,9 @@ pin_project! {
         // Wait mode only: sleep until governor's next permit, re-check, and
         // give up at `until`.
         Waiting {
-            #[pin]
-            sleep: Sleep,
+            // Boxed: the wait path is the slow path, and an inline `Sleep`
+            // would make every response future (the happy path's) larger.
+            sleep: Pin<Box<Sleep>>,
             svc: Option<S>,
             req: Option<Req>,
             check: Check,
@@ -66,7 +67,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         let now = Instant::now();
         ResponseFuture {
             state: State::Waiting {
-                sleep: tokio::time::sleep_until(now + wait),
+                sleep: Box::pin(tokio::time::sleep_until(now + wait)),
                 svc: Some(svc),
                 req: Some(req),
                 check,
@@ -98,7 +99,7 @@ where
                     return Poll::Ready(Err(RateLimited::new(*retry_after).into()));
                 }
                 StateProj::Waiting {
-                    mut sleep,
+                    sleep,
                     svc,
                     req,
                     check,
@@ -123,7 +124,7 @@ where
                                 );
                                 state.set(State::Rejected { retry_after: wait });
                             } else {
-                                sleep.reset(now + wait);
+                                sleep.as_mut().reset(now + wait);
                             }
                         }
                     }
