@@ -19,7 +19,7 @@ use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::bulkhead::BulkheadLayer;
-use tower_firebreak::deadline::DeadlineLayer;
+use tower_firebreak::deadline::{CallDeadline, DeadlineLayer};
 use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::timeout::TimeoutLayer;
 
@@ -191,6 +191,23 @@ fn ours_vs_tower(c: &mut Criterion) {
         a,
         "firebreak deadline (http)",
         || DeadlineLayer::new(Duration::from_secs(1)).layer(bare_http()),
+        http_req,
+    );
+    // What the deadline's one required step costs by itself: carrying
+    // `CallDeadline` in the request's extensions. `http::Extensions` boxes its
+    // map and each value, so a fresh request pays three allocations here.
+    case(
+        &mut g,
+        a,
+        "bare http + CallDeadline extension",
+        || {
+            let mut inner = bare_http();
+            service_fn(move |mut req: HttpReq| {
+                let at = tokio::time::Instant::now() + Duration::from_secs(1);
+                req.extensions_mut().insert(CallDeadline::new(at));
+                inner.call(req)
+            })
+        },
         http_req,
     );
     case(

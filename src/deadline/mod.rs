@@ -220,12 +220,19 @@ where
 /// Reads the caller's time budget from `grpc-timeout` or
 /// [`TIMEOUT_HEADER`], whichever is shorter. Malformed values are ignored.
 pub fn from_headers(headers: &HeaderMap) -> Option<Duration> {
+    // Parsed names: a `&str` key would be parsed and validated on every
+    // call, and most requests carry neither header.
+    static GRPC: http::HeaderName = http::HeaderName::from_static(GRPC_TIMEOUT_HEADER);
+    static HTTP: http::HeaderName = http::HeaderName::from_static(TIMEOUT_HEADER);
+    if headers.is_empty() {
+        return None;
+    }
     let grpc = headers
-        .get(GRPC_TIMEOUT_HEADER)
+        .get(&GRPC)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let http = headers
-        .get(TIMEOUT_HEADER)
+        .get(&HTTP)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis);
