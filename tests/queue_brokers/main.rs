@@ -5,8 +5,8 @@
 //! spare loopback port, so stopping it never disturbs the shared one. Every
 //! test panics with a clear message when its broker cannot be reached.
 //!
-//! The `defer` layer and its `Replayer` are not on this branch yet, so the
-//! fleet is driven by two plain lease/ack loops, one per queue handle.
+//! Both go through `defer`: requests are deferred by `DeferLayer`s and
+//! delivered by `Replayer`s, each on its own queue handle.
 
 #![cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 
