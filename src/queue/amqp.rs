@@ -91,16 +91,20 @@ use ::redis::Script;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use futures_util::future::join_all;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::collections::HashSet;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -829,15 +833,56 @@ impl<S> std::fmt::Debug for AmqpQueue<S> {
 }
 
 struct Link {
-    _conn: Connection,
+    conn: Connection,
     channel: Channel,
     retry_queues: HashSet<u64>,
+    /// Which connection this is, so that a feed knows when its own is gone.
+    serial: u64,
 }
 
 struct LinkState {
     link: Option<Link>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    serial: u64,
+}
+
+/// The consumer that leases read from: its own channel on the link's
+/// connection, with `basic.qos(prefetch)` and manual acks.
+///
+/// A copy the broker pushed ahead is *held*, not leased: it is unacked
+/// here and invisible to other handles, and the job's record does not
+/// change until a lease takes it. If the channel or connection goes, held
+/// copies go back to the queue (at least once; stale ones are dropped when
+/// they arrive again).
+struct Feed {
+    channel: Channel,
+    consumer: Consumer,
+    held: VecDeque<Delivery>,
+    /// The link this feed's channel is on.
+    link: u64,
+    /// This feed, for its release task.
+    serial: u64,
+    /// When a lease last used it.
+    used: Instant,
+}
+
+impl Feed {
+    /// Moves every delivery the consumer has received into `held`. `false`
+    /// when the consumer has ended or failed: the feed must be replaced.
+    fn drain(&mut self) -> bool {
+        while let Some(next) = self.consumer.next().now_or_never() {
+            match next {
+                Some(Ok(d)) => self.held.push_back(d),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn alive(&self, link: u64) -> bool {
+        self.link == link && self.channel.status().connected()
+    }
 }
 
 struct Inner<S> {
@@ -846,6 +891,10 @@ struct Inner<S> {
     dlx: String,
     store: S,
     state: Mutex<LinkState>,
+    feed: Arc<Mutex<Option<Feed>>>,
+    feeds: AtomicU64,
+    prefetch: u16,
+    prefetch_hold: Duration,
     policy: Policy,
     format: Format,
     op_timeout: Duration,
@@ -862,6 +911,8 @@ pub struct AmqpQueueBuilder {
     connect_timeout: Duration,
     op_timeout: Duration,
     max_backoff: Duration,
+    prefetch: u16,
+    prefetch_hold: Duration,
 }
 
 impl Default for AmqpQueueBuilder {
@@ -873,11 +924,18 @@ impl Default for AmqpQueueBuilder {
             connect_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
+            prefetch: AmqpQueueBuilder::DEFAULT_PREFETCH,
+            prefetch_hold: AmqpQueueBuilder::DEFAULT_PREFETCH_HOLD,
         }
     }
 }
 
 impl AmqpQueueBuilder {
+    /// The default [`prefetch`](Self::prefetch): 32 copies.
+    pub const DEFAULT_PREFETCH: u16 = 32;
+    /// The default [`prefetch_hold`](Self::prefetch_hold): 2 s.
+    pub const DEFAULT_PREFETCH_HOLD: Duration = Duration::from_secs(2);
+
     /// The queue's name: handles with one name share one queue. Default:
     /// `default`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -930,6 +988,35 @@ impl AmqpQueueBuilder {
         self
     }
 
+    /// How many copies RabbitMQ may push ahead to this handle's consumer
+    /// (`basic.qos` prefetch count) before a lease takes them. Default:
+    /// [32](Self::DEFAULT_PREFETCH), twice the replayer's default batch,
+    /// so that one lease call usually finds its batch already here and
+    /// costs no round trip to fetch it.
+    ///
+    /// Copies pushed ahead are held unacked by this handle and no other
+    /// handle sees them until they are leased here, the handle stops
+    /// leasing for [`prefetch_hold`](Self::prefetch_hold), or its
+    /// connection goes. A larger value saves round trips for large
+    /// batches; a smaller one spreads a short queue more evenly over a
+    /// fleet. Must be above zero.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// How long copies pushed ahead to this handle wait for a lease call
+    /// before they are given back to the queue for other handles (the
+    /// consumer is cancelled; the next lease starts a new one). Default:
+    /// [2 s](Self::DEFAULT_PREFETCH_HOLD). This bounds how long a replayer
+    /// that pauses (an open breaker) keeps jobs from the rest of the
+    /// fleet, and keeps held copies far below RabbitMQ's
+    /// `consumer_timeout` (30 min by default). Must be above zero.
+    pub fn prefetch_hold(mut self, hold: Duration) -> Self {
+        self.prefetch_hold = hold;
+        self
+    }
+
     /// Checks the settings, connects to RabbitMQ at `url` (for example
     /// `amqp://guest:guest@127.0.0.1:5672/%2f`) and declares the queues
     /// and the dead-letter exchange.
@@ -947,6 +1034,14 @@ impl AmqpQueueBuilder {
         if self.name.is_empty() {
             return Err(ConfigError::new("name", &self.name, "must be non-empty").into());
         }
+        if self.prefetch == 0 {
+            return Err(ConfigError::new("prefetch", self.prefetch, "must be above zero").into());
+        }
+        if self.prefetch_hold.is_zero() {
+            return Err(
+                ConfigError::new("prefetch_hold", self.prefetch_hold, "must be above zero").into(),
+            );
+        }
         let queue = AmqpQueue {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
@@ -957,7 +1052,12 @@ impl AmqpQueueBuilder {
                     link: None,
                     retry_at: None,
                     backoff: Duration::from_millis(10),
+                    serial: 0,
                 }),
+                feed: Arc::new(Mutex::new(None)),
+                feeds: AtomicU64::new(0),
+                prefetch: self.prefetch,
+                prefetch_hold: self.prefetch_hold,
                 policy: self.policy,
                 format: self.format,
                 op_timeout: self.op_timeout,
@@ -998,6 +1098,36 @@ enum Extra<'a> {
 /// job's record is put back before it is dropped.
 const ORPHAN_RETRIES: u32 = 5;
 const ORPHAN_DELAY_MS: u64 = 200;
+
+/// Gives the copies a feed holds back to the queue once no lease has used
+/// it for `hold`, by closing its channel (the consumer goes with it); ends
+/// when the feed is replaced or the queue handle is dropped.
+async fn release_when_idle(feed: Weak<Mutex<Option<Feed>>>, serial: u64, hold: Duration) {
+    loop {
+        tokio::time::sleep(hold / 2).await;
+        let Some(feed) = feed.upgrade() else {
+            return;
+        };
+        let mut slot = feed.lock().await;
+        let Some(f) = slot.as_mut().filter(|f| f.serial == serial) else {
+            return;
+        };
+        let alive = f.drain();
+        // An idle consumer that holds nothing costs nothing; keep it.
+        if alive && (f.held.is_empty() || f.used.elapsed() < hold) {
+            continue;
+        }
+        if let Some(f) = slot.take() {
+            drop(slot);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                f.channel.close(200, "idle: prefetched copies given back".into()),
+            )
+            .await;
+        }
+        return;
+    }
+}
 
 fn new_ticket() -> String {
     format!("{:032x}", uuid::Uuid::now_v7().as_u128())
@@ -1063,9 +1193,10 @@ impl<S: StatusStore> AmqpQueue<S> {
             )
             .await?;
         Ok(Link {
-            _conn: conn,
+            conn,
             channel,
             retry_queues: HashSet::new(),
+            serial: 0,
         })
     }
 
@@ -1091,8 +1222,10 @@ impl<S: StatusStore> AmqpQueue<S> {
             ));
         }
         match tokio::time::timeout(timeout, self.open()).await {
-            Ok(Ok(link)) => {
+            Ok(Ok(mut link)) => {
                 let ch = link.channel.clone();
+                st.serial += 1;
+                link.serial = st.serial;
                 st.link = Some(link);
                 st.retry_at = None;
                 st.backoff = Duration::from_millis(10);
@@ -1109,10 +1242,72 @@ impl<S: StatusStore> AmqpQueue<S> {
         }
     }
 
-    /// Drops the link after a failure on it.
+    /// Drops the link after a failure on it, and the feed with it: copies
+    /// it held, and any a failed lease had taken but not acked, go back to
+    /// the queue when its channel closes.
     async fn broken(&self) {
         let mut st = self.inner.state.lock().await;
         st.link = None;
+        drop(st);
+        self.inner.feed.lock().await.take();
+    }
+
+    /// The feed that leases read from, started on this link if there is
+    /// none (the first lease, or after a failure or a release).
+    async fn feed<'a>(
+        &self,
+        slot: &'a mut Option<Feed>,
+    ) -> Result<&'a mut Feed, QueueError> {
+        let link = {
+            let st = self.inner.state.lock().await;
+            st.link.as_ref().map(|l| l.serial)
+        };
+        if let (Some(f), Some(link)) = (slot.as_ref(), link)
+            && f.alive(link)
+        {
+            return Ok(slot.as_mut().expect("checked"));
+        }
+        *slot = None;
+        let (channel, link) = {
+            let st = self.inner.state.lock().await;
+            let Some(l) = st.link.as_ref() else {
+                return Err(QueueError::unavailable("the RabbitMQ link was lost"));
+            };
+            (
+                l.conn
+                    .create_channel()
+                    .await
+                    .map_err(QueueError::unavailable)?,
+                l.serial,
+            )
+        };
+        channel
+            .basic_qos(self.inner.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(QueueError::unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                self.inner.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(QueueError::unavailable)?;
+        let serial = self.inner.feeds.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(release_when_idle(
+            Arc::downgrade(&self.inner.feed),
+            serial,
+            self.inner.prefetch_hold,
+        ));
+        Ok(slot.insert(Feed {
+            channel,
+            consumer,
+            held: VecDeque::new(),
+            link,
+            serial,
+            used: Instant::now(),
+        }))
     }
 
     async fn retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, QueueError> {
@@ -1292,86 +1487,139 @@ impl<S: StatusStore> AmqpQueue<S> {
         visibility: Duration,
     ) -> Result<Vec<Leased>, QueueError> {
         let channel = self.channel().await?;
+        // One lease at a time per handle: the feed's held copies and its
+        // acks must not be shared between two calls.
+        let mut slot = self.inner.feed.lock().await;
+        let feed = self.feed(&mut slot).await?;
+        feed.used = Instant::now();
         let mut out = Vec::new();
-        let max_attempts = self.inner.policy.max_attempts;
         // Stale copies do not count; bound the work of one call. Each job
         // costs a few round trips, so a large batch stops at half the
         // operation's time budget and returns what it has: leases taken
         // and then lost to the timeout would only come back after their
         // visibility timeout.
         let started = Instant::now();
-        for _ in 0..max.saturating_mul(4).saturating_add(64) {
-            if out.len() >= max || started.elapsed() > self.inner.op_timeout / 2 {
-                break;
+        let mut budget = max.saturating_mul(4).saturating_add(64);
+        // Whether copies were acked (so the broker may have pushed more)
+        // since the last sync; the first pass always syncs if it must.
+        let mut moved = true;
+        while out.len() < max && budget > 0 && started.elapsed() <= self.inner.op_timeout / 2 {
+            if !feed.drain() {
+                return Err(QueueError::unavailable("the RabbitMQ consumer was cancelled"));
             }
-            let Some(msg) = channel
-                .basic_get(
-                    self.inner.queue.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(QueueError::unavailable)?
-            else {
-                break;
-            };
-            let d = msg.delivery;
-            let id = header(&d.properties, "fb-id").and_then(|s| s.parse::<JobId>().ok());
-            let ticket = header(&d.properties, "fb-ticket").unwrap_or_default();
-            let Some(id) = id else {
-                d.acker
-                    .ack(BasicAckOptions::default())
+            if feed.held.is_empty() {
+                if !moved {
+                    break;
+                }
+                // A round trip on the consumer's channel: RabbitMQ sends
+                // every copy it pushed to this consumer before it answers,
+                // and lapin hands each to the consumer before it resolves
+                // the answer, so afterwards `held` has every copy that was
+                // ready for us when we asked.
+                feed.channel
+                    .queue_declare(
+                        self.inner.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
                     .await
                     .map_err(QueueError::unavailable)?;
+                moved = false;
                 continue;
-            };
-            let next = new_ticket();
-            // The lease's timer goes out before the record points at it.
-            self.publish(&channel, &id, &next, &d.data, visibility)
-                .await?;
-            let taken = self
-                .inner
-                .store
-                .take(&id, &ticket, &next, self.inner.clock.now_ms(), max_attempts)
-                .await?;
-            match taken {
-                Take::Stale => {}
-                Take::Missing => {
-                    // Published by a submit that has not written its record
-                    // yet, or whose claim was refused: look again a little
-                    // later, a few times, then drop it.
-                    let orphan: u32 = header(&d.properties, "fb-orphan")
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    if orphan < ORPHAN_RETRIES {
-                        let retry = self.retry_queue(&channel, ORPHAN_DELAY_MS).await?;
-                        self.publish_to(
-                            &channel,
-                            "",
-                            &retry,
-                            &id,
-                            &ticket,
-                            &d.data,
-                            Some(Extra::Orphan(orphan + 1)),
-                        )
-                        .await?;
-                    }
-                }
-                Take::Dead { reason } => self.to_dlx(&channel, &id, &d.data, &reason).await,
-                Take::Leased { attempts } => {
-                    let mut job = self
-                        .inner
-                        .format
-                        .decode(&d.data)
-                        .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
-                    job.attempts = attempts;
-                    out.push(Leased::new(Lease::new(id, next), job));
+            }
+            let n = feed.held.len().min(max - out.len()).min(budget);
+            budget -= n;
+            let batch: Vec<Delivery> = feed.held.drain(..n).collect();
+            // The copies of one batch are taken concurrently: their
+            // publishes share the channel's confirms, their store calls
+            // the store's connection.
+            let taken =
+                join_all(batch.into_iter().map(|d| self.take_copy(&channel, d, visibility))).await;
+            moved = true;
+            for t in taken {
+                if let Some(leased) = t? {
+                    out.push(leased);
                 }
             }
+        }
+        feed.used = Instant::now();
+        Ok(out)
+    }
+
+    /// Takes one copy from the feed: leases its job, dead-letters it, puts
+    /// an orphan back, or drops a stale copy; then acks it.
+    async fn take_copy(
+        &self,
+        channel: &Channel,
+        d: Delivery,
+        visibility: Duration,
+    ) -> Result<Option<Leased>, QueueError> {
+        let id = header(&d.properties, "fb-id").and_then(|s| s.parse::<JobId>().ok());
+        let ticket = header(&d.properties, "fb-ticket").unwrap_or_default();
+        let Some(id) = id else {
             d.acker
                 .ack(BasicAckOptions::default())
                 .await
                 .map_err(QueueError::unavailable)?;
+            return Ok(None);
+        };
+        let next = new_ticket();
+        // The lease's timer goes out before the record points at it.
+        self.publish(channel, &id, &next, &d.data, visibility)
+            .await?;
+        let taken = self
+            .inner
+            .store
+            .take(
+                &id,
+                &ticket,
+                &next,
+                self.inner.clock.now_ms(),
+                self.inner.policy.max_attempts,
+            )
+            .await?;
+        let mut out = None;
+        match taken {
+            Take::Stale => {}
+            Take::Missing => {
+                // Published by a submit that has not written its record
+                // yet, or whose claim was refused: look again a little
+                // later, a few times, then drop it.
+                let orphan: u32 = header(&d.properties, "fb-orphan")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if orphan < ORPHAN_RETRIES {
+                    let retry = self.retry_queue(channel, ORPHAN_DELAY_MS).await?;
+                    self.publish_to(
+                        channel,
+                        "",
+                        &retry,
+                        &id,
+                        &ticket,
+                        &d.data,
+                        Some(Extra::Orphan(orphan + 1)),
+                    )
+                    .await?;
+                }
+            }
+            Take::Dead { reason } => self.to_dlx(channel, &id, &d.data, &reason).await,
+            Take::Leased { attempts } => {
+                let mut job = self
+                    .inner
+                    .format
+                    .decode(&d.data)
+                    .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+                job.attempts = attempts;
+                out = Some(Leased::new(Lease::new(id, next), job));
+            }
         }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(QueueError::unavailable)?;
         Ok(out)
     }
 
