@@ -1511,22 +1511,29 @@ impl<S: StatusStore> AmqpQueue<S> {
                 if !moved {
                     break;
                 }
-                // A round trip on the consumer's channel: RabbitMQ sends
-                // every copy it pushed to this consumer before it answers,
-                // and lapin hands each to the consumer before it resolves
-                // the answer, so afterwards `held` has every copy that was
-                // ready for us when we asked.
-                feed.channel
-                    .queue_declare(
-                        self.inner.queue.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(QueueError::unavailable)?;
+                // Two round trips on the consumer's channel. RabbitMQ's
+                // queue sends the channel every copy it pushes to this
+                // consumer (after an ack frees room, or as soon as a job
+                // is ready) before it answers the first; the channel may
+                // write that answer out before those copies, but writes
+                // them before it answers the second. lapin hands each copy
+                // to the consumer before it resolves the answer after it,
+                // so afterwards `held` has every copy that was ready for
+                // this consumer when we asked. (With one round trip, a
+                // batch larger than the prefetch stopped at the window.)
+                for _ in 0..2 {
+                    feed.channel
+                        .queue_declare(
+                            self.inner.queue.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(QueueError::unavailable)?;
+                }
                 moved = false;
                 continue;
             }
