@@ -20,8 +20,9 @@
 //!   [`RedisStatusStore`] is the implementation here; every change to a
 //!   record is one atomic step.
 //!
-//! A lease takes a message from `fb.<name>` (`basic.get`, manual ack). If
-//! its ticket is the record's current one, the job is leased: a fresh copy
+//! A lease takes a message from `fb.<name>` (through a consumer with
+//! prefetch, below). If its ticket is the record's current one, the job
+//! is leased: a fresh copy
 //! with a new ticket is first parked in the retry queue of the visibility
 //! timeout (the lease's timer), then the record switches to that ticket,
 //! then the message is acked. When the timer copy comes back and the record
@@ -37,9 +38,38 @@
 //! that is refused (existing key, conflict, full) leaves a tombstone for
 //! ten minutes so that its copy is dropped at once.
 //!
-//! Jobs are pulled with `basic.get` and acked manually, one message per
-//! round trip; a settled lease's timer copy stays in its retry queue until
-//! its visibility timeout ends, and is then dropped.
+//! A settled lease's timer copy stays in its retry queue until its
+//! visibility timeout ends, and is then dropped.
+//!
+//! # Consumer and prefetch
+//!
+//! A handle's first `lease` starts a consumer on `fb.<name>` on a channel
+//! of its own, with `basic.qos(prefetch)` ([`prefetch`], default 32) and
+//! manual acks, so RabbitMQ pushes copies ahead and a lease usually finds
+//! its batch already here instead of paying a `basic.get` round trip per
+//! message. When it holds none, a lease makes two round trips on that
+//! channel (passive `queue.declare`) as a barrier, after which every copy
+//! that was ready for it has arrived; a lease on an empty queue costs those
+//! two round trips. The copies of a batch are taken concurrently. Leases on
+//! one handle run one at a time.
+//!
+//! A lease is not an unacked delivery: a copy is acked as soon as the
+//! lease's timer copy is parked and the record points at it, so the
+//! visibility timeout is the timer's, as before, and RabbitMQ's
+//! `consumer_timeout` never sees a lease. What the consumer holds unacked
+//! is only copies pushed ahead and not yet taken: the job's record is
+//! unchanged (it reads `Queued`), but no other handle can lease it while
+//! it is held. A held copy goes back to the queue when the handle has not
+//! leased for [`prefetch_hold`] (default 2 s: the consumer's channel is
+//! closed, and the next lease starts a new one), when an operation fails
+//! and the link is dropped, when the connection is lost, or when the handle
+//! is dropped. A copy that comes back this way is delivered again; if it
+//! is stale by then (its job was leased through another copy), it is
+//! dropped. This is the at-least-once path the design already had for a
+//! pulled copy whose ack was lost.
+//!
+//! [`prefetch`]: AmqpQueueBuilder::prefetch
+//! [`prefetch_hold`]: AmqpQueueBuilder::prefetch_hold
 //!
 //! # Durability
 //!

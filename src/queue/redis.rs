@@ -16,6 +16,7 @@
 //! | `x`, `xe` | stream, hash | the dead-letter stream, and each dead job's entry in it |
 //! | `st:<id>` | hash with a TTL | a finished job's status: the delivered response (expires after `retention`) or the dead-letter reason |
 //! | `p` | sorted set | delivered jobs by the time their idempotency key is released |
+//! | `xt` | sorted set | dead jobs by the time they were dead-lettered, for `dead_letter_retention` |
 //!
 //! A lease is a stream entry pending in the consumer group. When a job is
 //! leased for `visibility`, its entry's idle time is set so that
@@ -147,6 +148,7 @@ local function to_dead(id, reason, now)
   local st = k('st:' .. id)
   redis.call('DEL', st)
   redis.call('HSET', st, 'state', 'dead', 'reason', reason, 'attempts', att, 'at', now)
+  redis.call('ZADD', k('xt'), now, id)
   forget(id)
 end
 
@@ -187,10 +189,11 @@ return {'created', id}
 "#;
 
 /// ARGV: prefix, now, max, visibility, max_attempts, nonce, consumer,
-/// min idle. Returns `{id, token, job, attempts}` for each leased job.
+/// min idle, and the time before which a dead letter is purged ('' to keep
+/// dead letters). Returns `{id, token, job, attempts}` for each leased job.
 const LEASE: &str = r#"
 local now, max, vis, max_att = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local nonce, consumer, M = ARGV[6], ARGV[7], tonumber(ARGV[8])
+local nonce, consumer, M, dead_before = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 
 -- Release the idempotency keys of jobs delivered longer than `retention` ago.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0, 1024)) do
@@ -202,6 +205,26 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0,
     redis.call('HDEL', k('k'), id)
   end
   redis.call('DEL', k('st:' .. id))
+end
+
+-- Forget the dead letters dead since before `dead_before` (now minus this
+-- handle's `dead_letter_retention`), and release their idempotency keys.
+if dead_before ~= '' then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('xt'), '-inf', dead_before, 'LIMIT', 0, 1024)) do
+    redis.call('ZREM', k('xt'), id)
+    local xe = redis.call('HGET', k('xe'), id)
+    if xe then
+      redis.call('XDEL', k('x'), xe)
+      redis.call('HDEL', k('xe'), id)
+      redis.call('DEL', k('st:' .. id))
+      local key = redis.call('HGET', k('k'), id)
+      if key then
+        local cur = redis.call('HGET', k('i'), key)
+        if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+        redis.call('HDEL', k('k'), id)
+      end
+    end
+  end
 end
 
 -- Nacked jobs whose delay has passed go back to the stream.
@@ -302,6 +325,7 @@ if not xe then return 0 end
 if redis.call('ZCARD', k('q')) >= cap then return -1 end
 local r = redis.call('XRANGE', k('x'), xe, xe)
 redis.call('HDEL', k('xe'), id)
+redis.call('ZREM', k('xt'), id)
 if #r == 0 then return 0 end
 local f = {}
 local raw = r[1][2]
@@ -435,6 +459,20 @@ impl RedisQueueBuilder {
     /// How long a delivered job's status and response are kept. Default: 24 h.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.policy.retention = retention;
+        self
+    }
+
+    /// How long a dead letter is kept before it is purged, with its
+    /// status and its idempotency key. Default: until it is redriven.
+    ///
+    /// As with the disk queue, the purge is done by the sweep that runs
+    /// with each `lease`, and time is the client's wall clock: a lease
+    /// purges the dead letters that have been dead for longer than *its
+    /// handle's* setting (a handle without the setting purges none), so
+    /// the handles of a fleet should agree on it. A redriven job is no
+    /// longer a dead letter and is not purged.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
         self
     }
 
@@ -686,14 +724,20 @@ impl Queue for RedisQueue {
         }
         let vis = duration_ms(visibility).min(MAX_VISIBILITY_MS);
         let args = || {
+            let now = self.inner.clock.now_ms();
+            let dead_before = match self.inner.policy.dead_letter_retention {
+                Some(r) => arg(now.saturating_sub(duration_ms(r))),
+                None => Vec::new(),
+            };
             vec![
-                arg(self.inner.clock.now_ms()),
+                arg(now),
                 arg(max),
                 arg(vis),
                 arg(self.inner.policy.max_attempts),
                 arg(uuid::Uuid::now_v7().simple()),
                 arg(&self.inner.consumer),
                 arg(MAX_VISIBILITY_MS),
+                dead_before,
             ]
         };
         type Row = (String, String, Vec<u8>, u32);

@@ -58,12 +58,16 @@ fn sweep_old_redis_queues() {
 pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis::RedisQueue> {
     sweep_old_redis_queues();
     let name = unique("conf");
-    let queue = tower_firebreak::queue::redis::RedisQueue::builder()
+    let mut builder = tower_firebreak::queue::redis::RedisQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(std::time::Duration::from_secs(5))
+        .op_timeout(std::time::Duration::from_secs(5));
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder
         .connect(REDIS_URL)
         .await
         .unwrap_or_else(|e| {

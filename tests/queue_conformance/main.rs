@@ -92,8 +92,7 @@ conformance!(
     redis_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::redis,
-    dead_letters_kept_until_redriven
+    brokers::redis
 );
 
 #[cfg(feature = "nats")]
