@@ -111,12 +111,16 @@ async fn sweep_old_nats_queues() {
 pub(crate) async fn nats(s: Settings) -> Fixture<tower_firebreak::queue::nats::NatsQueue> {
     sweep_old_nats_queues().await;
     let name = unique("conf");
-    let queue = tower_firebreak::queue::nats::NatsQueue::builder()
+    let mut builder = tower_firebreak::queue::nats::NatsQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(std::time::Duration::from_secs(5))
+        .op_timeout(std::time::Duration::from_secs(5));
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder
         .connect(NATS_URL)
         .await
         .unwrap_or_else(|e| {

@@ -100,8 +100,7 @@ conformance!(
     nats_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::nats,
-    dead_letters_kept_until_redriven
+    brokers::nats
 );
 
 #[cfg(feature = "amqp")]
