@@ -310,6 +310,19 @@ pub trait StatusStore: Send + Sync + 'static {
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadRecord>, QueueError>> + Send;
+
+    /// Forgets up to `limit` jobs dead-lettered before `before_ms`
+    /// (wall-clock ms): their records, their places in the dead list, and
+    /// the idempotency keys they hold, as if they had never been stored.
+    /// Returns how many it forgot. A redriven job is not dead and is not
+    /// purged. The queue calls this with each `lease` when
+    /// [`dead_letter_retention`](AmqpQueueBuilder::dead_letter_retention)
+    /// is set.
+    fn purge_dead(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, QueueError>> + Send;
 }
 
 const PRELUDE: &str = r#"
@@ -319,6 +332,7 @@ local function to_dead(id, r, reason, now)
   redis.call('HSET', r, 'state', 'dead', 'reason', reason, 'at', now, 'ticket', '')
   redis.call('ZREM', k('q'), id)
   redis.call('ZADD', k('x'), 0, id)
+  redis.call('ZADD', k('xt'), now, id)
 end
 "#;
 
@@ -345,7 +359,7 @@ if key ~= '' then
 end
 if redis.call('ZCARD', k('q')) >= cap then void() return {'full', ''} end
 redis.call('HSET', k('r:' .. id), 'state', 'queued', 'ticket', ticket, 'attempts', 0,
-  'enq', enq, 'deadline', dl, 'job', env)
+  'enq', enq, 'deadline', dl, 'job', env, 'key', key)
 redis.call('ZADD', k('q'), enq, id)
 if key ~= '' then redis.call('HSET', k('i'), key, id .. ' ' .. fp) end
 return {'created', id}
@@ -424,11 +438,34 @@ if redis.call('HGET', r, 'state') ~= 'dead' then return {'no', ''} end
 if redis.call('ZCARD', k('q')) >= cap then return {'full', ''} end
 redis.call('HSET', r, 'state', 'queued', 'ticket', nt, 'attempts', 0, 'reason', '')
 redis.call('ZREM', k('x'), id)
+redis.call('ZREM', k('xt'), id)
 redis.call('ZADD', k('q'), redis.call('HGET', r, 'enq'), id)
 return {'ok', redis.call('HGET', r, 'job')}
 "#;
 
+/// ARGV: prefix, before, limit. Returns how many dead jobs it forgot.
+const PURGE: &str = r#"
+local before, limit = ARGV[2], tonumber(ARGV[3])
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('xt'), '-inf', before, 'LIMIT', 0, limit)) do
+  redis.call('ZREM', k('xt'), id)
+  local r = k('r:' .. id)
+  if redis.call('HGET', r, 'state') == 'dead' then
+    local key = redis.call('HGET', r, 'key')
+    redis.call('DEL', r)
+    redis.call('ZREM', k('x'), id)
+    if key and key ~= '' then
+      local cur = redis.call('HGET', k('i'), key)
+      if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+    end
+    n = n + 1
+  end
+end
+return n
+"#;
+
 struct Scripts {
+    purge: Script,
     claim: Script,
     take: Script,
     ack: Script,
@@ -440,6 +477,7 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
     Scripts {
+        purge: s(PURGE),
         claim: s(CLAIM),
         take: s(TAKE),
         ack: s(ACK),
@@ -799,6 +837,11 @@ impl StatusStore for RedisStatusStore {
         Ok(v.first().map(|(_, at)| *at as u64))
     }
 
+    async fn purge_dead(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError> {
+        self.invoke(&SCRIPTS.purge, vec![arg(before_ms), arg(limit)])
+            .await
+    }
+
     async fn dead(&self, limit: usize) -> Result<Vec<DeadRecord>, QueueError> {
         let key = format!("{}x", self.prefix);
         let mut c = self.conn.clone();
@@ -988,6 +1031,30 @@ impl AmqpQueueBuilder {
     /// How long a delivered job's status and response are kept. Default: 24 h.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.policy.retention = retention;
+        self
+    }
+
+    /// How long a dead letter is kept before it is purged, with its
+    /// record and its idempotency key. Default: until it is redriven.
+    ///
+    /// As with the disk queue, the purge is done by the sweep that runs
+    /// with each `lease` ([`StatusStore::purge_dead`]), and time is the
+    /// client's wall clock: a lease purges the dead letters that have been
+    /// dead for longer than *its handle's* setting (a handle without the
+    /// setting purges none), so the handles of a fleet should agree on it.
+    ///
+    /// The copy published to the dead-letter exchange for operators
+    /// carries this as its per-message TTL (the `expiration` property), so
+    /// RabbitMQ drops it from `fb.<name>.dead` about when the record goes
+    /// (it expires messages at the head of the queue, so a copy can wait
+    /// behind an older one with a longer TTL). It is not a queue argument
+    /// (`x-message-ttl`): RabbitMQ cannot change a queue's arguments after
+    /// it is declared, and declaring it again with others fails, so a
+    /// queue argument would fix the setting forever at the first
+    /// declaration. A redriven job's copy in `fb.<name>.dead` stays until
+    /// it expires, as it stays forever without this setting.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
         self
     }
 
@@ -1414,6 +1481,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         let mut headers = FieldTable::default();
         headers.insert("fb-id".into(), AMQPValue::LongString(id.to_string().into()));
         headers.insert("fb-ticket".into(), AMQPValue::LongString(ticket.into()));
+        let is_dead = matches!(extra, Some(Extra::Reason(_)));
         match extra {
             Some(Extra::Reason(reason)) => {
                 headers.insert("fb-reason".into(), AMQPValue::LongString(reason.into()));
@@ -1426,9 +1494,14 @@ impl<S: StatusStore> AmqpQueue<S> {
             }
             None => {}
         }
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(headers);
+        if is_dead
+            && let Some(r) = self.inner.policy.dead_letter_retention
+        {
+            props = props.with_expiration(duration_ms(r).to_string().as_str().into());
+        }
         let confirm = channel
             .basic_publish(
                 ShortString::from(exchange),
@@ -1704,6 +1777,11 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
         if max == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(r) = self.inner.policy.dead_letter_retention {
+            let before = self.inner.clock.now_ms().saturating_sub(duration_ms(r));
+            self.bounded(self.inner.store.purge_dead(before, 1024))
+                .await?;
         }
         self.bounded(self.lease_inner(max, visibility)).await
     }

@@ -211,12 +211,16 @@ pub(crate) async fn amqp(
         .unwrap_or_else(|e| {
             panic!("Redis at {REDIS_URL} (the status store) is unreachable ({e}); start it (see shared/DESIGN.md)")
         });
-    let queue = AmqpQueue::builder()
+    let mut builder = AmqpQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(timeout)
+        .op_timeout(timeout);
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder
         .connect(AMQP_URL, store)
         .await
         .unwrap_or_else(|e| {

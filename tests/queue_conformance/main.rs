@@ -108,6 +108,5 @@ conformance!(
     amqp_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::amqp,
-    dead_letters_kept_until_redriven
+    brokers::amqp
 );
