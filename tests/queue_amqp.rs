@@ -1,6 +1,7 @@
-//! The RabbitMQ backend's consumer with prefetch, against the RabbitMQ on
-//! this machine: what a handle holds ahead of its leases, and when it gives
-//! that back to the rest of a fleet.
+//! The RabbitMQ backend against the RabbitMQ on this machine, beyond the
+//! conformance suite: its consumer with prefetch (what a handle holds ahead
+//! of its leases, and when it gives that back to the rest of a fleet), and
+//! the operator copies of dead letters under `dead_letter_retention`.
 #![cfg(feature = "amqp")]
 
 use std::time::Duration;
@@ -147,4 +148,53 @@ async fn prefetch_and_hold_must_be_above_zero() {
         let err = settings.connect(AMQP, store).await.unwrap_err();
         assert!(err.to_string().contains("prefetch"), "{err}");
     }
+}
+
+/// How many messages wait in the operators' dead-letter queue.
+async fn dead_copies(name: &str) -> u32 {
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        format!("fb.{name}.dead").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// With `dead_letter_retention`, the copy of a dead job published for
+/// operators expires with it; without, it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
+    let kept = unique("deadcopy");
+    let purged = unique("deadcopy");
+    let k = connect(&kept, |b| b).await;
+    let p = connect(&purged, |b| {
+        b.dead_letter_retention(Duration::from_millis(300))
+    })
+    .await;
+    for q in [&k, &p] {
+        enqueue(q, 2).await;
+        for l in q.lease(2, Duration::from_secs(60)).await.unwrap() {
+            q.dead_letter(&l.lease, "bad").await.unwrap();
+        }
+    }
+    assert_eq!(dead_copies(&kept).await, 2);
+    assert_eq!(dead_copies(&purged).await, 2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(dead_copies(&kept).await, 2, "copies expired without the setting");
+    assert_eq!(dead_copies(&purged).await, 0, "copies kept past dead_letter_retention");
+    assert_eq!(p.dead_letters(10).await.unwrap().len(), 2, "purged before a lease");
+    let _ = p.lease(1, Duration::from_secs(1)).await.unwrap();
+    assert!(p.dead_letters(10).await.unwrap().is_empty(), "not purged by the lease");
+    drop((k, p));
+    cleanup(&kept).await;
+    cleanup(&purged).await;
 }
