@@ -93,7 +93,11 @@ async fn held_copies_go_back_to_the_fleet_after_prefetch_hold() {
     assert_eq!(lease_all(&a, 1).await, ids[..1]);
     // The other four were pushed to `a` with the first: they are held, not
     // leased, so `b` finds none yet...
-    assert_eq!(lease_all(&b, 10).await, [], "copies held by a were leased by b");
+    assert_eq!(
+        lease_all(&b, 10).await,
+        [],
+        "copies held by a were leased by b"
+    );
     // ...until `a` has not leased for its hold time.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let mut rest = lease_all(&b, 10).await;
@@ -189,11 +193,26 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
     assert_eq!(dead_copies(&kept).await, 2);
     assert_eq!(dead_copies(&purged).await, 2);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(dead_copies(&kept).await, 2, "copies expired without the setting");
-    assert_eq!(dead_copies(&purged).await, 0, "copies kept past dead_letter_retention");
-    assert_eq!(p.dead_letters(10).await.unwrap().len(), 2, "purged before a lease");
+    assert_eq!(
+        dead_copies(&kept).await,
+        2,
+        "copies expired without the setting"
+    );
+    assert_eq!(
+        dead_copies(&purged).await,
+        0,
+        "copies kept past dead_letter_retention"
+    );
+    assert_eq!(
+        p.dead_letters(10).await.unwrap().len(),
+        2,
+        "purged before a lease"
+    );
     let _ = p.lease(1, Duration::from_secs(1)).await.unwrap();
-    assert!(p.dead_letters(10).await.unwrap().is_empty(), "not purged by the lease");
+    assert!(
+        p.dead_letters(10).await.unwrap().is_empty(),
+        "not purged by the lease"
+    );
     drop((k, p));
     cleanup(&kept).await;
     cleanup(&purged).await;

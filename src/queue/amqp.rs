@@ -120,9 +120,9 @@ use crate::ConfigError;
 use ::redis::Script;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -1135,9 +1135,12 @@ impl AmqpQueueBuilder {
             return Err(ConfigError::new("prefetch", self.prefetch, "must be above zero").into());
         }
         if self.prefetch_hold.is_zero() {
-            return Err(
-                ConfigError::new("prefetch_hold", self.prefetch_hold, "must be above zero").into(),
-            );
+            return Err(ConfigError::new(
+                "prefetch_hold",
+                self.prefetch_hold,
+                "must be above zero",
+            )
+            .into());
         }
         let queue = AmqpQueue {
             inner: Arc::new(Inner {
@@ -1218,7 +1221,8 @@ async fn release_when_idle(feed: Weak<Mutex<Option<Feed>>>, serial: u64, hold: D
             drop(slot);
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
-                f.channel.close(200, "idle: prefetched copies given back".into()),
+                f.channel
+                    .close(200, "idle: prefetched copies given back".into()),
             )
             .await;
         }
@@ -1351,10 +1355,7 @@ impl<S: StatusStore> AmqpQueue<S> {
 
     /// The feed that leases read from, started on this link if there is
     /// none (the first lease, or after a failure or a release).
-    async fn feed<'a>(
-        &self,
-        slot: &'a mut Option<Feed>,
-    ) -> Result<&'a mut Feed, QueueError> {
+    async fn feed<'a>(&self, slot: &'a mut Option<Feed>) -> Result<&'a mut Feed, QueueError> {
         let link = {
             let st = self.inner.state.lock().await;
             st.link.as_ref().map(|l| l.serial)
@@ -1497,9 +1498,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(headers);
-        if is_dead
-            && let Some(r) = self.inner.policy.dead_letter_retention
-        {
+        if is_dead && let Some(r) = self.inner.policy.dead_letter_retention {
             props = props.with_expiration(duration_ms(r).to_string().as_str().into());
         }
         let confirm = channel
@@ -1608,7 +1607,9 @@ impl<S: StatusStore> AmqpQueue<S> {
         let mut moved = true;
         while out.len() < max && budget > 0 && started.elapsed() <= self.inner.op_timeout / 2 {
             if !feed.drain() {
-                return Err(QueueError::unavailable("the RabbitMQ consumer was cancelled"));
+                return Err(QueueError::unavailable(
+                    "the RabbitMQ consumer was cancelled",
+                ));
             }
             if feed.held.is_empty() {
                 if !moved {
@@ -1646,8 +1647,12 @@ impl<S: StatusStore> AmqpQueue<S> {
             // The copies of one batch are taken concurrently: their
             // publishes share the channel's confirms, their store calls
             // the store's connection.
-            let taken =
-                join_all(batch.into_iter().map(|d| self.take_copy(&channel, d, visibility))).await;
+            let taken = join_all(
+                batch
+                    .into_iter()
+                    .map(|d| self.take_copy(&channel, d, visibility)),
+            )
+            .await;
             moved = true;
             for t in taken {
                 if let Some(leased) = t? {

@@ -67,12 +67,9 @@ pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis:
     if let Some(r) = s.dead_letter_retention {
         builder = builder.dead_letter_retention(r);
     }
-    let queue = builder
-        .connect(REDIS_URL)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
-        });
+    let queue = builder.connect(REDIS_URL).await.unwrap_or_else(|e| {
+        panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+    });
     Fixture {
         queue,
         _keep: Box::new(()),
@@ -220,12 +217,9 @@ pub(crate) async fn amqp(
     if let Some(r) = s.dead_letter_retention {
         builder = builder.dead_letter_retention(r);
     }
-    let queue = builder
-        .connect(AMQP_URL, store)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
-        });
+    let queue = builder.connect(AMQP_URL, store).await.unwrap_or_else(|e| {
+        panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+    });
     Fixture {
         queue,
         _keep: Box::new(()),
