@@ -1350,7 +1350,12 @@ impl<S: StatusStore> AmqpQueue<S> {
         let mut st = self.inner.state.lock().await;
         st.link = None;
         drop(st);
-        self.inner.feed.lock().await.take();
+        // A failing submit must not wait for a lease that holds the feed:
+        // that lease fails too and comes here itself, or finishes, and the
+        // next lease finds the feed on a link that is gone and replaces it.
+        if let Ok(mut feed) = self.inner.feed.try_lock() {
+            feed.take();
+        }
     }
 
     /// The feed that leases read from, started on this link if there is
