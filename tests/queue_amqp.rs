@@ -217,3 +217,59 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
     cleanup(&kept).await;
     cleanup(&purged).await;
 }
+
+/// Lease throughput, as a replayer drains a backlog: `lease(16)` and one
+/// ack per job, one loop, beside the disk queue in the same run. A
+/// measurement, not a check: run it with
+/// `cargo test --all-features --test queue_amqp -- --ignored --nocapture drain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints jobs/s"]
+async fn drain_throughput() {
+    const JOBS: usize = 2_000;
+    async fn fill<Q: Queue + Clone>(q: &Q) {
+        let body = bytes::Bytes::from(vec![b'x'; 256]);
+        let tasks: Vec<_> = (0..64)
+            .map(|p| {
+                let q = q.clone();
+                let body = body.clone();
+                tokio::spawn(async move {
+                    for i in (p..JOBS).step_by(64) {
+                        let job = Job::new(http::Method::POST, format!("/d/{i}").parse().unwrap())
+                            .with_body(body.clone());
+                        q.enqueue(job).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    async fn drain<Q: Queue>(q: &Q) -> f64 {
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while n < JOBS {
+            for l in q.lease(16, Duration::from_secs(60)).await.unwrap() {
+                q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+                n += 1;
+            }
+        }
+        JOBS as f64 / started.elapsed().as_secs_f64()
+    }
+    for round in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = tower_firebreak::queue::disk::DiskQueue::open(dir.path().join("q.redb")).unwrap();
+        fill(&disk).await;
+        let disk_rate = drain(&disk).await;
+        let name = unique("drain");
+        let amqp = connect(&name, |b| b).await;
+        fill(&amqp).await;
+        let amqp_rate = drain(&amqp).await;
+        drop(amqp);
+        cleanup(&name).await;
+        eprintln!(
+            "round {round}: DiskQueue {disk_rate:.0} jobs/s, AmqpQueue {amqp_rate:.0} jobs/s, ratio {:.2}",
+            amqp_rate / disk_rate
+        );
+    }
+}
