@@ -258,7 +258,8 @@ async fn drain_throughput() {
     }
     for round in 1..=3 {
         let dir = tempfile::tempdir().unwrap();
-        let disk = tower_firebreak::queue::disk::DiskQueue::open(dir.path().join("q.redb")).unwrap();
+        let disk =
+            tower_firebreak::queue::disk::DiskQueue::open(dir.path().join("q.redb")).unwrap();
         fill(&disk).await;
         let disk_rate = drain(&disk).await;
         let name = unique("drain");

@@ -96,6 +96,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -189,11 +190,28 @@ return {'created', id}
 "#;
 
 /// ARGV: prefix, now, max, visibility, max_attempts, nonce, consumer,
-/// min idle, and the time before which a dead letter is purged ('' to keep
-/// dead letters). Returns `{id, token, job, attempts}` for each leased job.
+/// min idle, the time before which a dead letter is purged ('' to keep
+/// dead letters), and how long another consumer must have been idle, with
+/// nothing pending, to be deleted ('' not to look this time). Returns
+/// `{id, token, job, attempts}` for each leased job.
 const LEASE: &str = r#"
 local now, max, vis, max_att = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local nonce, consumer, M, dead_before = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local nonce, consumer, M, dead_before, idle_gc = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
+
+-- Delete the group's consumers (other handles, mostly gone) that have been
+-- idle that long and hold no pending entry: checked and deleted in this one
+-- script, so no lease is lost with them, and a handle that comes back is
+-- made a consumer again by its next read.
+if idle_gc ~= '' then
+  local limit = tonumber(idle_gc)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', k('s'), G)) do
+    local f = {}
+    for n = 1, #c, 2 do f[c[n]] = c[n + 1] end
+    if f['name'] ~= consumer and tonumber(f['pending']) == 0 and tonumber(f['idle']) >= limit then
+      redis.call('XGROUP', 'DELCONSUMER', k('s'), G, f['name'])
+    end
+  end
+end
 
 -- Release the idempotency keys of jobs delivered longer than `retention` ago.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0, 1024)) do
@@ -399,6 +417,9 @@ struct Inner {
     format: Format,
     op_timeout: Duration,
     clock: Clock,
+    idle_consumer_ttl: Duration,
+    /// When this handle's next lease looks for idle consumers (clock ms).
+    next_consumer_sweep: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -421,6 +442,7 @@ pub struct RedisQueueBuilder {
     connect_timeout: Duration,
     op_timeout: Duration,
     max_backoff: Duration,
+    idle_consumer_ttl: Duration,
 }
 
 impl Default for RedisQueueBuilder {
@@ -432,11 +454,32 @@ impl Default for RedisQueueBuilder {
             connect_timeout: Duration::from_millis(250),
             op_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
+            idle_consumer_ttl: RedisQueueBuilder::DEFAULT_IDLE_CONSUMER_TTL,
         }
     }
 }
 
 impl RedisQueueBuilder {
+    /// The default [`idle_consumer_ttl`](Self::idle_consumer_ttl): 1 h.
+    pub const DEFAULT_IDLE_CONSUMER_TTL: Duration = Duration::from_secs(3600);
+
+    /// How long a consumer of the stream's group may go without reading,
+    /// with no entry pending, before a lease on another handle deletes it
+    /// (`XGROUP DELCONSUMER`). Default: [1 h](Self::DEFAULT_IDLE_CONSUMER_TTL).
+    ///
+    /// Each handle is a consumer of the group, so a fleet that restarts
+    /// its replicas leaves one consumer per old handle behind; this
+    /// removes them. A consumer that holds a lease is never deleted (its
+    /// pending entry keeps it), and a handle whose consumer was deleted
+    /// while idle becomes a consumer again at its next lease, so a short
+    /// value costs nothing but the check: each handle looks at most every
+    /// half of this, and at most every minute, inside a lease. Must be
+    /// above zero.
+    pub fn idle_consumer_ttl(mut self, ttl: Duration) -> Self {
+        self.idle_consumer_ttl = ttl;
+        self
+    }
+
     /// The queue's name: handles with one name share one queue. Default:
     /// `default`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -525,6 +568,14 @@ impl RedisQueueBuilder {
             )
             .into());
         }
+        if self.idle_consumer_ttl.is_zero() {
+            return Err(ConfigError::new(
+                "idle_consumer_ttl",
+                self.idle_consumer_ttl,
+                "must be above zero",
+            )
+            .into());
+        }
         let client = ::redis::Client::open(url)
             .map_err(|e| QueueError::from(ConfigError::new("url", url, e.to_string())))?;
         let config = ConnectionManagerConfig::new()
@@ -554,6 +605,8 @@ impl RedisQueueBuilder {
                 format: self.format,
                 op_timeout: self.op_timeout,
                 clock: Clock::new(),
+                idle_consumer_ttl: self.idle_consumer_ttl,
+                next_consumer_sweep: AtomicU64::new(0),
             }),
         };
         queue.create_group().await?;
@@ -729,6 +782,15 @@ impl Queue for RedisQueue {
                 Some(r) => arg(now.saturating_sub(duration_ms(r))),
                 None => Vec::new(),
             };
+            let ttl = self.inner.idle_consumer_ttl;
+            let next = &self.inner.next_consumer_sweep;
+            let idle_gc = if now >= next.load(Ordering::Relaxed) {
+                let every = (ttl / 2).min(Duration::from_secs(60));
+                next.store(now.saturating_add(duration_ms(every)), Ordering::Relaxed);
+                arg(duration_ms(ttl))
+            } else {
+                Vec::new()
+            };
             vec![
                 arg(now),
                 arg(max),
@@ -738,6 +800,7 @@ impl Queue for RedisQueue {
                 arg(&self.inner.consumer),
                 arg(MAX_VISIBILITY_MS),
                 dead_before,
+                idle_gc,
             ]
         };
         type Row = (String, String, Vec<u8>, u32);
