@@ -22,9 +22,12 @@
 //! leased for `visibility`, its entry's idle time is set so that
 //! `XAUTOCLAIM` with a fixed minimum idle time of 30 days claims it exactly
 //! `visibility` later: that is how an expired lease comes back, and why a
-//! visibility timeout can be at most 30 days. Each operation is one Lua
-//! script, so it applies whole or not at all, and many handles (a fleet of
-//! replicas) can share one queue.
+//! visibility timeout can be at most 30 days. Each handle is a consumer of
+//! the group; consumers idle for
+//! [`idle_consumer_ttl`](RedisQueueBuilder::idle_consumer_ttl) (1 h) with
+//! no pending entry are deleted by other handles' leases. Each operation
+//! is one Lua script, so it applies whole or not at all, and many handles
+//! (a fleet of replicas) can share one queue.
 //!
 //! # Durability
 //!
