@@ -246,7 +246,7 @@ async fn drain_throughput() {
         }
     }
     async fn drain<Q: Queue>(q: &Q) -> f64 {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let mut n = 0;
         while n < JOBS {
             for l in q.lease(16, Duration::from_secs(60)).await.unwrap() {
