@@ -20,8 +20,9 @@
 //!   [`RedisStatusStore`] is the implementation here; every change to a
 //!   record is one atomic step.
 //!
-//! A lease takes a message from `fb.<name>` (`basic.get`, manual ack). If
-//! its ticket is the record's current one, the job is leased: a fresh copy
+//! A lease takes a message from `fb.<name>` (through a consumer with
+//! prefetch, below). If its ticket is the record's current one, the job
+//! is leased: a fresh copy
 //! with a new ticket is first parked in the retry queue of the visibility
 //! timeout (the lease's timer), then the record switches to that ticket,
 //! then the message is acked. When the timer copy comes back and the record
@@ -37,9 +38,38 @@
 //! that is refused (existing key, conflict, full) leaves a tombstone for
 //! ten minutes so that its copy is dropped at once.
 //!
-//! Jobs are pulled with `basic.get` and acked manually, one message per
-//! round trip; a settled lease's timer copy stays in its retry queue until
-//! its visibility timeout ends, and is then dropped.
+//! A settled lease's timer copy stays in its retry queue until its
+//! visibility timeout ends, and is then dropped.
+//!
+//! # Consumer and prefetch
+//!
+//! A handle's first `lease` starts a consumer on `fb.<name>` on a channel
+//! of its own, with `basic.qos(prefetch)` ([`prefetch`], default 32) and
+//! manual acks, so RabbitMQ pushes copies ahead and a lease usually finds
+//! its batch already here instead of paying a `basic.get` round trip per
+//! message. When it holds none, a lease makes two round trips on that
+//! channel (passive `queue.declare`) as a barrier, after which every copy
+//! that was ready for it has arrived; a lease on an empty queue costs those
+//! two round trips. The copies of a batch are taken concurrently. Leases on
+//! one handle run one at a time.
+//!
+//! A lease is not an unacked delivery: a copy is acked as soon as the
+//! lease's timer copy is parked and the record points at it, so the
+//! visibility timeout is the timer's, as before, and RabbitMQ's
+//! `consumer_timeout` never sees a lease. What the consumer holds unacked
+//! is only copies pushed ahead and not yet taken: the job's record is
+//! unchanged (it reads `Queued`), but no other handle can lease it while
+//! it is held. A held copy goes back to the queue when the handle has not
+//! leased for [`prefetch_hold`] (default 2 s: the consumer's channel is
+//! closed, and the next lease starts a new one), when an operation fails
+//! and the link is dropped, when the connection is lost, or when the handle
+//! is dropped. A copy that comes back this way is delivered again; if it
+//! is stale by then (its job was leased through another copy), it is
+//! dropped. This is the at-least-once path the design already had for a
+//! pulled copy whose ack was lost.
+//!
+//! [`prefetch`]: AmqpQueueBuilder::prefetch
+//! [`prefetch_hold`]: AmqpQueueBuilder::prefetch_hold
 //!
 //! # Durability
 //!
@@ -90,17 +120,21 @@ use crate::ConfigError;
 use ::redis::Script;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use bytes::Bytes;
+use futures_util::future::join_all;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::collections::HashSet;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -276,6 +310,19 @@ pub trait StatusStore: Send + Sync + 'static {
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadRecord>, QueueError>> + Send;
+
+    /// Forgets up to `limit` jobs dead-lettered before `before_ms`
+    /// (wall-clock ms): their records, their places in the dead list, and
+    /// the idempotency keys they hold, as if they had never been stored.
+    /// Returns how many it forgot. A redriven job is not dead and is not
+    /// purged. The queue calls this with each `lease` when
+    /// [`dead_letter_retention`](AmqpQueueBuilder::dead_letter_retention)
+    /// is set.
+    fn purge_dead(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, QueueError>> + Send;
 }
 
 const PRELUDE: &str = r#"
@@ -285,6 +332,7 @@ local function to_dead(id, r, reason, now)
   redis.call('HSET', r, 'state', 'dead', 'reason', reason, 'at', now, 'ticket', '')
   redis.call('ZREM', k('q'), id)
   redis.call('ZADD', k('x'), 0, id)
+  redis.call('ZADD', k('xt'), now, id)
 end
 "#;
 
@@ -311,7 +359,7 @@ if key ~= '' then
 end
 if redis.call('ZCARD', k('q')) >= cap then void() return {'full', ''} end
 redis.call('HSET', k('r:' .. id), 'state', 'queued', 'ticket', ticket, 'attempts', 0,
-  'enq', enq, 'deadline', dl, 'job', env)
+  'enq', enq, 'deadline', dl, 'job', env, 'key', key)
 redis.call('ZADD', k('q'), enq, id)
 if key ~= '' then redis.call('HSET', k('i'), key, id .. ' ' .. fp) end
 return {'created', id}
@@ -390,11 +438,34 @@ if redis.call('HGET', r, 'state') ~= 'dead' then return {'no', ''} end
 if redis.call('ZCARD', k('q')) >= cap then return {'full', ''} end
 redis.call('HSET', r, 'state', 'queued', 'ticket', nt, 'attempts', 0, 'reason', '')
 redis.call('ZREM', k('x'), id)
+redis.call('ZREM', k('xt'), id)
 redis.call('ZADD', k('q'), redis.call('HGET', r, 'enq'), id)
 return {'ok', redis.call('HGET', r, 'job')}
 "#;
 
+/// ARGV: prefix, before, limit. Returns how many dead jobs it forgot.
+const PURGE: &str = r#"
+local before, limit = ARGV[2], tonumber(ARGV[3])
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('xt'), '-inf', before, 'LIMIT', 0, limit)) do
+  redis.call('ZREM', k('xt'), id)
+  local r = k('r:' .. id)
+  if redis.call('HGET', r, 'state') == 'dead' then
+    local key = redis.call('HGET', r, 'key')
+    redis.call('DEL', r)
+    redis.call('ZREM', k('x'), id)
+    if key and key ~= '' then
+      local cur = redis.call('HGET', k('i'), key)
+      if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+    end
+    n = n + 1
+  end
+end
+return n
+"#;
+
 struct Scripts {
+    purge: Script,
     claim: Script,
     take: Script,
     ack: Script,
@@ -406,6 +477,7 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
     Scripts {
+        purge: s(PURGE),
         claim: s(CLAIM),
         take: s(TAKE),
         ack: s(ACK),
@@ -765,6 +837,11 @@ impl StatusStore for RedisStatusStore {
         Ok(v.first().map(|(_, at)| *at as u64))
     }
 
+    async fn purge_dead(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError> {
+        self.invoke(&SCRIPTS.purge, vec![arg(before_ms), arg(limit)])
+            .await
+    }
+
     async fn dead(&self, limit: usize) -> Result<Vec<DeadRecord>, QueueError> {
         let key = format!("{}x", self.prefix);
         let mut c = self.conn.clone();
@@ -829,15 +906,56 @@ impl<S> std::fmt::Debug for AmqpQueue<S> {
 }
 
 struct Link {
-    _conn: Connection,
+    conn: Connection,
     channel: Channel,
     retry_queues: HashSet<u64>,
+    /// Which connection this is, so that a feed knows when its own is gone.
+    serial: u64,
 }
 
 struct LinkState {
     link: Option<Link>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    serial: u64,
+}
+
+/// The consumer that leases read from: its own channel on the link's
+/// connection, with `basic.qos(prefetch)` and manual acks.
+///
+/// A copy the broker pushed ahead is *held*, not leased: it is unacked
+/// here and invisible to other handles, and the job's record does not
+/// change until a lease takes it. If the channel or connection goes, held
+/// copies go back to the queue (at least once; stale ones are dropped when
+/// they arrive again).
+struct Feed {
+    channel: Channel,
+    consumer: Consumer,
+    held: VecDeque<Delivery>,
+    /// The link this feed's channel is on.
+    link: u64,
+    /// This feed, for its release task.
+    serial: u64,
+    /// When a lease last used it.
+    used: Instant,
+}
+
+impl Feed {
+    /// Moves every delivery the consumer has received into `held`. `false`
+    /// when the consumer has ended or failed: the feed must be replaced.
+    fn drain(&mut self) -> bool {
+        while let Some(next) = self.consumer.next().now_or_never() {
+            match next {
+                Some(Ok(d)) => self.held.push_back(d),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn alive(&self, link: u64) -> bool {
+        self.link == link && self.channel.status().connected()
+    }
 }
 
 struct Inner<S> {
@@ -846,6 +964,10 @@ struct Inner<S> {
     dlx: String,
     store: S,
     state: Mutex<LinkState>,
+    feed: Arc<Mutex<Option<Feed>>>,
+    feeds: AtomicU64,
+    prefetch: u16,
+    prefetch_hold: Duration,
     policy: Policy,
     format: Format,
     op_timeout: Duration,
@@ -862,6 +984,8 @@ pub struct AmqpQueueBuilder {
     connect_timeout: Duration,
     op_timeout: Duration,
     max_backoff: Duration,
+    prefetch: u16,
+    prefetch_hold: Duration,
 }
 
 impl Default for AmqpQueueBuilder {
@@ -873,11 +997,18 @@ impl Default for AmqpQueueBuilder {
             connect_timeout: Duration::from_secs(2),
             op_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
+            prefetch: AmqpQueueBuilder::DEFAULT_PREFETCH,
+            prefetch_hold: AmqpQueueBuilder::DEFAULT_PREFETCH_HOLD,
         }
     }
 }
 
 impl AmqpQueueBuilder {
+    /// The default [`prefetch`](Self::prefetch): 32 copies.
+    pub const DEFAULT_PREFETCH: u16 = 32;
+    /// The default [`prefetch_hold`](Self::prefetch_hold): 2 s.
+    pub const DEFAULT_PREFETCH_HOLD: Duration = Duration::from_secs(2);
+
     /// The queue's name: handles with one name share one queue. Default:
     /// `default`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -900,6 +1031,30 @@ impl AmqpQueueBuilder {
     /// How long a delivered job's status and response are kept. Default: 24 h.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.policy.retention = retention;
+        self
+    }
+
+    /// How long a dead letter is kept before it is purged, with its
+    /// record and its idempotency key. Default: until it is redriven.
+    ///
+    /// As with the disk queue, the purge is done by the sweep that runs
+    /// with each `lease` ([`StatusStore::purge_dead`]), and time is the
+    /// client's wall clock: a lease purges the dead letters that have been
+    /// dead for longer than *its handle's* setting (a handle without the
+    /// setting purges none), so the handles of a fleet should agree on it.
+    ///
+    /// The copy published to the dead-letter exchange for operators
+    /// carries this as its per-message TTL (the `expiration` property), so
+    /// RabbitMQ drops it from `fb.<name>.dead` about when the record goes
+    /// (it expires messages at the head of the queue, so a copy can wait
+    /// behind an older one with a longer TTL). It is not a queue argument
+    /// (`x-message-ttl`): RabbitMQ cannot change a queue's arguments after
+    /// it is declared, and declaring it again with others fails, so a
+    /// queue argument would fix the setting forever at the first
+    /// declaration. A redriven job's copy in `fb.<name>.dead` stays until
+    /// it expires, as it stays forever without this setting.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
         self
     }
 
@@ -930,6 +1085,35 @@ impl AmqpQueueBuilder {
         self
     }
 
+    /// How many copies RabbitMQ may push ahead to this handle's consumer
+    /// (`basic.qos` prefetch count) before a lease takes them. Default:
+    /// [32](Self::DEFAULT_PREFETCH), twice the replayer's default batch,
+    /// so that one lease call usually finds its batch already here and
+    /// costs no round trip to fetch it.
+    ///
+    /// Copies pushed ahead are held unacked by this handle and no other
+    /// handle sees them until they are leased here, the handle stops
+    /// leasing for [`prefetch_hold`](Self::prefetch_hold), or its
+    /// connection goes. A larger value saves round trips for large
+    /// batches; a smaller one spreads a short queue more evenly over a
+    /// fleet. Must be above zero.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// How long copies pushed ahead to this handle wait for a lease call
+    /// before they are given back to the queue for other handles (the
+    /// consumer is cancelled; the next lease starts a new one). Default:
+    /// [2 s](Self::DEFAULT_PREFETCH_HOLD). This bounds how long a replayer
+    /// that pauses (an open breaker) keeps jobs from the rest of the
+    /// fleet, and keeps held copies far below RabbitMQ's
+    /// `consumer_timeout` (30 min by default). Must be above zero.
+    pub fn prefetch_hold(mut self, hold: Duration) -> Self {
+        self.prefetch_hold = hold;
+        self
+    }
+
     /// Checks the settings, connects to RabbitMQ at `url` (for example
     /// `amqp://guest:guest@127.0.0.1:5672/%2f`) and declares the queues
     /// and the dead-letter exchange.
@@ -947,6 +1131,17 @@ impl AmqpQueueBuilder {
         if self.name.is_empty() {
             return Err(ConfigError::new("name", &self.name, "must be non-empty").into());
         }
+        if self.prefetch == 0 {
+            return Err(ConfigError::new("prefetch", self.prefetch, "must be above zero").into());
+        }
+        if self.prefetch_hold.is_zero() {
+            return Err(ConfigError::new(
+                "prefetch_hold",
+                self.prefetch_hold,
+                "must be above zero",
+            )
+            .into());
+        }
         let queue = AmqpQueue {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
@@ -957,7 +1152,12 @@ impl AmqpQueueBuilder {
                     link: None,
                     retry_at: None,
                     backoff: Duration::from_millis(10),
+                    serial: 0,
                 }),
+                feed: Arc::new(Mutex::new(None)),
+                feeds: AtomicU64::new(0),
+                prefetch: self.prefetch,
+                prefetch_hold: self.prefetch_hold,
                 policy: self.policy,
                 format: self.format,
                 op_timeout: self.op_timeout,
@@ -998,6 +1198,37 @@ enum Extra<'a> {
 /// job's record is put back before it is dropped.
 const ORPHAN_RETRIES: u32 = 5;
 const ORPHAN_DELAY_MS: u64 = 200;
+
+/// Gives the copies a feed holds back to the queue once no lease has used
+/// it for `hold`, by closing its channel (the consumer goes with it); ends
+/// when the feed is replaced or the queue handle is dropped.
+async fn release_when_idle(feed: Weak<Mutex<Option<Feed>>>, serial: u64, hold: Duration) {
+    loop {
+        tokio::time::sleep(hold / 2).await;
+        let Some(feed) = feed.upgrade() else {
+            return;
+        };
+        let mut slot = feed.lock().await;
+        let Some(f) = slot.as_mut().filter(|f| f.serial == serial) else {
+            return;
+        };
+        let alive = f.drain();
+        // An idle consumer that holds nothing costs nothing; keep it.
+        if alive && (f.held.is_empty() || f.used.elapsed() < hold) {
+            continue;
+        }
+        if let Some(f) = slot.take() {
+            drop(slot);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                f.channel
+                    .close(200, "idle: prefetched copies given back".into()),
+            )
+            .await;
+        }
+        return;
+    }
+}
 
 fn new_ticket() -> String {
     format!("{:032x}", uuid::Uuid::now_v7().as_u128())
@@ -1063,9 +1294,10 @@ impl<S: StatusStore> AmqpQueue<S> {
             )
             .await?;
         Ok(Link {
-            _conn: conn,
+            conn,
             channel,
             retry_queues: HashSet::new(),
+            serial: 0,
         })
     }
 
@@ -1091,8 +1323,10 @@ impl<S: StatusStore> AmqpQueue<S> {
             ));
         }
         match tokio::time::timeout(timeout, self.open()).await {
-            Ok(Ok(link)) => {
+            Ok(Ok(mut link)) => {
                 let ch = link.channel.clone();
+                st.serial += 1;
+                link.serial = st.serial;
                 st.link = Some(link);
                 st.retry_at = None;
                 st.backoff = Duration::from_millis(10);
@@ -1109,10 +1343,74 @@ impl<S: StatusStore> AmqpQueue<S> {
         }
     }
 
-    /// Drops the link after a failure on it.
+    /// Drops the link after a failure on it, and the feed with it: copies
+    /// it held, and any a failed lease had taken but not acked, go back to
+    /// the queue when its channel closes.
     async fn broken(&self) {
         let mut st = self.inner.state.lock().await;
         st.link = None;
+        drop(st);
+        // A failing submit must not wait for a lease that holds the feed:
+        // that lease fails too and comes here itself, or finishes, and the
+        // next lease finds the feed on a link that is gone and replaces it.
+        if let Ok(mut feed) = self.inner.feed.try_lock() {
+            feed.take();
+        }
+    }
+
+    /// The feed that leases read from, started on this link if there is
+    /// none (the first lease, or after a failure or a release).
+    async fn feed<'a>(&self, slot: &'a mut Option<Feed>) -> Result<&'a mut Feed, QueueError> {
+        let link = {
+            let st = self.inner.state.lock().await;
+            st.link.as_ref().map(|l| l.serial)
+        };
+        if let (Some(f), Some(link)) = (slot.as_ref(), link)
+            && f.alive(link)
+        {
+            return Ok(slot.as_mut().expect("checked"));
+        }
+        *slot = None;
+        let (channel, link) = {
+            let st = self.inner.state.lock().await;
+            let Some(l) = st.link.as_ref() else {
+                return Err(QueueError::unavailable("the RabbitMQ link was lost"));
+            };
+            (
+                l.conn
+                    .create_channel()
+                    .await
+                    .map_err(QueueError::unavailable)?,
+                l.serial,
+            )
+        };
+        channel
+            .basic_qos(self.inner.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(QueueError::unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                self.inner.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(QueueError::unavailable)?;
+        let serial = self.inner.feeds.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(release_when_idle(
+            Arc::downgrade(&self.inner.feed),
+            serial,
+            self.inner.prefetch_hold,
+        ));
+        Ok(slot.insert(Feed {
+            channel,
+            consumer,
+            held: VecDeque::new(),
+            link,
+            serial,
+            used: Instant::now(),
+        }))
     }
 
     async fn retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, QueueError> {
@@ -1189,6 +1487,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         let mut headers = FieldTable::default();
         headers.insert("fb-id".into(), AMQPValue::LongString(id.to_string().into()));
         headers.insert("fb-ticket".into(), AMQPValue::LongString(ticket.into()));
+        let is_dead = matches!(extra, Some(Extra::Reason(_)));
         match extra {
             Some(Extra::Reason(reason)) => {
                 headers.insert("fb-reason".into(), AMQPValue::LongString(reason.into()));
@@ -1201,9 +1500,12 @@ impl<S: StatusStore> AmqpQueue<S> {
             }
             None => {}
         }
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(headers);
+        if is_dead && let Some(r) = self.inner.policy.dead_letter_retention {
+            props = props.with_expiration(duration_ms(r).to_string().as_str().into());
+        }
         let confirm = channel
             .basic_publish(
                 ShortString::from(exchange),
@@ -1292,86 +1594,152 @@ impl<S: StatusStore> AmqpQueue<S> {
         visibility: Duration,
     ) -> Result<Vec<Leased>, QueueError> {
         let channel = self.channel().await?;
+        // One lease at a time per handle: the feed's held copies and its
+        // acks must not be shared between two calls.
+        let mut slot = self.inner.feed.lock().await;
+        let feed = self.feed(&mut slot).await?;
+        feed.used = Instant::now();
         let mut out = Vec::new();
-        let max_attempts = self.inner.policy.max_attempts;
         // Stale copies do not count; bound the work of one call. Each job
         // costs a few round trips, so a large batch stops at half the
         // operation's time budget and returns what it has: leases taken
         // and then lost to the timeout would only come back after their
         // visibility timeout.
         let started = Instant::now();
-        for _ in 0..max.saturating_mul(4).saturating_add(64) {
-            if out.len() >= max || started.elapsed() > self.inner.op_timeout / 2 {
-                break;
+        let mut budget = max.saturating_mul(4).saturating_add(64);
+        // Whether copies were acked (so the broker may have pushed more)
+        // since the last sync; the first pass always syncs if it must.
+        let mut moved = true;
+        while out.len() < max && budget > 0 && started.elapsed() <= self.inner.op_timeout / 2 {
+            if !feed.drain() {
+                return Err(QueueError::unavailable(
+                    "the RabbitMQ consumer was cancelled",
+                ));
             }
-            let Some(msg) = channel
-                .basic_get(
-                    self.inner.queue.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(QueueError::unavailable)?
-            else {
-                break;
-            };
-            let d = msg.delivery;
-            let id = header(&d.properties, "fb-id").and_then(|s| s.parse::<JobId>().ok());
-            let ticket = header(&d.properties, "fb-ticket").unwrap_or_default();
-            let Some(id) = id else {
-                d.acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(QueueError::unavailable)?;
-                continue;
-            };
-            let next = new_ticket();
-            // The lease's timer goes out before the record points at it.
-            self.publish(&channel, &id, &next, &d.data, visibility)
-                .await?;
-            let taken = self
-                .inner
-                .store
-                .take(&id, &ticket, &next, self.inner.clock.now_ms(), max_attempts)
-                .await?;
-            match taken {
-                Take::Stale => {}
-                Take::Missing => {
-                    // Published by a submit that has not written its record
-                    // yet, or whose claim was refused: look again a little
-                    // later, a few times, then drop it.
-                    let orphan: u32 = header(&d.properties, "fb-orphan")
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    if orphan < ORPHAN_RETRIES {
-                        let retry = self.retry_queue(&channel, ORPHAN_DELAY_MS).await?;
-                        self.publish_to(
-                            &channel,
-                            "",
-                            &retry,
-                            &id,
-                            &ticket,
-                            &d.data,
-                            Some(Extra::Orphan(orphan + 1)),
+            if feed.held.is_empty() {
+                if !moved {
+                    break;
+                }
+                // Two round trips on the consumer's channel. RabbitMQ's
+                // queue sends the channel every copy it pushes to this
+                // consumer (after an ack frees room, or as soon as a job
+                // is ready) before it answers the first; the channel may
+                // write that answer out before those copies, but writes
+                // them before it answers the second. lapin hands each copy
+                // to the consumer before it resolves the answer after it,
+                // so afterwards `held` has every copy that was ready for
+                // this consumer when we asked. (With one round trip, a
+                // batch larger than the prefetch stopped at the window.)
+                for _ in 0..2 {
+                    feed.channel
+                        .queue_declare(
+                            self.inner.queue.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
                         )
-                        .await?;
-                    }
+                        .await
+                        .map_err(QueueError::unavailable)?;
                 }
-                Take::Dead { reason } => self.to_dlx(&channel, &id, &d.data, &reason).await,
-                Take::Leased { attempts } => {
-                    let mut job = self
-                        .inner
-                        .format
-                        .decode(&d.data)
-                        .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
-                    job.attempts = attempts;
-                    out.push(Leased::new(Lease::new(id, next), job));
+                moved = false;
+                continue;
+            }
+            let n = feed.held.len().min(max - out.len()).min(budget);
+            budget -= n;
+            let batch: Vec<Delivery> = feed.held.drain(..n).collect();
+            // The copies of one batch are taken concurrently: their
+            // publishes share the channel's confirms, their store calls
+            // the store's connection.
+            let taken = join_all(
+                batch
+                    .into_iter()
+                    .map(|d| self.take_copy(&channel, d, visibility)),
+            )
+            .await;
+            moved = true;
+            for t in taken {
+                if let Some(leased) = t? {
+                    out.push(leased);
                 }
             }
+        }
+        feed.used = Instant::now();
+        Ok(out)
+    }
+
+    /// Takes one copy from the feed: leases its job, dead-letters it, puts
+    /// an orphan back, or drops a stale copy; then acks it.
+    async fn take_copy(
+        &self,
+        channel: &Channel,
+        d: Delivery,
+        visibility: Duration,
+    ) -> Result<Option<Leased>, QueueError> {
+        let id = header(&d.properties, "fb-id").and_then(|s| s.parse::<JobId>().ok());
+        let ticket = header(&d.properties, "fb-ticket").unwrap_or_default();
+        let Some(id) = id else {
             d.acker
                 .ack(BasicAckOptions::default())
                 .await
                 .map_err(QueueError::unavailable)?;
+            return Ok(None);
+        };
+        let next = new_ticket();
+        // The lease's timer goes out before the record points at it.
+        self.publish(channel, &id, &next, &d.data, visibility)
+            .await?;
+        let taken = self
+            .inner
+            .store
+            .take(
+                &id,
+                &ticket,
+                &next,
+                self.inner.clock.now_ms(),
+                self.inner.policy.max_attempts,
+            )
+            .await?;
+        let mut out = None;
+        match taken {
+            Take::Stale => {}
+            Take::Missing => {
+                // Published by a submit that has not written its record
+                // yet, or whose claim was refused: look again a little
+                // later, a few times, then drop it.
+                let orphan: u32 = header(&d.properties, "fb-orphan")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if orphan < ORPHAN_RETRIES {
+                    let retry = self.retry_queue(channel, ORPHAN_DELAY_MS).await?;
+                    self.publish_to(
+                        channel,
+                        "",
+                        &retry,
+                        &id,
+                        &ticket,
+                        &d.data,
+                        Some(Extra::Orphan(orphan + 1)),
+                    )
+                    .await?;
+                }
+            }
+            Take::Dead { reason } => self.to_dlx(channel, &id, &d.data, &reason).await,
+            Take::Leased { attempts } => {
+                let mut job = self
+                    .inner
+                    .format
+                    .decode(&d.data)
+                    .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+                job.attempts = attempts;
+                out = Some(Leased::new(Lease::new(id, next), job));
+            }
         }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(QueueError::unavailable)?;
         Ok(out)
     }
 
@@ -1419,6 +1787,11 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
         if max == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(r) = self.inner.policy.dead_letter_retention {
+            let before = self.inner.clock.now_ms().saturating_sub(duration_ms(r));
+            self.bounded(self.inner.store.purge_dead(before, 1024))
+                .await?;
         }
         self.bounded(self.lease_inner(max, visibility)).await
     }

@@ -47,9 +47,9 @@
 //!   and for as long as the job is dead-lettered.
 //! - **Retention.** A delivered job's status and response are kept for
 //!   `retention` (default 24 h); dead letters until they are redriven, or
-//!   for `dead_letter_retention` when that is set (the disk and memory
-//!   queues; the broker backends keep dead letters until redriven). Both are
-//!   purged by the sweep that runs with each `lease` call.
+//!   for `dead_letter_retention` when that is set (every backend has the
+//!   setting). Both are purged by the sweep that runs with each `lease`
+//!   call.
 //! - **Capacity.** At most `capacity` unfinished (queued or in-flight) jobs.
 //!   One more is refused with [`QueueError::Full`], never dropped.
 //!

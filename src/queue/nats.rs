@@ -62,7 +62,7 @@
 
 use super::clock::Clock;
 use super::codec::{Format, b64_decode, b64_encode};
-use super::job::ms_system;
+use super::job::{duration_ms, ms_system};
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
     QueueError,
@@ -78,6 +78,7 @@ use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A job's record in the live bucket.
@@ -135,6 +136,10 @@ struct Inner {
     format: Format,
     op_timeout: Duration,
     clock: Clock,
+    /// With `dead_letter_retention`: no dead letter is due to be purged
+    /// before this time (client wall-clock ms), so leases skip the sweep
+    /// until then.
+    next_dead_purge: AtomicU64,
 }
 
 impl std::fmt::Debug for NatsQueue {
@@ -198,6 +203,28 @@ impl NatsQueueBuilder {
     /// first made.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.policy.retention = retention;
+        self
+    }
+
+    /// How long a dead letter is kept before it is purged, with its
+    /// record and its idempotency key. Default: until it is redriven.
+    ///
+    /// As with the disk queue, the purge is done by the sweep that runs
+    /// with each `lease`, and time is the client's wall clock (the dead
+    /// letter's `fb-at` header): a lease purges the dead letters that have
+    /// been dead for longer than *its handle's* setting (a handle without
+    /// the setting purges none), so the handles of a fleet should agree on
+    /// it. Unlike `retention`, it is not a stream setting: the dead-letter
+    /// stream's `max_age` would drop the message but leave the job's
+    /// record and its idempotency key (the job would still read
+    /// `DeadLettered`, and could not be redriven), it would time from the
+    /// server's clock, and it would be fixed when the stream is first
+    /// made. So it can differ between handles and can be changed at any
+    /// time. The sweep reads the dead-letter stream from its oldest
+    /// message only when one can be due, so it costs a lease nothing the
+    /// rest of the time.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
         self
     }
 
@@ -376,6 +403,7 @@ impl NatsQueueBuilder {
                 format: self.format,
                 op_timeout: self.op_timeout,
                 clock: Clock::new(),
+                next_dead_purge: AtomicU64::new(0),
             }),
         })
     }
@@ -776,11 +804,113 @@ impl NatsQueue {
         }
     }
 
+    /// Purges the dead letters that have been dead for longer than
+    /// `retention`, oldest first, a bounded number per call: the dead
+    /// message, the job's record (if it is still this dead letter's) and
+    /// its idempotency key (if it still names this job).
+    async fn purge_dead(&self, retention: Duration) -> Result<(), QueueError> {
+        const SWEEP: usize = 256;
+        let now = self.inner.clock.now_ms();
+        let next = &self.inner.next_dead_purge;
+        if now < next.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let retention = duration_ms(retention);
+        let mut dead = self.inner.dead.clone();
+        let state = dead
+            .info()
+            .await
+            .map_err(QueueError::unavailable)?
+            .state
+            .clone();
+        // Anything dead-lettered from now on is due no sooner than this.
+        let mut due_next = now.saturating_add(retention);
+        let mut purged = 0;
+        let mut seq = state.first_sequence;
+        while state.messages > 0 && seq <= state.last_sequence {
+            if purged == SWEEP {
+                // More may be due: look again at the next lease.
+                due_next = 0;
+                break;
+            }
+            let m = match self.inner.dead.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    seq += 1;
+                    continue;
+                }
+                Err(e) => return Err(QueueError::unavailable(e)),
+            };
+            let at = m
+                .headers
+                .get(H_AT)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .unwrap_or(0);
+            if at.saturating_add(retention) > now {
+                // The stream is in dead-letter order.
+                due_next = at.saturating_add(retention);
+                break;
+            }
+            if let Some(id) = m
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|s| s.parse::<JobId>().ok())
+            {
+                let ours = match self.rec(&id).await? {
+                    Some((rec, rev)) if rec.s == "dead" && rec.dseq == seq => self
+                        .inner
+                        .live
+                        .delete_expect_revision(job_key(&id), Some(rev))
+                        .await
+                        .is_ok(),
+                    // Redriven (and maybe dead again, under another
+                    // message): the record and the key are not this
+                    // message's any more.
+                    Some(_) => false,
+                    None => true,
+                };
+                let key = self
+                    .inner
+                    .format
+                    .decode(&m.payload)
+                    .ok()
+                    .and_then(|j| j.idempotency_key);
+                if ours && let Some(key) = key {
+                    let ik = idem_key(&key);
+                    if let Some(e) = self
+                        .inner
+                        .live
+                        .entry(ik.clone())
+                        .await
+                        .map_err(QueueError::unavailable)?
+                        && e.operation == kv::Operation::Put
+                        && self.parse_claim(&e.value).is_ok_and(|(cid, _)| cid == id)
+                    {
+                        let _ = self
+                            .inner
+                            .live
+                            .delete_expect_revision(&ik, Some(e.revision))
+                            .await;
+                    }
+                }
+            }
+            let _ = self.inner.dead.delete_message(seq).await;
+            purged += 1;
+            seq += 1;
+        }
+        next.store(due_next, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn lease_inner(
         &self,
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<Leased>, QueueError> {
+        if let Some(retention) = self.inner.policy.dead_letter_retention {
+            self.purge_dead(retention).await?;
+        }
         let mut out = Vec::new();
         let max_attempts = self.inner.policy.max_attempts;
         // Dead-lettered messages count against a batch; fetch until full or dry.

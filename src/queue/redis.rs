@@ -16,14 +16,18 @@
 //! | `x`, `xe` | stream, hash | the dead-letter stream, and each dead job's entry in it |
 //! | `st:<id>` | hash with a TTL | a finished job's status: the delivered response (expires after `retention`) or the dead-letter reason |
 //! | `p` | sorted set | delivered jobs by the time their idempotency key is released |
+//! | `xt` | sorted set | dead jobs by the time they were dead-lettered, for `dead_letter_retention` |
 //!
 //! A lease is a stream entry pending in the consumer group. When a job is
 //! leased for `visibility`, its entry's idle time is set so that
 //! `XAUTOCLAIM` with a fixed minimum idle time of 30 days claims it exactly
 //! `visibility` later: that is how an expired lease comes back, and why a
-//! visibility timeout can be at most 30 days. Each operation is one Lua
-//! script, so it applies whole or not at all, and many handles (a fleet of
-//! replicas) can share one queue.
+//! visibility timeout can be at most 30 days. Each handle is a consumer of
+//! the group; consumers idle for
+//! [`idle_consumer_ttl`](RedisQueueBuilder::idle_consumer_ttl) (1 h) with
+//! no pending entry are deleted by other handles' leases. Each operation
+//! is one Lua script, so it applies whole or not at all, and many handles
+//! (a fleet of replicas) can share one queue.
 //!
 //! # Durability
 //!
@@ -95,6 +99,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -147,6 +152,7 @@ local function to_dead(id, reason, now)
   local st = k('st:' .. id)
   redis.call('DEL', st)
   redis.call('HSET', st, 'state', 'dead', 'reason', reason, 'attempts', att, 'at', now)
+  redis.call('ZADD', k('xt'), now, id)
   forget(id)
 end
 
@@ -187,10 +193,28 @@ return {'created', id}
 "#;
 
 /// ARGV: prefix, now, max, visibility, max_attempts, nonce, consumer,
-/// min idle. Returns `{id, token, job, attempts}` for each leased job.
+/// min idle, the time before which a dead letter is purged ('' to keep
+/// dead letters), and how long another consumer must have been idle, with
+/// nothing pending, to be deleted ('' not to look this time). Returns
+/// `{id, token, job, attempts}` for each leased job.
 const LEASE: &str = r#"
 local now, max, vis, max_att = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local nonce, consumer, M = ARGV[6], ARGV[7], tonumber(ARGV[8])
+local nonce, consumer, M, dead_before, idle_gc = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
+
+-- Delete the group's consumers (other handles, mostly gone) that have been
+-- idle that long and hold no pending entry: checked and deleted in this one
+-- script, so no lease is lost with them, and a handle that comes back is
+-- made a consumer again by its next read.
+if idle_gc ~= '' then
+  local limit = tonumber(idle_gc)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', k('s'), G)) do
+    local f = {}
+    for n = 1, #c, 2 do f[c[n]] = c[n + 1] end
+    if f['name'] ~= consumer and tonumber(f['pending']) == 0 and tonumber(f['idle']) >= limit then
+      redis.call('XGROUP', 'DELCONSUMER', k('s'), G, f['name'])
+    end
+  end
+end
 
 -- Release the idempotency keys of jobs delivered longer than `retention` ago.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0, 1024)) do
@@ -202,6 +226,26 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0,
     redis.call('HDEL', k('k'), id)
   end
   redis.call('DEL', k('st:' .. id))
+end
+
+-- Forget the dead letters dead since before `dead_before` (now minus this
+-- handle's `dead_letter_retention`), and release their idempotency keys.
+if dead_before ~= '' then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('xt'), '-inf', dead_before, 'LIMIT', 0, 1024)) do
+    redis.call('ZREM', k('xt'), id)
+    local xe = redis.call('HGET', k('xe'), id)
+    if xe then
+      redis.call('XDEL', k('x'), xe)
+      redis.call('HDEL', k('xe'), id)
+      redis.call('DEL', k('st:' .. id))
+      local key = redis.call('HGET', k('k'), id)
+      if key then
+        local cur = redis.call('HGET', k('i'), key)
+        if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+        redis.call('HDEL', k('k'), id)
+      end
+    end
+  end
 end
 
 -- Nacked jobs whose delay has passed go back to the stream.
@@ -302,6 +346,7 @@ if not xe then return 0 end
 if redis.call('ZCARD', k('q')) >= cap then return -1 end
 local r = redis.call('XRANGE', k('x'), xe, xe)
 redis.call('HDEL', k('xe'), id)
+redis.call('ZREM', k('xt'), id)
 if #r == 0 then return 0 end
 local f = {}
 local raw = r[1][2]
@@ -375,6 +420,9 @@ struct Inner {
     format: Format,
     op_timeout: Duration,
     clock: Clock,
+    idle_consumer_ttl: Duration,
+    /// When this handle's next lease looks for idle consumers (clock ms).
+    next_consumer_sweep: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -397,6 +445,7 @@ pub struct RedisQueueBuilder {
     connect_timeout: Duration,
     op_timeout: Duration,
     max_backoff: Duration,
+    idle_consumer_ttl: Duration,
 }
 
 impl Default for RedisQueueBuilder {
@@ -408,11 +457,32 @@ impl Default for RedisQueueBuilder {
             connect_timeout: Duration::from_millis(250),
             op_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
+            idle_consumer_ttl: RedisQueueBuilder::DEFAULT_IDLE_CONSUMER_TTL,
         }
     }
 }
 
 impl RedisQueueBuilder {
+    /// The default [`idle_consumer_ttl`](Self::idle_consumer_ttl): 1 h.
+    pub const DEFAULT_IDLE_CONSUMER_TTL: Duration = Duration::from_secs(3600);
+
+    /// How long a consumer of the stream's group may go without reading,
+    /// with no entry pending, before a lease on another handle deletes it
+    /// (`XGROUP DELCONSUMER`). Default: [1 h](Self::DEFAULT_IDLE_CONSUMER_TTL).
+    ///
+    /// Each handle is a consumer of the group, so a fleet that restarts
+    /// its replicas leaves one consumer per old handle behind; this
+    /// removes them. A consumer that holds a lease is never deleted (its
+    /// pending entry keeps it), and a handle whose consumer was deleted
+    /// while idle becomes a consumer again at its next lease, so a short
+    /// value costs nothing but the check: each handle looks at most every
+    /// half of this, and at most every minute, inside a lease. Must be
+    /// above zero.
+    pub fn idle_consumer_ttl(mut self, ttl: Duration) -> Self {
+        self.idle_consumer_ttl = ttl;
+        self
+    }
+
     /// The queue's name: handles with one name share one queue. Default:
     /// `default`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -435,6 +505,20 @@ impl RedisQueueBuilder {
     /// How long a delivered job's status and response are kept. Default: 24 h.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.policy.retention = retention;
+        self
+    }
+
+    /// How long a dead letter is kept before it is purged, with its
+    /// status and its idempotency key. Default: until it is redriven.
+    ///
+    /// As with the disk queue, the purge is done by the sweep that runs
+    /// with each `lease`, and time is the client's wall clock: a lease
+    /// purges the dead letters that have been dead for longer than *its
+    /// handle's* setting (a handle without the setting purges none), so
+    /// the handles of a fleet should agree on it. A redriven job is no
+    /// longer a dead letter and is not purged.
+    pub fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.policy.dead_letter_retention = Some(retention);
         self
     }
 
@@ -487,6 +571,14 @@ impl RedisQueueBuilder {
             )
             .into());
         }
+        if self.idle_consumer_ttl.is_zero() {
+            return Err(ConfigError::new(
+                "idle_consumer_ttl",
+                self.idle_consumer_ttl,
+                "must be above zero",
+            )
+            .into());
+        }
         let client = ::redis::Client::open(url)
             .map_err(|e| QueueError::from(ConfigError::new("url", url, e.to_string())))?;
         let config = ConnectionManagerConfig::new()
@@ -516,6 +608,8 @@ impl RedisQueueBuilder {
                 format: self.format,
                 op_timeout: self.op_timeout,
                 clock: Clock::new(),
+                idle_consumer_ttl: self.idle_consumer_ttl,
+                next_consumer_sweep: AtomicU64::new(0),
             }),
         };
         queue.create_group().await?;
@@ -686,14 +780,30 @@ impl Queue for RedisQueue {
         }
         let vis = duration_ms(visibility).min(MAX_VISIBILITY_MS);
         let args = || {
+            let now = self.inner.clock.now_ms();
+            let dead_before = match self.inner.policy.dead_letter_retention {
+                Some(r) => arg(now.saturating_sub(duration_ms(r))),
+                None => Vec::new(),
+            };
+            let ttl = self.inner.idle_consumer_ttl;
+            let next = &self.inner.next_consumer_sweep;
+            let idle_gc = if now >= next.load(Ordering::Relaxed) {
+                let every = (ttl / 2).min(Duration::from_secs(60));
+                next.store(now.saturating_add(duration_ms(every)), Ordering::Relaxed);
+                arg(duration_ms(ttl))
+            } else {
+                Vec::new()
+            };
             vec![
-                arg(self.inner.clock.now_ms()),
+                arg(now),
                 arg(max),
                 arg(vis),
                 arg(self.inner.policy.max_attempts),
                 arg(uuid::Uuid::now_v7().simple()),
                 arg(&self.inner.consumer),
                 arg(MAX_VISIBILITY_MS),
+                dead_before,
+                idle_gc,
             ]
         };
         type Row = (String, String, Vec<u8>, u32);

@@ -58,17 +58,18 @@ fn sweep_old_redis_queues() {
 pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis::RedisQueue> {
     sweep_old_redis_queues();
     let name = unique("conf");
-    let queue = tower_firebreak::queue::redis::RedisQueue::builder()
+    let mut builder = tower_firebreak::queue::redis::RedisQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(std::time::Duration::from_secs(5))
-        .connect(REDIS_URL)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
-        });
+        .op_timeout(std::time::Duration::from_secs(5));
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder.connect(REDIS_URL).await.unwrap_or_else(|e| {
+        panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+    });
     Fixture {
         queue,
         _keep: Box::new(()),
@@ -107,12 +108,16 @@ async fn sweep_old_nats_queues() {
 pub(crate) async fn nats(s: Settings) -> Fixture<tower_firebreak::queue::nats::NatsQueue> {
     sweep_old_nats_queues().await;
     let name = unique("conf");
-    let queue = tower_firebreak::queue::nats::NatsQueue::builder()
+    let mut builder = tower_firebreak::queue::nats::NatsQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(std::time::Duration::from_secs(5))
+        .op_timeout(std::time::Duration::from_secs(5));
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder
         .connect(NATS_URL)
         .await
         .unwrap_or_else(|e| {
@@ -203,17 +208,18 @@ pub(crate) async fn amqp(
         .unwrap_or_else(|e| {
             panic!("Redis at {REDIS_URL} (the status store) is unreachable ({e}); start it (see shared/DESIGN.md)")
         });
-    let queue = AmqpQueue::builder()
+    let mut builder = AmqpQueue::builder()
         .name(&name)
         .capacity(s.capacity)
         .max_attempts(s.max_attempts)
         .retention(s.retention)
-        .op_timeout(timeout)
-        .connect(AMQP_URL, store)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
-        });
+        .op_timeout(timeout);
+    if let Some(r) = s.dead_letter_retention {
+        builder = builder.dead_letter_retention(r);
+    }
+    let queue = builder.connect(AMQP_URL, store).await.unwrap_or_else(|e| {
+        panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+    });
     Fixture {
         queue,
         _keep: Box::new(()),

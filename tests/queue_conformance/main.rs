@@ -92,8 +92,7 @@ conformance!(
     redis_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::redis,
-    dead_letters_kept_until_redriven
+    brokers::redis
 );
 
 #[cfg(feature = "nats")]
@@ -101,8 +100,7 @@ conformance!(
     nats_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::nats,
-    dead_letters_kept_until_redriven
+    brokers::nats
 );
 
 #[cfg(feature = "amqp")]
@@ -110,6 +108,5 @@ conformance!(
     amqp_queue,
     paused = false,
     unit = Duration::from_millis(100),
-    brokers::amqp,
-    dead_letters_kept_until_redriven
+    brokers::amqp
 );

@@ -569,23 +569,6 @@ macro_rules! conformance {
                 concurrent_producers);
         }
     };
-    // A backend that keeps dead letters until they are redriven (the broker
-    // backends: they have no `dead_letter_retention` setting) runs every
-    // other check; the exception is written at the call site, not hidden.
-    ($backend:ident, paused = $paused:literal, unit = $unit:expr, $make:expr, dead_letters_kept_until_redriven) => {
-        mod $backend {
-            #[allow(unused_imports)]
-            use super::*;
-
-            $crate::conformance!(@tests $paused, $unit, $make;
-                enqueue_lease_ack, lease_respects_max_and_order, nack_delays_redelivery,
-                expired_lease_returns_job, dead_letter_after_max_attempts,
-                dead_letter_when_lease_expires_past_max_attempts, dead_letter_after_ttl,
-                explicit_dead_letter, idempotency_keys, retention_purges_delivered,
-                capacity_is_enforced, depth_and_oldest_age, unknown_id_has_no_status,
-                concurrent_producers);
-        }
-    };
     (@tests $paused:literal, $unit:expr, $make:expr; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test(start_paused = $paused)]
