@@ -27,13 +27,19 @@
 //! ```
 //!
 //! (`amqp` also needs Redis, for its status store.)
+//!
+//! A second table measures draining: after the enqueue rounds, one consumer
+//! per queue leases up to 16 jobs at a time and acks each, as a `Replayer`
+//! does, in the same interleaved slices, until the queue is empty or the
+//! rounds end. It reports acked jobs per second and the p50/p99 of one ack,
+//! with the disk queue as the baseline of the ratio column.
 
 use hdrhistogram::Histogram;
 use redb::{Database, Durability, TableDefinition};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower_firebreak::queue::disk::DiskQueue;
-use tower_firebreak::queue::{Job, Queue};
+use tower_firebreak::queue::{DeliveredResponse, Job, Queue};
 
 const BODY: usize = 256;
 const SLICE: Duration = Duration::from_millis(500);
@@ -150,10 +156,34 @@ async fn queue_slice<Q: Queue + Clone>(
     row.secs += start.elapsed().as_secs_f64();
 }
 
+/// One consumer for one slice, as a `Replayer` drains: lease up to 16 jobs,
+/// ack each. Returns false once the queue had nothing left to lease.
+async fn drain_slice<Q: Queue>(queue: &Q, row: &mut Row) -> bool {
+    let start = Instant::now();
+    let mut more = true;
+    while start.elapsed() < SLICE {
+        let leased = queue.lease(16, Duration::from_secs(60)).await.unwrap();
+        if leased.is_empty() {
+            more = false;
+            break;
+        }
+        for l in leased {
+            let t = Instant::now();
+            queue
+                .ack(&l.lease, DeliveredResponse::default())
+                .await
+                .unwrap();
+            row.hist.record(t.elapsed().as_micros() as u64).unwrap();
+        }
+    }
+    row.secs += start.elapsed().as_secs_f64();
+    more
+}
+
 /// The broker setups: each a closure that runs one slice into its row.
 #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 mod brokers {
-    use super::{Row, queue_slice};
+    use super::{Row, drain_slice, queue_slice};
     use std::future::Future;
     use std::pin::Pin;
     use tower_firebreak::queue::Queue;
@@ -161,12 +191,16 @@ mod brokers {
     type Slice<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
     type RunSlice = Box<dyn for<'a> Fn(&'a mut u64, &'a mut Row) -> Slice<'a>>;
     type Later<T> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = T>>>>;
+    type DrainSlice = Box<dyn for<'a> Fn(&'a mut Row) -> Pin<Box<dyn Future<Output = bool> + 'a>>>;
 
     /// A queue under test, its producer count, its row, and its cleanup.
     pub(super) struct Setup {
         pub(super) row: Row,
         offset: u64,
         run: RunSlice,
+        drain: DrainSlice,
+        pub(super) drain_row: Row,
+        pub(super) drained: bool,
         depth: Later<usize>,
         pub(super) cleanup: Later<()>,
     }
@@ -179,7 +213,14 @@ mod brokers {
             cleanup: Later<()>,
         ) -> Setup {
             let q2 = queue.clone();
+            let q3 = queue.clone();
             Setup {
+                drain_row: Row::new(format!("{name}, drained by one consumer")),
+                drained: false,
+                drain: Box::new(move |row| {
+                    let queue = q3.clone();
+                    Box::pin(async move { drain_slice(&queue, row).await })
+                }),
                 row: Row::new(name),
                 offset: 0,
                 run: Box::new(move |offset, row| {
@@ -199,6 +240,13 @@ mod brokers {
                 row, offset, run, ..
             } = self;
             run(offset, row).await;
+        }
+
+        /// One drain slice, unless the queue was found empty before.
+        pub(super) async fn drain_slice(&mut self) {
+            if !self.drained {
+                self.drained = !(self.drain)(&mut self.drain_row).await;
+            }
         }
 
         pub(super) async fn depth(&self) -> usize {
@@ -467,15 +515,32 @@ fn main() {
             setup.row.name
         );
     }
+    // Drain: the same interleaving, one consumer per queue.
+    let mut disk_drain = Row::new("DiskQueue, 256 producers' jobs, drained by one consumer".into());
+    let mut disk_drained = false;
+    for _ in 0..rounds {
+        #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+        for setup in &mut broker_setups {
+            rt.block_on(setup.drain_slice());
+        }
+        if !disk_drained {
+            disk_drained = !rt.block_on(drain_slice(&queues[2], &mut disk_drain));
+        }
+    }
     #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
     for setup in &broker_setups {
         rt.block_on((setup.cleanup)());
     }
     #[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
-    let rows: Vec<Row> = rows
-        .into_iter()
-        .chain(broker_setups.into_iter().map(|s| s.row))
-        .collect();
+    let (rows, drain_rows): (Vec<Row>, Vec<Row>) = {
+        let (enq, drain): (Vec<Row>, Vec<Row>) = broker_setups
+            .into_iter()
+            .map(|s| (s.row, s.drain_row))
+            .unzip();
+        (rows.into_iter().chain(enq).collect(), drain)
+    };
+    #[cfg(not(any(feature = "redis", feature = "nats", feature = "amqp")))]
+    let drain_rows: Vec<Row> = Vec::new();
 
     println!("| setup | durable jobs/s | vs redb single commit | p50 | p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -485,6 +550,19 @@ fn main() {
             row.name,
             row.rate(),
             row.rate() / baseline.rate(),
+            row.quantile_ms(0.5),
+            row.quantile_ms(0.99),
+        );
+    }
+    println!();
+    println!("| drain (lease 16, ack each) | acked jobs/s | vs DiskQueue | ack p50 | ack p99 |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for row in std::iter::once(&disk_drain).chain(&drain_rows) {
+        println!(
+            "| {} | {:.0} | {:.2}x | {:.2} ms | {:.2} ms |",
+            row.name,
+            row.rate(),
+            row.rate() / disk_drain.rate(),
             row.quantile_ms(0.5),
             row.quantile_ms(0.99),
         );
