@@ -8,7 +8,9 @@ use std::path::PathBuf;
 ///
 /// [`QueueError::Full`] and [`QueueError::Unavailable`] are the two a
 /// producer must expect in normal operation: `defer` answers both with 503,
-/// and in neither case has the job been stored.
+/// and in neither case has the job been stored, but for the one exception
+/// of a broker backend's request in flight (see
+/// [`Unavailable`](QueueError::Unavailable)).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum QueueError {
@@ -19,8 +21,21 @@ pub enum QueueError {
         capacity: usize,
     },
     /// The backend cannot take the operation now: an I/O error, a stopped
-    /// writer, a lost broker connection. Nothing was stored by the failed
-    /// call.
+    /// writer, a lost broker connection, a broker that did not answer
+    /// within its operation timeout. Nothing was stored by the failed call,
+    /// with one exception that no network client can rule out, for the
+    /// broker backends (Redis, NATS, RabbitMQ): the request in flight when
+    /// the connection broke or the broker stopped, which the broker had
+    /// already carried out (and, for Redis with `appendfsync always`,
+    /// fsynced) but whose answer had not reached the client before its
+    /// timeout. Its job may be stored; a retry with the same idempotency
+    /// key then gets [`Enqueued::Existing`](super::Enqueued::Existing)
+    /// instead of a second job. A request that a stalled (paused) Redis
+    /// reads only after the call gave up is not stored: the Redis
+    /// backend's submit script checks a deadline on Redis's clock. So a
+    /// stall does not widen the exception to every request that timed out
+    /// during it (a paused NATS server was tested to store none of them
+    /// either; a paused RabbitMQ was not tested).
     Unavailable {
         /// What went wrong.
         source: BoxError,

@@ -97,7 +97,9 @@ pub trait Queue: Send + Sync + 'static {
     /// **Guarantee:** when this returns `Ok(Enqueued::Created(id))` the job is
     /// durable as far as the backend can make it (the disk queue has
     /// fsynced it) and will be leased at least once, unless it is
-    /// dead-lettered. On `Err`, nothing was stored.
+    /// dead-lettered. On `Err`, nothing was stored, but for a broker
+    /// backend's request in flight when its connection broke or its broker
+    /// stopped (see [`QueueError::Unavailable`]).
     ///
     /// The queue sets the job's enqueue time and resets its attempts.
     ///

@@ -48,21 +48,51 @@
 //! A replica does not help by itself: replication is asynchronous. Use
 //! `WAIT` semantics in Redis or the AOF setting above.
 //!
-//! # Connection loss
+//! # Connection loss and stalls
 //!
 //! The handle keeps one multiplexed connection through the `redis` crate's
 //! `ConnectionManager`, which reconnects with exponential backoff. Each
 //! operation is bounded by [`op_timeout`](RedisQueueBuilder::op_timeout)
-//! (default 500 ms): while Redis is down, `submit` fails with
+//! (default 500 ms): while Redis is down or stalled, `submit` fails with
 //! [`QueueError::Unavailable`] within that bound. It never reports a job
-//! stored that Redis did not acknowledge. The converse cannot be ruled
-//! out by any network client: a request in flight when the connection
-//! breaks (Redis applied and fsynced it, then died before answering), or
-//! one whose timeout fires after Redis applied it, reports `Unavailable`
-//! for a job that is stored. So [`Queue::submit`]'s "on `Err`, nothing was
-//! stored" holds here for every refusal (`Full`, `Conflict`) but not for
-//! that one in-flight request; a caller that retries with the same
-//! idempotency key then gets [`Enqueued::Existing`].
+//! stored that Redis did not acknowledge.
+//!
+//! A Redis that stalls instead of dying (paused, swapping, blocked by a
+//! slow command or a slow disk) keeps the commands written to its socket
+//! and runs them when it resumes, long after their calls failed. So
+//! `submit` passes its script the instant the call gives up, on Redis's
+//! clock; the script reads `TIME` first and, once `TIME` is past that
+//! instant, stores nothing and answers `late` (normally to nobody: the
+//! caller has gone). The instant is the last reading of Redis's clock plus the local
+//! monotonic time since it was read: every submit answer carries `TIME`,
+//! and a reading older than 10 s is renewed with a `TIME` command first.
+//! No client wall clock is involved, so skew between the client's and
+//! Redis's clocks does not matter. The reading is a lower bound (Redis read
+//! its clock before the answer arrived), so the deadline is at or before
+//! the real give-up: earlier by the latency of the answer it was read from
+//! (well under a millisecond on a healthy link), give or take the rate
+//! drift of the two clocks over at most 10 s (under 10 ms even if both
+//! slew at NTP's 500 ppm maximum in opposite directions). If Redis's clock
+//! steps forward, the script answers `late` while the call still waits;
+//! that answer renews the reading and the script runs once more within the
+//! same `op_timeout`. If it steps back by `d` (or a failover reaches a host
+//! whose clock is `d` behind), the submits placed with the older reading
+//! get deadlines up to `d` late, until the next answer renews it.
+//!
+//! What no network client can rule out remains: the request in flight.
+//! A `submit` reports `Unavailable` for a job that is stored only if Redis
+//! ran its script no later than the deadline, so before the call gave up,
+//! and its answer then took longer than the time left to arrive: Redis
+//! stopped or died, or the connection broke, between running the script
+//! and delivering the answer (with `appendfsync always` that gap includes
+//! the fsync). That is at most the scripts that had run but were not yet
+//! answered at that moment: one for a caller that sends one request at a
+//! time. A command Redis reads after the deadline is never stored, however
+//! long the stall. So [`Queue::submit`]'s "on `Err`, nothing was stored"
+//! holds here for every refusal (`Full`, `Conflict`, `late`) and for every
+//! request sent during a stall, but not for that in-flight request; a
+//! caller that retries with the same idempotency key then gets
+//! [`Enqueued::Existing`].
 //!
 //! # Clock
 //!
@@ -100,8 +130,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The fixed minimum idle time of `XAUTOCLAIM`, and so the longest
 /// visibility timeout.
@@ -162,9 +193,15 @@ end
 "#;
 
 /// ARGV: prefix, id, job, enqueued_at, deadline or '', key or '',
-/// fingerprint, capacity.
+/// fingerprint, capacity, give-up time (Redis clock, µs). Returns
+/// `{what, id, TIME seconds, TIME µs}`; `what` is `late` (nothing stored)
+/// when Redis runs the script after the give-up time: the caller has
+/// already been told `Unavailable`.
 const SUBMIT: &str = r#"
 local id, job, enq, dl, key, fp, cap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local t = redis.call('TIME')
+local function answer(what, jid) return {what, jid, t[1], t[2]} end
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[9]) then return answer('late', '') end
 if key ~= '' then
   local cur = redis.call('HGET', k('i'), key)
   if cur then
@@ -173,12 +210,12 @@ if key ~= '' then
       or redis.call('HEXISTS', k('xe'), cid) == 1
       or redis.call('EXISTS', k('st:' .. cid)) == 1
     if live then
-      if string.sub(cur, 38) == fp then return {'existing', cid} end
-      return {'conflict', cid}
+      if string.sub(cur, 38) == fp then return answer('existing', cid) end
+      return answer('conflict', cid)
     end
   end
 end
-if redis.call('ZCARD', k('q')) >= cap then return {'full', ''} end
+if redis.call('ZCARD', k('q')) >= cap then return answer('full', '') end
 redis.call('HSET', k('j'), id, job)
 redis.call('HSET', k('a'), id, 0)
 if dl ~= '' then redis.call('HSET', k('t'), id, dl) end
@@ -189,7 +226,7 @@ if key ~= '' then
 end
 local e = redis.call('XADD', k('s'), '*', 'id', id)
 redis.call('HSET', k('e'), id, e)
-return {'created', id}
+return answer('created', id)
 "#;
 
 /// ARGV: prefix, now, max, visibility, max_attempts, nonce, consumer,
@@ -419,6 +456,8 @@ struct Inner {
     policy: Policy,
     format: Format,
     op_timeout: Duration,
+    /// The last reading of Redis's clock: see [`RedisQueue::submit_script`].
+    anchor: Mutex<Option<Anchor>>,
     clock: Clock,
     idle_consumer_ttl: Duration,
     /// When this handle's next lease looks for idle consumers (clock ms).
@@ -607,6 +646,7 @@ impl RedisQueueBuilder {
                 policy: self.policy,
                 format: self.format,
                 op_timeout: self.op_timeout,
+                anchor: Mutex::new(None),
                 clock: Clock::new(),
                 idle_consumer_ttl: self.idle_consumer_ttl,
                 next_consumer_sweep: AtomicU64::new(0),
@@ -727,6 +767,102 @@ impl RedisQueue {
     }
 }
 
+/// How long a reading of Redis's clock is used to place submit deadlines
+/// on it. An older one is read again (`TIME`) first, so that the two
+/// clocks (Redis's wall clock, the local monotonic one) drift apart by
+/// under 10 ms (1,000 ppm: each slewed by NTP at its 500 ppm maximum, in
+/// opposite directions) before it is renewed.
+const ANCHOR_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Redis's clock (`TIME`, µs) as read by a script or command, and the local
+/// instant its answer arrived. Redis read its clock before that instant, so
+/// `redis_us + (t - at)` is never later than Redis's clock at `t` (up to the
+/// rate drift of the two clocks, bounded by [`ANCHOR_MAX_AGE`]).
+#[derive(Clone, Copy, Debug)]
+struct Anchor {
+    redis_us: u64,
+    at: Instant,
+}
+
+impl Anchor {
+    fn read(secs: u64, micros: u64) -> Anchor {
+        Anchor {
+            redis_us: secs.saturating_mul(1_000_000).saturating_add(micros),
+            at: Instant::now(),
+        }
+    }
+
+    /// A lower bound on Redis's clock at `t`, in µs.
+    fn redis_us_at(&self, t: Instant) -> u64 {
+        let since = t.saturating_duration_since(self.at).as_micros();
+        self.redis_us
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+}
+
+impl RedisQueue {
+    fn anchored(&self, anchor: Anchor) -> Anchor {
+        *self.inner.anchor.lock().unwrap_or_else(|e| e.into_inner()) = Some(anchor);
+        anchor
+    }
+
+    /// Runs the submit script so that Redis stores the job only if it runs
+    /// the script before this call gives up (`op_timeout` from now).
+    ///
+    /// A command that Redis reads late (it was stalled: paused, swapping,
+    /// blocked by a slow command) would otherwise store a job whose caller
+    /// was already told `Unavailable`. So the script gets the instant this
+    /// call gives up, on Redis's own clock, and returns `late` without
+    /// storing anything once `TIME` is past it. That instant is taken from
+    /// the last reading of Redis's clock (the [`Anchor`]: every submit
+    /// answer carries one; one older than [`ANCHOR_MAX_AGE`] is renewed
+    /// with `TIME` first) plus the local monotonic time since, so no two
+    /// clocks are compared and clock skew between client and Redis does not
+    /// matter. The reading is a lower bound, so the deadline is never later
+    /// than the real give-up; it is earlier by the latency of the answer it
+    /// was read from. If Redis's clock jumped ahead (or a failover reached
+    /// a host whose clock is ahead), the script answers `late` while this
+    /// call still waits: the answer renews the reading, and the script runs
+    /// once more, within the same `op_timeout`.
+    async fn submit_script(&self, args: Vec<Vec<u8>>) -> Result<(String, String), QueueError> {
+        let give_up = Instant::now() + self.inner.op_timeout;
+        let attempt = async {
+            let mut c = self.inner.conn.clone();
+            for _ in 0..2 {
+                let last = *self.inner.anchor.lock().unwrap_or_else(|e| e.into_inner());
+                let anchor = match last {
+                    Some(a) if a.at.elapsed() < ANCHOR_MAX_AGE => a,
+                    _ => {
+                        let (secs, micros): (u64, u64) =
+                            ::redis::cmd("TIME").query_async(&mut c).await?;
+                        self.anchored(Anchor::read(secs, micros))
+                    }
+                };
+                let mut inv = SCRIPTS.submit.prepare_invoke();
+                inv.arg(&self.inner.prefix);
+                for a in &args {
+                    inv.arg(a.as_slice());
+                }
+                inv.arg(anchor.redis_us_at(give_up));
+                let (what, other, secs, micros): (String, String, u64, u64) =
+                    inv.invoke_async(&mut c).await?;
+                self.anchored(Anchor::read(secs, micros));
+                if what != "late" {
+                    return Ok((what, other));
+                }
+            }
+            Ok(("late".to_owned(), String::new()))
+        };
+        match tokio::time::timeout_at(give_up, attempt).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(QueueError::unavailable(format!(
+                "redis did not answer within {:?}",
+                self.inner.op_timeout
+            ))),
+        }
+    }
+}
+
 fn arg(v: impl ToString) -> Vec<u8> {
     v.to_string().into_bytes()
 }
@@ -754,7 +890,7 @@ impl Queue for RedisQueue {
             fingerprint.into_bytes(),
             arg(self.inner.policy.capacity),
         ];
-        let (what, other): (String, String) = self.invoke(&SCRIPTS.submit, args).await?;
+        let (what, other) = self.submit_script(args).await?;
         let other_id = || {
             other
                 .parse::<JobId>()
@@ -770,6 +906,9 @@ impl Queue for RedisQueue {
             "full" => Err(QueueError::Full {
                 capacity: self.inner.policy.capacity,
             }),
+            "late" => Err(QueueError::unavailable(
+                "redis ran the submit after its deadline (clock jump?); nothing was stored",
+            )),
             _ => Err(self.corrupt(format!("unexpected submit answer {what:?}"))),
         }
     }

@@ -1,4 +1,5 @@
-use crate::support::{Broker, fleet, outage, spare_port, unique};
+use crate::support::{Broker, DOWN, Stall, fleet, key, outage, spare_port, unique};
+use http::StatusCode;
 use std::time::Duration;
 use tower_firebreak::queue::redis::RedisQueue;
 
@@ -39,9 +40,9 @@ async fn fleet_of_two_shares_one_queue() {
     cleanup(&name);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outage_answers_503_fast_and_delivers_every_202() {
-    let dir = tempfile::tempdir().unwrap();
+/// A private `redis-server` on a spare port, with its AOF fsynced on every
+/// write, in `dir`.
+fn private_redis(dir: &std::path::Path) -> Broker {
     let port = spare_port();
     let args = [
         "--port",
@@ -55,12 +56,94 @@ async fn outage_answers_503_fast_and_delivers_every_202() {
         "--appendfsync",
         "always",
         "--dir",
-        dir.path().to_str().unwrap(),
+        dir.to_str().unwrap(),
     ]
     .map(str::to_owned)
     .to_vec();
-    let mut broker = Broker::start("redis-server", args, port);
-    let url = format!("redis://127.0.0.1:{port}");
+    Broker::start("redis-server", args, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_answers_503_fast_and_delivers_every_202() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = private_redis(dir.path());
+    let url = format!("redis://127.0.0.1:{}", broker.port);
     let q = connect(&url, "outage", Duration::from_millis(300)).await;
     outage(q, &mut broker, Duration::from_secs(1), 1).await;
+}
+
+/// Redis paused (SIGSTOP) rather than killed: the commands of the requests
+/// that time out meanwhile sit in its socket and run when it resumes
+/// (SIGCONT), long after their callers got 503. The submit script's
+/// deadline makes each of them a no-op then: no request sent during the
+/// stall and answered 503 is stored (its idempotency key is not in the
+/// queue's index, so it was never stored, and it is never delivered).
+/// Only a request whose script Redis ran just before it stopped may be
+/// stored though answered 503 (the in-flight exception): at most one, as
+/// the producer sends one at a time. Every 202, before and after the
+/// stall, is delivered exactly once (checked by `outage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stall_stores_none_of_its_503s() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = private_redis(dir.path());
+    let url = format!("redis://127.0.0.1:{}", broker.port);
+    let q = connect(&url, "stall", Duration::from_millis(300)).await;
+    let log = outage(q, &mut Stall(&mut broker), Duration::from_secs(1), 1).await;
+
+    // The idempotency index (key -> job) keeps every key stored within
+    // `retention` (24 h), delivered or not.
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut stored = |i: usize| -> bool {
+        redis::cmd("HEXISTS")
+            .arg("fb:{stall}:i")
+            .arg(key(i))
+            .query(&mut c)
+            .unwrap()
+    };
+    let mut refused_during = 0;
+    let mut stored_during = Vec::new();
+    let mut stored_in_flight = Vec::new();
+    for s in &log {
+        if s.answer.status == StatusCode::ACCEPTED {
+            assert!(stored(s.i), "{} got 202 but is not in the index", key(s.i));
+            continue;
+        }
+        // Sent once the stop had begun (during the stall, or after it).
+        let sent_during = s.phases.0 >= DOWN;
+        refused_during += usize::from(sent_during);
+        if stored(s.i) {
+            let what = format!(
+                "{} (phases {:?}, took {:?})",
+                key(s.i),
+                s.phases,
+                s.answer.took
+            );
+            if sent_during {
+                stored_during.push(what);
+            } else {
+                stored_in_flight.push(what);
+            }
+        }
+    }
+    eprintln!(
+        "stall: {refused_during} requests sent after the stop got 503; stored anyway: \
+         {stored_during:?}; in flight at the stop and stored: {stored_in_flight:?}"
+    );
+    assert!(
+        refused_during >= 5,
+        "only {refused_during} requests sent after the stop got 503"
+    );
+    assert!(
+        stored_during.is_empty(),
+        "{} of {refused_during} requests sent after the stop got 503 and were stored when \
+         Redis resumed: {stored_during:?}",
+        stored_during.len()
+    );
+    assert!(
+        stored_in_flight.len() <= 1,
+        "more than the one request in flight at the stop was stored: {stored_in_flight:?}"
+    );
 }

@@ -123,7 +123,7 @@ fn order(i: usize) -> Req {
         .unwrap()
 }
 
-fn key(i: usize) -> String {
+pub(crate) fn key(i: usize) -> String {
     format!("order-{i}")
 }
 
@@ -364,19 +364,19 @@ pub(crate) trait Switch {
     async fn up(&mut self);
 }
 
-const UP: u8 = 0;
-const GOING_DOWN: u8 = 1;
-const DOWN: u8 = 2;
-const COMING_UP: u8 = 3;
-const UP_AGAIN: u8 = 4;
+pub(crate) const UP: u8 = 0;
+pub(crate) const GOING_DOWN: u8 = 1;
+pub(crate) const DOWN: u8 = 2;
+pub(crate) const COMING_UP: u8 = 3;
+pub(crate) const UP_AGAIN: u8 = 4;
 
 /// One request of the outage test's producer.
 #[derive(Debug)]
-struct Sent {
-    i: usize,
+pub(crate) struct Sent {
+    pub(crate) i: usize,
     /// The phase when it was sent and when it was answered.
-    phases: (u8, u8),
-    answer: Answer,
+    pub(crate) phases: (u8, u8),
+    pub(crate) answer: Answer,
 }
 
 /// The outage test, through `defer`: one upstream instance (a `DeferLayer`
@@ -390,13 +390,14 @@ struct Sent {
 /// restart; every request that got `202`, before the outage or after it, is
 /// delivered exactly once; and at most `max_ambiguous` requests that got
 /// `503` are delivered anyway (a request in flight when the connection
-/// breaks may have been stored: see notes/brokers.md).
+/// breaks may have been stored: see notes/brokers.md). Returns every
+/// request sent, for checks of a particular backend.
 pub(crate) async fn outage<Q: Queue + Clone, B: Switch>(
     q: Q,
     broker: &mut B,
     bound: Duration,
     max_ambiguous: usize,
-) {
+) -> Vec<Sent> {
     const BEFORE: usize = 20;
     const DURING: usize = 10;
     const AFTER: usize = 20;
@@ -561,6 +562,7 @@ pub(crate) async fn outage<Q: Queue + Clone, B: Switch>(
         "{} requests answered 503 were stored and delivered (at most {max_ambiguous} may be): {ambiguous:?}",
         ambiguous.len()
     );
+    log
 }
 
 // ----------------------------------------------------------------- brokers
@@ -615,6 +617,32 @@ impl Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Broker {
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("broker not running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+}
+
+/// The broker stalls instead of dying: SIGSTOP, then SIGCONT. Its sockets
+/// stay open, so what a client writes meanwhile is read when it resumes.
+pub(crate) struct Stall<'a>(pub(crate) &'a mut Broker);
+
+impl Switch for Stall<'_> {
+    async fn down(&mut self) {
+        self.0.signal("STOP");
+    }
+    async fn up(&mut self) {
+        self.0.signal("CONT");
     }
 }
 
