@@ -120,7 +120,7 @@ impl<S> RateLimit<S> {
             inner,
             limiter: None,
             max_wait: None,
-            obs: Arc::new(crate::observe::LimiterMetrics::new(None)),
+            obs: Arc::new(crate::observe::LimiterMetrics::new(None, None)),
         }
     }
 
