@@ -14,7 +14,7 @@
 //! | component | registers when |
 //! | --- | --- |
 //! | [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer) | `build()` (or `CircuitBreakerConfig::into_layer`) |
-//! | [`BulkheadLayer`](crate::bulkhead::BulkheadLayer), [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) | it makes its first service (`Layer::layer`): these builders have no `build()`, and `burst`/`max_wait` may still change the limiter before then |
+//! | [`BulkheadLayer`](crate::bulkhead::BulkheadLayer), [`RateLimitLayer`] | it makes its first service (`Layer::layer`): these builders have no `build()`, and `burst`/`max_wait` may still change the limiter before then |
 //! | [`DeferLayer`](crate::defer::DeferLayer) (its queue) | it makes its first service |
 //! | [`Replayer`](crate::defer::Replayer) (its queue) | `spawn()` |
 //! | the [`Resilience`](crate::preset::Resilience) preset's stages | as above, each under the preset's `name` |
@@ -77,7 +77,7 @@
 //!
 //! | series | kind | labels | meaning |
 //! | --- | --- | --- | --- |
-//! | `firebreak.calls` | counter | `layer`, `outcome` | breaker: `success`, `failure`, `rejected`; bulkhead and rate limit: `admitted`, `rejected`; defer: `deferred` |
+//! | `firebreak.calls` | counter | `layer`, `outcome` | breaker: `success`, `failure`, `rejected`; bulkhead and rate limit: `admitted`, `rejected` (a limiter in wait mode counts a call when its wait ends: `admitted`, or `rejected` when it gave up; a cancelled wait is not counted); defer: `deferred` |
 //! | `firebreak.rejections` | counter | `layer`, `kind` | `circuit_open`, `bulkhead_full`, `rate_limited` |
 //! | `firebreak.breaker.state` | gauge | `state` | 1 for the current state, 0 for the others |
 //! | `firebreak.breaker.transitions` | counter | `from`, `to` | state changes |

@@ -1,5 +1,5 @@
 use super::layer::nonzero;
-use super::{Check, TokioClock, decide, future::ResponseFuture};
+use super::{Check, TokioClock, Wait, decide, future::ResponseFuture};
 use crate::BoxError;
 use crate::observe::LimiterMetrics;
 use governor::Quota;
@@ -143,6 +143,7 @@ where
             (Err(_), _) => self.obs.record(&key, false),
         }
         let limiter = &self.limiter;
+        let obs = &self.obs;
         decide(
             &mut self.inner,
             req,
@@ -150,7 +151,15 @@ where
             self.max_wait,
             move || -> Check {
                 let l = limiter.clone();
-                Box::new(move || check_key(&l, &key))
+                let obs = obs.clone();
+                Box::new(move |w| {
+                    match w {
+                        Wait::Check => return check_key(&l, &key),
+                        Wait::Admitted => obs.record(&key, true),
+                        Wait::GaveUp => obs.record(&key, false),
+                    }
+                    Ok(())
+                })
             },
         )
     }

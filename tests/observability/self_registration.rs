@@ -13,12 +13,12 @@ use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
-use tower_firebreak::bulkhead::{BulkheadConfig, BulkheadLayer};
+use tower_firebreak::bulkhead::BulkheadLayer;
 use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 use tower_firebreak::defer::{DeferLayer, Replayer};
 use tower_firebreak::preset::{Resilience, ResilienceConfig};
 use tower_firebreak::queue::memory::MemoryQueue;
-use tower_firebreak::rate_limit::{RateLimitConfig, RateLimitLayer};
+use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::registry::{Registry, Snapshot};
 
 fn echo() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
@@ -293,7 +293,9 @@ async fn a_named_preset_registers_its_stages_and_validation_registers_nothing() 
 #[cfg(feature = "toml")]
 #[tokio::test(start_paused = true)]
 async fn names_in_toml_reach_the_registry() {
+    use tower_firebreak::bulkhead::BulkheadConfig;
     use tower_firebreak::preset::Policies;
+    use tower_firebreak::rate_limit::RateLimitConfig;
 
     let policies = Policies::from_toml(
         r#"
@@ -344,7 +346,7 @@ async fn names_in_toml_reach_the_registry() {
 #[tokio::test(start_paused = true)]
 async fn names_in_toml_and_keyed_layers_reach_the_metrics_labels() {
     use metrics_exporter_prometheus::PrometheusBuilder;
-    use tower_firebreak::bulkhead::KeyedBulkheadLayer;
+    use tower_firebreak::bulkhead::{BulkheadConfig, KeyedBulkheadLayer};
     use tower_firebreak::preset::Policies;
     use tower_firebreak::rate_limit::KeyedRateLimitLayer;
     use tower_firebreak::retry::{ReplayBody, RetryConfig};
@@ -509,4 +511,46 @@ async fn names_in_toml_and_keyed_layers_reach_the_metrics_labels() {
         ],
         2.0,
     );
+}
+
+/// A limiter in wait mode counts the calls that waited: admitted when the
+/// permit came, rejected when the wait gave up.
+#[cfg(feature = "prometheus")]
+#[tokio::test(start_paused = true)]
+async fn a_waiting_limiter_counts_how_each_wait_ended() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let layer = metrics::with_local_recorder(&recorder, || {
+        RateLimitLayer::per_second(1)
+            .name("m-waiting")
+            .max_wait(Duration::from_millis(1500))
+    });
+    let mut svc = layer.layer(echo());
+    // The first passes at once; the next two both see a 1 s wait, within
+    // 1.5 s. At 1 s one takes the permit; the other would wait until 2 s,
+    // past its 1.5 s, and gives up.
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    let a = svc.ready().await.unwrap().call(2);
+    let b = svc.ready().await.unwrap().call(3);
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
+
+    let text = handle.render();
+    let line = |outcome: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("firebreak_calls{")
+                    && l.contains(r#"name="m-waiting""#)
+                    && l.contains(&format!(r#"outcome="{outcome}""#))
+            })
+            .unwrap_or_else(|| panic!("no {outcome} series in:\n{text}"))
+            .rsplit_once(' ')
+            .unwrap()
+            .1
+            .to_owned()
+    };
+    assert_eq!(line("admitted"), "2", "{text}");
+    assert_eq!(line("rejected"), "1", "{text}");
 }
