@@ -99,9 +99,10 @@
 //! limit, bulkhead, retry and breaker stages alike; a stage's own `name`
 //! (`bulkhead = { name = "payments-pool" }`) wins over it. Named stages
 //! record the `firebreak.*` metrics (feature `metrics`) with that `name`
-//! label, the `layer` label telling them apart, and the breaker, bulkhead
+//! label, the `layer` label telling them apart, the breaker, bulkhead
 //! and limiter register themselves in the
-//! [registry](crate::registry#self-registration). A policy's key in
+//! [registry](crate::registry#self-registration), and each call runs in a
+//! `firebreak.call` span of that name ([`span`](crate::span)). A policy's key in
 //! `[policies.KEY]` does not name it: build a named policy's layer once and
 //! clone it, since two live layers under one name share their series.
 
@@ -118,6 +119,7 @@ use crate::{BoxError, ConfigError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::layer::util::Stack;
@@ -167,8 +169,10 @@ pub struct ResilienceConfig {
     /// the rate limit, bulkhead, retry and breaker metrics (feature
     /// `metrics`; the `layer` label tells the stages apart), and their
     /// entries in [`Registry::global()`](crate::registry::Registry::global)
-    /// (or the builder's [`registry`](ResilienceBuilder::registry)).
-    /// Default: none (no metrics, not registered).
+    /// (or the builder's [`registry`](ResilienceBuilder::registry)); and
+    /// each call runs in a `firebreak.call` span with this `name` (see
+    /// [`span`](crate::span)). Default: none (no metrics, not registered,
+    /// no span).
     pub name: Option<String>,
     /// Default: off.
     pub rate_limit: Stage<RateLimitConfig>,
@@ -319,6 +323,7 @@ impl ResilienceConfig {
             None => l,
         };
         Ok(ResilienceLayer {
+            span: name.map(Into::into),
             rate_limit: rate_limit
                 .map(|c| {
                     c.into_layer()
@@ -404,7 +409,9 @@ impl ResilienceBuilder {
     /// Names every stage (see [`ResilienceConfig::name`]): its breaker,
     /// bulkhead and rate limiter join [`Registry::global()`] (or
     /// [`registry`](Self::registry)) under this name, and record metrics
-    /// under it (feature `metrics`). Default: none.
+    /// under it (feature `metrics`); and each call runs in a
+    /// `firebreak.call` span with this `name`, as with
+    /// [`CallSpanLayer`](crate::span::CallSpanLayer) outermost. Default: none.
     ///
     /// ```
     /// use tower::{Layer, service_fn};
@@ -524,6 +531,8 @@ impl ResilienceBuilder {
 /// The preset as one named layer. See the [module docs](self).
 #[derive(Clone)]
 pub struct ResilienceLayer {
+    /// The preset's name: each call runs in a `firebreak.call` span of it.
+    span: Option<Arc<str>>,
     rate_limit: Option<RateLimitLayer>,
     bulkhead: Option<BulkheadLayer>,
     deadline: Option<DeadlineLayer>,
@@ -536,6 +545,7 @@ pub struct ResilienceLayer {
 impl fmt::Debug for ResilienceLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResilienceLayer")
+            .field("span", &self.span)
             .field("rate_limit", &self.rate_limit)
             .field("bulkhead", &self.bulkhead)
             .field("deadline", &self.deadline)
@@ -578,6 +588,7 @@ pub type Stages<S> = RateLimit<
 #[derive(Clone, Debug)]
 pub struct ResilienceService<S> {
     inner: Stages<S>,
+    span: Option<Arc<str>>,
 }
 
 impl<S> ResilienceService<S> {
@@ -621,7 +632,10 @@ impl<S> Layer<S> for ResilienceLayer {
             Some(l) => l.layer(s),
             None => RateLimit::off(s),
         };
-        ResilienceService { inner: s }
+        ResilienceService {
+            inner: s,
+            span: self.span.clone(),
+        }
     }
 }
 
@@ -631,14 +645,19 @@ where
 {
     type Response = <Stages<S> as Service<Req>>::Response;
     type Error = BoxError;
-    type Future = <Stages<S> as Service<Req>>::Future;
+    type Future = crate::span::future::ResponseFuture<<Stages<S> as Service<Req>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        self.inner.call(req)
+        let span = match &self.span {
+            Some(name) => crate::span::call_span(name),
+            // Unnamed: no span, and no callsite check.
+            None => tracing::Span::none(),
+        };
+        crate::span::call_in_span(&mut self.inner, req, span)
     }
 }
 
