@@ -250,7 +250,7 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
     /// ```
     /// use tower_firebreak::bulkhead::KeyedBulkheadLayer;
     ///
-    /// let by_tenant = KeyedBulkheadLayer::new(16, |tenant: &String| tenant.clone())
+    /// let by_tenant: KeyedBulkheadLayer<String, _> = KeyedBulkheadLayer::new(16, |tenant: &String| tenant.clone())
     ///     .name("tenants")
     ///     .label_keys();
     /// # let _ = by_tenant;

@@ -276,7 +276,7 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     /// ```
     /// use tower_firebreak::rate_limit::KeyedRateLimitLayer;
     ///
-    /// let per_tenant = KeyedRateLimitLayer::per_second(100, |tenant: &String| tenant.clone())
+    /// let per_tenant: KeyedRateLimitLayer<String, _> = KeyedRateLimitLayer::per_second(100, |tenant: &String| tenant.clone())
     ///     .name("tenants")
     ///     .label_keys();
     /// # let _ = per_tenant;
