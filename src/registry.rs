@@ -232,8 +232,12 @@ impl<T: ?Sized, X: Clone> Entries<T, X> {
     }
 
     fn insert(&mut self, name: &str, held: Held<T>, extra: X) {
+        // Dropped components go here, so that an application which builds
+        // and drops named layers and never takes a snapshot does not
+        // collect dead entries. Registration is rare (build time), so a
+        // pass over every entry is cheap enough.
+        self.prune();
         let list = self.map.entry(name.to_owned()).or_default();
-        list.retain(|(h, _)| h.is_alive());
         let ptr = held.ptr();
         if let Some(i) = list
             .iter()
@@ -265,12 +269,16 @@ impl<T: ?Sized, X: Clone> Entries<T, X> {
             .find_map(|(h, x)| Some((h.get()?, x.clone())))
     }
 
-    /// The newest live instance of every name.
-    fn live(&mut self) -> Vec<(String, Arc<T>, X)> {
+    fn prune(&mut self) {
         self.map.retain(|_, list| {
             list.retain(|(h, _)| h.is_alive());
             !list.is_empty()
         });
+    }
+
+    /// The newest live instance of every name.
+    fn live(&mut self) -> Vec<(String, Arc<T>, X)> {
+        self.prune();
         self.map
             .iter()
             .filter_map(|(name, list)| {
