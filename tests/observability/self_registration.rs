@@ -554,3 +554,68 @@ async fn a_waiting_limiter_counts_how_each_wait_ended() {
     assert_eq!(line("admitted"), "2", "{text}");
     assert_eq!(line("rejected"), "1", "{text}");
 }
+
+/// A second live breaker under a name warns; the same breaker again (a
+/// second service of one layer) and a queue named by both its DeferLayer
+/// and its Replayer do not.
+#[test]
+fn a_second_live_component_under_one_name_is_warned_about() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let warnings = || {
+        String::from_utf8(log.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("two live components"))
+            .count()
+    };
+    tracing::subscriber::with_default(sub, || {
+        let mine = Registry::new();
+        let bulkhead = BulkheadLayer::new(1).name("w").registry(&mine);
+        let _a = bulkhead.layer(echo());
+        let _b = bulkhead.layer(echo());
+        let queue = MemoryQueue::new();
+        let defer = DeferLayer::new(queue.clone()).name("w").registry(&mine);
+        let _d = defer.layer(service_fn(|_: Req| async {
+            Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::new())))
+        }));
+        mine.add_queue("w", queue);
+        assert_eq!(warnings(), 0);
+        let first = CircuitBreakerLayer::builder()
+            .name("w")
+            .registry(&mine)
+            .build()
+            .unwrap();
+        let second = CircuitBreakerLayer::builder()
+            .name("w")
+            .registry(&mine)
+            .build()
+            .unwrap();
+        assert_eq!(warnings(), 1);
+        drop((first, second));
+        // Both dropped: a new one under the name is not a second one.
+        let _third = CircuitBreakerLayer::builder()
+            .name("w")
+            .registry(&mine)
+            .build()
+            .unwrap();
+        assert_eq!(warnings(), 1);
+    });
+}
