@@ -5,6 +5,26 @@
 //!
 //! After the criterion group it prints allocations per call for each case,
 //! counted by a global allocator over 100,000 calls minus a zero-call run.
+//!
+//! # What metrics cost (feature `metrics`; `prometheus` for the last column)
+//!
+//! `cargo bench --bench overhead --features prometheus -- metrics/` adds the
+//! `metrics` group, in the same run and binary: for the breaker, bulkhead
+//! and rate limiter,
+//! - `unnamed`: no name, so no metric handles. This is the code a build
+//!   without the feature runs: every hook is
+//!   `#[cfg(feature = "metrics")] if let Some(m) = &self.inner { .. }`
+//!   (`src/observe.rs`), so with the feature it costs one `None` check on a
+//!   field the call already has in cache, and without it nothing at all;
+//!   an unnamed layer is an upper bound on the feature-off cost;
+//! - `named, no recorder`: the handles exist but point at the facade's
+//!   no-op recorder (a library user before the application installs one);
+//! - `named, prometheus`: the Prometheus recorder installed, every call
+//!   bumps its counters; it then prints allocations per call (0 expected).
+//!
+//! next to `bare`, plus `call span, no subscriber` (`CallSpanLayer` with no
+//! `tracing` subscriber). The recorder is process-wide, so the
+//! `prometheus` cases run last.
 #![allow(missing_docs, clippy::disallowed_types)]
 
 use bytes::Bytes;
@@ -19,6 +39,8 @@ use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::bulkhead::BulkheadLayer;
+#[cfg(feature = "metrics")]
+use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
 use tower_firebreak::deadline::{CallDeadline, DeadlineLayer};
 use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::timeout::TimeoutLayer;
@@ -218,20 +240,123 @@ fn ours_vs_tower(c: &mut Criterion) {
         http_req,
     );
     g.finish();
+    print_allocs("overhead group", allocs);
+}
 
-    println!("\nallocations per call (100,000 calls minus a zero-call run):");
+#[cfg(feature = "metrics")]
+mod with_metrics {
+    use super::*;
+
+    pub(super) fn breaker(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+        let mut b = CircuitBreakerLayer::builder();
+        if let Some(n) = name {
+            b = b.name(n);
+        }
+        b.build().unwrap().layer(bare())
+    }
+
+    pub(super) fn bulkhead(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+        let mut l = BulkheadLayer::new(1000);
+        if let Some(n) = name {
+            l = l.name(n);
+        }
+        l.layer(bare())
+    }
+
+    pub(super) fn limiter(name: Option<&str>) -> impl Service<u64, Error = BoxError> {
+        let mut l = RateLimitLayer::per_second(NEVER);
+        if let Some(n) = name {
+            l = l.name(n);
+        }
+        l.layer(bare())
+    }
+
+    /// The `metrics` group: `recorder` is `"no recorder"` or `"prometheus"`.
+    pub(super) fn cases(c: &mut Criterion, recorder: &str) -> Vec<(String, f64, f64)> {
+        let mut allocs = Vec::new();
+        let a = &mut allocs;
+        let id = |x: u64| x;
+        let mut g = c.benchmark_group("metrics");
+        if recorder == "no recorder" {
+            case(&mut g, a, "bare", bare, id);
+            case(&mut g, a, "breaker closed, unnamed", || breaker(None), id);
+            case(&mut g, a, "bulkhead, unnamed", || bulkhead(None), id);
+            case(&mut g, a, "rate limit, unnamed", || limiter(None), id);
+            // No subscriber: the span's callsite is disabled.
+            case(
+                &mut g,
+                a,
+                "call span, no subscriber",
+                || tower_firebreak::span::CallSpanLayer::new("s").layer(bare()),
+                id,
+            );
+        }
+        case(
+            &mut g,
+            a,
+            &format!("breaker closed, named, {recorder}"),
+            || breaker(Some("b")),
+            id,
+        );
+        case(
+            &mut g,
+            a,
+            &format!("bulkhead, named, {recorder}"),
+            || bulkhead(Some("h")),
+            id,
+        );
+        case(
+            &mut g,
+            a,
+            &format!("rate limit, named, {recorder}"),
+            || limiter(Some("l")),
+            id,
+        );
+        g.finish();
+        allocs
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn metrics_no_recorder(c: &mut Criterion) {
+    let allocs = with_metrics::cases(c, "no recorder");
+    print_allocs("metrics group, no recorder", allocs);
+}
+
+#[cfg(feature = "prometheus")]
+fn metrics_prometheus(c: &mut Criterion) {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("install the recorder");
+    let allocs = with_metrics::cases(c, "prometheus");
+    // The counters really were recorded.
+    assert!(handle.render().contains("firebreak_calls{"));
+    for (name, n, _) in &allocs {
+        assert!(*n == 0.0, "{name}: {n} allocations per call");
+    }
+    print_allocs("metrics group, Prometheus recorder installed", allocs);
+}
+
+fn print_allocs(title: &str, allocs: Vec<(String, f64, f64)>) {
+    println!("\nallocations per call, {title} (100,000 calls minus a zero-call run):");
     println!("{:<52} {:>10} {:>12}", "case", "allocs", "bytes");
     for (name, n, b) in allocs {
         println!("{name:<52} {n:>10.2} {b:>12.1}");
     }
 }
 
+#[cfg(not(feature = "metrics"))]
+fn metrics_no_recorder(_: &mut Criterion) {}
+
+#[cfg(not(feature = "prometheus"))]
+fn metrics_prometheus(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = ours_vs_tower
+    targets = ours_vs_tower, metrics_no_recorder, metrics_prometheus
 }
 
 fn main() {

@@ -24,7 +24,6 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
 use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
-use tower_firebreak::registry::Registry;
 
 /// A demo guard, not authentication.
 async fn guard(req: Request, next: Next) -> Response {
@@ -41,15 +40,13 @@ async fn guard(req: Request, next: Next) -> Response {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let prometheus = PrometheusBuilder::new().install_recorder()?;
-    let registry = Registry::new();
 
     let breaker = CircuitBreakerLayer::builder()
         .name("payments")
         .count_window(10)
         .minimum_calls(5)
         .open_for(Duration::from_secs(15))
-        .build()?;
-    registry.add_breaker(breaker.handle())?;
+        .build()?; // named, so it registers itself in Registry::global()
     // Boxed: one concrete type to clone into the handler.
     let payments = BoxCloneSyncService::new(breaker.layer(service_fn(|fail: bool| async move {
         if fail {
@@ -74,7 +71,7 @@ async fn main() -> Result<(), BoxError> {
             }),
         )
         .merge(
-            Admin::new(registry)
+            Admin::global() // serves Registry::global()
                 .prometheus(prometheus)
                 .router()
                 .route_layer(middleware::from_fn(guard)),

@@ -112,7 +112,7 @@ mod imp {
         }
     }
 
-    #[derive(Debug)]
+    #[derive(Clone, Debug)]
     pub(crate) struct Bulkhead {
         pub(crate) admitted: Counter,
         pub(crate) rejected: Counter,
@@ -121,15 +121,33 @@ mod imp {
         pub(crate) in_flight: Gauge,
     }
 
+    /// `name`, and `key` for an opted-in keyed layer.
+    fn base(name: &str, key: Option<&str>) -> Vec<Label> {
+        let mut labels = vec![Label::new("name", name.to_owned())];
+        if let Some(k) = key {
+            labels.push(Label::new("key", k.to_owned()));
+        }
+        labels
+    }
+
     impl Bulkhead {
-        pub(crate) fn new(name: &str) -> Self {
-            let n = name.to_string();
+        pub(crate) fn new(name: &str, key: Option<&str>) -> Self {
+            let b = &base(name, key);
+            let calls = |outcome: &'static str| {
+                counter!(
+                    CALLS,
+                    with(b, &[("layer", "bulkhead"), ("outcome", outcome)])
+                )
+            };
             Bulkhead {
-                admitted: counter!(CALLS, "layer" => "bulkhead", "name" => n.clone(), "outcome" => "admitted"),
-                rejected: counter!(CALLS, "layer" => "bulkhead", "name" => n.clone(), "outcome" => "rejected"),
-                rejections: counter!(REJECTIONS, "layer" => "bulkhead", "name" => n.clone(), "kind" => "bulkhead_full"),
-                wait: histogram!(BULKHEAD_WAIT, "name" => n.clone()),
-                in_flight: gauge!(BULKHEAD_IN_FLIGHT, "name" => n),
+                admitted: calls("admitted"),
+                rejected: calls("rejected"),
+                rejections: counter!(
+                    REJECTIONS,
+                    with(b, &[("layer", "bulkhead"), ("kind", "bulkhead_full")])
+                ),
+                wait: histogram!(BULKHEAD_WAIT, b.clone()),
+                in_flight: gauge!(BULKHEAD_IN_FLIGHT, b.clone()),
             }
         }
     }
@@ -142,12 +160,21 @@ mod imp {
     }
 
     impl Limiter {
-        pub(crate) fn new(name: &str) -> Self {
-            let n = name.to_string();
+        pub(crate) fn new(name: &str, key: Option<&str>) -> Self {
+            let b = &base(name, key);
+            let calls = |outcome: &'static str| {
+                counter!(
+                    CALLS,
+                    with(b, &[("layer", "rate_limit"), ("outcome", outcome)])
+                )
+            };
             Limiter {
-                admitted: counter!(CALLS, "layer" => "rate_limit", "name" => n.clone(), "outcome" => "admitted"),
-                rejected: counter!(CALLS, "layer" => "rate_limit", "name" => n.clone(), "outcome" => "rejected"),
-                rejections: counter!(REJECTIONS, "layer" => "rate_limit", "name" => n, "kind" => "rate_limited"),
+                admitted: calls("admitted"),
+                rejected: calls("rejected"),
+                rejections: counter!(
+                    REJECTIONS,
+                    with(b, &[("layer", "rate_limit"), ("kind", "rate_limited")])
+                ),
             }
         }
     }
@@ -271,8 +298,9 @@ impl BreakerMetrics {
     }
 }
 
-/// A named bulkhead's series.
-#[derive(Debug, Default)]
+/// A named bulkhead's series. A clone shares the series (the handles are
+/// `Arc`s): no recorder look-up.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct BulkheadMetrics {
     #[cfg(feature = "metrics")]
     inner: Option<imp::Bulkhead>,
@@ -280,10 +308,11 @@ pub(crate) struct BulkheadMetrics {
 
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 impl BulkheadMetrics {
-    pub(crate) fn new(name: Option<&str>) -> Self {
+    /// `key`: the `key` label of an opted-in keyed bulkhead's pool.
+    pub(crate) fn new(name: Option<&str>, key: Option<&str>) -> Self {
         BulkheadMetrics {
             #[cfg(feature = "metrics")]
-            inner: name.map(imp::Bulkhead::new),
+            inner: name.map(|n| imp::Bulkhead::new(n, key)),
         }
     }
 
@@ -331,10 +360,11 @@ pub(crate) struct LimiterMetrics {
 
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 impl LimiterMetrics {
-    pub(crate) fn new(name: Option<&str>) -> Self {
+    /// `key`: the `key` label of an opted-in keyed limiter's key.
+    pub(crate) fn new(name: Option<&str>, key: Option<&str>) -> Self {
         LimiterMetrics {
             #[cfg(feature = "metrics")]
-            inner: name.map(imp::Limiter::new),
+            inner: name.map(|n| imp::Limiter::new(n, key)),
         }
     }
 

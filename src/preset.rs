@@ -80,6 +80,7 @@
 //!
 //! let policies = Policies::from_toml(r#"
 //!     [policies.payments]
+//!     name = "payments"
 //!     deadline = { budget = "2s" }
 //!     timeout = { timeout = "500ms" }
 //!     rate_limit = { per_second = 200 }
@@ -91,6 +92,19 @@
 //! # let _ = payments;
 //! # }
 //! ```
+//!
+//! # Names
+//!
+//! A policy's `name` (or [`ResilienceBuilder::name`]) names its rate
+//! limit, bulkhead, retry and breaker stages alike; a stage's own `name`
+//! (`bulkhead = { name = "payments-pool" }`) wins over it. Named stages
+//! record the `firebreak.*` metrics (feature `metrics`) with that `name`
+//! label, the `layer` label telling them apart, the breaker, bulkhead
+//! and limiter register themselves in the
+//! [registry](crate::registry#self-registration), and each call runs in a
+//! `firebreak.call` span of that name ([`span`](crate::span)). A policy's key in
+//! `[policies.KEY]` does not name it: build a named policy's layer once and
+//! clone it, since two live layers under one name share their series.
 
 use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer};
 use crate::circuit_breaker::{CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer};
@@ -98,12 +112,14 @@ use crate::classify;
 use crate::deadline::{Deadline, DeadlineConfig, DeadlineLayer, PropagateDeadline};
 use crate::http::RejectionResponseLayer;
 use crate::rate_limit::{RateLimit, RateLimitConfig, RateLimitLayer};
+use crate::registry::Registry;
 use crate::retry::{self, BufferRequestBody, Retry, RetryConfig, RetryLayer, RetryPolicy};
 use crate::timeout::{Timeout, TimeoutConfig, TimeoutLayer};
 use crate::{BoxError, ConfigError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::layer::util::Stack;
@@ -149,6 +165,15 @@ impl<'de, T: Deserialize<'de> + Default> Deserialize<'de> for Stage<T> {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResilienceConfig {
+    /// Names every stage that has no `name` of its own: the `name` label of
+    /// the rate limit, bulkhead, retry and breaker metrics (feature
+    /// `metrics`; the `layer` label tells the stages apart), and their
+    /// entries in [`Registry::global()`](crate::registry::Registry::global)
+    /// (or the builder's [`registry`](ResilienceBuilder::registry)); and
+    /// each call runs in a `firebreak.call` span with this `name` (see
+    /// [`span`](crate::span)). Default: none (no metrics, not registered,
+    /// no span).
+    pub name: Option<String>,
     /// Default: off.
     pub rate_limit: Stage<RateLimitConfig>,
     /// Default: on, [`BulkheadConfig::default()`].
@@ -166,6 +191,7 @@ pub struct ResilienceConfig {
 impl Default for ResilienceConfig {
     fn default() -> Self {
         ResilienceConfig {
+            name: None,
             rate_limit: Stage::Off,
             bulkhead: Stage::On(BulkheadConfig::default()),
             deadline: Stage::On(DeadlineConfig::default()),
@@ -192,17 +218,47 @@ impl ResilienceConfig {
 
     /// Checks every stage and the contradictions between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.clone().into_layer().map(|_| ())
+        // Built without names: a check must not register anything.
+        let mut unnamed = self.clone();
+        unnamed.name = None;
+        if let Stage::On(c) = &mut unnamed.rate_limit {
+            c.name = None;
+        }
+        if let Stage::On(c) = &mut unnamed.bulkhead {
+            c.name = None;
+        }
+        if let Stage::On(c) = &mut unnamed.retry {
+            c.name = None;
+        }
+        if let Stage::On(c) = &mut unnamed.circuit_breaker {
+            c.name = None;
+        }
+        unnamed.into_layer().map(|_| ())
     }
 
     /// Checks the settings and builds the layer.
     pub fn into_layer(self) -> Result<ResilienceLayer, ConfigError> {
-        let rate_limit = self.rate_limit.into_option();
-        let bulkhead = self.bulkhead.into_option();
+        self.into_layer_in(None)
+    }
+
+    fn into_layer_in(self, registry: Option<&Registry>) -> Result<ResilienceLayer, ConfigError> {
+        let name = self.name;
+        // A stage's own name wins over the preset's.
+        let named = |own: &mut Option<String>| {
+            if own.is_none() {
+                own.clone_from(&name);
+            }
+        };
+        let mut rate_limit = self.rate_limit.into_option();
+        let mut bulkhead = self.bulkhead.into_option();
         let deadline = self.deadline.into_option();
-        let retry = self.retry.into_option();
-        let breaker = self.circuit_breaker.into_option();
+        let mut retry = self.retry.into_option();
+        let mut breaker = self.circuit_breaker.into_option();
         let timeout = self.timeout.into_option();
+        rate_limit.iter_mut().for_each(|c| named(&mut c.name));
+        bulkhead.iter_mut().for_each(|c| named(&mut c.name));
+        retry.iter_mut().for_each(|c| named(&mut c.name));
+        breaker.iter_mut().for_each(|c| named(&mut c.name));
 
         let budget = deadline.as_ref().map(|d| d.budget);
         let attempt = timeout.as_ref().map(|t| t.timeout);
@@ -253,7 +309,7 @@ impl ResilienceConfig {
 
         let breaker_layer = match breaker {
             Some(b) => b
-                .into_layer_with(classify::HttpClassifier::new())
+                .into_layer_in(classify::HttpClassifier::new(), registry)
                 .map_err(|e| e.in_section("circuit_breaker"))?,
             None => {
                 let l = CircuitBreakerConfig::default()
@@ -262,12 +318,28 @@ impl ResilienceConfig {
                 l
             }
         };
+        let in_registry = |l: BulkheadLayer| match registry {
+            Some(r) => l.registry(r),
+            None => l,
+        };
         Ok(ResilienceLayer {
+            span: name.map(Into::into),
             rate_limit: rate_limit
-                .map(|c| c.into_layer().map_err(|e| e.in_section("rate_limit")))
+                .map(|c| {
+                    c.into_layer()
+                        .map(|l| match registry {
+                            Some(r) => l.registry(r),
+                            None => l,
+                        })
+                        .map_err(|e| e.in_section("rate_limit"))
+                })
                 .transpose()?,
             bulkhead: bulkhead
-                .map(|c| c.into_layer().map_err(|e| e.in_section("bulkhead")))
+                .map(|c| {
+                    c.into_layer()
+                        .map(in_registry)
+                        .map_err(|e| e.in_section("bulkhead"))
+                })
                 .transpose()?,
             deadline: deadline
                 .map(|c| c.into_layer().map_err(|e| e.in_section("deadline")))
@@ -298,6 +370,7 @@ impl Resilience {
     pub fn builder() -> ResilienceBuilder {
         ResilienceBuilder {
             config: ResilienceConfig::default(),
+            registry: None,
         }
     }
 
@@ -312,6 +385,7 @@ impl Resilience {
                 timeout: Stage::Off,
                 ..ResilienceConfig::default()
             },
+            registry: None,
         }
     }
 }
@@ -320,12 +394,52 @@ impl Resilience {
 #[derive(Clone, Debug)]
 pub struct ResilienceBuilder {
     config: ResilienceConfig,
+    registry: Option<Registry>,
 }
 
 impl ResilienceBuilder {
     /// Starts from `config` instead of the defaults.
     pub fn from_config(config: ResilienceConfig) -> Self {
-        ResilienceBuilder { config }
+        ResilienceBuilder {
+            config,
+            registry: None,
+        }
+    }
+
+    /// Names every stage (see [`ResilienceConfig::name`]): its breaker,
+    /// bulkhead and rate limiter join [`Registry::global()`] (or
+    /// [`registry`](Self::registry)) under this name, and record metrics
+    /// under it (feature `metrics`); and each call runs in a
+    /// `firebreak.call` span with this `name`, as with
+    /// [`CallSpanLayer`](crate::span::CallSpanLayer) outermost. Default: none.
+    ///
+    /// ```
+    /// use tower::{Layer, service_fn};
+    /// use tower_firebreak::{BoxError, preset::Resilience, registry::Registry};
+    ///
+    /// let registry = Registry::new();
+    /// let layer = Resilience::builder()
+    ///     .name("payments")
+    ///     .registry(&registry)
+    ///     .build()
+    ///     .unwrap();
+    /// let svc = layer.layer(service_fn(|_: http::Request<String>| async {
+    ///     Ok::<_, BoxError>(http::Response::new(String::new()))
+    /// }));
+    /// assert!(registry.breaker("payments").is_some());
+    /// assert!(registry.bulkhead("payments").is_some());
+    /// # let _ = svc;
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// The registry the named stages register in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
+        self
     }
 
     /// Turns the rate limit on, at `per_second` calls a second.
@@ -410,13 +524,15 @@ impl ResilienceBuilder {
 
     /// Checks the settings and builds the layer.
     pub fn build(self) -> Result<ResilienceLayer, ConfigError> {
-        self.config.into_layer()
+        self.config.into_layer_in(self.registry.as_ref())
     }
 }
 
 /// The preset as one named layer. See the [module docs](self).
 #[derive(Clone)]
 pub struct ResilienceLayer {
+    /// The preset's name: each call runs in a `firebreak.call` span of it.
+    span: Option<Arc<str>>,
     rate_limit: Option<RateLimitLayer>,
     bulkhead: Option<BulkheadLayer>,
     deadline: Option<DeadlineLayer>,
@@ -429,6 +545,7 @@ pub struct ResilienceLayer {
 impl fmt::Debug for ResilienceLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResilienceLayer")
+            .field("span", &self.span)
             .field("rate_limit", &self.rate_limit)
             .field("bulkhead", &self.bulkhead)
             .field("deadline", &self.deadline)
@@ -471,6 +588,7 @@ pub type Stages<S> = RateLimit<
 #[derive(Clone, Debug)]
 pub struct ResilienceService<S> {
     inner: Stages<S>,
+    span: Option<Arc<str>>,
 }
 
 impl<S> ResilienceService<S> {
@@ -514,7 +632,10 @@ impl<S> Layer<S> for ResilienceLayer {
             Some(l) => l.layer(s),
             None => RateLimit::off(s),
         };
-        ResilienceService { inner: s }
+        ResilienceService {
+            inner: s,
+            span: self.span.clone(),
+        }
     }
 }
 
@@ -524,14 +645,19 @@ where
 {
     type Response = <Stages<S> as Service<Req>>::Response;
     type Error = BoxError;
-    type Future = <Stages<S> as Service<Req>>::Future;
+    type Future = crate::span::future::ResponseFuture<<Stages<S> as Service<Req>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        self.inner.call(req)
+        let span = match &self.span {
+            Some(name) => crate::span::call_span(name),
+            // Unnamed: no span, and no callsite check.
+            None => tracing::Span::none(),
+        };
+        crate::span::call_in_span(&mut self.inner, req, span)
     }
 }
 

@@ -2,12 +2,40 @@
 //! operators: a [`Snapshot`] of their state, and (feature `metrics`) the
 //! `firebreak.*` series.
 //!
-//! A [`Registry`] is an explicit value, not a global: build one at start-up,
-//! add each named component to it, and hand it to the
-//! [`admin`](crate::admin) router (feature `axum`). Tests build their own
-//! registries and never see another test's breakers. A component's name is
-//! the one given to its builder (`.name("payments")`, or `name` in its
-//! config); adding an unnamed component is a [`ConfigError`].
+//! # Self-registration
+//!
+//! A component given a name (`.name("payments")` on its builder, or `name`
+//! in its config) registers itself in the process-wide
+//! [`Registry::global()`], or in the registry given to its builder with
+//! `.registry(&registry)` (for tests and multi-tenant applications). The
+//! [`admin`](crate::admin) router (feature `axum`) serves the global one by
+//! default. When it registers:
+//!
+//! | component | registers when |
+//! | --- | --- |
+//! | [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer) | `build()` (or `CircuitBreakerConfig::into_layer`) |
+//! | [`BulkheadLayer`](crate::bulkhead::BulkheadLayer), [`RateLimitLayer`] | it makes its first service (`Layer::layer`): these builders have no `build()`, and `burst`/`max_wait` may still change the limiter before then |
+//! | [`DeferLayer`](crate::defer::DeferLayer) (its queue) | it makes its first service |
+//! | [`Replayer`](crate::defer::Replayer) (its queue) | `spawn()` |
+//! | the [`Resilience`](crate::preset::Resilience) preset's stages | as above, each under the preset's `name` |
+//!
+//! Self-registered components are held by **weak reference**: once the
+//! layer and every service made from it are dropped (a replayer: once it
+//! stops), the component leaves the snapshot instead of being kept alive
+//! by the registry. Unnamed components never register. Components added
+//! explicitly with the `add_*` methods are held strongly, as before.
+//!
+//! **One name, two live components.** The registry keeps both and shows
+//! the newer one; when the newer one is dropped, the older one shows again.
+//! Registering a second live breaker, bulkhead or rate limiter under a name
+//! logs a `tracing` warning (target `tower_firebreak`): their metrics
+//! series would be summed too. Queues do not warn: a `DeferLayer` and its
+//! `Replayer` name the same queue on purpose. The same component
+//! registered again (every service made from one layer) is one entry.
+//!
+//! Keyed layers do not register (their per-key states are in their
+//! handles, e.g.
+//! [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states)).
 //!
 //! ```
 //! use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
@@ -15,13 +43,26 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_firebreak::BoxError> {
+//! // Its own registry, as a test would use; without `.registry(..)` the
+//! // breaker goes to `Registry::global()`.
 //! let registry = Registry::new();
-//! let payments = CircuitBreakerLayer::builder().name("payments").build()?;
-//! registry.add_breaker(payments.handle())?;
+//! let payments = CircuitBreakerLayer::builder()
+//!     .name("payments")
+//!     .registry(&registry)
+//!     .build()?;
 //!
 //! let snapshot = registry.snapshot().await;
 //! assert_eq!(snapshot.breakers[0].name, "payments");
 //! assert_eq!(snapshot.breakers[0].state, "closed");
+//!
+//! drop(payments);
+//! assert!(registry.snapshot().await.breakers.is_empty());
+//!
+//! // Explicitly added components stay until the registry is dropped.
+//! let orders = CircuitBreakerLayer::builder().name("orders").build()?;
+//! registry.add_breaker(orders.handle())?;
+//! drop(orders);
+//! assert_eq!(registry.snapshot().await.breakers[0].name, "orders");
 //! # Ok(())
 //! # }
 //! ```
@@ -36,7 +77,7 @@
 //!
 //! | series | kind | labels | meaning |
 //! | --- | --- | --- | --- |
-//! | `firebreak.calls` | counter | `layer`, `outcome` | breaker: `success`, `failure`, `rejected`; bulkhead and rate limit: `admitted`, `rejected`; defer: `deferred` |
+//! | `firebreak.calls` | counter | `layer`, `outcome` | breaker: `success`, `failure`, `rejected`; bulkhead and rate limit: `admitted`, `rejected` (a limiter in wait mode counts a call when its wait ends: `admitted`, or `rejected` when it gave up; a cancelled wait is not counted); defer: `deferred` |
 //! | `firebreak.rejections` | counter | `layer`, `kind` | `circuit_open`, `bulkhead_full`, `rate_limited` |
 //! | `firebreak.breaker.state` | gauge | `state` | 1 for the current state, 0 for the others |
 //! | `firebreak.breaker.transitions` | counter | `from`, `to` | state changes |
@@ -69,17 +110,19 @@
 //! router's `GET /metrics` takes one before it renders.
 
 use crate::ConfigError;
-use crate::bulkhead::BulkheadHandle;
+use crate::bulkhead::{BulkheadHandle, Slots};
 use crate::circuit_breaker::CircuitBreakerHandle;
+use crate::circuit_breaker::breaker::Breaker;
 use crate::observe::QueueMetrics;
 use crate::queue::{DeadLetter, JobId, Queue, QueueError};
 use crate::rate_limit::RateLimitLayer;
+use governor::Quota;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -93,12 +136,27 @@ pub(crate) trait DynQueue: Send + Sync {
     fn metrics(&self) -> &QueueMetrics;
 }
 
-struct QueueEntry<Q> {
+/// A queue handle and its sampled gauges. `Q` is the user's queue (added
+/// with [`Registry::add_queue`]) or an `Arc` of it (a named
+/// [`DeferLayer`](crate::defer::DeferLayer) or
+/// [`Replayer`](crate::defer::Replayer) registering itself).
+pub(crate) struct QueueEntry<Q> {
     queue: Q,
     obs: QueueMetrics,
 }
 
-impl<Q: Queue> DynQueue for QueueEntry<Q> {
+impl<Q: Queue> QueueEntry<Arc<Q>> {
+    /// The registration a named defer layer or replayer holds: the registry
+    /// keeps only a weak reference to it.
+    pub(crate) fn shared(name: &str, queue: Arc<Q>) -> Arc<dyn DynQueue> {
+        Arc::new(QueueEntry {
+            queue,
+            obs: QueueMetrics::new(Some(name)),
+        })
+    }
+}
+
+impl<Q: Queue> DynQueue for QueueEntry<Arc<Q>> {
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
         Box::pin(self.queue.depth())
     }
@@ -120,18 +178,161 @@ impl<Q: Queue> DynQueue for QueueEntry<Q> {
     }
 }
 
-#[derive(Clone)]
+/// What the registry holds for one component: the component itself
+/// (explicitly added with `add_*`), or a weak reference to it
+/// (self-registered by a named layer, so that dropping every layer and
+/// service takes it out of the registry instead of keeping it alive).
+enum Held<T: ?Sized> {
+    Strong(Arc<T>),
+    Weak(Weak<T>),
+}
+
+impl<T: ?Sized> Held<T> {
+    fn get(&self) -> Option<Arc<T>> {
+        match self {
+            Held::Strong(a) => Some(a.clone()),
+            Held::Weak(w) => w.upgrade(),
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Held::Strong(_) => true,
+            Held::Weak(w) => w.strong_count() > 0,
+        }
+    }
+
+    fn ptr(&self) -> *const T {
+        match self {
+            Held::Strong(a) => Arc::as_ptr(a),
+            Held::Weak(w) => w.as_ptr(),
+        }
+    }
+}
+
+/// One kind of component, by name. A name maps to every live instance
+/// registered under it, oldest first: the newest live one is the one shown,
+/// and when it is dropped the one before it shows again.
+struct Entries<T: ?Sized, X = ()> {
+    kind: &'static str,
+    /// Whether a second live instance under one name deserves a warning
+    /// (not for queues: a `DeferLayer` and its `Replayer` share the name of
+    /// the queue they both use).
+    warn_twice: bool,
+    map: BTreeMap<String, Vec<(Held<T>, X)>>,
+}
+
+impl<T: ?Sized, X: Clone> Entries<T, X> {
+    fn new(kind: &'static str, warn_twice: bool) -> Self {
+        Entries {
+            kind,
+            warn_twice,
+            map: BTreeMap::new(),
+        }
+    }
+
+    fn insert(&mut self, name: &str, held: Held<T>, extra: X) {
+        // Dropped components go here, so that an application which builds
+        // and drops named layers and never takes a snapshot does not
+        // collect dead entries. Registration is rare (build time), so a
+        // pass over every entry is cheap enough.
+        self.prune();
+        let list = self.map.entry(name.to_owned()).or_default();
+        let ptr = held.ptr();
+        if let Some(i) = list
+            .iter()
+            .position(|(h, _)| std::ptr::addr_eq(h.ptr(), ptr))
+        {
+            // The same instance again (another service made from the same
+            // layer, or an explicit add of a self-registered component):
+            // keep one entry, the stronger hold, in its old place.
+            if matches!(held, Held::Strong(_)) {
+                list[i] = (held, extra);
+            }
+            return;
+        }
+        if self.warn_twice && !list.is_empty() {
+            tracing::warn!(
+                target: "tower_firebreak",
+                kind = self.kind,
+                name,
+                "two live components registered under one name; the registry shows the newer one until it is dropped"
+            );
+        }
+        list.push((held, extra));
+    }
+
+    fn get(&self, name: &str) -> Option<(Arc<T>, X)> {
+        let list = self.map.get(name)?;
+        list.iter()
+            .rev()
+            .find_map(|(h, x)| Some((h.get()?, x.clone())))
+    }
+
+    fn prune(&mut self) {
+        self.map.retain(|_, list| {
+            list.retain(|(h, _)| h.is_alive());
+            !list.is_empty()
+        });
+    }
+
+    /// The newest live instance of every name.
+    fn live(&mut self) -> Vec<(String, Arc<T>, X)> {
+        self.prune();
+        self.map
+            .iter()
+            .filter_map(|(name, list)| {
+                list.iter()
+                    .rev()
+                    .find_map(|(h, x)| Some((name.clone(), h.get()?, x.clone())))
+            })
+            .collect()
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.map
+            .iter()
+            .filter(|(_, list)| list.iter().any(|(h, _)| h.is_alive()))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+}
+
+/// A rate limiter's settings, next to the (weak) reference that says
+/// whether it is still alive.
+#[derive(Clone, Copy)]
 struct Limiter {
     burst: u32,
     replenish: Duration,
 }
 
-#[derive(Default)]
+impl From<Quota> for Limiter {
+    fn from(quota: Quota) -> Self {
+        Limiter {
+            burst: quota.burst_size().get(),
+            replenish: quota.replenish_interval(),
+        }
+    }
+}
+
+type LimiterState = dyn std::any::Any + Send + Sync;
+
 struct Inner {
-    breakers: BTreeMap<String, CircuitBreakerHandle>,
-    bulkheads: BTreeMap<String, BulkheadHandle>,
-    limiters: BTreeMap<String, Limiter>,
-    queues: BTreeMap<String, Arc<dyn DynQueue>>,
+    breakers: Entries<Breaker>,
+    bulkheads: Entries<Slots>,
+    limiters: Entries<LimiterState, Limiter>,
+    queues: Entries<dyn DynQueue>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            breakers: Entries::new("breaker", true),
+            bulkheads: Entries::new("bulkhead", true),
+            limiters: Entries::new("rate limit", true),
+            queues: Entries::new("queue", false),
+        }
+    }
 }
 
 /// The named components of an application. Cheap to clone; clones share
@@ -145,10 +346,10 @@ impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = self.lock();
         f.debug_struct("Registry")
-            .field("breakers", &inner.breakers.keys().collect::<Vec<_>>())
-            .field("bulkheads", &inner.bulkheads.keys().collect::<Vec<_>>())
-            .field("rate_limits", &inner.limiters.keys().collect::<Vec<_>>())
-            .field("queues", &inner.queues.keys().collect::<Vec<_>>())
+            .field("breakers", &inner.breakers.names())
+            .field("bulkheads", &inner.bulkheads.names())
+            .field("rate_limits", &inner.limiters.names())
+            .field("queues", &inner.queues.names())
             .finish()
     }
 }
@@ -161,10 +362,37 @@ fn unnamed(what: &str) -> ConfigError {
     )
 }
 
+static GLOBAL: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+/// Where a named component registers itself: the [global](Registry::global)
+/// registry unless a builder's `.registry(..)` chose another.
+pub(crate) fn target(chosen: Option<&Registry>) -> &Registry {
+    chosen.unwrap_or_else(|| Registry::global())
+}
+
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// The process-wide registry, into which every named breaker,
+    /// bulkhead, rate limiter and queue registers itself unless its builder
+    /// was given another with `.registry(..)`. It holds weak references:
+    /// a component leaves it when its last layer and service are dropped.
+    /// See [self-registration](self#self-registration).
+    ///
+    /// ```
+    /// use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+    /// use tower_firebreak::registry::Registry;
+    ///
+    /// let layer = CircuitBreakerLayer::builder().name("doc-global").build().unwrap();
+    /// assert!(Registry::global().breaker("doc-global").is_some());
+    /// drop(layer);
+    /// assert!(Registry::global().breaker("doc-global").is_none());
+    /// ```
+    pub fn global() -> &'static Registry {
+        &GLOBAL
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -172,29 +400,52 @@ impl Registry {
     }
 
     /// Adds a named breaker (from [`CircuitBreakerLayer::handle`](crate::circuit_breaker::CircuitBreakerLayer::handle)).
-    /// A breaker of the same name is replaced.
+    /// The registry keeps it alive. While it is registered, another breaker
+    /// of the same name added later is the one shown (see
+    /// [self-registration](self#self-registration)).
     ///
     /// # Errors
     ///
     /// When the breaker has no name.
     pub fn add_breaker(&self, handle: CircuitBreakerHandle) -> Result<(), ConfigError> {
         let name = handle.name().ok_or_else(|| unnamed("breaker"))?.to_owned();
-        self.lock().breakers.insert(name, handle);
+        self.lock()
+            .breakers
+            .insert(&name, Held::Strong(handle.breaker().clone()), ());
         Ok(())
     }
 
+    pub(crate) fn register_breaker(&self, breaker: &Arc<Breaker>) {
+        if let Some(name) = breaker.settings.name.as_deref() {
+            self.lock()
+                .breakers
+                .insert(name, Held::Weak(Arc::downgrade(breaker)), ());
+        }
+    }
+
     /// Adds a named bulkhead (from [`BulkheadLayer::handle`](crate::bulkhead::BulkheadLayer::handle)).
+    /// The registry keeps it alive.
     ///
     /// # Errors
     ///
     /// When the bulkhead has no name.
     pub fn add_bulkhead(&self, handle: BulkheadHandle) -> Result<(), ConfigError> {
         let name = handle.name().ok_or_else(|| unnamed("bulkhead"))?.to_owned();
-        self.lock().bulkheads.insert(name, handle);
+        self.lock()
+            .bulkheads
+            .insert(&name, Held::Strong(handle.slots().clone()), ());
         Ok(())
     }
 
-    /// Adds a named rate limiter's settings.
+    pub(crate) fn register_bulkhead(&self, slots: &Arc<Slots>) {
+        if let Some(name) = slots.name() {
+            self.lock()
+                .bulkheads
+                .insert(name, Held::Weak(Arc::downgrade(slots)), ());
+        }
+    }
+
+    /// Adds a named rate limiter. The registry keeps it alive.
     ///
     /// # Errors
     ///
@@ -204,41 +455,57 @@ impl Registry {
             .get_name()
             .ok_or_else(|| unnamed("rate limit"))?
             .to_owned();
-        let quota = layer.quota();
-        self.lock().limiters.insert(
-            name,
-            Limiter {
-                burst: quota.burst_size().get(),
-                replenish: quota.replenish_interval(),
-            },
-        );
+        let state: Arc<LimiterState> = layer.state();
+        self.lock()
+            .limiters
+            .insert(&name, Held::Strong(state), layer.quota().into());
         Ok(())
+    }
+
+    pub(crate) fn register_rate_limit(&self, name: &str, state: &Arc<LimiterState>, quota: Quota) {
+        self.lock()
+            .limiters
+            .insert(name, Held::Weak(Arc::downgrade(state)), quota.into());
     }
 
     /// Adds a queue under `name` (use the name given to its
     /// [`DeferLayer`](crate::defer::DeferLayer) and
     /// [`Replayer`](crate::defer::Replayer)). Pass a clone of the queue
-    /// handle (or an `Arc` of it): the registry reads its depth and
-    /// dead letters, and the admin router redrives them.
+    /// handle (or an `Arc` of it): the registry keeps it, reads its depth
+    /// and dead letters, and the admin router redrives them.
     pub fn add_queue<Q: Queue>(&self, name: impl Into<String>, queue: Q) {
         let name = name.into();
-        let entry = QueueEntry {
-            queue,
+        let entry: Arc<dyn DynQueue> = Arc::new(QueueEntry {
+            queue: Arc::new(queue),
             obs: QueueMetrics::new(Some(&name)),
-        };
-        self.lock().queues.insert(name, Arc::new(entry));
+        });
+        self.lock().queues.insert(&name, Held::Strong(entry), ());
     }
 
-    /// The breaker named `name`.
+    pub(crate) fn register_queue(&self, name: &str, entry: &Arc<dyn DynQueue>) {
+        self.lock()
+            .queues
+            .insert(name, Held::Weak(Arc::downgrade(entry)), ());
+    }
+
+    /// The breaker named `name` (the newest live one of that name).
     pub fn breaker(&self, name: &str) -> Option<CircuitBreakerHandle> {
-        self.lock().breakers.get(name).cloned()
+        let (b, ()) = self.lock().breakers.get(name)?;
+        Some(CircuitBreakerHandle::new(b))
+    }
+
+    /// The bulkhead named `name` (the newest live one of that name).
+    pub fn bulkhead(&self, name: &str) -> Option<BulkheadHandle> {
+        let (s, ()) = self.lock().bulkheads.get(name)?;
+        Some(BulkheadHandle::from_slots(s))
     }
 
     pub(crate) fn queues(&self) -> Vec<(String, Arc<dyn DynQueue>)> {
         self.lock()
             .queues
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .live()
+            .into_iter()
+            .map(|(k, v, ())| (k, v))
             .collect()
     }
 
@@ -258,21 +525,22 @@ impl Registry {
         Ok(None)
     }
 
-    /// Every component's state now. Also sets the sampled gauges (feature
-    /// `metrics`): bulkhead in-flight, queue depth, oldest age and dead
-    /// letters.
+    /// Every live component's state now. Also sets the sampled gauges
+    /// (feature `metrics`): bulkhead in-flight, queue depth, oldest age and
+    /// dead letters.
     pub async fn snapshot(&self) -> Snapshot {
         let (breakers, bulkheads, limiters) = {
-            let inner = self.lock();
+            let mut inner = self.lock();
             (
-                inner.breakers.clone(),
-                inner.bulkheads.clone(),
-                inner.limiters.clone(),
+                inner.breakers.live(),
+                inner.bulkheads.live(),
+                inner.limiters.live(),
             )
         };
         let breakers = breakers
             .into_iter()
-            .map(|(name, h)| {
+            .map(|(name, b, ())| {
+                let h = CircuitBreakerHandle::new(b);
                 let m = h.metrics();
                 BreakerStatus {
                     state: h.state().as_str(),
@@ -297,7 +565,8 @@ impl Registry {
             .collect();
         let bulkheads = bulkheads
             .into_iter()
-            .map(|(name, h)| {
+            .map(|(name, s, ())| {
+                let h = BulkheadHandle::from_slots(s);
                 h.sample();
                 BulkheadStatus {
                     in_flight: h.in_flight(),
@@ -309,7 +578,7 @@ impl Registry {
             .collect();
         let rate_limits = limiters
             .into_iter()
-            .map(|(name, l)| RateLimitStatus {
+            .map(|(name, _, l)| RateLimitStatus {
                 name,
                 burst: l.burst,
                 replenish_interval_ms: l.replenish.as_secs_f64() * 1e3,

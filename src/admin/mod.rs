@@ -81,7 +81,30 @@ impl fmt::Debug for Admin {
     }
 }
 
+impl Default for Admin {
+    /// [`Admin::global`].
+    fn default() -> Self {
+        Admin::global()
+    }
+}
+
 impl Admin {
+    /// Routes over [`Registry::global()`], where every named component
+    /// registers itself by default.
+    ///
+    /// ```
+    /// use tower_firebreak::admin::Admin;
+    /// use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+    ///
+    /// // Registered in the global registry as it is built; no `add_breaker`.
+    /// let payments = CircuitBreakerLayer::builder().name("payments").build().unwrap();
+    /// let app: axum::Router = Admin::global().router();
+    /// # let _ = (app, payments);
+    /// ```
+    pub fn global() -> Self {
+        Admin::new(Registry::global().clone())
+    }
+
     /// Routes over `registry`.
     pub fn new(registry: Registry) -> Self {
         Admin {

@@ -9,6 +9,7 @@ use std::time::Duration;
 /// ```
 /// # use tower_firebreak::bulkhead::BulkheadConfig;
 /// let cfg: BulkheadConfig = toml::from_str(r#"
+///     name = "search"
 ///     max_concurrent = 32
 ///     max_wait = "5ms"
 /// "#).unwrap();
@@ -25,6 +26,10 @@ pub struct BulkheadConfig {
     pub max_wait: Duration,
     /// For a keyed bulkhead, the bound on live pools. Default: 1024. Must be at least 1.
     pub max_keys: usize,
+    /// The `name` label of its metrics and its [`Registry`](crate::registry::Registry)
+    /// entry: see [`BulkheadLayer::name`] and [`KeyedBulkheadLayer::name`].
+    /// Default: none (no metrics, not registered).
+    pub name: Option<String>,
 }
 
 impl BulkheadConfig {
@@ -57,7 +62,11 @@ impl BulkheadConfig {
     /// Checks the settings and builds a [`BulkheadLayer`].
     pub fn into_layer(self) -> Result<BulkheadLayer, ConfigError> {
         self.validate()?;
-        Ok(BulkheadLayer::new(self.max_concurrent).max_wait(self.max_wait))
+        let layer = BulkheadLayer::new(self.max_concurrent).max_wait(self.max_wait);
+        Ok(match self.name {
+            Some(name) => layer.name(name),
+            None => layer,
+        })
     }
 
     /// Checks the settings and builds a [`KeyedBulkheadLayer`] with `key_fn`.
@@ -66,12 +75,16 @@ impl BulkheadConfig {
         K: Hash + Eq,
     {
         self.validate()?;
-        Ok(KeyedBulkheadLayer::from_parts(
+        let layer = KeyedBulkheadLayer::from_parts(
             self.max_concurrent,
             self.max_wait,
             self.max_keys,
             key_fn,
-        ))
+        );
+        Ok(match self.name {
+            Some(name) => layer.name(name),
+            None => layer,
+        })
     }
 }
 
@@ -81,6 +94,7 @@ impl Default for BulkheadConfig {
             max_concurrent: Self::DEFAULT_MAX_CONCURRENT,
             max_wait: Self::DEFAULT_MAX_WAIT,
             max_keys: Self::DEFAULT_MAX_KEYS,
+            name: None,
         }
     }
 }

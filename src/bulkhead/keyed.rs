@@ -27,6 +27,14 @@ struct Shared<K, F> {
     max_concurrent: usize,
     max_wait: Duration,
     max_keys: usize,
+    /// The layer's name: every pool records the bulkhead series under it.
+    name: Option<Arc<str>>,
+    /// Set by `label_keys`: each pool's series carry a `key` label too.
+    key_label: Option<fn(&K) -> String>,
+    /// The layer's own series (no `key` label): shared by every pool
+    /// unless keys are labelled, and for rejections of a new key when the
+    /// table is full.
+    obs: crate::observe::BulkheadMetrics,
 }
 
 impl<S: Clone, K, F> Clone for KeyedBulkhead<S, K, F> {
@@ -98,7 +106,22 @@ where
                     if pools.len() >= self.shared.max_keys {
                         None
                     } else {
-                        let p = Pool::new(self.shared.max_concurrent, self.shared.max_wait);
+                        let s = &self.shared;
+                        let p = match s.key_label {
+                            // Its own series, looked up once, when the key arrives.
+                            Some(label) if s.name.is_some() => Pool::keyed(
+                                s.max_concurrent,
+                                s.max_wait,
+                                s.name.clone(),
+                                Some(&label(&key)),
+                            ),
+                            _ => Pool::with_metrics(
+                                s.max_concurrent,
+                                s.max_wait,
+                                s.name.clone(),
+                                s.obs.clone(),
+                            ),
+                        };
                         pools.insert(key, p.clone());
                         Some(p)
                     }
@@ -108,6 +131,7 @@ where
         match pool {
             Some(p) => p.call(&mut self.inner, req),
             None => {
+                self.shared.obs.rejected();
                 tracing::debug!(
                     target: "tower_firebreak",
                     layer = "bulkhead",
@@ -179,14 +203,71 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
                 max_concurrent,
                 max_wait,
                 max_keys,
+                name: None,
+                key_label: None,
+                obs: crate::observe::BulkheadMetrics::default(),
             }),
         }
     }
 
+    fn unwrap_shared(self) -> Shared<K, F> {
+        Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("configure a KeyedBulkheadLayer before cloning it"))
+    }
+
     fn rebuild(self, max_wait: Duration, max_keys: usize) -> Self {
-        let shared = Arc::try_unwrap(self.shared)
-            .unwrap_or_else(|_| panic!("configure a KeyedBulkheadLayer before cloning it"));
-        Self::from_parts(shared.max_concurrent, max_wait, max_keys, shared.key_fn)
+        let mut shared = self.unwrap_shared();
+        shared.max_wait = max_wait;
+        shared.max_keys = max_keys;
+        KeyedBulkheadLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Names the layer: every key's pool records the bulkhead series
+    /// (feature `metrics`) under this `name` label, summed over the keys
+    /// unless [`label_keys`](Self::label_keys) is set. An unnamed keyed
+    /// bulkhead records nothing. Keyed layers do not join a
+    /// [`Registry`](crate::registry::Registry). Default: none.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: configure it first.
+    pub fn name(self, name: impl Into<String>) -> Self {
+        let mut shared = self.unwrap_shared();
+        let name: Arc<str> = name.into().into();
+        shared.obs = crate::observe::BulkheadMetrics::new(Some(&name), None);
+        shared.name = Some(name);
+        KeyedBulkheadLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Adds a `key` label (the key's `Display`) to each pool's series, next
+    /// to the layer's [`name`](Self::name): one series per key, so opt in
+    /// only for a small, bounded key set. Default: off.
+    ///
+    /// ```
+    /// use tower_firebreak::bulkhead::KeyedBulkheadLayer;
+    ///
+    /// let by_tenant: KeyedBulkheadLayer<String, _> = KeyedBulkheadLayer::new(16, |tenant: &String| tenant.clone())
+    ///     .name("tenants")
+    ///     .label_keys();
+    /// # let _ = by_tenant;
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: configure it first.
+    pub fn label_keys(self) -> Self
+    where
+        K: fmt::Display,
+    {
+        let mut shared = self.unwrap_shared();
+        shared.key_label = Some(|k: &K| k.to_string());
+        KeyedBulkheadLayer {
+            shared: Arc::new(shared),
+        }
     }
 
     /// How long a call may wait for a slot in its key's pool. Default: zero.

@@ -1,4 +1,5 @@
 use super::{Bulkhead, Pool};
+use crate::registry::Registry;
 use std::time::Duration;
 use tower::Layer;
 
@@ -8,6 +9,7 @@ use tower::Layer;
 #[derive(Clone, Debug)]
 pub struct BulkheadLayer {
     pool: Pool,
+    registry: Option<Registry>,
 }
 
 impl BulkheadLayer {
@@ -24,6 +26,7 @@ impl BulkheadLayer {
         );
         BulkheadLayer {
             pool: Pool::new(max_concurrent, Duration::ZERO),
+            registry: None,
         }
     }
 
@@ -32,12 +35,16 @@ impl BulkheadLayer {
     pub fn max_wait(self, max_wait: Duration) -> Self {
         BulkheadLayer {
             pool: Pool::named(self.pool.max_concurrent(), max_wait, self.pool.name()),
+            registry: self.registry,
         }
     }
 
     /// Names the bulkhead: the `name` label of its metrics (feature
-    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
-    /// An unnamed bulkhead records no metrics.
+    /// `metrics`) and its entry in a [`Registry`]: a named bulkhead
+    /// registers itself in [`Registry::global()`] (or the one given to
+    /// [`registry`](Self::registry)) when it makes its first service, and
+    /// leaves it when the layer and its services are dropped. An unnamed
+    /// bulkhead records no metrics and registers nowhere. Default: none.
     pub fn name(self, name: impl Into<String>) -> Self {
         let name: String = name.into();
         BulkheadLayer {
@@ -46,7 +53,27 @@ impl BulkheadLayer {
                 self.pool.max_wait(),
                 Some(name.into()),
             ),
+            registry: self.registry,
         }
+    }
+
+    /// The registry a named bulkhead registers itself in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower::{Layer, service_fn};
+    /// use tower_firebreak::{BoxError, bulkhead::BulkheadLayer, registry::Registry};
+    ///
+    /// let registry = Registry::new();
+    /// let layer = BulkheadLayer::new(8).name("search").registry(&registry);
+    /// assert!(registry.bulkhead("search").is_none()); // not used yet
+    /// let svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+    /// assert_eq!(registry.bulkhead("search").unwrap().max_concurrent(), 8);
+    /// # let _ = svc;
+    /// ```
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
+        self
     }
 
     /// A read-only view of the shared pool, for a registry.
@@ -64,6 +91,7 @@ impl<S> Layer<S> for BulkheadLayer {
     type Service = Bulkhead<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        self.pool.register(self.registry.as_ref());
         Bulkhead::from_pool(inner, Some(self.pool.clone()))
     }
 }

@@ -114,6 +114,10 @@ impl Slots {
         }
     }
 
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     fn give_back(&self) {
         // SeqCst on both sides (here, and `waiters` then `try_take` in
         // `wait_for_slot`) so a waiter either sees this slot or is notified.
@@ -131,6 +135,14 @@ pub struct BulkheadHandle {
 }
 
 impl BulkheadHandle {
+    pub(crate) fn from_slots(slots: Arc<Slots>) -> Self {
+        BulkheadHandle { slots }
+    }
+
+    pub(crate) fn slots(&self) -> &Arc<Slots> {
+        &self.slots
+    }
+
     /// The bulkhead's name, if it was given one.
     pub fn name(&self) -> Option<&str> {
         self.slots.name.as_deref()
@@ -201,16 +213,45 @@ impl Pool {
     }
 
     pub(crate) fn named(max_concurrent: usize, max_wait: Duration, name: Option<Arc<str>>) -> Self {
+        Pool::keyed(max_concurrent, max_wait, name, None)
+    }
+
+    /// A pool whose metrics (when `name` is set) carry a `key` label too.
+    pub(crate) fn keyed(
+        max_concurrent: usize,
+        max_wait: Duration,
+        name: Option<Arc<str>>,
+        key: Option<&str>,
+    ) -> Self {
+        let obs = crate::observe::BulkheadMetrics::new(name.as_deref(), key);
+        Pool::with_metrics(max_concurrent, max_wait, name, obs)
+    }
+
+    /// A pool recording into `obs` (a keyed layer's pools share the
+    /// layer's series when their keys are not labelled).
+    pub(crate) fn with_metrics(
+        max_concurrent: usize,
+        max_wait: Duration,
+        name: Option<Arc<str>>,
+        obs: crate::observe::BulkheadMetrics,
+    ) -> Self {
         Pool {
             slots: Arc::new(Slots {
                 in_flight: AtomicUsize::new(0),
                 waiters: AtomicUsize::new(0),
                 notify: Notify::new(),
                 max: max_concurrent,
-                obs: crate::observe::BulkheadMetrics::new(name.as_deref()),
+                obs,
                 name,
             }),
             max_wait,
+        }
+    }
+
+    /// Registers a named pool in `registry` (`None`: the global one).
+    pub(crate) fn register(&self, registry: Option<&crate::registry::Registry>) {
+        if self.slots.name.is_some() {
+            crate::registry::target(registry).register_bulkhead(&self.slots);
         }
     }
 

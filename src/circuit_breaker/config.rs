@@ -75,8 +75,10 @@ pub struct CircuitBreakerConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Names the breaker: the `name` label of its metrics (feature
-    /// `metrics`) and its key in a [`Registry`](crate::registry::Registry).
-    /// Default: none (no metrics).
+    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry),
+    /// which it joins when built (see
+    /// [self-registration](crate::registry#self-registration)).
+    /// Default: none (no metrics, not registered).
     pub name: Option<String>,
 }
 
@@ -267,20 +269,32 @@ impl CircuitBreakerConfig {
 
     /// Checks the settings and builds a [`CircuitBreakerLayer`] with the
     /// default classifier.
+    ///
+    /// A named breaker registers itself in
+    /// [`Registry::global()`](crate::registry::Registry::global); use the
+    /// builder's [`registry`](super::CircuitBreakerBuilder::registry) to
+    /// choose another.
     pub fn into_layer(self) -> Result<CircuitBreakerLayer, ConfigError> {
-        let settings = self.settings()?;
-        Ok(CircuitBreakerLayer::from_settings(
-            settings,
-            DefaultClassifier,
-        ))
+        self.into_layer_in(DefaultClassifier, None)
     }
 
     /// Checks the settings and builds a [`CircuitBreakerLayer`] with
     /// `classifier` (for example [`HttpClassifier`](crate::classify::HttpClassifier)).
     pub fn into_layer_with<C>(self, classifier: C) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+        self.into_layer_in(classifier, None)
+    }
+
+    /// As [`into_layer_with`](Self::into_layer_with), registering a named
+    /// breaker in `registry` (`None`: the global one).
+    pub(crate) fn into_layer_in<C>(
+        self,
+        classifier: C,
+        registry: Option<&crate::registry::Registry>,
+    ) -> Result<CircuitBreakerLayer<C>, ConfigError> {
         Ok(CircuitBreakerLayer::from_settings(
             self.settings()?,
             classifier,
+            registry,
         ))
     }
 

@@ -2,6 +2,7 @@ use super::breaker::{Breaker, Settings};
 use super::{CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle};
 use crate::ConfigError;
 use crate::classify::DefaultClassifier;
+use crate::registry::Registry;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,14 +42,22 @@ impl CircuitBreakerLayer {
         CircuitBreakerBuilder {
             config: CircuitBreakerConfig::default(),
             classifier: DefaultClassifier,
+            registry: None,
         }
     }
 }
 
 impl<C> CircuitBreakerLayer<C> {
-    pub(crate) fn from_settings(settings: Settings, classifier: C) -> Self {
+    /// A named breaker registers itself in `registry` (`None`: the global one).
+    pub(crate) fn from_settings(
+        settings: Settings,
+        classifier: C,
+        registry: Option<&Registry>,
+    ) -> Self {
+        let breaker = Arc::new(Breaker::new(settings));
+        crate::registry::target(registry).register_breaker(&breaker);
         CircuitBreakerLayer {
-            breaker: Arc::new(Breaker::new(settings)),
+            breaker,
             classifier,
         }
     }
@@ -76,6 +85,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     config: CircuitBreakerConfig,
     classifier: C,
+    registry: Option<Registry>,
 }
 
 impl<C> CircuitBreakerBuilder<C> {
@@ -166,10 +176,34 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// Names the breaker: the `name` label of its metrics (feature
-    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
-    /// An unnamed breaker records no metrics.
+    /// `metrics`) and its entry in a [`Registry`]: a named breaker
+    /// registers itself in [`Registry::global()`] (or the one given to
+    /// [`registry`](Self::registry)) when it is built, and leaves it when
+    /// the layer and its services are dropped. An unnamed breaker records
+    /// no metrics and registers nowhere. Default: none.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.config.name = Some(name.into());
+        self
+    }
+
+    /// The registry a named breaker registers itself in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+    /// use tower_firebreak::registry::Registry;
+    ///
+    /// let registry = Registry::new();
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .name("payments")
+    ///     .registry(&registry)
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(registry.breaker("payments").is_some());
+    /// # let _ = layer;
+    /// ```
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
         self
     }
 
@@ -178,6 +212,7 @@ impl<C> CircuitBreakerBuilder<C> {
         CircuitBreakerBuilder {
             config: self.config,
             classifier,
+            registry: self.registry,
         }
     }
 
@@ -187,6 +222,7 @@ impl<C> CircuitBreakerBuilder<C> {
         Ok(CircuitBreakerLayer::from_settings(
             settings,
             self.classifier,
+            self.registry.as_ref(),
         ))
     }
 }

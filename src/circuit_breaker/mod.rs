@@ -169,7 +169,7 @@
 //! - `retry_after` on the rejection is the time actually left in the open
 //!   state, ready for a `Retry-After` header.
 
-mod breaker;
+pub(crate) mod breaker;
 mod config;
 mod error;
 pub mod future;
@@ -340,6 +340,10 @@ impl fmt::Debug for CircuitBreakerHandle {
 impl CircuitBreakerHandle {
     pub(crate) fn new(breaker: Arc<Breaker>) -> Self {
         CircuitBreakerHandle { breaker }
+    }
+
+    pub(crate) fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
     }
 
     /// The state a call would meet now. An open breaker whose `open_for` has

@@ -1,5 +1,6 @@
 use super::{Defer, Settings};
 use crate::queue::Queue;
+use crate::registry::{QueueEntry, Registry};
 use http::{HeaderMap, StatusCode};
 use std::error::Error;
 use std::fmt;
@@ -14,6 +15,7 @@ use tower::Layer;
 pub struct DeferLayer<Q> {
     queue: Arc<Q>,
     settings: Settings,
+    registry: Option<Registry>,
 }
 
 impl<Q: Queue> DeferLayer<Q> {
@@ -23,18 +25,32 @@ impl<Q: Queue> DeferLayer<Q> {
         DeferLayer {
             queue: Arc::new(queue),
             settings: Settings::default(),
+            registry: None,
         }
+    }
+
+    /// Names the queue this layer defers into: the `name` label of the
+    /// `firebreak.calls{layer="defer"}` and enqueue-latency series (feature
+    /// `metrics`), and the queue's entry in a [`Registry`]: a named layer
+    /// registers its queue in [`Registry::global()`] (or the one given to
+    /// [`registry`](Self::registry)) when it makes its first service; the
+    /// entry leaves when the layer and its services are dropped (unless its
+    /// [`Replayer`](super::Replayer), named the same, still runs). Give
+    /// the replayer the same name. Default: none.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        self.settings.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
+        let entry = QueueEntry::shared(&name, self.queue.clone());
+        self.settings.registered = Some((name.into(), entry));
+        self
     }
 }
 
 impl<Q> DeferLayer<Q> {
-    /// Names the queue this layer defers into: the `name` label of the
-    /// `firebreak.calls{layer="defer"}` and enqueue-latency series (feature
-    /// `metrics`). Give its [`Replayer`](super::Replayer) and its
-    /// [`Registry`](crate::registry::Registry) entry the same name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        let name: String = name.into();
-        self.settings.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
+    /// The registry a named layer registers its queue in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
         self
     }
 
@@ -129,6 +145,7 @@ impl<Q> Clone for DeferLayer<Q> {
         DeferLayer {
             queue: self.queue.clone(),
             settings: self.settings.clone(),
+            registry: self.registry.clone(),
         }
     }
 }
@@ -146,6 +163,9 @@ impl<S, Q> Layer<S> for DeferLayer<Q> {
     type Service = Defer<S, Q>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let Some((name, entry)) = &self.settings.registered {
+            crate::registry::target(self.registry.as_ref()).register_queue(name, entry);
+        }
         Defer::from_parts(inner, self.queue.clone(), Arc::new(self.settings.clone()))
     }
 }

@@ -222,6 +222,9 @@ pub(crate) struct Settings {
     pub(crate) failed_response: FailedResponse,
     pub(crate) failed_error: FailedError,
     pub(crate) obs: Arc<crate::observe::QueueMetrics>,
+    /// A named layer's registry entry: the registry holds it weakly, so it
+    /// lives as long as the layer or one of its services.
+    pub(crate) registered: Option<(Arc<str>, Arc<dyn crate::registry::DynQueue>)>,
 }
 
 impl Default for Settings {
@@ -235,6 +238,7 @@ impl Default for Settings {
             failed_response: Arc::new(server_error),
             failed_error: Arc::new(|_| true),
             obs: Arc::default(),
+            registered: None,
         }
     }
 }

@@ -67,6 +67,7 @@ pub struct Replayer<Q, S> {
     config: ReplayerConfig,
     retry_response: RetryResponse,
     obs: Arc<crate::observe::QueueMetrics>,
+    registry: Option<crate::registry::Registry>,
 }
 
 /// The default replay failure classifier: every 5xx, and 429.
@@ -88,18 +89,32 @@ impl<Q: Queue, S> Replayer<Q, S> {
             config,
             retry_response: Arc::new(retryable_status),
             obs: Arc::default(),
+            registry: None,
         }
     }
 }
 
 impl<Q, S> Replayer<Q, S> {
     /// Names the queue this replayer drains: the `name` label of the
-    /// `firebreak.replay.*` series (feature `metrics`). Use the name given
-    /// to its [`DeferLayer`](super::DeferLayer).
+    /// `firebreak.replay.*` series (feature `metrics`), and the queue's
+    /// entry in a [`Registry`](crate::registry::Registry): a named
+    /// replayer registers its queue in
+    /// [`Registry::global()`](crate::registry::Registry::global) (or the
+    /// one given to [`registry`](Self::registry)) when it is spawned, until
+    /// it stops. Use the name given to its [`DeferLayer`](super::DeferLayer).
+    /// Default: none.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         let name: String = name.into();
         self.obs = Arc::new(crate::observe::QueueMetrics::new(Some(&name)));
         self.config.name = Some(name);
+        self
+    }
+
+    /// The registry a named replayer registers its queue in, instead of
+    /// [`Registry::global()`](crate::registry::Registry::global). See
+    /// [self-registration](crate::registry#self-registration).
+    pub fn registry(mut self, registry: &crate::registry::Registry) -> Self {
+        self.registry = Some(registry.clone());
         self
     }
 
@@ -211,14 +226,25 @@ where
     pub fn try_spawn(self) -> Result<ReplayerHandle, ConfigError> {
         self.config.validate()?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(self.run(stopped));
+        // Held by the task until the replayer stops: the registry's
+        // reference is weak.
+        let registered = self.config.name.as_deref().map(|name| {
+            let entry = crate::registry::QueueEntry::shared(name, self.queue.clone());
+            crate::registry::target(self.registry.as_ref()).register_queue(name, &entry);
+            entry
+        });
+        let task = tokio::spawn(self.run(stopped, registered));
         Ok(ReplayerHandle {
             stop,
             task: Some(task),
         })
     }
 
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        _registered: Option<Arc<dyn crate::registry::DynQueue>>,
+    ) {
         // Taken apart so that no `&self` is held across an await, which
         // would require `S: Sync`.
         let Replayer {
@@ -227,6 +253,7 @@ where
             config: cfg,
             retry_response,
             obs,
+            registry: _,
         } = self;
         let queue = &*queue;
         let rate = NonZeroU32::new(cfg.rate_per_second).expect("validated");

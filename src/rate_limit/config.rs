@@ -43,6 +43,10 @@ pub struct RateLimitConfig {
     /// In wait mode, the longest a call waits for its permit. Default: 1 s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// The `name` label of its metrics and its [`Registry`](crate::registry::Registry)
+    /// entry: see [`RateLimitLayer::name`] and [`KeyedRateLimitLayer::name`].
+    /// Default: none (no metrics, not registered).
+    pub name: Option<String>,
 }
 
 impl RateLimitConfig {
@@ -82,7 +86,11 @@ impl RateLimitConfig {
     /// Checks the settings and builds a [`RateLimitLayer`].
     pub fn into_layer(self) -> Result<RateLimitLayer, ConfigError> {
         let (quota, wait) = self.quota()?;
-        Ok(RateLimitLayer::from_quota(quota, wait))
+        let layer = RateLimitLayer::from_quota(quota, wait);
+        Ok(match self.name {
+            Some(name) => layer.name(name),
+            None => layer,
+        })
     }
 
     /// Checks the settings and builds a [`KeyedRateLimitLayer`] with `key_fn`.
@@ -91,11 +99,11 @@ impl RateLimitConfig {
         K: Hash + Eq + Clone,
     {
         let (quota, wait) = self.quota()?;
-        Ok(KeyedRateLimitLayer::from_parts(
-            quota,
-            wait,
-            Arc::new(key_fn),
-        ))
+        let layer = KeyedRateLimitLayer::from_parts(quota, wait, Arc::new(key_fn));
+        Ok(match self.name {
+            Some(name) => layer.name(name),
+            None => layer,
+        })
     }
 }
 
@@ -106,6 +114,7 @@ impl Default for RateLimitConfig {
             burst: None,
             mode: RateLimitMode::Reject,
             max_wait: Self::DEFAULT_MAX_WAIT,
+            name: None,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The response future of [`RateLimit`](super::RateLimit) and [`KeyedRateLimit`](super::KeyedRateLimit).
 
-use super::{Check, RateLimited};
+use super::{Check, RateLimited, Wait};
 use crate::BoxError;
 use crate::error::RejectionKind;
 use pin_project_lite::pin_project;
@@ -106,8 +106,9 @@ where
                     until,
                 } => {
                     ready!(sleep.as_mut().poll(cx));
-                    match check() {
+                    match check(Wait::Check) {
                         Ok(()) => {
+                            let _ = check(Wait::Admitted);
                             let mut s = svc.take().expect("polled after completion");
                             let r = req.take().expect("polled after completion");
                             // `s` was made ready by the caller's `poll_ready` before `call`.
@@ -117,6 +118,7 @@ where
                         Err(wait) => {
                             let now = Instant::now();
                             if now + wait > *until {
+                                let _ = check(Wait::GaveUp);
                                 crate::trace::rejected(
                                     "rate_limit",
                                     RejectionKind::RateLimited,

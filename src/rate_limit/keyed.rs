@@ -1,13 +1,16 @@
 use super::layer::nonzero;
-use super::{Check, TokioClock, decide, future::ResponseFuture};
+use super::{Check, TokioClock, Wait, decide, future::ResponseFuture};
 use crate::BoxError;
+use crate::observe::LimiterMetrics;
 use governor::Quota;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
@@ -27,6 +30,55 @@ pub struct KeyedRateLimit<S, K: Hash + Eq + Clone, F> {
     limiter: Arc<KeyedLimiter<K>>,
     key_fn: Arc<F>,
     max_wait: Option<Duration>,
+    obs: Arc<KeyedMetrics<K>>,
+}
+
+/// A named keyed limiter's series: one set for the layer, or (with
+/// `label_keys`) one set per key, made when the key is first seen.
+pub(crate) struct KeyedMetrics<K> {
+    name: Option<Arc<str>>,
+    all: LimiterMetrics,
+    key_label: Option<fn(&K) -> String>,
+    per_key: Mutex<HashMap<K, Arc<LimiterMetrics>>>,
+}
+
+impl<K> Default for KeyedMetrics<K> {
+    fn default() -> Self {
+        KeyedMetrics {
+            name: None,
+            all: LimiterMetrics::default(),
+            key_label: None,
+            per_key: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedMetrics<K> {
+    /// Records one decision for `key`.
+    #[inline]
+    fn record(&self, key: &K, admitted: bool) {
+        let one = |m: &LimiterMetrics| {
+            if admitted {
+                m.admitted();
+            } else {
+                m.rejected();
+            }
+        };
+        match (self.key_label, &self.name) {
+            (Some(label), Some(name)) => {
+                let m = {
+                    let mut map = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+                    map.entry(key.clone())
+                        .or_insert_with(|| {
+                            Arc::new(LimiterMetrics::new(Some(name), Some(&label(key))))
+                        })
+                        .clone()
+                };
+                one(&m);
+            }
+            _ => one(&self.all),
+        }
+    }
 }
 
 impl<S: Clone, K: Hash + Eq + Clone, F> Clone for KeyedRateLimit<S, K, F> {
@@ -36,6 +88,7 @@ impl<S: Clone, K: Hash + Eq + Clone, F> Clone for KeyedRateLimit<S, K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            obs: self.obs.clone(),
         }
     }
 }
@@ -84,7 +137,13 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key_fn)(&req);
         let first = check_key(&self.limiter, &key);
+        match (first, self.max_wait) {
+            (Ok(()), _) => self.obs.record(&key, true),
+            (Err(wait), Some(max)) if wait <= max => {}
+            (Err(_), _) => self.obs.record(&key, false),
+        }
         let limiter = &self.limiter;
+        let obs = &self.obs;
         decide(
             &mut self.inner,
             req,
@@ -92,7 +151,15 @@ where
             self.max_wait,
             move || -> Check {
                 let l = limiter.clone();
-                Box::new(move || check_key(&l, &key))
+                let obs = obs.clone();
+                Box::new(move |w| {
+                    match w {
+                        Wait::Check => return check_key(&l, &key),
+                        Wait::Admitted => obs.record(&key, true),
+                        Wait::GaveUp => obs.record(&key, false),
+                    }
+                    Ok(())
+                })
             },
         )
     }
@@ -105,6 +172,7 @@ pub struct KeyedRateLimitLayer<K: Hash + Eq + Clone, F> {
     limiter: Arc<KeyedLimiter<K>>,
     key_fn: Arc<F>,
     max_wait: Option<Duration>,
+    obs: Arc<KeyedMetrics<K>>,
 }
 
 impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
@@ -114,6 +182,7 @@ impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            obs: self.obs.clone(),
         }
     }
 }
@@ -152,7 +221,14 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
             )),
             key_fn,
             max_wait,
+            obs: Arc::default(),
         }
+    }
+
+    /// Keeps the name and key labelling of `from` across a rebuild.
+    fn named_as(mut self, from: Self) -> Self {
+        self.obs = from.obs;
+        self
     }
 
     /// How many calls of one key may pass at one instant. Default: the rate.
@@ -164,13 +240,59 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
         Self::from_parts(
             self.quota.allow_burst(nonzero("burst", burst)),
             self.max_wait,
-            self.key_fn,
+            self.key_fn.clone(),
         )
+        .named_as(self)
     }
 
     /// Wait mode, bounded by `max_wait`. See [`RateLimitLayer::max_wait`](super::RateLimitLayer::max_wait).
     pub fn max_wait(self, max_wait: Duration) -> Self {
-        Self::from_parts(self.quota, Some(max_wait), self.key_fn)
+        Self::from_parts(self.quota, Some(max_wait), self.key_fn.clone()).named_as(self)
+    }
+
+    /// Names the layer: every key's calls are recorded in the rate limit
+    /// series (feature `metrics`) under this `name` label, summed over the
+    /// keys unless [`label_keys`](Self::label_keys) is set. An unnamed keyed
+    /// limiter records nothing. Keyed layers do not join a
+    /// [`Registry`](crate::registry::Registry). Default: none.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: Arc<str> = name.into().into();
+        let key_label = self.obs.key_label;
+        self.obs = Arc::new(KeyedMetrics {
+            all: LimiterMetrics::new(Some(&name), None),
+            name: Some(name),
+            key_label,
+            per_key: Mutex::new(HashMap::new()),
+        });
+        self
+    }
+
+    /// Adds a `key` label (the key's `Display`) to the series, next to the
+    /// layer's [`name`](Self::name): one series per key, so opt in only for
+    /// a small, bounded key set. It also costs a lock and a map look-up per
+    /// call, which an unlabelled layer does not pay. [`retain_recent`](Self::retain_recent)
+    /// forgets the per-key handles too. Default: off.
+    ///
+    /// ```
+    /// use tower_firebreak::rate_limit::KeyedRateLimitLayer;
+    ///
+    /// let per_tenant: KeyedRateLimitLayer<String, _> = KeyedRateLimitLayer::per_second(100, |tenant: &String| tenant.clone())
+    ///     .name("tenants")
+    ///     .label_keys();
+    /// # let _ = per_tenant;
+    /// ```
+    pub fn label_keys(mut self) -> Self
+    where
+        K: fmt::Display,
+    {
+        let name = self.obs.name.clone();
+        self.obs = Arc::new(KeyedMetrics {
+            all: LimiterMetrics::new(name.as_deref(), None),
+            name,
+            key_label: Some(|k: &K| k.to_string()),
+            per_key: Mutex::new(HashMap::new()),
+        });
+        self
     }
 
     /// Drops the state of every key that is back to its fresh state, and
@@ -180,6 +302,11 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     pub fn retain_recent(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.obs
+            .per_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Keys with live state.
@@ -202,6 +329,7 @@ impl<S, K: Hash + Eq + Clone, F> Layer<S> for KeyedRateLimitLayer<K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            obs: self.obs.clone(),
         }
     }
 }

@@ -1,5 +1,6 @@
 use super::{DirectLimiter, RateLimit, TokioClock};
 use crate::observe::LimiterMetrics;
+use crate::registry::Registry;
 use governor::Quota;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ pub struct RateLimitLayer {
     max_wait: Option<Duration>,
     name: Option<Arc<str>>,
     obs: Arc<LimiterMetrics>,
+    registry: Option<Registry>,
 }
 
 pub(crate) fn nonzero(field: &'static str, v: u32) -> NonZeroU32 {
@@ -43,6 +45,7 @@ impl RateLimitLayer {
             max_wait,
             name: None,
             obs: Arc::default(),
+            registry: None,
         }
     }
 
@@ -50,17 +53,49 @@ impl RateLimitLayer {
     fn named_as(mut self, from: RateLimitLayer) -> Self {
         self.name = from.name;
         self.obs = from.obs;
+        self.registry = from.registry;
         self
     }
 
     /// Names the limiter: the `name` label of its metrics (feature
-    /// `metrics`) and its entry in a [`Registry`](crate::registry::Registry).
-    /// An unnamed limiter records no metrics.
+    /// `metrics`) and its entry in a [`Registry`]: a named limiter
+    /// registers itself in [`Registry::global()`] (or the one given to
+    /// [`registry`](Self::registry)) when it makes its first service, and
+    /// leaves it when the layer and its services are dropped. An unnamed
+    /// limiter records no metrics and registers nowhere. Default: none.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         let name: Arc<str> = name.into().into();
-        self.obs = Arc::new(LimiterMetrics::new(Some(&name)));
+        self.obs = Arc::new(LimiterMetrics::new(Some(&name), None));
         self.name = Some(name);
         self
+    }
+
+    /// The registry a named limiter registers itself in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower::{Layer, service_fn};
+    /// use tower_firebreak::{BoxError, rate_limit::RateLimitLayer, registry::Registry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let layer = RateLimitLayer::per_second(50).name("search").burst(10).registry(&registry);
+    /// let svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+    /// let snapshot = registry.snapshot().await;
+    /// assert_eq!(snapshot.rate_limits[0].name, "search");
+    /// assert_eq!(snapshot.rate_limits[0].burst, 10);
+    /// # let _ = svc;
+    /// # }
+    /// ```
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
+        self
+    }
+
+    /// The shared limiter, as the registry holds it.
+    pub(crate) fn state(&self) -> Arc<dyn std::any::Any + Send + Sync> {
+        self.limiter.clone()
     }
 
     /// The limiter's name, if it was given one.
@@ -98,6 +133,13 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let Some(name) = &self.name {
+            crate::registry::target(self.registry.as_ref()).register_rate_limit(
+                name,
+                &self.state(),
+                self.quota,
+            );
+        }
         RateLimit {
             inner,
             limiter: Some(self.limiter.clone()),

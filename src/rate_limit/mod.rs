@@ -100,8 +100,18 @@ impl Clock for TokioClock {
 type DirectLimiter =
     governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
-/// Checks a permit: `Err` carries the wait until the next one.
-pub(crate) type Check = Box<dyn Fn() -> Result<(), Duration> + Send + Sync>;
+/// What a waiting call asks of its limiter: a permit check (`Err` carries
+/// the wait until the next one), or, once, how the wait ended, so that a
+/// named limiter counts it (one closure, so the future stays one box wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    Check,
+    Admitted,
+    GaveUp,
+}
+
+/// See [`Wait`]; the outcome events return `Ok(())`.
+pub(crate) type Check = Box<dyn Fn(Wait) -> Result<(), Duration> + Send + Sync>;
 
 /// Limits the rate of calls. See the [module docs](self).
 #[derive(Clone, Debug)]
@@ -120,7 +130,7 @@ impl<S> RateLimit<S> {
             inner,
             limiter: None,
             max_wait: None,
-            obs: Arc::new(crate::observe::LimiterMetrics::new(None)),
+            obs: Arc::new(crate::observe::LimiterMetrics::new(None, None)),
         }
     }
 
@@ -203,9 +213,18 @@ where
             (Err(wait), Some(max)) if wait <= max => {}
             (Err(_), _) => self.obs.rejected(),
         }
+        let obs = &self.obs;
         decide(&mut self.inner, req, first, self.max_wait, || {
             let l = limiter.clone();
-            Box::new(move || check_direct(&l))
+            let obs = obs.clone();
+            Box::new(move |w| {
+                match w {
+                    Wait::Check => return check_direct(&l),
+                    Wait::Admitted => obs.admitted(),
+                    Wait::GaveUp => obs.rejected(),
+                }
+                Ok(())
+            })
         })
     }
 }

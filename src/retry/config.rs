@@ -81,6 +81,10 @@ pub struct RetryConfig {
     /// The retry budget. Default: 20% of the calls of the last 10 s plus 10
     /// retries a second.
     pub budget: RetryBudgetConfig,
+    /// The `name` label of its metrics (feature `metrics`): see
+    /// [`RetryPolicy::name`]. A retry policy has no registry entry.
+    /// Default: none (no metrics).
+    pub name: Option<String>,
 }
 
 impl RetryConfig {
@@ -126,6 +130,9 @@ impl RetryConfig {
         if !self.jitter {
             policy = policy.no_jitter();
         }
+        if let Some(name) = &self.name {
+            policy = policy.name(name.clone());
+        }
         let b = &self.budget;
         if b.enabled {
             let budget = RetryBudget::try_new(b.ttl, b.min_per_sec, b.ratio)
@@ -152,6 +159,7 @@ impl Default for RetryConfig {
             max_delay: Self::DEFAULT_MAX_DELAY,
             jitter: true,
             budget: RetryBudgetConfig::default(),
+            name: None,
         }
     }
 }

@@ -135,18 +135,35 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let span = tracing::info_span!(
-            target: "tower_firebreak",
-            "firebreak.call",
-            name = &*self.name,
-            outcome = tracing::field::Empty,
-            rejected_by = tracing::field::Empty,
-            retry_after_ms = tracing::field::Empty,
-        );
-        let fut = {
-            let _g = span.enter();
-            self.inner.call(req)
-        };
-        future::ResponseFuture::new(fut, span)
+        call_in_span(&mut self.inner, req, call_span(&self.name))
     }
+}
+
+/// The `firebreak.call` span of one call.
+pub(crate) fn call_span(name: &str) -> tracing::Span {
+    tracing::info_span!(
+        target: "tower_firebreak",
+        "firebreak.call",
+        name = name,
+        outcome = tracing::field::Empty,
+        rejected_by = tracing::field::Empty,
+        retry_after_ms = tracing::field::Empty,
+    )
+}
+
+/// Calls `inner` inside `span` (or [`Span::none`](tracing::Span::none)), and
+/// records the outcome on it.
+pub(crate) fn call_in_span<S, Req>(
+    inner: &mut S,
+    req: Req,
+    span: tracing::Span,
+) -> future::ResponseFuture<S::Future>
+where
+    S: Service<Req>,
+{
+    let fut = {
+        let _g = span.enter();
+        inner.call(req)
+    };
+    future::ResponseFuture::new(fut, span)
 }

@@ -170,3 +170,46 @@ async fn a_replayed_job_carries_the_deferred_requests_trace() {
         spans[0]
     );
 }
+
+/// A named preset runs each call in a `firebreak.call` span of its name; an
+/// unnamed one makes no span.
+#[tokio::test(start_paused = true)]
+async fn a_named_preset_spans_each_call_and_an_unnamed_one_does_not() {
+    use tower_firebreak::preset::Resilience;
+    use tower_firebreak::registry::Registry;
+    use tower_firebreak::retry::ReplayBody;
+
+    let log = Log::default();
+    let _g = log.install();
+    let registry = Registry::new(); // keeps the global registry out of it
+    let ok = || {
+        service_fn(|_: http::Request<ReplayBody<Full<Bytes>>>| async {
+            Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::new())))
+        })
+    };
+    let named = Resilience::builder()
+        .name("span-preset")
+        .registry(&registry)
+        .build()
+        .unwrap()
+        .layer(ok());
+    let unnamed = Resilience::builder().build().unwrap().layer(ok());
+    let res = named
+        .oneshot(http::Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    unnamed
+        .oneshot(http::Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+
+    let text = log.text();
+    let spans = closed(&text, "firebreak.call");
+    assert_eq!(spans.len(), 1, "only the named preset's call:\n{text}");
+    assert!(
+        spans[0].contains("name=\"span-preset\"") && spans[0].contains("outcome=\"success\""),
+        "{}",
+        spans[0]
+    );
+}
