@@ -14,7 +14,9 @@ use std::time::Duration;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_firebreak::circuit_breaker::State;
 use tower_firebreak::error::{Rejection, RejectionKind};
-use tower_firebreak::preset::{Policies, Resilience, ResilienceConfig, Stage};
+#[cfg(any(feature = "toml", feature = "yaml"))]
+use tower_firebreak::preset::Policies;
+use tower_firebreak::preset::{Resilience, ResilienceConfig, Stage};
 use tower_firebreak::retry::RetryConfig;
 
 /// Every row of the defaults table in the preset's docs, checked against the
