@@ -24,7 +24,9 @@ def version(v):
     return tuple(int(x) for x in v.split(".")[:2])
 
 
-ours = next(p for p in meta["packages"] if p["id"] in meta["workspace_members"])
+ours = next(
+    p for p in meta["packages"] if p["id"] in meta["workspace_members"] and p["name"] == "tower-firebreak"
+)
 msrv = version(ours["rust_version"])
 resolved = {n["id"] for n in meta["resolve"]["nodes"]}
 newer = [
