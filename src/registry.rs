@@ -33,9 +33,20 @@
 //! `Replayer` name the same queue on purpose. The same component
 //! registered again (every service made from one layer) is one entry.
 //!
-//! Keyed layers do not register (their per-key states are in their
-//! handles, e.g.
-//! [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states)).
+//! **Keyed layers** register by the same rules, as one entry per layer in
+//! [`Snapshot::keyed_breakers`], [`Snapshot::keyed_bulkheads`] and
+//! [`Snapshot::keyed_rate_limits`]:
+//!
+//! | component | registers when |
+//! | --- | --- |
+//! | [`KeyedCircuitBreakerLayer`](crate::circuit_breaker::KeyedCircuitBreakerLayer) | `CircuitBreakerConfig::into_keyed_layer`, in the global registry; [`registry`](crate::circuit_breaker::KeyedCircuitBreakerLayer::registry) moves it |
+//! | [`KeyedBulkheadLayer`](crate::bulkhead::KeyedBulkheadLayer), [`KeyedRateLimitLayer`](crate::rate_limit::KeyedRateLimitLayer) | it makes its first service, in the registry given to its `registry` (default: the global one) |
+//!
+//! Their entries count live keys, never hold them: see
+//! [`KeyedBreakerStatus`] for which key strings are shown. The admin
+//! router's `reset` of a keyed breaker resets every live key
+//! ([`Registry::reset_keyed_breaker`]); `force-open` is refused with 409,
+//! since keys that arrive later would start closed.
 //!
 //! ```
 //! use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
@@ -103,8 +114,9 @@
 //! [`label_keys`](crate::circuit_breaker::KeyedCircuitBreakerLayer::label_keys):
 //! then each key's breaker records the breaker series with a `key` label
 //! next to the layer's `name` (one series per key, so opt in only for a
-//! small key set). Keyed breakers have no registry entry; their states are
-//! in [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states).
+//! small key set). A named keyed breaker's registry entry counts its keys
+//! by state; each key's state is also in
+//! [`KeyedCircuitBreakerHandle::states`](crate::circuit_breaker::KeyedCircuitBreakerHandle::states).
 //!
 //! The gauges marked *sampled* are set when a snapshot is taken; the admin
 //! router's `GET /metrics` takes one before it renders.
@@ -289,6 +301,15 @@ impl<T: ?Sized, X: Clone> Entries<T, X> {
             .collect()
     }
 
+    /// Takes out the entry of one instance (a keyed breaker moved to
+    /// another registry with `.registry(..)`).
+    fn remove(&mut self, name: &str, ptr: *const T) {
+        if let Some(list) = self.map.get_mut(name) {
+            list.retain(|(h, _)| !std::ptr::addr_eq(h.ptr(), ptr));
+        }
+        self.prune();
+    }
+
     fn names(&self) -> Vec<&str> {
         self.map
             .iter()
@@ -317,11 +338,51 @@ impl From<Quota> for Limiter {
 
 type LimiterState = dyn std::any::Any + Send + Sync;
 
+/// How many keys a [`KeyedBreakerStatus`] lists at most.
+pub const KEYED_LIST_LIMIT: usize = 100;
+
+/// The per-key states of a keyed breaker, read under its table's lock.
+pub(crate) struct KeyedStates {
+    pub(crate) keys: usize,
+    pub(crate) by_state: BTreeMap<&'static str, usize>,
+    /// `Some` only when the layer labels its keys (`label_keys`): sorted,
+    /// at most [`KEYED_LIST_LIMIT`].
+    pub(crate) listed: Option<Vec<(String, &'static str)>>,
+}
+
+/// A keyed breaker's table with its key type erased.
+pub(crate) trait KeyedBreakerView: Send + Sync {
+    fn states(&self) -> KeyedStates;
+    /// Resets every live key's breaker; returns how many.
+    fn reset_all(&self) -> usize;
+}
+
+/// A keyed bulkhead's pools with their key type erased.
+pub(crate) trait KeyedBulkheadView: Send + Sync {
+    /// Live pools, calls in flight and calls waiting, summed over the keys.
+    fn counts(&self) -> (usize, usize, usize);
+}
+
+/// A keyed limiter's state with its key type erased.
+pub(crate) trait KeyedLimiterView: Send + Sync {
+    fn keys(&self) -> usize;
+}
+
+/// The fixed settings of a keyed bulkhead, kept next to its entry.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyedBulkheadInfo {
+    pub(crate) max_concurrent: usize,
+    pub(crate) max_keys: usize,
+}
+
 struct Inner {
     breakers: Entries<Breaker>,
     bulkheads: Entries<Slots>,
     limiters: Entries<LimiterState, Limiter>,
     queues: Entries<dyn DynQueue>,
+    keyed_breakers: Entries<dyn KeyedBreakerView, usize>,
+    keyed_bulkheads: Entries<dyn KeyedBulkheadView, KeyedBulkheadInfo>,
+    keyed_limiters: Entries<dyn KeyedLimiterView, Limiter>,
 }
 
 impl Default for Inner {
@@ -331,6 +392,9 @@ impl Default for Inner {
             bulkheads: Entries::new("bulkhead", true),
             limiters: Entries::new("rate limit", true),
             queues: Entries::new("queue", false),
+            keyed_breakers: Entries::new("keyed breaker", true),
+            keyed_bulkheads: Entries::new("keyed bulkhead", true),
+            keyed_limiters: Entries::new("keyed rate limit", true),
         }
     }
 }
@@ -350,6 +414,9 @@ impl fmt::Debug for Registry {
             .field("bulkheads", &inner.bulkheads.names())
             .field("rate_limits", &inner.limiters.names())
             .field("queues", &inner.queues.names())
+            .field("keyed_breakers", &inner.keyed_breakers.names())
+            .field("keyed_bulkheads", &inner.keyed_bulkheads.names())
+            .field("keyed_rate_limits", &inner.keyed_limiters.names())
             .finish()
     }
 }
@@ -488,6 +555,61 @@ impl Registry {
             .insert(name, Held::Weak(Arc::downgrade(entry)), ());
     }
 
+    pub(crate) fn register_keyed_breaker(
+        &self,
+        name: &str,
+        view: &Arc<dyn KeyedBreakerView>,
+        max_keys: usize,
+    ) {
+        self.lock()
+            .keyed_breakers
+            .insert(name, Held::Weak(Arc::downgrade(view)), max_keys);
+    }
+
+    pub(crate) fn unregister_keyed_breaker(&self, name: &str, view: &Arc<dyn KeyedBreakerView>) {
+        self.lock()
+            .keyed_breakers
+            .remove(name, Arc::as_ptr(view));
+    }
+
+    pub(crate) fn register_keyed_bulkhead(
+        &self,
+        name: &str,
+        view: Weak<dyn KeyedBulkheadView>,
+        info: KeyedBulkheadInfo,
+    ) {
+        self.lock()
+            .keyed_bulkheads
+            .insert(name, Held::Weak(view), info);
+    }
+
+    pub(crate) fn register_keyed_rate_limit(
+        &self,
+        name: &str,
+        view: &Arc<dyn KeyedLimiterView>,
+        quota: Quota,
+    ) {
+        self.lock()
+            .keyed_limiters
+            .insert(name, Held::Weak(Arc::downgrade(view)), quota.into());
+    }
+
+    /// Resets every live key of the keyed breaker named `name`; returns how
+    /// many keys were reset, or `None` when no keyed breaker has that name.
+    /// Keys that arrive later start closed anyway. There is no keyed
+    /// `force_open`: a key first seen afterwards would start closed, so
+    /// "every key open" cannot hold; force a key open through
+    /// [`KeyedCircuitBreakerHandle::get`](crate::circuit_breaker::KeyedCircuitBreakerHandle::get).
+    pub fn reset_keyed_breaker(&self, name: &str) -> Option<usize> {
+        let (view, _) = self.lock().keyed_breakers.get(name)?;
+        Some(view.reset_all())
+    }
+
+    /// Whether a live keyed breaker is registered under `name`.
+    pub fn has_keyed_breaker(&self, name: &str) -> bool {
+        self.lock().keyed_breakers.get(name).is_some()
+    }
+
     /// The breaker named `name` (the newest live one of that name).
     pub fn breaker(&self, name: &str) -> Option<CircuitBreakerHandle> {
         let (b, ()) = self.lock().breakers.get(name)?;
@@ -529,14 +651,60 @@ impl Registry {
     /// (feature `metrics`): bulkhead in-flight, queue depth, oldest age and
     /// dead letters.
     pub async fn snapshot(&self) -> Snapshot {
-        let (breakers, bulkheads, limiters) = {
+        let (breakers, bulkheads, limiters, kb, kh, kl) = {
             let mut inner = self.lock();
             (
                 inner.breakers.live(),
                 inner.bulkheads.live(),
                 inner.limiters.live(),
+                inner.keyed_breakers.live(),
+                inner.keyed_bulkheads.live(),
+                inner.keyed_limiters.live(),
             )
         };
+        let keyed_breakers = kb
+            .into_iter()
+            .map(|(name, v, max_keys)| {
+                let s = v.states();
+                KeyedBreakerStatus {
+                    name,
+                    kind: "keyed",
+                    keys: s.keys,
+                    max_keys,
+                    by_state: s.by_state,
+                    key_states: s.listed.map(|l| {
+                        l.into_iter()
+                            .map(|(key, state)| KeyStateStatus { key, state })
+                            .collect()
+                    }),
+                }
+            })
+            .collect();
+        let keyed_bulkheads = kh
+            .into_iter()
+            .map(|(name, v, info)| {
+                let (keys, in_flight, waiting) = v.counts();
+                KeyedBulkheadStatus {
+                    name,
+                    kind: "keyed",
+                    keys,
+                    max_keys: info.max_keys,
+                    in_flight,
+                    waiting,
+                    max_concurrent_per_key: info.max_concurrent,
+                }
+            })
+            .collect();
+        let keyed_rate_limits = kl
+            .into_iter()
+            .map(|(name, v, l)| KeyedRateLimitStatus {
+                name,
+                kind: "keyed",
+                keys: v.keys(),
+                burst: l.burst,
+                replenish_interval_ms: l.replenish.as_secs_f64() * 1e3,
+            })
+            .collect();
         let breakers = breakers
             .into_iter()
             .map(|(name, b, ())| {
@@ -593,6 +761,9 @@ impl Registry {
             bulkheads,
             rate_limits,
             queues,
+            keyed_breakers,
+            keyed_bulkheads,
+            keyed_rate_limits,
         }
     }
 }
@@ -645,6 +816,88 @@ pub struct Snapshot {
     pub rate_limits: Vec<RateLimitStatus>,
     /// The queues, by name.
     pub queues: Vec<QueueStatus>,
+    /// The keyed breakers (one breaker per key), by name.
+    pub keyed_breakers: Vec<KeyedBreakerStatus>,
+    /// The keyed bulkheads (one pool per key), by name.
+    pub keyed_bulkheads: Vec<KeyedBulkheadStatus>,
+    /// The keyed rate limiters (one limit per key), by name.
+    pub keyed_rate_limits: Vec<KeyedRateLimitStatus>,
+}
+
+/// One keyed breaker in a [`Snapshot`].
+///
+/// Keys are label-like data: their number is bounded only by the layer's
+/// `max_keys`, and they may name tenants or hosts. So the snapshot always
+/// counts the keys by state, and lists key strings only when the layer
+/// opted in with
+/// [`label_keys`](crate::circuit_breaker::KeyedCircuitBreakerLayer::label_keys)
+/// (the same opt-in as a `key` label on the metrics), and then at most the
+/// first [`KEYED_LIST_LIMIT`] keys in sorted order.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct KeyedBreakerStatus {
+    /// Its name.
+    pub name: String,
+    /// Always `keyed`.
+    pub kind: &'static str,
+    /// Live keys (one breaker each).
+    pub keys: usize,
+    /// The bound on live keys.
+    pub max_keys: usize,
+    /// Live keys by state (`closed`, `open`, `half_open`, `forced_open`,
+    /// `disabled`); states with no key are left out.
+    pub by_state: BTreeMap<&'static str, usize>,
+    /// With `label_keys`: the first [`KEYED_LIST_LIMIT`] keys, sorted, with
+    /// their states. `None` when the layer does not label its keys.
+    pub key_states: Option<Vec<KeyStateStatus>>,
+}
+
+/// One key of a [`KeyedBreakerStatus`].
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct KeyStateStatus {
+    /// The key, as its `Display` writes it.
+    pub key: String,
+    /// Its breaker's state.
+    pub state: &'static str,
+}
+
+/// One keyed bulkhead in a [`Snapshot`].
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct KeyedBulkheadStatus {
+    /// Its name.
+    pub name: String,
+    /// Always `keyed`.
+    pub kind: &'static str,
+    /// Live pools (one per key).
+    pub keys: usize,
+    /// The bound on live pools.
+    pub max_keys: usize,
+    /// Calls in flight, summed over the keys.
+    pub in_flight: usize,
+    /// Calls waiting for a slot, summed over the keys.
+    pub waiting: usize,
+    /// Each key's bound on calls in flight.
+    pub max_concurrent_per_key: usize,
+}
+
+/// One keyed rate limiter in a [`Snapshot`].
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct KeyedRateLimitStatus {
+    /// Its name.
+    pub name: String,
+    /// Always `keyed`.
+    pub kind: &'static str,
+    /// Keys with live state (until
+    /// [`retain_recent`](crate::rate_limit::KeyedRateLimitLayer::retain_recent)
+    /// drops the fresh ones).
+    pub keys: usize,
+    /// Calls of one key that may pass at one instant.
+    pub burst: u32,
+    /// One permit of a key comes back every this many milliseconds.
+    pub replenish_interval_ms: f64,
 }
 
 /// One breaker in a [`Snapshot`].

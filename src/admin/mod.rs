@@ -7,8 +7,8 @@
 //! | `GET /firebreak` | a redirect to `/firebreak/` (the page fetches its data relative to itself) |
 //! | `GET /firebreak/` | a status page that refreshes itself every second: breakers coloured by state, with a reset button, bulkheads, queue depths, recent transitions |
 //! | `GET /firebreak/status` | the [`Snapshot`](crate::registry::Snapshot) as JSON |
-//! | `POST /firebreak/breakers/{name}/force-open` | [`force_open`](crate::circuit_breaker::CircuitBreakerHandle::force_open); 204, or 404 for an unknown name |
-//! | `POST /firebreak/breakers/{name}/reset` | [`reset`](crate::circuit_breaker::CircuitBreakerHandle::reset); 204 or 404 |
+//! | `POST /firebreak/breakers/{name}/force-open` | [`force_open`](crate::circuit_breaker::CircuitBreakerHandle::force_open); 204, or 404 for an unknown name; 409 for a keyed breaker (force one key open through [`KeyedCircuitBreakerHandle::get`](crate::circuit_breaker::KeyedCircuitBreakerHandle::get): keys that arrive later would start closed) |
+//! | `POST /firebreak/breakers/{name}/reset` | [`reset`](crate::circuit_breaker::CircuitBreakerHandle::reset); 204 or 404. For a keyed breaker (when no plain breaker has the name), resets every live key ([`Registry::reset_keyed_breaker`]); 204 |
 //! | `GET /firebreak/jobs/dead` | the dead letters of every registered queue (up to 100 each), as JSON |
 //! | `POST /firebreak/jobs/dead/{id}/redrive` | moves a dead-lettered job back to its queue; 200 with the queue's name, or 404 |
 //! | `GET /metrics` | with [`Admin::prometheus`]: the Prometheus text format, after a snapshot has refreshed the sampled gauges |
@@ -153,14 +153,32 @@ impl Admin {
                 "/firebreak/breakers/{name}/force-open",
                 post(move |Path(name): Path<String>| {
                     let r = r2.clone();
-                    async move { breaker_action(&r, &name, |h| h.force_open()) }
+                    async move {
+                        if r.breaker(&name).is_none() && r.has_keyed_breaker(&name) {
+                            return json(
+                                StatusCode::CONFLICT,
+                                &serde_json::json!({ "error": format!(
+                                    "{name:?} is a keyed breaker: force a key open through its KeyedCircuitBreakerHandle; keys that arrive later would start closed"
+                                ) }),
+                            );
+                        }
+                        breaker_action(&r, &name, |h| h.force_open())
+                    }
                 }),
             )
             .route(
                 "/firebreak/breakers/{name}/reset",
                 post(move |Path(name): Path<String>| {
                     let r = r3.clone();
-                    async move { breaker_action(&r, &name, |h| h.reset()) }
+                    async move {
+                        if r.breaker(&name).is_none()
+                            && let Some(n) = r.reset_keyed_breaker(&name)
+                        {
+                            tracing::info!(target: "tower_firebreak", layer = "admin", breaker = name, keys = n, "keyed breaker reset by the admin router");
+                            return StatusCode::NO_CONTENT.into_response();
+                        }
+                        breaker_action(&r, &name, |h| h.reset())
+                    }
                 }),
             )
             .route(

@@ -72,7 +72,7 @@ impl BulkheadConfig {
     /// Checks the settings and builds a [`KeyedBulkheadLayer`] with `key_fn`.
     pub fn into_keyed_layer<K, F>(self, key_fn: F) -> Result<KeyedBulkheadLayer<K, F>, ConfigError>
     where
-        K: Hash + Eq,
+        K: Hash + Eq + Send + 'static,
     {
         self.validate()?;
         let layer = KeyedBulkheadLayer::from_parts(

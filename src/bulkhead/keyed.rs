@@ -4,7 +4,8 @@ use crate::error::RejectionKind;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use crate::registry::{KeyedBulkheadInfo, KeyedBulkheadView, Registry};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
@@ -23,7 +24,14 @@ pub struct KeyedBulkhead<S, K, F> {
 
 struct Shared<K, F> {
     key_fn: F,
-    pools: Mutex<HashMap<K, Pool>>,
+    /// In its own `Arc`, apart from the key function, so that a registry
+    /// can hold it (weakly) with only `K: Send + 'static`.
+    pools: Arc<Mutex<HashMap<K, Pool>>>,
+    /// Set by `name` (where `K: Send + 'static` is known): the pools as a
+    /// registry holds them.
+    view: Option<Weak<dyn KeyedBulkheadView>>,
+    /// Where a named layer registers (`None`: the global registry).
+    registry: Option<Registry>,
     max_concurrent: usize,
     max_wait: Duration,
     max_keys: usize,
@@ -35,6 +43,16 @@ struct Shared<K, F> {
     /// unless keys are labelled, and for rejections of a new key when the
     /// table is full.
     obs: crate::observe::BulkheadMetrics,
+}
+
+impl<K: Send + 'static> KeyedBulkheadView for Mutex<HashMap<K, Pool>> {
+    fn counts(&self) -> (usize, usize, usize) {
+        let pools = self.lock().unwrap_or_else(|e| e.into_inner());
+        let (in_flight, waiting) = pools.values().fold((0, 0), |(i, w), p| {
+            (i + p.in_flight(), w + p.handle().waiting())
+        });
+        (pools.len(), in_flight, waiting)
+    }
 }
 
 impl<S: Clone, K, F> Clone for KeyedBulkhead<S, K, F> {
@@ -199,7 +217,9 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
         KeyedBulkheadLayer {
             shared: Arc::new(Shared {
                 key_fn,
-                pools: Mutex::new(HashMap::new()),
+                pools: Arc::new(Mutex::new(HashMap::new())),
+                view: None,
+                registry: None,
                 max_concurrent,
                 max_wait,
                 max_keys,
@@ -227,14 +247,25 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
     /// Names the layer: every key's pool records the bulkhead series
     /// (feature `metrics`) under this `name` label, summed over the keys
     /// unless [`label_keys`](Self::label_keys) is set. An unnamed keyed
-    /// bulkhead records nothing. Keyed layers do not join a
-    /// [`Registry`](crate::registry::Registry). Default: none.
+    /// bulkhead records nothing.
+    ///
+    /// A named keyed bulkhead registers itself in
+    /// [`Registry::global()`](crate::registry::Registry::global) (or the one
+    /// given to [`registry`](Self::registry)) when it makes its first
+    /// service, as one entry with its live keys and the in-flight calls
+    /// summed over them, and leaves it when the layer and its services are
+    /// dropped. Default: none.
     ///
     /// # Panics
     ///
     /// If the layer was already cloned: configure it first.
-    pub fn name(self, name: impl Into<String>) -> Self {
+    pub fn name(self, name: impl Into<String>) -> Self
+    where
+        K: Send + 'static,
+    {
         let mut shared = self.unwrap_shared();
+        let view: Arc<dyn KeyedBulkheadView> = shared.pools.clone();
+        shared.view = Some(Arc::downgrade(&view));
         let name: Arc<str> = name.into().into();
         shared.obs = crate::observe::BulkheadMetrics::new(Some(&name), None);
         shared.name = Some(name);
@@ -270,6 +301,38 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
         }
     }
 
+    /// The registry a named keyed bulkhead registers itself in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower::{Layer, service_fn};
+    /// use tower_firebreak::{BoxError, bulkhead::KeyedBulkheadLayer, registry::Registry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let layer = KeyedBulkheadLayer::new(4, |tenant: &String| tenant.clone())
+    ///     .name("tenants")
+    ///     .registry(&registry);
+    /// let svc = layer.layer(service_fn(|t: String| async move { Ok::<_, BoxError>(t) }));
+    /// let snapshot = registry.snapshot().await;
+    /// assert_eq!(snapshot.keyed_bulkheads[0].name, "tenants");
+    /// assert_eq!(snapshot.keyed_bulkheads[0].keys, 0);
+    /// # let _ = svc;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: configure it first.
+    pub fn registry(self, registry: &Registry) -> Self {
+        let mut shared = self.unwrap_shared();
+        shared.registry = Some(registry.clone());
+        KeyedBulkheadLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
     /// How long a call may wait for a slot in its key's pool. Default: zero.
     ///
     /// # Panics
@@ -296,6 +359,17 @@ impl<S, K, F> Layer<S> for KeyedBulkheadLayer<K, F> {
     type Service = KeyedBulkhead<S, K, F>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let s = &self.shared;
+        if let (Some(name), Some(view)) = (&s.name, &s.view) {
+            crate::registry::target(s.registry.as_ref()).register_keyed_bulkhead(
+                name,
+                view.clone(),
+                KeyedBulkheadInfo {
+                    max_concurrent: s.max_concurrent,
+                    max_keys: s.max_keys,
+                },
+            );
+        }
         KeyedBulkhead {
             inner,
             shared: self.shared.clone(),

@@ -300,21 +300,28 @@ impl CircuitBreakerConfig {
 
     /// Checks the settings and builds a [`KeyedCircuitBreakerLayer`]: one
     /// breaker per key returned by `key_fn`.
+    ///
+    /// A named layer registers itself in
+    /// [`Registry::global()`](crate::registry::Registry::global), as one
+    /// entry counting its keys by state; its
+    /// [`registry`](KeyedCircuitBreakerLayer::registry) moves it to another.
     pub fn into_keyed_layer<K, F>(
         self,
         key_fn: F,
     ) -> Result<KeyedCircuitBreakerLayer<K, F>, ConfigError>
     where
-        K: Hash + Eq,
+        K: Hash + Eq + Send + 'static,
     {
         let settings = self.settings()?;
-        Ok(KeyedCircuitBreakerLayer::from_parts(
+        let layer = KeyedCircuitBreakerLayer::from_parts(
             settings,
             DefaultClassifier,
             key_fn,
             self.max_keys,
             self.idle_timeout,
-        ))
+        );
+        layer.register();
+        Ok(layer)
     }
 }
 

@@ -6,7 +6,9 @@ use crate::classify::{ClassifyStream, DefaultClassifier};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use crate::registry::{KEYED_LIST_LIMIT, KeyedBreakerView, KeyedStates, Registry};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -44,10 +46,56 @@ struct Shared<K, F, C> {
     settings: Settings,
     max_keys: usize,
     idle_timeout: Duration,
-    breakers: Mutex<Table<K>>,
+    /// In its own `Arc`, apart from the key function and classifier, so
+    /// that a registry can hold it (weakly) with only `K: Send + 'static`.
+    breakers: Arc<Keys<K>>,
+    /// Where a named layer is registered (`None`: the global registry).
+    registry: Option<Registry>,
+}
+
+/// The key table, as the registry sees it.
+struct Keys<K> {
+    table: Mutex<Table<K>>,
     /// Set by `label_keys`: each key's breaker records the layer's series
-    /// with a `key` label.
-    key_label: Option<fn(&K) -> String>,
+    /// with a `key` label, and the registry may list the key.
+    label: OnceLock<fn(&K) -> String>,
+}
+
+impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
+    fn states(&self) -> KeyedStates {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_state = BTreeMap::new();
+        for e in table.map.values() {
+            *by_state.entry(e.lane.breaker.state().as_str()).or_insert(0) += 1;
+        }
+        let listed = self.label.get().map(|label| {
+            let mut l: Vec<_> = table
+                .map
+                .iter()
+                .map(|(k, e)| (label(k), e.lane.breaker.state().as_str()))
+                .collect();
+            l.sort_unstable();
+            l.truncate(KEYED_LIST_LIMIT);
+            l
+        });
+        KeyedStates {
+            keys: table.map.len(),
+            by_state,
+            listed,
+        }
+    }
+
+    fn reset_all(&self) -> usize {
+        let lanes: Vec<_> = {
+            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            table.map.values().map(|e| e.lane.breaker.clone()).collect()
+        };
+        // Outside the lock: a reset emits events and tracing.
+        for b in &lanes {
+            CircuitBreakerHandle::new(b.clone()).reset();
+        }
+        lanes.len()
+    }
 }
 
 struct Table<K> {
@@ -71,7 +119,11 @@ where
 {
     fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
-        let mut table = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = self
+            .breakers
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = table.map.get_mut(&key) {
             e.last_used = now;
             return e.lane.clone();
@@ -98,7 +150,7 @@ where
         }
         // Per-key breakers record metrics only when the user opted in to a
         // `key` label (one series per key is unbounded cardinality).
-        let breaker = match (self.key_label, &self.settings.name) {
+        let breaker = match (self.breakers.label.get(), &self.settings.name) {
             (Some(label), Some(_)) => Breaker::with_key(self.settings.clone(), Some(&label(&key))),
             _ => {
                 let mut settings = self.settings.clone();
@@ -247,10 +299,70 @@ impl<K, F> KeyedCircuitBreakerLayer<K, F> {
                 settings,
                 max_keys,
                 idle_timeout,
-                breakers: Mutex::new(Table::new()),
-                key_label: None,
+                breakers: Arc::new(Keys {
+                    table: Mutex::new(Table::new()),
+                    label: OnceLock::new(),
+                }),
+                registry: None,
             }),
         }
+    }
+}
+
+impl<K: Send + 'static, F, C> KeyedCircuitBreakerLayer<K, F, C> {
+    /// Registers a named layer's key table in its registry.
+    pub(crate) fn register(&self) {
+        if let Some(name) = self.shared.settings.name.as_deref() {
+            let view: Arc<dyn KeyedBreakerView> = self.shared.breakers.clone();
+            crate::registry::target(self.shared.registry.as_ref()).register_keyed_breaker(
+                name,
+                &view,
+                self.shared.max_keys,
+            );
+        }
+    }
+
+    /// Moves a named layer's registration to `registry`, out of the one it
+    /// joined when it was built ([`Registry::global()`] unless an earlier
+    /// call chose another). See
+    /// [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, KeyedCircuitBreakerLayer};
+    /// use tower_firebreak::registry::Registry;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let layer: KeyedCircuitBreakerLayer<String, _> = CircuitBreakerConfig {
+    ///     name: Some("doc-keyed-hosts".into()),
+    ///     ..Default::default()
+    /// }
+    /// .into_keyed_layer(|host: &String| host.clone())
+    /// .unwrap()
+    /// .registry(&registry);
+    /// assert_eq!(registry.snapshot().await.keyed_breakers[0].name, "doc-keyed-hosts");
+    /// assert!(!Registry::global().has_keyed_breaker("doc-keyed-hosts"));
+    /// # let _ = layer;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned: call this first.
+    pub fn registry(self, registry: &Registry) -> Self {
+        let mut shared = Arc::try_unwrap(self.shared)
+            .unwrap_or_else(|_| panic!("call registry before cloning the layer"));
+        if let Some(name) = shared.settings.name.as_deref() {
+            let view: Arc<dyn KeyedBreakerView> = shared.breakers.clone();
+            crate::registry::target(shared.registry.as_ref()).unregister_keyed_breaker(name, &view);
+        }
+        shared.registry = Some(registry.clone());
+        let layer = KeyedCircuitBreakerLayer {
+            shared: Arc::new(shared),
+        };
+        layer.register();
+        layer
     }
 }
 
@@ -271,7 +383,7 @@ impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
                 max_keys: shared.max_keys,
                 idle_timeout: shared.idle_timeout,
                 breakers: shared.breakers,
-                key_label: shared.key_label,
+                registry: shared.registry,
             }),
         }
     }
@@ -292,9 +404,10 @@ impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
     where
         K: fmt::Display,
     {
-        let mut shared = Arc::try_unwrap(self.shared)
+        let shared = Arc::try_unwrap(self.shared)
             .unwrap_or_else(|_| panic!("call label_keys before cloning the layer"));
-        shared.key_label = Some(|k: &K| k.to_string());
+        // Set once, before any service exists; a second call changes nothing.
+        let _ = shared.breakers.label.set(|k: &K| k.to_string());
         KeyedCircuitBreakerLayer {
             shared: Arc::new(shared),
         }
@@ -348,6 +461,7 @@ where
         let map = self
             .shared
             .breakers
+            .table
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         map.map
@@ -360,6 +474,7 @@ where
     pub fn len(&self) -> usize {
         self.shared
             .breakers
+            .table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map
@@ -376,6 +491,7 @@ where
         let map = self
             .shared
             .breakers
+            .table
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         map.map

@@ -96,7 +96,7 @@ impl RateLimitConfig {
     /// Checks the settings and builds a [`KeyedRateLimitLayer`] with `key_fn`.
     pub fn into_keyed_layer<K, F>(self, key_fn: F) -> Result<KeyedRateLimitLayer<K, F>, ConfigError>
     where
-        K: Hash + Eq + Clone,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
     {
         let (quota, wait) = self.quota()?;
         let layer = KeyedRateLimitLayer::from_parts(quota, wait, Arc::new(key_fn));

@@ -2,6 +2,7 @@ use super::layer::nonzero;
 use super::{Check, TokioClock, Wait, decide, future::ResponseFuture};
 use crate::BoxError;
 use crate::observe::LimiterMetrics;
+use crate::registry::{KeyedLimiterView, Registry};
 use governor::Quota;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
@@ -22,6 +23,23 @@ fn check_key<K: Hash + Eq + Clone>(limiter: &KeyedLimiter<K>, key: &K) -> Result
     limiter
         .check_key(key)
         .map_err(|nu| nu.wait_time_from(limiter.clock().now()))
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiterView for KeyedLimiter<K> {
+    fn keys(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The limiter as a registry holds it; a plain `fn` so that the layer can
+/// keep it without `K: Send + Sync + 'static` on every method (`name` has
+/// those bounds and sets it).
+type ToView<K> = fn(Arc<KeyedLimiter<K>>) -> Arc<dyn KeyedLimiterView>;
+
+fn to_view<K: Hash + Eq + Clone + Send + Sync + 'static>(
+    l: Arc<KeyedLimiter<K>>,
+) -> Arc<dyn KeyedLimiterView> {
+    l
 }
 
 /// One GCRA limit per key. See the [module docs](super).
@@ -173,6 +191,10 @@ pub struct KeyedRateLimitLayer<K: Hash + Eq + Clone, F> {
     key_fn: Arc<F>,
     max_wait: Option<Duration>,
     obs: Arc<KeyedMetrics<K>>,
+    /// Set by `name`.
+    view: Option<ToView<K>>,
+    /// Where a named layer registers (`None`: the global registry).
+    registry: Option<Registry>,
 }
 
 impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
@@ -183,6 +205,8 @@ impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
             obs: self.obs.clone(),
+            view: self.view,
+            registry: self.registry.clone(),
         }
     }
 }
@@ -222,12 +246,39 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
             key_fn,
             max_wait,
             obs: Arc::default(),
+            view: None,
+            registry: None,
         }
     }
 
-    /// Keeps the name and key labelling of `from` across a rebuild.
+    /// Keeps the name, key labelling and registry of `from` across a rebuild.
     fn named_as(mut self, from: Self) -> Self {
         self.obs = from.obs;
+        self.view = from.view;
+        self.registry = from.registry;
+        self
+    }
+
+    /// The registry a named keyed limiter registers itself in, instead of
+    /// [`Registry::global()`]. See [self-registration](crate::registry#self-registration).
+    ///
+    /// ```
+    /// use tower::{Layer, service_fn};
+    /// use tower_firebreak::{BoxError, rate_limit::KeyedRateLimitLayer, registry::Registry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let registry = Registry::new();
+    /// let layer = KeyedRateLimitLayer::per_second(10, |tenant: &String| tenant.clone())
+    ///     .name("tenants")
+    ///     .registry(&registry);
+    /// let svc = layer.layer(service_fn(|t: String| async move { Ok::<_, BoxError>(t) }));
+    /// assert_eq!(registry.snapshot().await.keyed_rate_limits[0].name, "tenants");
+    /// # let _ = svc;
+    /// # }
+    /// ```
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registry = Some(registry.clone());
         self
     }
 
@@ -253,9 +304,19 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     /// Names the layer: every key's calls are recorded in the rate limit
     /// series (feature `metrics`) under this `name` label, summed over the
     /// keys unless [`label_keys`](Self::label_keys) is set. An unnamed keyed
-    /// limiter records nothing. Keyed layers do not join a
-    /// [`Registry`](crate::registry::Registry). Default: none.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    /// limiter records nothing.
+    ///
+    /// A named keyed limiter registers itself in
+    /// [`Registry::global()`](crate::registry::Registry::global) (or the one
+    /// given to [`registry`](Self::registry)) when it makes its first
+    /// service, as one entry with its quota and the number of keys with
+    /// live state, and leaves it when the layer and its services are
+    /// dropped. Default: none.
+    pub fn name(mut self, name: impl Into<String>) -> Self
+    where
+        K: Send + Sync + 'static,
+    {
+        self.view = Some(to_view::<K>);
         let name: Arc<str> = name.into().into();
         let key_label = self.obs.key_label;
         self.obs = Arc::new(KeyedMetrics {
@@ -324,6 +385,13 @@ impl<S, K: Hash + Eq + Clone, F> Layer<S> for KeyedRateLimitLayer<K, F> {
     type Service = KeyedRateLimit<S, K, F>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let (Some(name), Some(view)) = (&self.obs.name, self.view) {
+            crate::registry::target(self.registry.as_ref()).register_keyed_rate_limit(
+                name,
+                &view(self.limiter.clone()),
+                self.quota,
+            );
+        }
         KeyedRateLimit {
             inner,
             limiter: self.limiter.clone(),
