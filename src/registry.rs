@@ -567,9 +567,7 @@ impl Registry {
     }
 
     pub(crate) fn unregister_keyed_breaker(&self, name: &str, view: &Arc<dyn KeyedBreakerView>) {
-        self.lock()
-            .keyed_breakers
-            .remove(name, Arc::as_ptr(view));
+        self.lock().keyed_breakers.remove(name, Arc::as_ptr(view));
     }
 
     pub(crate) fn register_keyed_bulkhead(

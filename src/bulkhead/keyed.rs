@@ -1,10 +1,10 @@
 use super::{Pool, future::ResponseFuture};
 use crate::BoxError;
 use crate::error::RejectionKind;
+use crate::registry::{KeyedBulkheadInfo, KeyedBulkheadView, Registry};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use crate::registry::{KeyedBulkheadInfo, KeyedBulkheadView, Registry};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;

@@ -13,12 +13,12 @@ use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
-use tower_firebreak::bulkhead::BulkheadLayer;
+use tower_firebreak::bulkhead::{BulkheadLayer, KeyedBulkheadLayer};
 use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 use tower_firebreak::defer::{DeferLayer, Replayer};
 use tower_firebreak::preset::{Resilience, ResilienceConfig};
 use tower_firebreak::queue::memory::MemoryQueue;
-use tower_firebreak::rate_limit::RateLimitLayer;
+use tower_firebreak::rate_limit::{KeyedRateLimitLayer, RateLimitLayer};
 use tower_firebreak::registry::{Registry, Snapshot};
 
 fn echo() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
@@ -618,4 +618,268 @@ fn a_second_live_component_under_one_name_is_warned_about() {
             .unwrap();
         assert_eq!(warnings(), 1);
     });
+}
+
+// ---- keyed layers -------------------------------------------------------
+
+fn by_host() -> impl Service<String, Response = String, Error = BoxError> + Clone {
+    service_fn(|host: String| async move { Ok::<_, BoxError>(host) })
+}
+
+async fn post(admin: &axum::Router, uri: &str) -> (StatusCode, Bytes) {
+    let res = admin
+        .clone()
+        .oneshot(
+            http::Request::post(uri)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = res.status();
+    (status, res.into_body().collect().await.unwrap().to_bytes())
+}
+
+fn json_entry<'a>(
+    v: &'a serde_json::Value,
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    v[kind]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_named_keyed_breaker_counts_its_keys_by_state_and_leaves_when_dropped() {
+    let admin: axum::Router = Admin::global().router();
+    let layer = CircuitBreakerConfig {
+        name: Some("sr-keyed-breaker".into()),
+        max_keys: 64,
+        ..CircuitBreakerConfig::default()
+    }
+    .into_keyed_layer(|host: &String| host.clone())
+    .unwrap();
+    assert!(
+        Registry::global().has_keyed_breaker("sr-keyed-breaker"),
+        "registered when built, as a plain breaker is"
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(by_host());
+    for host in ["a", "b", "c", "a"] {
+        svc.ready().await.unwrap().call(host.into()).await.unwrap();
+    }
+    handle.get(&"b".to_owned()).unwrap().force_open();
+
+    let snap = Registry::global().snapshot().await;
+    let entry = snap
+        .keyed_breakers
+        .iter()
+        .find(|b| b.name == "sr-keyed-breaker")
+        .expect("listed");
+    assert_eq!(entry.kind, "keyed");
+    assert_eq!(entry.keys, 3);
+    assert_eq!(entry.max_keys, 64);
+    assert_eq!(entry.by_state.get("closed"), Some(&2));
+    assert_eq!(entry.by_state.get("forced_open"), Some(&1));
+    assert!(
+        entry.key_states.is_none(),
+        "keys are listed only with label_keys"
+    );
+    // Not mixed into the plain breakers.
+    assert!(!breakers(&snap).contains(&"sr-keyed-breaker"));
+
+    let json = status_json(&admin).await;
+    let e = json_entry(&json, "keyed_breakers", "sr-keyed-breaker").expect("in the JSON");
+    assert_eq!(e["kind"], "keyed");
+    assert_eq!(e["keys"], 3);
+    assert_eq!(e["by_state"]["closed"], 2);
+    assert_eq!(e["by_state"]["forced_open"], 1);
+    assert!(e["key_states"].is_null());
+    // The fields existing consumers read are still there.
+    for kind in ["breakers", "bulkheads", "rate_limits", "queues"] {
+        assert!(json[kind].is_array(), "{kind}");
+    }
+
+    // force-open of a whole keyed breaker is refused, and says why.
+    let (status, body) = post(&admin, "/firebreak/breakers/sr-keyed-breaker/force-open").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(String::from_utf8_lossy(&body).contains("keyed breaker"));
+    // reset resets every live key.
+    let (status, _) = post(&admin, "/firebreak/breakers/sr-keyed-breaker/reset").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(handle.get(&"b".to_owned()).unwrap().state(), State::Closed);
+    let json = status_json(&admin).await;
+    let e = json_entry(&json, "keyed_breakers", "sr-keyed-breaker").unwrap();
+    assert_eq!(e["by_state"]["closed"], 3);
+    assert!(e["by_state"].get("forced_open").is_none());
+
+    // The service and the handle hold it; with every one dropped it is gone.
+    drop(layer);
+    assert!(Registry::global().has_keyed_breaker("sr-keyed-breaker"));
+    drop((svc, handle));
+    assert!(!Registry::global().has_keyed_breaker("sr-keyed-breaker"));
+    let snap = Registry::global().snapshot().await;
+    assert!(
+        !snap
+            .keyed_breakers
+            .iter()
+            .any(|b| b.name == "sr-keyed-breaker")
+    );
+    let json = status_json(&admin).await;
+    assert!(json_entry(&json, "keyed_breakers", "sr-keyed-breaker").is_none());
+    let (status, _) = post(&admin, "/firebreak/breakers/sr-keyed-breaker/reset").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_labelled_keyed_breaker_lists_at_most_100_sorted_keys_in_its_own_registry() {
+    let registry = Registry::new();
+    let layer = CircuitBreakerConfig {
+        name: Some("sr-keyed-labelled".into()),
+        max_keys: 500,
+        ..CircuitBreakerConfig::default()
+    }
+    .into_keyed_layer(|host: &String| host.clone())
+    .unwrap()
+    .registry(&registry)
+    .label_keys();
+    assert!(
+        !Registry::global().has_keyed_breaker("sr-keyed-labelled"),
+        "moved out of the global registry"
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(by_host());
+    // In reverse, so that sorting is what puts them in order.
+    for i in (0..150).rev() {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(format!("h{i:03}"))
+            .await
+            .unwrap();
+    }
+    handle.get(&"h001".to_owned()).unwrap().force_open();
+
+    let snap = registry.snapshot().await;
+    let entry = &snap.keyed_breakers[0];
+    assert_eq!(entry.name, "sr-keyed-labelled");
+    assert_eq!(entry.keys, 150);
+    assert_eq!(entry.by_state.get("closed"), Some(&149));
+    let listed = entry.key_states.as_ref().expect("labelled keys are listed");
+    assert_eq!(listed.len(), 100);
+    let keys: Vec<&str> = listed.iter().map(|k| k.key.as_str()).collect();
+    let want: Vec<String> = (0..100).map(|i| format!("h{i:03}")).collect();
+    assert_eq!(keys, want);
+    assert_eq!(listed[1].state, "forced_open");
+    assert_eq!(listed[0].state, "closed");
+
+    let json = status_json(&Admin::new(registry.clone()).router()).await;
+    let e = json_entry(&json, "keyed_breakers", "sr-keyed-labelled").unwrap();
+    assert_eq!(e["key_states"].as_array().unwrap().len(), 100);
+    assert_eq!(e["key_states"][1]["key"], "h001");
+    assert_eq!(e["key_states"][1]["state"], "forced_open");
+
+    drop((layer, svc, handle));
+    assert!(registry.snapshot().await.keyed_breakers.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_named_keyed_bulkhead_registers_with_its_first_service_with_keys_and_in_flight() {
+    let registry = Registry::new();
+    let layer = KeyedBulkheadLayer::new(2, |host: &String| host.clone())
+        .name("sr-keyed-bulkhead")
+        .registry(&registry)
+        .max_keys(10);
+    assert!(
+        registry.snapshot().await.keyed_bulkheads.is_empty(),
+        "not in use yet"
+    );
+    // An inner service that never answers, so calls stay in flight.
+    let hang = service_fn(|_: String| std::future::pending::<Result<String, BoxError>>());
+    let mut svc = layer.layer(hang);
+    let mut calls = Vec::new();
+    for host in ["a", "a", "b"] {
+        calls.push(svc.ready().await.unwrap().call(host.into()));
+    }
+    let snap = registry.snapshot().await;
+    assert_eq!(snap.keyed_bulkheads.len(), 1);
+    let entry = &snap.keyed_bulkheads[0];
+    assert_eq!(entry.name, "sr-keyed-bulkhead");
+    assert_eq!(entry.kind, "keyed");
+    assert_eq!(entry.keys, 2);
+    assert_eq!(entry.max_keys, 10);
+    assert_eq!(entry.in_flight, 3);
+    assert_eq!(entry.max_concurrent_per_key, 2);
+    assert!(
+        !Registry::global()
+            .snapshot()
+            .await
+            .keyed_bulkheads
+            .iter()
+            .any(|b| b.name == "sr-keyed-bulkhead")
+    );
+
+    let admin = Admin::new(registry.clone()).router();
+    let json = status_json(&admin).await;
+    let e = json_entry(&json, "keyed_bulkheads", "sr-keyed-bulkhead").unwrap();
+    assert_eq!(e["keys"], 2);
+    assert_eq!(e["in_flight"], 3);
+
+    drop(calls);
+    assert_eq!(registry.snapshot().await.keyed_bulkheads[0].in_flight, 0);
+    drop(layer);
+    assert_eq!(
+        registry.snapshot().await.keyed_bulkheads.len(),
+        1,
+        "the service holds it"
+    );
+    drop(svc);
+    assert!(registry.snapshot().await.keyed_bulkheads.is_empty());
+    let json = status_json(&admin).await;
+    assert!(json_entry(&json, "keyed_bulkheads", "sr-keyed-bulkhead").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_named_keyed_rate_limit_registers_globally_with_its_key_count() {
+    let admin: axum::Router = Admin::global().router();
+    let layer = KeyedRateLimitLayer::per_second(5, |host: &String| host.clone())
+        .name("sr-keyed-limit")
+        .burst(2);
+    let listed = |s: &Snapshot| {
+        s.keyed_rate_limits
+            .iter()
+            .any(|l| l.name == "sr-keyed-limit")
+    };
+    assert!(
+        !listed(&Registry::global().snapshot().await),
+        "not in use yet"
+    );
+    let mut svc = layer.layer(by_host());
+    for host in ["a", "b", "c", "a"] {
+        svc.ready().await.unwrap().call(host.into()).await.unwrap();
+    }
+    let snap = Registry::global().snapshot().await;
+    let entry = snap
+        .keyed_rate_limits
+        .iter()
+        .find(|l| l.name == "sr-keyed-limit")
+        .expect("registered at its first service");
+    assert_eq!(entry.kind, "keyed");
+    assert_eq!(entry.keys, 3);
+    assert_eq!(entry.burst, 2);
+    assert_eq!(entry.replenish_interval_ms, 200.0);
+    assert!(!limiters(&snap).contains(&"sr-keyed-limit"));
+
+    let json = status_json(&admin).await;
+    let e = json_entry(&json, "keyed_rate_limits", "sr-keyed-limit").unwrap();
+    assert_eq!(e["keys"], 3);
+    assert_eq!(e["burst"], 2);
+
+    drop((layer, svc));
+    assert!(!listed(&Registry::global().snapshot().await));
+    let json = status_json(&admin).await;
+    assert!(json_entry(&json, "keyed_rate_limits", "sr-keyed-limit").is_none());
 }
