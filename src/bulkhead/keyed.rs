@@ -311,7 +311,7 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
     /// let registry = Registry::new();
-    /// let layer = KeyedBulkheadLayer::new(4, |tenant: &String| tenant.clone())
+    /// let layer: KeyedBulkheadLayer<String, _> = KeyedBulkheadLayer::new(4, |tenant: &String| tenant.clone())
     ///     .name("tenants")
     ///     .registry(&registry);
     /// let svc = layer.layer(service_fn(|t: String| async move { Ok::<_, BoxError>(t) }));

@@ -269,7 +269,7 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
     /// let registry = Registry::new();
-    /// let layer = KeyedRateLimitLayer::per_second(10, |tenant: &String| tenant.clone())
+    /// let layer: KeyedRateLimitLayer<String, _> = KeyedRateLimitLayer::per_second(10, |tenant: &String| tenant.clone())
     ///     .name("tenants")
     ///     .registry(&registry);
     /// let svc = layer.layer(service_fn(|t: String| async move { Ok::<_, BoxError>(t) }));
