@@ -1,7 +1,9 @@
 //! The status page in a real browser: headless Chromium, driven over the
 //! Chrome DevTools protocol. It loads `/firebreak/`, sees a breaker turn
 //! Open after faults are injected, clicks its reset button and sees it
-//! Closed again. Screenshots go to `target/tmp/`.
+//! Closed again. It also sees a rate limiter and a keyed breaker (keys
+//! counted by state) drawn, and resets the keyed breaker's keys with its
+//! button. Screenshots go to `target/tmp/`.
 //!
 //! Needs Debian's `chromium` on the PATH (`apt-get install -y
 //! --no-install-recommends chromium`). Without it the test fails; it never
@@ -18,13 +20,14 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tower::{Layer, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
 use tower_firebreak::admin::Admin;
-use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 use tower_firebreak::queue::Job;
 use tower_firebreak::queue::Queue;
 use tower_firebreak::queue::memory::MemoryQueue;
+use tower_firebreak::rate_limit::RateLimitLayer;
 use tower_firebreak::registry::Registry;
 
 const CHROMIUM: &str = "chromium";
@@ -205,6 +208,30 @@ async fn the_page_shows_a_breaker_open_and_its_reset_button_closes_it() {
             .unwrap();
     }
     registry.add_queue("orders", queue);
+    let limiter = RateLimitLayer::per_second(50)
+        .burst(10)
+        .name("search")
+        .registry(&registry);
+    let _limited = limiter.layer(service_fn(|x: u32| async move { Ok::<_, BoxError>(x) }));
+    let keyed = CircuitBreakerConfig {
+        name: Some("hosts".into()),
+        ..CircuitBreakerConfig::default()
+    }
+    .into_keyed_layer(|host: &String| host.clone())
+    .unwrap()
+    .registry(&registry);
+    let keyed_handle = keyed.handle();
+    let mut by_host = keyed.layer(service_fn(|h: String| async move { Ok::<_, BoxError>(h) }));
+    for host in ["a", "b"] {
+        by_host
+            .ready()
+            .await
+            .unwrap()
+            .call(host.into())
+            .await
+            .unwrap();
+    }
+    keyed_handle.get(&"b".to_owned()).unwrap().force_open();
     let svc = breaker.layer(service_fn(|fail: bool| async move {
         if fail {
             Err::<(), BoxError>("injected fault".into())
@@ -244,6 +271,36 @@ async fn the_page_shows_a_breaker_open_and_its_reset_button_closes_it() {
             .await,
         json!(true),
         "nothing to reset while closed"
+    );
+
+    // A rate limiter and a keyed breaker, each in its own table.
+    cdp.wait_for(
+        "[...document.querySelectorAll('#rate-limit-search td')].map(td => td.textContent).join('|')",
+        json!("search|10|20.0 ms"),
+    )
+    .await;
+    const KEYED: &str = "document.querySelector('#keyed-breaker-hosts td.by-state')";
+    cdp.wait_for(
+        "document.querySelector('#keyed-breaker-hosts td.keys')?.textContent ?? null",
+        json!("2"),
+    )
+    .await;
+    cdp.wait_for(&format!("{KEYED}?.dataset.forced_open ?? null"), json!("1"))
+        .await;
+    assert_eq!(
+        cdp.eval("document.querySelector('#keyed-breaker-hosts td.listed').textContent")
+            .await,
+        json!("—"),
+        "no key strings without label_keys"
+    );
+    cdp.eval("document.getElementById('reset-keyed-hosts').click(); true")
+        .await;
+    cdp.wait_for(&format!("{KEYED}?.dataset.closed ?? null"), json!("2"))
+        .await;
+    assert_eq!(
+        keyed_handle.get(&"b".to_owned()).unwrap().state(),
+        State::Closed,
+        "the click reset every key"
     );
 
     // Faults: four failures in a window of four open the breaker.
