@@ -153,7 +153,9 @@
 //! # Per-key breakers
 //!
 //! [`KeyedCircuitBreakerLayer`] keeps one breaker per key (a host, a route,
-//! a tenant), with a bound on live keys and eviction of idle ones.
+//! a tenant), with a bound on live keys and eviction of idle ones. A named
+//! one registers itself as one entry, its keys counted by state (see
+//! [`KeyedBreakerStatus`](crate::registry::KeyedBreakerStatus)).
 //!
 //! # Differences from Resilience4j and tower-resilience
 //!
