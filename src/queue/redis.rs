@@ -190,6 +190,16 @@ end
 local function held(id, token)
   return redis.call('HGET', k('l'), id) == token
 end
+
+-- Releases the job's idempotency key, if it still points at this job.
+local function release_key(id)
+  local key = redis.call('HGET', k('k'), id)
+  if key then
+    local cur = redis.call('HGET', k('i'), key)
+    if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
+    redis.call('HDEL', k('k'), id)
+  end
+end
 "#;
 
 /// ARGV: prefix, id, job, enqueued_at, deadline or '', key or '',
@@ -256,12 +266,7 @@ end
 -- Release the idempotency keys of jobs delivered longer than `retention` ago.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('p'), '-inf', now, 'LIMIT', 0, 1024)) do
   redis.call('ZREM', k('p'), id)
-  local key = redis.call('HGET', k('k'), id)
-  if key then
-    local cur = redis.call('HGET', k('i'), key)
-    if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
-    redis.call('HDEL', k('k'), id)
-  end
+  release_key(id)
   redis.call('DEL', k('st:' .. id))
 end
 
@@ -275,12 +280,7 @@ if dead_before ~= '' then
       redis.call('XDEL', k('x'), xe)
       redis.call('HDEL', k('xe'), id)
       redis.call('DEL', k('st:' .. id))
-      local key = redis.call('HGET', k('k'), id)
-      if key then
-        local cur = redis.call('HGET', k('i'), key)
-        if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), key) end
-        redis.call('HDEL', k('k'), id)
-      end
+      release_key(id)
     end
   end
 end
