@@ -1,22 +1,34 @@
 use crate::support::{Proxy, fleet, outage, unique};
 use std::time::Duration;
-use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
+use tower_firebreak::queue::amqp::{AmqpQueue, AmqpQueueBuilder, RedisStatusStore};
+use tower_firebreak::queue::{DeliveredResponse, Job, JobId, Queue};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const REDIS: &str = "redis://127.0.0.1:6379";
 
 async fn connect(url: &str, name: &str, op_timeout: Duration) -> AmqpQueue<RedisStatusStore> {
+    connect_with(url, name, |b| b.op_timeout(op_timeout)).await
+}
+
+/// A handle with an `op_timeout` of 5 s and then `settings` applied.
+async fn connect_with(
+    url: &str,
+    name: &str,
+    settings: impl FnOnce(AmqpQueueBuilder) -> AmqpQueueBuilder,
+) -> AmqpQueue<RedisStatusStore> {
     let store = RedisStatusStore::connect_with_timeout(REDIS, name, Duration::from_secs(5))
         .await
         .unwrap_or_else(|e| panic!("Redis at {REDIS} (the status store) is unreachable ({e})"));
-    AmqpQueue::builder()
-        .name(name)
-        .op_timeout(op_timeout)
-        .connect(url, store)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
-        })
+    settings(
+        AmqpQueue::builder()
+            .name(name)
+            .op_timeout(Duration::from_secs(5)),
+    )
+    .connect(url, store)
+    .await
+    .unwrap_or_else(|e| {
+        panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
+    })
 }
 
 /// Deletes a run's queues, exchange and status records: the lease timers
@@ -72,4 +84,167 @@ async fn lost_connection_answers_503_fast_and_delivers_every_202() {
     outage(q, &mut proxy, Duration::from_secs(1), 0).await;
     proxy.cut().await;
     cleanup(&name).await;
+}
+
+// The consumer with prefetch: what a handle holds ahead of its leases, and
+// when it gives that back to the rest of a fleet; and the operator copies
+// of dead letters under `dead_letter_retention`.
+
+async fn enqueue(q: &impl Queue, n: usize) -> Vec<JobId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let job = Job::new(http::Method::POST, format!("/p/{i}").parse().unwrap());
+        ids.push(q.enqueue(job).await.unwrap());
+    }
+    ids
+}
+
+async fn lease_all(q: &impl Queue, max: usize) -> Vec<JobId> {
+    let leased = q.lease(max, Duration::from_secs(60)).await.unwrap();
+    let mut ids = Vec::new();
+    for l in leased {
+        ids.push(*l.lease.id());
+        q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+    }
+    ids
+}
+
+/// A handle that stops leasing holds what RabbitMQ pushed ahead to it
+/// (no other handle sees it), and gives it back after `prefetch_hold`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_copies_go_back_to_the_fleet_after_prefetch_hold() {
+    let name = unique("prefetch");
+    let a = connect_with(AMQP, &name, |b| {
+        b.prefetch(8).prefetch_hold(Duration::from_millis(400))
+    })
+    .await;
+    let b = connect_with(AMQP, &name, |b| b).await;
+    let ids = enqueue(&a, 5).await;
+
+    assert_eq!(lease_all(&a, 1).await, ids[..1]);
+    // The other four were pushed to `a` with the first: they are held, not
+    // leased, so `b` finds none yet...
+    assert_eq!(
+        lease_all(&b, 10).await,
+        [],
+        "copies held by a were leased by b"
+    );
+    // ...until `a` has not leased for its hold time.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut rest = lease_all(&b, 10).await;
+    rest.sort();
+    assert_eq!(rest, ids[1..], "held copies were not given back");
+    drop((a, b));
+    cleanup(&name).await;
+}
+
+/// A batch larger than the prefetch window is still served in one call:
+/// each ack lets RabbitMQ push more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_larger_than_the_prefetch_takes_its_whole_batch() {
+    let name = unique("prefetch");
+    let q = connect_with(AMQP, &name, |b| b.prefetch(2)).await;
+    let ids = enqueue(&q, 10).await;
+    assert_eq!(lease_all(&q, 10).await, ids);
+    drop(q);
+    cleanup(&name).await;
+}
+
+/// Dropping a handle gives back what it held at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handle_gives_back_what_it_held() {
+    let name = unique("prefetch");
+    let a = connect_with(AMQP, &name, |b| b.prefetch_hold(Duration::from_secs(600))).await;
+    let b = connect_with(AMQP, &name, |b| b).await;
+    let ids = enqueue(&a, 4).await;
+    assert_eq!(lease_all(&a, 1).await, ids[..1]);
+    drop(a);
+    let mut rest = Vec::new();
+    for _ in 0..20 {
+        rest.extend(lease_all(&b, 10).await);
+        if rest.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rest.sort();
+    assert_eq!(rest, ids[1..], "a dropped handle kept its copies");
+    drop(b);
+    cleanup(&name).await;
+}
+
+#[tokio::test]
+async fn prefetch_and_hold_must_be_above_zero() {
+    for settings in [
+        AmqpQueue::builder().prefetch(0),
+        AmqpQueue::builder().prefetch_hold(Duration::ZERO),
+    ] {
+        let store = RedisStatusStore::connect(REDIS, "unused").await.unwrap();
+        let err = settings.connect(AMQP, store).await.unwrap_err();
+        assert!(err.to_string().contains("prefetch"), "{err}");
+    }
+}
+
+/// How many messages wait in the operators' dead-letter queue.
+async fn dead_copies(name: &str) -> u32 {
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        format!("fb.{name}.dead").as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// With `dead_letter_retention`, the copy of a dead job published for
+/// operators expires with it; without, it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
+    let kept = unique("deadcopy");
+    let purged = unique("deadcopy");
+    let k = connect_with(AMQP, &kept, |b| b).await;
+    let p = connect_with(AMQP, &purged, |b| {
+        b.dead_letter_retention(Duration::from_millis(300))
+    })
+    .await;
+    for q in [&k, &p] {
+        enqueue(q, 2).await;
+        for l in q.lease(2, Duration::from_secs(60)).await.unwrap() {
+            q.dead_letter(&l.lease, "bad").await.unwrap();
+        }
+    }
+    assert_eq!(dead_copies(&kept).await, 2);
+    assert_eq!(dead_copies(&purged).await, 2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        dead_copies(&kept).await,
+        2,
+        "copies expired without the setting"
+    );
+    assert_eq!(
+        dead_copies(&purged).await,
+        0,
+        "copies kept past dead_letter_retention"
+    );
+    assert_eq!(
+        p.dead_letters(10).await.unwrap().len(),
+        2,
+        "purged before a lease"
+    );
+    let _ = p.lease(1, Duration::from_secs(1)).await.unwrap();
+    assert!(
+        p.dead_letters(10).await.unwrap().is_empty(),
+        "not purged by the lease"
+    );
+    drop((k, p));
+    cleanup(&kept).await;
+    cleanup(&purged).await;
 }

@@ -7,6 +7,10 @@
 //!
 //! Both go through `defer`: requests are deferred by `DeferLayer`s and
 //! delivered by `Replayer`s, each on its own queue handle.
+//!
+//! Each broker's module also tests what only that backend has, beyond the
+//! conformance suite: RabbitMQ's consumer with prefetch and its operator
+//! copies of dead letters, Redis's cleanup of idle group consumers.
 
 #![cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 
