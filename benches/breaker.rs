@@ -126,6 +126,18 @@ fn bench_group(c: &mut Criterion) {
             })
         })
     });
+    g.bench_function("firebreak forced open (rejection, no clock read)", |b| {
+        let layer = ours();
+        layer.handle().force_open();
+        let mut svc = layer.layer(bare());
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                drive(&mut svc, iters).await;
+                start.elapsed()
+            })
+        })
+    });
     g.bench_function("tower-resilience 0.13 closed", |b| {
         let mut svc = rt.block_on(async { theirs(bare()) });
         b.iter_custom(|iters| {

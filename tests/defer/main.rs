@@ -88,7 +88,7 @@ fn failing(
 }
 
 fn open_breaker() -> BoxError {
-    CircuitOpen::new(Duration::from_millis(2500)).into()
+    CircuitOpen::new(Duration::from_millis(2500))
 }
 
 // ---------------------------------------------------------------- DeferLayer

@@ -101,7 +101,7 @@ fn rejection_names_every_kind_and_its_retry_after() {
             Some(Duration::from_millis(7)),
         ),
         (
-            CircuitOpen::new(Duration::from_secs(3)).into(),
+            CircuitOpen::new(Duration::from_secs(3)),
             RejectionKind::CircuitOpen,
             Some(Duration::from_secs(3)),
         ),
