@@ -118,6 +118,13 @@ pub struct ReplayerConfig {
     pub burst: u32,
     /// How many jobs one lease call takes. Default: 16.
     pub batch: usize,
+    /// The most deliveries in flight at once. Default: 1, one at a time,
+    /// the gentlest on a dependency that has just recovered. One at a time
+    /// caps the pace at one delivery per round trip, whatever
+    /// `rate_per_second` says; raise it when the dependency's latency times
+    /// the rate is above 1. With more than one, deliveries finish (and are
+    /// acked) out of order, and a queue can commit their acks together.
+    pub concurrency: usize,
     /// How long a leased job stays invisible to other replayers; it must be
     /// longer than one delivery takes. Default: 30 s.
     #[serde(with = "humantime_serde")]
@@ -154,6 +161,8 @@ impl ReplayerConfig {
     pub const DEFAULT_BURST: u32 = 1;
     /// The default lease batch: 16 jobs.
     pub const DEFAULT_BATCH: usize = 16;
+    /// The default deliveries in flight: 1.
+    pub const DEFAULT_CONCURRENCY: usize = 1;
     /// The default visibility timeout: 30 s.
     pub const DEFAULT_VISIBILITY: Duration = Duration::from_secs(30);
     /// The default poll interval of an empty queue: 100 ms.
@@ -181,6 +190,13 @@ impl ReplayerConfig {
         }
         if self.batch == 0 {
             return Err(ConfigError::new("batch", self.batch, "must be at least 1"));
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError::new(
+                "concurrency",
+                self.concurrency,
+                "must be at least 1",
+            ));
         }
         if self.visibility.is_zero() {
             return Err(ConfigError::new(
@@ -229,6 +245,7 @@ impl Default for ReplayerConfig {
             rate_per_second: Self::DEFAULT_RATE_PER_SECOND,
             burst: Self::DEFAULT_BURST,
             batch: Self::DEFAULT_BATCH,
+            concurrency: Self::DEFAULT_CONCURRENCY,
             visibility: Self::DEFAULT_VISIBILITY,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             base_backoff: Self::DEFAULT_BASE_BACKOFF,

@@ -10,6 +10,7 @@ use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::num::NonZeroU32;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument as _;
@@ -51,7 +52,9 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 ///   sends nothing until that rejection's `retry_after` has passed, then
 ///   probes with one job at a time until one succeeds.
 ///
-/// Sends are sequential: one delivery at a time.
+/// Deliveries run one at a time by default; [`concurrency`](Self::concurrency)
+/// lets more run at once (each still waits for its permit). A batch ends when
+/// all of its deliveries have: the next lease then knows whether to probe.
 ///
 /// Start it with [`spawn`](Self::spawn) and keep the [`ReplayerHandle`]:
 /// dropping the handle stops the replayer (its leases are given back), and
@@ -137,6 +140,13 @@ impl<Q, S> Replayer<Q, S> {
         self
     }
 
+    /// The most deliveries in flight at once. Default: 1. See
+    /// [`ReplayerConfig::concurrency`].
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
     /// How long a leased job is hidden from other replayers. It must be
     /// longer than a batch takes to deliver at the set pace. Default: 30 s.
     pub fn visibility(mut self, visibility: Duration) -> Self {
@@ -202,7 +212,7 @@ impl<Q, S, B2> Replayer<Q, S>
 where
     Q: Queue,
     S: Service<http::Request<Full<Bytes>>, Response = http::Response<B2>> + Send + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B2: http_body::Body + Send + 'static,
     B2::Data: Send,
@@ -255,13 +265,15 @@ where
             obs,
             registry: _,
         } = self;
-        let queue = &*queue;
+        let cfg = Arc::new(cfg);
         let rate = NonZeroU32::new(cfg.rate_per_second).expect("validated");
         let burst = NonZeroU32::new(cfg.burst).expect("validated");
         let limiter = RateLimiter::direct_with_clock(
             Quota::per_second(rate).allow_burst(burst),
             TokioClock::new(),
         );
+        let concurrency = cfg.concurrency.max(1);
+        let mut flight = Flight::default();
         // One job at a time until a send succeeds: after a failure, and
         // after waiting out an open breaker (half-open probes).
         let mut probing = false;
@@ -287,122 +299,274 @@ where
                 }
                 continue;
             }
+            // How long to pause after this batch: set by a failed send or an
+            // open breaker, after which nothing more of the batch is sent.
+            let mut pause: Option<Duration> = None;
+            let mut note = |done: Done, pause: &mut Option<Duration>| match done {
+                Done::Delivered => failures = 0,
+                Done::Open(retry_after) => {
+                    *pause = Some(pause.unwrap_or_default().max(retry_after))
+                }
+                Done::Failed => {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff(&cfg, failures);
+                    *pause = Some(pause.unwrap_or_default().max(delay));
+                }
+            };
             let mut batch = leased.into_iter();
             while let Some(item) = batch.next() {
+                // A free slot first; deliveries that finish meanwhile report.
+                while flight.len() >= concurrency && pause.is_none() {
+                    match race(flight.next(), stopped(&mut stop)).await {
+                        Ok(done) => note(done, &mut pause),
+                        Err(()) => {
+                            give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
+                                .await;
+                            flight.finish(&*queue, cfg.shutdown_grace).await;
+                            return;
+                        }
+                    }
+                }
+                while let Some(done) = flight.try_next() {
+                    note(done, &mut pause);
+                }
+                if pause.is_some() {
+                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    break;
+                }
                 if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
-                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    flight.finish(&*queue, cfg.shutdown_grace).await;
                     return;
                 }
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
                     obs.expired();
-                    settle_dead(queue, &item, "ttl expired").await;
+                    settle_dead(&*queue, &item, "ttl expired").await;
                     continue;
                 }
-                let started = tokio::time::Instant::now();
-                let outcome = {
-                    // Joins the deferred request's trace: the stored
-                    // `traceparent` is a field here and is sent again as a
-                    // header by `replay_request`.
-                    let span = tracing::info_span!(
-                        target: "tower_firebreak",
-                        "firebreak.replay",
-                        job_id = %item.lease.id(),
-                        attempts = item.job.attempts(),
-                        traceparent = tracing::field::Empty,
-                    );
-                    if let Some((_, tp)) = item
-                        .job
-                        .trace_context()
-                        .iter()
-                        .find(|(k, _)| k == "traceparent")
-                    {
-                        span.record("traceparent", tp.as_str());
-                    }
-                    let send = pin!(
-                        deliver(
-                            &mut service,
-                            &*retry_response,
-                            cfg.max_response_body,
-                            &item.job,
-                        )
-                        .instrument(span)
-                    );
-                    with_grace(send, &mut stop, cfg.shutdown_grace).await
-                };
-                if outcome.is_some() {
-                    obs.replayed(started.elapsed());
+                // Joins the deferred request's trace: the stored
+                // `traceparent` is a field here and is sent again as a
+                // header by `replay_request`.
+                let span = tracing::info_span!(
+                    target: "tower_firebreak",
+                    "firebreak.replay",
+                    job_id = %item.lease.id(),
+                    attempts = item.job.attempts(),
+                    traceparent = tracing::field::Empty,
+                );
+                if let Some((_, tp)) = item
+                    .job
+                    .trace_context()
+                    .iter()
+                    .find(|(k, _)| k == "traceparent")
+                {
+                    span.record("traceparent", tp.as_str());
                 }
-                match outcome {
-                    None => {
-                        // Shut down mid-delivery, past the grace: the send is
-                        // dropped and the job goes back for another replayer.
-                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                let started = Instant::now();
+                let ready = race(
+                    async { service.ready().await.map_err(Into::<BoxError>::into) }
+                        .instrument(span.clone()),
+                    stopped(&mut stop),
+                )
+                .await;
+                let call = match ready {
+                    Ok(Ok(svc)) => Ok(span.in_scope(|| svc.call(replay_request(&item.job)))),
+                    Ok(Err(e)) => Err(e),
+                    Err(()) => {
+                        // Shut down while the service was not ready: nothing
+                        // was sent, and the job goes back for another replayer.
+                        give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
+                            .await;
+                        flight.finish(&*queue, cfg.shutdown_grace).await;
                         return;
                     }
-                    Some(Sent::Delivered(response)) => {
-                        probing = false;
-                        failures = 0;
-                        obs.delivered();
-                        settle_ack(queue, &item, response).await;
-                    }
-                    Some(Sent::Open(retry_after)) => {
-                        tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
-                        obs.paused();
-                        give_back(queue, std::iter::once(item), retry_after).await;
-                        give_back(queue, batch, Duration::ZERO).await;
-                        probing = true;
-                        if sleep_or_stop(retry_after, &mut stop).await {
-                            return;
-                        }
-                        break;
-                    }
-                    Some(Sent::Failed(why)) => {
-                        failures = failures.saturating_add(1);
-                        obs.failed();
-                        let delay = backoff(&cfg, item.job.attempts());
-                        tracing::debug!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), attempts = item.job.attempts(), error = %why, "replay failed");
-                        give_back(queue, std::iter::once(item), delay).await;
-                        give_back(queue, batch, Duration::ZERO).await;
-                        probing = true;
-                        if sleep_or_stop(backoff(&cfg, failures), &mut stop).await {
-                            return;
-                        }
-                        break;
+                };
+                let item = Arc::new(item);
+                let send = settle(
+                    queue.clone(),
+                    item.clone(),
+                    call,
+                    retry_response.clone(),
+                    cfg.clone(),
+                    obs.clone(),
+                    started,
+                )
+                .instrument(span);
+                flight.spawn(item, send);
+            }
+            // The batch ends when all of it has been delivered: the next
+            // lease then knows whether to probe.
+            while !flight.is_empty() {
+                match race(flight.next(), stopped(&mut stop)).await {
+                    Ok(done) => note(done, &mut pause),
+                    Err(()) => {
+                        flight.finish(&*queue, cfg.shutdown_grace).await;
+                        return;
                     }
                 }
+            }
+            probing = pause.is_some();
+            if let Some(pause) = pause
+                && sleep_or_stop(pause, &mut stop).await
+            {
+                return;
             }
         }
     }
 }
 
-async fn deliver<S, B2>(
-    service: &mut S,
-    retry_response: &(dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync),
-    max_body: usize,
-    job: &Job,
-) -> Sent
+/// How one delivery ended, for the replay loop's pacing; the delivery has
+/// already settled its job with the queue.
+enum Done {
+    Delivered,
+    Open(Duration),
+    Failed,
+}
+
+/// Sends one job (its call already made) and settles it with the queue:
+/// ack with the response, or give it back to be retried later.
+async fn settle<Q, F, R, B2>(
+    queue: Arc<Q>,
+    item: Arc<Leased>,
+    call: Result<F, BoxError>,
+    retry_response: RetryResponse,
+    cfg: Arc<ReplayerConfig>,
+    obs: Arc<crate::observe::QueueMetrics>,
+    started: Instant,
+) -> Done
 where
-    S: Service<http::Request<Full<Bytes>>, Response = http::Response<B2>>,
-    S::Error: Into<BoxError>,
+    Q: Queue,
+    F: Future<Output = Result<http::Response<B2>, R>>,
+    R: Into<BoxError>,
     B2: http_body::Body,
     B2::Error: Into<BoxError>,
 {
-    let req = replay_request(job);
-    let ready: Result<&mut S, BoxError> = service.ready().await.map_err(Into::into);
-    let res: Result<_, BoxError> = match ready {
-        Ok(svc) => svc.call(req).await.map_err(Into::into),
-        Err(e) => Err(e),
+    let sent = match call {
+        Ok(call) => deliver(call, &*retry_response, cfg.max_response_body).await,
+        Err(e) => sent_error(e),
     };
-    let res = match res {
-        Ok(res) => res,
-        Err(e) => {
-            return match Rejection::of(&*e) {
-                Some(r) if r.kind() == RejectionKind::CircuitOpen => {
-                    Sent::Open(r.retry_after().unwrap_or(Duration::from_secs(1)))
-                }
-                _ => Sent::Failed(e),
-            };
+    obs.replayed(started.elapsed());
+    match sent {
+        Sent::Delivered(response) => {
+            obs.delivered();
+            settle_ack(&*queue, &item, response).await;
+            Done::Delivered
         }
+        Sent::Open(retry_after) => {
+            tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
+            obs.paused();
+            nack(&*queue, &item, retry_after).await;
+            Done::Open(retry_after)
+        }
+        Sent::Failed(why) => {
+            obs.failed();
+            let delay = backoff(&cfg, item.job.attempts());
+            tracing::debug!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), attempts = item.job.attempts(), error = %why, "replay failed");
+            nack(&*queue, &item, delay).await;
+            Done::Failed
+        }
+    }
+}
+
+/// The deliveries in flight, each a task of its own so that it makes
+/// progress (and its ack commits, together with the others') while the
+/// loop waits for the pace or for a slot.
+#[derive(Default)]
+struct Flight {
+    tasks: JoinSet<Done>,
+    items: HashMap<tokio::task::Id, Arc<Leased>>,
+}
+
+impl Flight {
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn spawn<F>(&mut self, item: Arc<Leased>, send: F)
+    where
+        F: Future<Output = Done> + Send + 'static,
+    {
+        let id = self.tasks.spawn(send).id();
+        self.items.insert(id, item);
+    }
+
+    /// The next delivery to finish. Never resolves while none is in flight.
+    async fn next(&mut self) -> Done {
+        match self.tasks.join_next_with_id().await {
+            Some(done) => self.reap(done),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A delivery that has already finished, if any.
+    fn try_next(&mut self) -> Option<Done> {
+        self.tasks
+            .try_join_next_with_id()
+            .map(|done| self.reap(done))
+    }
+
+    fn reap(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> Done {
+        match done {
+            Ok((id, done)) => {
+                self.items.remove(&id);
+                done
+            }
+            Err(e) => {
+                self.items.remove(&e.id());
+                // A panic in the service: the replayer stops with it, as it
+                // did when it sent inline. That job's lease runs out.
+                match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => Done::Failed,
+                }
+            }
+        }
+    }
+
+    /// On shutdown: lets the deliveries in flight finish within `grace`,
+    /// then stops the rest and gives their jobs back.
+    async fn finish<Q: Queue>(&mut self, queue: &Q, grace: Duration) {
+        let _ = tokio::time::timeout(grace, async {
+            while !self.tasks.is_empty() {
+                self.next().await;
+            }
+        })
+        .await;
+        self.tasks.abort_all();
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            let id = match &done {
+                Ok((id, _)) => *id,
+                Err(e) => e.id(),
+            };
+            if let Some(item) = self.items.remove(&id)
+                && done.is_err()
+            {
+                // Stopped mid-delivery, past the grace: the send is dropped
+                // and the job goes back for another replayer.
+                nack(queue, &item, Duration::ZERO).await;
+            }
+        }
+    }
+}
+
+async fn deliver<F, R, B2>(
+    call: F,
+    retry_response: &(dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync),
+    max_body: usize,
+) -> Sent
+where
+    F: Future<Output = Result<http::Response<B2>, R>>,
+    R: Into<BoxError>,
+    B2: http_body::Body,
+    B2::Error: Into<BoxError>,
+{
+    let res = match call.await {
+        Ok(res) => res,
+        Err(e) => return sent_error(e.into()),
     };
     let (parts, body) = res.into_parts();
     if retry_response(parts.status, &parts.headers) {
@@ -471,10 +635,25 @@ async fn settle_dead<Q: Queue>(queue: &Q, item: &Leased, reason: &str) {
 
 async fn give_back<Q: Queue>(queue: &Q, items: impl IntoIterator<Item = Leased>, delay: Duration) {
     for item in items {
-        if let Err(e) = queue.nack(&item.lease, delay).await {
-            // Not fatal: the lease expires and the job is queued again.
-            tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "nack failed");
+        nack(queue, &item, delay).await;
+    }
+}
+
+async fn nack<Q: Queue>(queue: &Q, item: &Leased, delay: Duration) {
+    if let Err(e) = queue.nack(&item.lease, delay).await {
+        // Not fatal: the lease expires and the job is queued again.
+        tracing::warn!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), error = %e, "nack failed");
+    }
+}
+
+/// A send that failed before any response: an open breaker pauses replay,
+/// anything else is a failed delivery.
+fn sent_error(e: BoxError) -> Sent {
+    match Rejection::of(&*e) {
+        Some(r) if r.kind() == RejectionKind::CircuitOpen => {
+            Sent::Open(r.retry_after().unwrap_or(Duration::from_secs(1)))
         }
+        _ => Sent::Failed(e),
     }
 }
 
@@ -577,20 +756,6 @@ where
     }
 }
 
-/// Drives `send`; once a stop is asked for, gives it `grace` more.
-async fn with_grace<F: Future + Unpin>(
-    mut send: F,
-    stop: &mut watch::Receiver<bool>,
-    grace: Duration,
-) -> Option<F::Output> {
-    match race(&mut send, stopped(stop)).await {
-        Ok(out) => Some(out),
-        Err(()) => tokio::time::timeout_at(Instant::now() + grace, send)
-            .await
-            .ok(),
-    }
-}
-
 /// Keep it alive while the replayer should run: dropping it stops the
 /// replayer, which gives back the leases it holds.
 #[derive(Debug)]
@@ -600,8 +765,8 @@ pub struct ReplayerHandle {
 }
 
 impl ReplayerHandle {
-    /// Stops the replayer and waits for it: the delivery in flight may
-    /// finish within the shutdown grace (then it is acked or nacked), and
+    /// Stops the replayer and waits for it: the deliveries in flight may
+    /// finish within the shutdown grace (then they are acked or nacked), and
     /// every other lease it holds is given back to the queue.
     ///
     /// # Panics

@@ -483,6 +483,12 @@ fn config_defaults_and_validation() {
     .validate()
     .unwrap_err();
     assert_eq!(err.other_field(), Some("max_backoff"));
+    assert_eq!(r.concurrency, 1);
+    let err = serde_json::from_str::<ReplayerConfig>(r#"{ "concurrency": 0 }"#)
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "concurrency");
 }
 
 // ------------------------------------------------------------------ Replayer
@@ -665,6 +671,211 @@ async fn a_slow_pace_leases_no_more_than_it_can_send_within_the_visibility() {
     }
     assert!(in_flight <= 2, "{in_flight} leased at once");
     handle.shutdown().await;
+}
+
+/// A downstream that takes `latency` per call and records how many calls it
+/// had in flight at most, and which idempotency keys it saw.
+#[derive(Clone, Default)]
+struct Gauge {
+    now: Arc<AtomicUsize>,
+    max: Arc<AtomicUsize>,
+    keys: Arc<Mutex<Vec<String>>>,
+    /// Each call as it began: its key, the calls then in flight (itself
+    /// included), and when.
+    starts: Arc<Mutex<Vec<(String, usize, tokio::time::Instant)>>>,
+}
+
+impl Gauge {
+    fn service(
+        &self,
+        latency: Duration,
+        fail_first: Option<&'static str>,
+    ) -> impl Service<Req, Response = Res, Error = BoxError, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static {
+        let g = self.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        service_fn(move |req: Req| {
+            let g = g.clone();
+            let failed = failed.clone();
+            async move {
+                let key = req.headers()["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                g.max.fetch_max(n, Ordering::SeqCst);
+                g.starts
+                    .lock()
+                    .unwrap()
+                    .push((key.clone(), n, tokio::time::Instant::now()));
+                tokio::time::sleep(latency).await;
+                g.now.fetch_sub(1, Ordering::SeqCst);
+                let fail = Some(key.as_str()) == fail_first && !failed.swap(true, Ordering::SeqCst);
+                g.keys.lock().unwrap().push(key);
+                Ok::<_, BoxError>(if fail {
+                    reply(503, "not yet")
+                } else {
+                    reply(200, "ok")
+                })
+            }
+        })
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let mut k = self.keys.lock().unwrap().clone();
+        k.sort();
+        k
+    }
+}
+
+async fn all_delivered(queue: &MemoryQueue, ids: &[JobId]) -> bool {
+    for id in ids {
+        if !matches!(
+            queue.status(id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        ) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn enqueue_n(queue: &MemoryQueue, prefix: &str, n: usize) -> (Vec<JobId>, Vec<String>) {
+    let mut ids = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let key = format!("{prefix}{i:02}");
+        ids.push(queue.enqueue(job(&key, "x")).await.unwrap());
+        keys.push(key);
+    }
+    keys.sort();
+    (ids, keys)
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_sends_that_many_at_once_and_each_job_once() {
+    let queue = MemoryQueue::new();
+    let (ids, keys) = enqueue_n(&queue, "c", 20).await;
+    let gauge = Gauge::default();
+    let began = tokio::time::Instant::now();
+    let handle = Replayer::new(queue.clone(), gauge.service(Duration::from_secs(1), None))
+        .rate_per_second(1000)
+        .burst(100)
+        .concurrency(4)
+        .spawn();
+    wait_until(Duration::from_secs(60), || all_delivered(&queue, &ids)).await;
+    let took = began.elapsed();
+    handle.shutdown().await;
+    assert_eq!(gauge.max(), 4, "in flight at most, and at some point");
+    assert_eq!(gauge.keys(), keys, "every job sent exactly once");
+    // 20 one-second calls, four at a time: 5 s of sends, plus a lease
+    // boundary (the batch of 16 ends when its last delivery does). One at a
+    // time would take 20 s.
+    assert!(took >= Duration::from_secs(5), "{took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_the_replayer_sends_one_at_a_time() {
+    let queue = MemoryQueue::new();
+    let (ids, keys) = enqueue_n(&queue, "d", 6).await;
+    let gauge = Gauge::default();
+    let handle = Replayer::new(queue.clone(), gauge.service(Duration::from_secs(1), None))
+        .rate_per_second(1000)
+        .burst(100)
+        .spawn();
+    wait_until(Duration::from_secs(60), || all_delivered(&queue, &ids)).await;
+    handle.shutdown().await;
+    assert_eq!(gauge.max(), 1);
+    assert_eq!(gauge.keys(), keys);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_among_concurrent_sends_pauses_then_probes_alone() {
+    let queue = MemoryQueue::new();
+    let (ids, _) = enqueue_n(&queue, "f", 8).await;
+    let gauge = Gauge::default();
+    let began = tokio::time::Instant::now();
+    let handle = Replayer::new(
+        queue.clone(),
+        gauge.service(Duration::from_millis(100), Some("f01")),
+    )
+    .rate_per_second(1000)
+    .burst(100)
+    .concurrency(4)
+    .backoff(Duration::from_secs(5), Duration::from_secs(60))
+    .spawn();
+    // The first four go out together; f01 fails. The sends already in flight
+    // finish, the rest of the batch goes back, and nothing is sent for the
+    // 5 s backoff.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(gauge.keys().len(), 4, "{:?}", gauge.keys());
+    assert_eq!(gauge.now.load(Ordering::SeqCst), 0);
+    // After the pause one job is sent alone; once it succeeds the replayer
+    // goes back to four at a time.
+    wait_until(Duration::from_secs(60), || all_delivered(&queue, &ids)).await;
+    handle.shutdown().await;
+    let keys = gauge.keys();
+    assert_eq!(keys.len(), 9, "eight jobs, f01 twice: {keys:?}");
+    assert_eq!(keys.iter().filter(|k| *k == "f01").count(), 2);
+    assert_eq!(gauge.max(), 4);
+    let starts = gauge.starts.lock().unwrap().clone();
+    let (probe, alone, at) = &starts[4];
+    assert_eq!(
+        *alone, 1,
+        "the first send after the pause is alone: {starts:?}"
+    );
+    assert!(
+        *at - began >= Duration::from_secs(5),
+        "{probe} sent at {:?}",
+        *at - began
+    );
+    assert!(
+        starts[5].2 >= *at + Duration::from_millis(100),
+        "nothing more until the probe succeeded: {starts:?}"
+    );
+    match queue.status(&ids[1]).await.unwrap() {
+        Some(JobStatus::Delivered { attempts, .. }) => assert_eq!(attempts, 2),
+        other => panic!("f01: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_back_every_delivery_in_flight() {
+    let queue = MemoryQueue::new();
+    let (ids, _) = enqueue_n(&queue, "s", 5).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let started2 = started.clone();
+    let hanging = service_fn(move |_: Req| {
+        started2.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Res, BoxError>>()
+    });
+    let handle = Replayer::new(queue.clone(), hanging)
+        .rate_per_second(1000)
+        .burst(100)
+        .concurrency(3)
+        .shutdown_grace(Duration::from_secs(1))
+        .spawn();
+    wait_until(Duration::from_secs(5), || async {
+        started.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        3,
+        "no more than three at once"
+    );
+    handle.shutdown().await;
+    for id in &ids {
+        assert_eq!(queue.status(id).await.unwrap(), Some(JobStatus::Queued));
+    }
 }
 
 /// Replay gating: while the breaker rejects, the replayer sends nothing to
