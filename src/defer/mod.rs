@@ -154,9 +154,11 @@
 //! ```
 //!
 //! `tests/defer/grpc.rs` runs this through `tonic::client::Grpc` with the
-//! `tonic` feature. The replayer classifies a replayed gRPC call by its HTTP
-//! status and headers only, so a `grpc-status` sent in trailers is not seen
-//! and such a call is stored as delivered, without its trailers.
+//! `tonic` feature. The replayer reads a replayed gRPC call's status from its
+//! headers or its trailers: a failing code (UNAVAILABLE and the other
+//! defaults of [`GrpcClassifier`](crate::classify::GrpcClassifier)) is
+//! retried like a 5xx, and any other is stored, trailers included, as the
+//! delivered response.
 //!
 //! # Delivery
 //!

@@ -35,9 +35,10 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 ///   ([`rate_per_second`](Self::rate_per_second), [`burst`](Self::burst))
 ///   before each send, so a recovering dependency gets at most that rate.
 /// - **Send.** [`Job::to_request`] as an `http::Request<Full<Bytes>>`.
-/// - **Ack** a response that is not a failure (by default anything but 5xx
-///   and 429; see [`retry_response`](Self::retry_response)), storing its
-///   status, headers and body (up to
+/// - **Ack** a response that is not a failure (by default anything but 5xx,
+///   429 and a failing `grpc-status`; see
+///   [`retry_response`](Self::retry_response)), storing its status, headers
+///   (with its trailers, where gRPC puts its status) and body (up to
 ///   [`max_response_body`](Self::max_response_body)); the job then reads
 ///   `Delivered`.
 /// - **Nack** a failure (an error or a failed response) with exponential
@@ -73,9 +74,21 @@ pub struct Replayer<Q, S> {
     registry: Option<crate::registry::Registry>,
 }
 
-/// The default replay failure classifier: every 5xx, and 429.
-pub(crate) fn retryable_status(status: StatusCode, _: &HeaderMap) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+/// The default replay failure classifier: every 5xx, and 429; and for a
+/// gRPC response, a `grpc-status` (in the headers, or in the trailers once
+/// they are read) that [`GrpcClassifier`](crate::classify::GrpcClassifier)
+/// counts as a failure by default (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
+/// RESOURCE_EXHAUSTED, UNKNOWN).
+pub(crate) fn retryable_status(status: StatusCode, headers: &HeaderMap) -> bool {
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || headers.get("grpc-status").is_some_and(|code| {
+            static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
+                std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", code.clone());
+            GRPC.classify_trailers(Some(&trailers)) == crate::classify::Outcome::Failure
+        })
 }
 
 impl<Q: Queue, S> Replayer<Q, S> {
@@ -177,7 +190,12 @@ impl<Q, S> Replayer<Q, S> {
     }
 
     /// Which responses are failures, to be retried later; the others are
-    /// acked and stored. Default: every 5xx, and 429.
+    /// acked and stored. Default: every 5xx, 429, and a `grpc-status` of
+    /// UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED or UNKNOWN.
+    ///
+    /// It is asked with the response's headers; when the response has
+    /// trailers, it is asked again once the body is read, with the trailers
+    /// added to the headers (a gRPC status normally comes there).
     pub fn retry_response<F>(mut self, predicate: F) -> Self
     where
         F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
@@ -570,21 +588,41 @@ where
     };
     let (parts, body) = res.into_parts();
     if retry_response(parts.status, &parts.headers) {
-        return Sent::Failed(format!("status {}", parts.status.as_u16()).into());
+        return Sent::Failed(failed_response(parts.status, &parts.headers));
     }
     let mut headers = parts.headers;
-    match read_capped(body, max_body).await {
-        Ok((body, truncated)) => {
-            if truncated {
-                headers.insert(TRUNCATED_HEADER, http::HeaderValue::from_static("true"));
-            }
-            Sent::Delivered(DeliveredResponse {
-                status: parts.status.as_u16(),
-                headers,
-                body,
-            })
+    let (body, truncated, trailers) = match read_capped(body, max_body).await {
+        Ok(read) => read,
+        Err(e) => return Sent::Failed(e),
+    };
+    // gRPC sends its status in the trailers: they join the stored headers,
+    // and the predicate looks again with them in.
+    if let Some(trailers) = trailers.filter(|t| !t.is_empty()) {
+        let mut last = None;
+        for (name, value) in trailers {
+            let name = name.or(last).expect("the first entry carries its name");
+            headers.append(name.clone(), value);
+            last = Some(name);
         }
-        Err(e) => Sent::Failed(e),
+        if retry_response(parts.status, &headers) {
+            return Sent::Failed(failed_response(parts.status, &headers));
+        }
+    }
+    if truncated {
+        headers.insert(TRUNCATED_HEADER, http::HeaderValue::from_static("true"));
+    }
+    Sent::Delivered(DeliveredResponse {
+        status: parts.status.as_u16(),
+        headers,
+        body,
+    })
+}
+
+/// Why a response counts as a failed delivery, for the log.
+fn failed_response(status: StatusCode, headers: &HeaderMap) -> BoxError {
+    match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some(code) => format!("status {}, grpc-status {code}", status.as_u16()).into(),
+        None => format!("status {}", status.as_u16()).into(),
     }
 }
 
@@ -592,32 +630,46 @@ where
 /// [`ReplayerConfig::max_response_body`].
 pub(crate) const TRUNCATED_HEADER: &str = "firebreak-body-truncated";
 
-/// Reads at most `max` bytes of `body`; `true` when there was more. The
-/// request was delivered either way: only what is stored is cut.
-async fn read_capped<B>(body: B, max: usize) -> Result<(Bytes, bool), BoxError>
+/// Reads `body` to its end, keeping at most `max` bytes of its data
+/// (`true` when there was more: the request was delivered either way, only
+/// what is stored is cut) and its trailers.
+async fn read_capped<B>(body: B, max: usize) -> Result<(Bytes, bool, Option<HeaderMap>), BoxError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
     let mut out = bytes::BytesMut::new();
+    let mut truncated = false;
+    let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
-        let Ok(mut data) = frame.map_err(Into::into)?.into_data() else {
-            continue;
+        let frame = match frame.map_err(Into::into)?.into_data() {
+            Ok(data) => {
+                let mut data = data;
+                let room = max - out.len();
+                if data.remaining() > room {
+                    truncated = true;
+                }
+                let mut keep = data.remaining().min(room);
+                while keep > 0 {
+                    let chunk = data.chunk();
+                    let n = chunk.len().min(keep);
+                    out.extend_from_slice(&chunk[..n]);
+                    data.advance(n);
+                    keep -= n;
+                }
+                continue;
+            }
+            Err(frame) => frame,
         };
-        let room = max - out.len();
-        if data.remaining() > room {
-            out.extend_from_slice(&data.copy_to_bytes(room));
-            return Ok((out.freeze(), true));
-        }
-        while data.has_remaining() {
-            let chunk = data.chunk();
-            let n = chunk.len();
-            out.extend_from_slice(chunk);
-            data.advance(n);
+        if let Ok(t) = frame.into_trailers() {
+            match &mut trailers {
+                Some(all) => all.extend(t),
+                None => trailers = Some(t),
+            }
         }
     }
-    Ok((out.freeze(), false))
+    Ok((out.freeze(), truncated, trailers))
 }
 
 async fn settle_ack<Q: Queue>(queue: &Q, item: &Leased, response: DeliveredResponse) {

@@ -673,6 +673,99 @@ async fn a_slow_pace_leases_no_more_than_it_can_send_within_the_visibility() {
     handle.shutdown().await;
 }
 
+/// A gRPC answer the way servers send it: HTTP 200, one message, and the
+/// status in the trailers.
+type Frames = futures_util::stream::Iter<
+    std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+>;
+
+fn grpc_reply(code: &'static str) -> http::Response<http_body_util::StreamBody<Frames>> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", code.parse().unwrap());
+    trailers.insert("grpc-message", "from the trailers".parse().unwrap());
+    let frames = vec![
+        Ok(http_body::Frame::data(Bytes::from_static(
+            b"\0\0\0\0\x02\x08\x07",
+        ))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let mut res = http::Response::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )));
+    res.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    res
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_failure_in_the_trailers_is_retried_and_the_success_stored_with_them() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("g1", "x")).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    // UNAVAILABLE (14) the first time, then OK.
+    let downstream = service_fn(move |_: Req| {
+        let n = calls2.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(grpc_reply(if n == 0 { "14" } else { "0" })) }
+    });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .backoff(Duration::from_secs(1), Duration::from_secs(10))
+        .spawn();
+    wait_until(Duration::from_secs(30), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "UNAVAILABLE was retried");
+    match queue.status(&id).await.unwrap() {
+        Some(JobStatus::Delivered {
+            status,
+            headers,
+            body,
+            attempts,
+            ..
+        }) => {
+            assert_eq!(status, 200);
+            assert_eq!(attempts, 2);
+            assert_eq!(headers["grpc-status"], "0");
+            assert_eq!(headers["grpc-message"], "from the trailers");
+            assert_eq!(headers["content-type"], "application/grpc");
+            assert_eq!(body, Bytes::from_static(b"\0\0\0\0\x02\x08\x07"));
+        }
+        other => panic!("not delivered: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_caller_error_is_delivered_not_retried() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("g2", "x")).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let calls2 = calls.clone();
+    // NOT_FOUND (5): the caller's fault, an answer to store.
+    let downstream = service_fn(move |_: Req| {
+        calls2.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(grpc_reply("5")) }
+    });
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(30), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let Some(JobStatus::Delivered { headers, .. }) = queue.status(&id).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(headers["grpc-status"], "5");
+}
+
 /// A downstream that takes `latency` per call and records how many calls it
 /// had in flight at most, and which idempotency keys it saw.
 #[derive(Clone, Default)]
