@@ -6,6 +6,14 @@
 //! After the criterion group it prints allocations per call for each case,
 //! counted by a global allocator over 100,000 calls minus a zero-call run.
 //!
+//! Then it prints `paired` ratios: each of our layers against tower's
+//! equivalent, timed in alternating blocks of 20,000 calls (41 rounds, the
+//! order flipped every round), so that a noisy spell on this shared machine
+//! hits both sides of a ratio alike; the median and the middle 80% of the
+//! per-round ratios are shown. Criterion's medians are measured seconds
+//! apart, and one noisy spell can move one of them alone.
+//! `cargo bench --bench overhead -- paired` prints only these.
+//!
 //! # What metrics cost (feature `metrics`; `prometheus` for the last column)
 //!
 //! `cargo bench --bench overhead --features prometheus -- metrics/` adds the
@@ -359,7 +367,203 @@ criterion_group! {
     targets = ours_vs_tower, metrics_no_recorder, metrics_prometheus
 }
 
+/// Our layer and tower's equivalent, timed in alternating blocks: the
+/// per-round ratios of ours to tower's.
+fn paired_ratios<A, B, Req>(
+    rt: &Runtime,
+    ours: impl FnOnce() -> A,
+    tower: impl FnOnce() -> B,
+    mk: fn(u64) -> Req,
+) -> Vec<f64>
+where
+    A: Service<Req>,
+    A::Error: std::fmt::Debug,
+    B: Service<Req>,
+    B::Error: std::fmt::Debug,
+{
+    const ROUNDS: usize = 41;
+    const CALLS: u64 = 20_000;
+    let (mut a, mut b) = rt.block_on(async { (ours(), tower()) });
+    let time = |f: &mut dyn FnMut()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    rt.block_on(drive(&mut a, CALLS, mk));
+    rt.block_on(drive(&mut b, CALLS, mk));
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let mut ta = 0.0;
+        let mut tb = 0.0;
+        let mut run_a = || ta = time(&mut || rt.block_on(drive(&mut a, CALLS, mk)));
+        let mut run_b = || tb = time(&mut || rt.block_on(drive(&mut b, CALLS, mk)));
+        if round % 2 == 0 {
+            run_a();
+            run_b();
+        } else {
+            run_b();
+            run_a();
+        }
+        ratios.push(ta / tb);
+    }
+    ratios.sort_by(f64::total_cmp);
+    ratios
+}
+
+fn paired() {
+    let rt = rt();
+    type HttpReq = http::Request<Full<Bytes>>;
+    fn http_req(_: u64) -> HttpReq {
+        http::Request::new(Full::default())
+    }
+    fn bare_http() -> impl Service<HttpReq, Response = (), Error = BoxError> + Clone {
+        service_fn(|_: HttpReq| std::future::ready(Ok::<_, BoxError>(())))
+    }
+    fn tower_timeout_http() -> impl Service<HttpReq, Error = BoxError> {
+        tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(bare_http())
+    }
+    let rows = [
+        (
+            "firebreak timeout / tower timeout",
+            paired_ratios(
+                &rt,
+                || TimeoutLayer::new(Duration::from_secs(1)).layer(bare()),
+                || tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(bare()),
+                |x| x,
+            ),
+        ),
+        (
+            "firebreak bulkhead / tower load_shed+concurrency_limit",
+            paired_ratios(
+                &rt,
+                || BulkheadLayer::new(1000).layer(bare()),
+                || {
+                    ServiceBuilder::new()
+                        .load_shed()
+                        .concurrency_limit(1000)
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
+            "firebreak rate_limit / tower rate_limit",
+            paired_ratios(
+                &rt,
+                || RateLimitLayer::per_second(NEVER).layer(bare()),
+                || {
+                    ServiceBuilder::new()
+                        .rate_limit(u64::MAX, Duration::from_secs(1))
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
+            // Tower's limiter shared across clones, as ours is: behind a
+            // `Buffer` (tower's documented way to share a limit), which
+            // sends every call through a channel to one worker task.
+            "firebreak rate_limit / tower buffer+rate_limit (shared)",
+            paired_ratios(
+                &rt,
+                || RateLimitLayer::per_second(NEVER).layer(bare()),
+                || {
+                    ServiceBuilder::new()
+                        .buffer(1024)
+                        .rate_limit(u64::MAX, Duration::from_secs(1))
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
+            // What sharing one limiter across clones costs by itself: ours is
+            // shared (axum clones a service per request), tower's is per clone
+            // and touches no atomic. One compare-and-swap on a shared word,
+            // added to tower's limiter, shows the price of that difference.
+            "tower rate_limit + one shared CAS / tower rate_limit",
+            paired_ratios(
+                &rt,
+                || {
+                    use std::sync::atomic::{AtomicU64, Ordering::*};
+                    let shared = std::sync::Arc::new(AtomicU64::new(0));
+                    ServiceBuilder::new()
+                        .rate_limit(u64::MAX, Duration::from_secs(1))
+                        .service(service_fn(move |x: u64| {
+                            let v = shared.load(Acquire);
+                            let _ = black_box(shared.compare_exchange_weak(
+                                v,
+                                v.wrapping_add(1),
+                                AcqRel,
+                                Acquire,
+                            ));
+                            std::future::ready(Ok::<_, BoxError>(x))
+                        }))
+                },
+                || {
+                    ServiceBuilder::new()
+                        .rate_limit(u64::MAX, Duration::from_secs(1))
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
+            "firebreak deadline (http) / tower timeout (http)",
+            paired_ratios(
+                &rt,
+                || DeadlineLayer::new(Duration::from_secs(1)).layer(bare_http()),
+                tower_timeout_http,
+                http_req,
+            ),
+        ),
+        (
+            "CallDeadline extension alone / tower timeout (http)",
+            paired_ratios(
+                &rt,
+                || {
+                    let mut inner = bare_http();
+                    service_fn(move |mut req: HttpReq| {
+                        let at = tokio::time::Instant::now() + Duration::from_secs(1);
+                        req.extensions_mut().insert(CallDeadline::new(at));
+                        inner.call(req)
+                    })
+                },
+                tower_timeout_http,
+                http_req,
+            ),
+        ),
+    ];
+    println!("paired: ours / tower, alternating blocks of 20,000 calls, 41 rounds");
+    println!("| pair | median | middle 80% |");
+    println!("| --- | ---: | ---: |");
+    for (name, r) in rows {
+        let n = r.len();
+        println!(
+            "| {name} | {:.2}x | {:.2}x to {:.2}x |",
+            r[n / 2],
+            r[n / 10],
+            r[n - 1 - n / 10]
+        );
+    }
+}
+
 fn main() {
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    // Criterion's filter, if one was given: `paired` runs unless a filter
+    // leaves it out.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let only_paired = filters.iter().any(|f| f == "paired");
+    if !only_paired {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    // `cargo test --benches` runs this without `--bench`: criterion then
+    // only checks each case once, and so does this.
+    let bench = std::env::args().any(|a| a == "--bench");
+    if bench && (filters.is_empty() || filters.iter().any(|f| "paired".contains(f.as_str()))) {
+        paired();
+    }
 }

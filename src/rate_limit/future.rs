@@ -28,19 +28,26 @@ pin_project! {
             fut: S::Future,
         },
         // Wait mode only: sleep until governor's next permit, re-check, and
-        // give up at `until`.
+        // give up at `until`. Boxed whole: the wait path is the slow path,
+        // and inline it would make every response future (the happy path's)
+        // several times larger to build, move and drop.
         Waiting {
-            // Boxed: the wait path is the slow path, and an inline `Sleep`
-            // would make every response future (the happy path's) larger.
-            sleep: Pin<Box<Sleep>>,
-            svc: Option<S>,
-            req: Option<Req>,
-            check: Check,
-            until: Instant,
+            wait: Pin<Box<Waiting<S, Req>>>,
         },
         Rejected {
             retry_after: Duration,
         },
+    }
+}
+
+pin_project! {
+    struct Waiting<S, Req> {
+        #[pin]
+        sleep: Sleep,
+        svc: Option<S>,
+        req: Option<Req>,
+        check: Check,
+        until: Instant,
     }
 }
 
@@ -67,11 +74,13 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         let now = Instant::now();
         ResponseFuture {
             state: State::Waiting {
-                sleep: Box::pin(tokio::time::sleep_until(now + wait)),
-                svc: Some(svc),
-                req: Some(req),
-                check,
-                until: now + max_wait,
+                wait: Box::pin(Waiting {
+                    sleep: tokio::time::sleep_until(now + wait),
+                    svc: Some(svc),
+                    req: Some(req),
+                    check,
+                    until: now + max_wait,
+                }),
             },
         }
     }
@@ -98,13 +107,10 @@ where
                 StateProj::Rejected { retry_after } => {
                     return Poll::Ready(Err(RateLimited::new(*retry_after).into()));
                 }
-                StateProj::Waiting {
-                    sleep,
-                    svc,
-                    req,
-                    check,
-                    until,
-                } => {
+                StateProj::Waiting { wait } => {
+                    let w = wait.as_mut().project();
+                    let (mut sleep, svc, req, check, until) =
+                        (w.sleep, w.svc, w.req, w.check, w.until);
                     ready!(sleep.as_mut().poll(cx));
                     match check(Wait::Check) {
                         Ok(()) => {

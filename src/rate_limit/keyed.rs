@@ -17,7 +17,7 @@ use std::time::Duration;
 use tower::{Layer, Service};
 
 type KeyedLimiter<K> =
-    governor::RateLimiter<K, DashMapStateStore<K>, TokioClock, NoOpMiddleware<Duration>>;
+    governor::RateLimiter<K, DashMapStateStore<K>, TokioClock, NoOpMiddleware<super::Tick>>;
 
 fn check_key<K: Hash + Eq + Clone>(limiter: &KeyedLimiter<K>, key: &K) -> Result<(), Duration> {
     limiter

@@ -90,15 +90,52 @@ impl TokioClock {
 }
 
 impl Clock for TokioClock {
-    type Instant = Duration;
+    type Instant = Tick;
 
-    fn now(&self) -> Duration {
-        tokio::time::Instant::now().saturating_duration_since(self.start)
+    #[inline]
+    fn now(&self) -> Tick {
+        let d = tokio::time::Instant::now().saturating_duration_since(self.start);
+        // Whole seconds and the rest, without `as_nanos`'s u128 arithmetic;
+        // 584 years fit.
+        Tick(
+            d.as_secs()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(d.subsec_nanos())),
+        )
+    }
+}
+
+/// A reading of [`TokioClock`]: nanoseconds since the limiter was made.
+///
+/// governor's own arithmetic is in nanoseconds (`Nanos`, a `u64`); with this
+/// as the clock's instant each check is one subtraction of integers, where a
+/// `Duration` instant cost a `Duration` subtraction and a conversion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Tick(u64);
+
+impl governor::clock::Reference for Tick {
+    #[inline]
+    fn duration_since(&self, earlier: Self) -> governor::nanos::Nanos {
+        self.0.saturating_sub(earlier.0).into()
+    }
+
+    #[inline]
+    fn saturating_sub(&self, duration: governor::nanos::Nanos) -> Self {
+        Tick(self.0.saturating_sub(duration.into()))
+    }
+}
+
+impl std::ops::Add<governor::nanos::Nanos> for Tick {
+    type Output = Tick;
+
+    #[inline]
+    fn add(self, other: governor::nanos::Nanos) -> Tick {
+        Tick(self.0.saturating_add(other.into()))
     }
 }
 
 type DirectLimiter =
-    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Tick>>;
 
 /// What a waiting call asks of its limiter: a permit check (`Err` carries
 /// the wait until the next one), or, once, how the wait ended, so that a
