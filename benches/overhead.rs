@@ -75,6 +75,33 @@ fn bare() -> Bare {
     service_fn(|x: u64| std::future::ready(Ok::<_, BoxError>(x)))
 }
 
+type HttpReq = http::Request<Full<Bytes>>;
+
+fn http_req(_: u64) -> HttpReq {
+    http::Request::new(Full::default())
+}
+
+fn bare_http() -> impl Service<
+    HttpReq,
+    Response = (),
+    Error = BoxError,
+    Future = impl Future<Output = Result<(), BoxError>>,
+> + Clone {
+    service_fn(|_: HttpReq| std::future::ready(Ok::<_, BoxError>(())))
+}
+
+/// What the deadline's one required step costs by itself: carrying
+/// `CallDeadline` in the request's extensions. `http::Extensions` boxes its
+/// map and each value, so a fresh request pays three allocations here.
+fn bare_http_with_call_deadline() -> impl Service<HttpReq, Response = (), Error = BoxError> {
+    let mut inner = bare_http();
+    service_fn(move |mut req: HttpReq| {
+        let at = tokio::time::Instant::now() + Duration::from_secs(1);
+        req.extensions_mut().insert(CallDeadline::new(at));
+        inner.call(req)
+    })
+}
+
 /// Never limits: the per-second rate is far above what one core can call.
 const NEVER: u32 = u32::MAX;
 
@@ -203,18 +230,6 @@ fn ours_vs_tower(c: &mut Criterion) {
         id,
     );
 
-    type HttpReq = http::Request<Full<Bytes>>;
-    fn http_req(_: u64) -> HttpReq {
-        http::Request::new(Full::default())
-    }
-    fn bare_http() -> impl Service<
-        HttpReq,
-        Response = (),
-        Error = BoxError,
-        Future = impl Future<Output = Result<(), BoxError>>,
-    > + Clone {
-        service_fn(|_: HttpReq| std::future::ready(Ok::<_, BoxError>(())))
-    }
     case(&mut g, a, "bare http", bare_http, http_req);
     case(
         &mut g,
@@ -223,21 +238,11 @@ fn ours_vs_tower(c: &mut Criterion) {
         || DeadlineLayer::new(Duration::from_secs(1)).layer(bare_http()),
         http_req,
     );
-    // What the deadline's one required step costs by itself: carrying
-    // `CallDeadline` in the request's extensions. `http::Extensions` boxes its
-    // map and each value, so a fresh request pays three allocations here.
     case(
         &mut g,
         a,
         "bare http + CallDeadline extension",
-        || {
-            let mut inner = bare_http();
-            service_fn(move |mut req: HttpReq| {
-                let at = tokio::time::Instant::now() + Duration::from_secs(1);
-                req.extensions_mut().insert(CallDeadline::new(at));
-                inner.call(req)
-            })
-        },
+        bare_http_with_call_deadline,
         http_req,
     );
     case(
@@ -412,13 +417,6 @@ where
 
 fn paired() {
     let rt = rt();
-    type HttpReq = http::Request<Full<Bytes>>;
-    fn http_req(_: u64) -> HttpReq {
-        http::Request::new(Full::default())
-    }
-    fn bare_http() -> impl Service<HttpReq, Response = (), Error = BoxError> + Clone {
-        service_fn(|_: HttpReq| std::future::ready(Ok::<_, BoxError>(())))
-    }
     fn tower_timeout_http() -> impl Service<HttpReq, Error = BoxError> {
         tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(bare_http())
     }
@@ -521,14 +519,7 @@ fn paired() {
             "CallDeadline extension alone / tower timeout (http)",
             paired_ratios(
                 &rt,
-                || {
-                    let mut inner = bare_http();
-                    service_fn(move |mut req: HttpReq| {
-                        let at = tokio::time::Instant::now() + Duration::from_secs(1);
-                        req.extensions_mut().insert(CallDeadline::new(at));
-                        inner.call(req)
-                    })
-                },
+                bare_http_with_call_deadline,
                 tower_timeout_http,
                 http_req,
             ),

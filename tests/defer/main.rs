@@ -626,16 +626,25 @@ async fn failed_replays_back_off_and_dead_letter_after_max_attempts() {
     }
 }
 
+/// A downstream that never answers, and how many calls it has taken.
+fn hanging() -> (
+    Arc<AtomicUsize>,
+    impl Service<Req, Response = Res, Error = BoxError, Future: Send + 'static> + Send + 'static,
+) {
+    let started = Arc::new(AtomicUsize::new(0));
+    let started2 = started.clone();
+    let svc = service_fn(move |_: Req| {
+        started2.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Res, BoxError>>()
+    });
+    (started, svc)
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_gives_back_an_unfinished_delivery() {
     let queue = MemoryQueue::new();
     let id = queue.enqueue(job("s1", "x")).await.unwrap();
-    let started = Arc::new(AtomicUsize::new(0));
-    let started2 = started.clone();
-    let hanging = service_fn(move |_: Req| {
-        started2.fetch_add(1, Ordering::SeqCst);
-        std::future::pending::<Result<Res, BoxError>>()
-    });
+    let (started, hanging) = hanging();
     let handle = Replayer::new(queue.clone(), hanging)
         .shutdown_grace(Duration::from_secs(1))
         .spawn();
@@ -697,37 +706,44 @@ fn grpc_reply(code: &'static str) -> http::Response<http_body_util::StreamBody<F
     res
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_grpc_failure_in_the_trailers_is_retried_and_the_success_stored_with_them() {
+/// Replays one job into a gRPC downstream answering with `codes[n]` on its
+/// n-th call (the last code from then on): the calls made, and the job's
+/// final status.
+async fn replay_grpc(codes: &'static [&'static str]) -> (usize, JobStatus) {
     let queue = MemoryQueue::new();
-    let id = queue.enqueue(job("g1", "x")).await.unwrap();
+    let id = queue.enqueue(job("g", "x")).await.unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let calls2 = calls.clone();
-    // UNAVAILABLE (14) the first time, then OK.
     let downstream = service_fn(move |_: Req| {
         let n = calls2.fetch_add(1, Ordering::SeqCst);
-        async move { Ok::<_, BoxError>(grpc_reply(if n == 0 { "14" } else { "0" })) }
+        let code = codes[n.min(codes.len() - 1)];
+        async move { Ok::<_, BoxError>(grpc_reply(code)) }
     });
     let handle = Replayer::new(queue.clone(), downstream)
         .backoff(Duration::from_secs(1), Duration::from_secs(10))
         .spawn();
-    wait_until(Duration::from_secs(30), || async {
-        matches!(
-            queue.status(&id).await.unwrap(),
-            Some(JobStatus::Delivered { .. })
-        )
+    wait_until(Duration::from_secs(30), || {
+        all_delivered(&queue, std::slice::from_ref(&id))
     })
     .await;
     handle.shutdown().await;
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "UNAVAILABLE was retried");
-    match queue.status(&id).await.unwrap() {
-        Some(JobStatus::Delivered {
+    let status = queue.status(&id).await.unwrap().expect("known job");
+    (calls.load(Ordering::SeqCst), status)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_failure_in_the_trailers_is_retried_and_the_success_stored_with_them() {
+    // UNAVAILABLE (14) the first time, then OK.
+    let (calls, status) = replay_grpc(&["14", "0"]).await;
+    assert_eq!(calls, 2, "UNAVAILABLE was retried");
+    match status {
+        JobStatus::Delivered {
             status,
             headers,
             body,
             attempts,
             ..
-        }) => {
+        } => {
             assert_eq!(status, 200);
             assert_eq!(attempts, 2);
             assert_eq!(headers["grpc-status"], "0");
@@ -741,27 +757,11 @@ async fn a_grpc_failure_in_the_trailers_is_retried_and_the_success_stored_with_t
 
 #[tokio::test(start_paused = true)]
 async fn a_grpc_caller_error_is_delivered_not_retried() {
-    let queue = MemoryQueue::new();
-    let id = queue.enqueue(job("g2", "x")).await.unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let calls2 = calls.clone();
     // NOT_FOUND (5): the caller's fault, an answer to store.
-    let downstream = service_fn(move |_: Req| {
-        calls2.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, BoxError>(grpc_reply("5")) }
-    });
-    let handle = Replayer::new(queue.clone(), downstream).spawn();
-    wait_until(Duration::from_secs(30), || async {
-        matches!(
-            queue.status(&id).await.unwrap(),
-            Some(JobStatus::Delivered { .. })
-        )
-    })
-    .await;
-    handle.shutdown().await;
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let Some(JobStatus::Delivered { headers, .. }) = queue.status(&id).await.unwrap() else {
-        unreachable!()
+    let (calls, status) = replay_grpc(&["5"]).await;
+    assert_eq!(calls, 1);
+    let JobStatus::Delivered { headers, .. } = status else {
+        panic!("not delivered: {status:?}")
     };
     assert_eq!(headers["grpc-status"], "5");
 }
@@ -943,12 +943,7 @@ async fn a_failure_among_concurrent_sends_pauses_then_probes_alone() {
 async fn shutdown_gives_back_every_delivery_in_flight() {
     let queue = MemoryQueue::new();
     let (ids, _) = enqueue_n(&queue, "s", 5).await;
-    let started = Arc::new(AtomicUsize::new(0));
-    let started2 = started.clone();
-    let hanging = service_fn(move |_: Req| {
-        started2.fetch_add(1, Ordering::SeqCst);
-        std::future::pending::<Result<Res, BoxError>>()
-    });
+    let (started, hanging) = hanging();
     let handle = Replayer::new(queue.clone(), hanging)
         .rate_per_second(1000)
         .burst(100)
