@@ -485,7 +485,7 @@ mod tests {
 
     #[test]
     fn own_rejections_are_ignored_but_timeouts_count() {
-        let open: BoxError = CircuitOpen::new(Duration::from_secs(1));
+        let open: BoxError = CircuitOpen::new(Duration::from_secs(1)).into();
         assert_eq!(classify_error(&open), Outcome::Ignore);
         let elapsed: BoxError = Elapsed::new(Duration::from_secs(1)).into();
         assert_eq!(classify_error(&elapsed), Outcome::Failure);

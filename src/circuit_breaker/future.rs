@@ -122,7 +122,9 @@ where
                 let call = call.take().expect("polled after completion");
                 Poll::Ready(this.classifier.classify_stream(out, Completion::new(call)))
             }
-            KindProj::Rejected { retry_after } => Poll::Ready(Err(CircuitOpen::new(*retry_after))),
+            KindProj::Rejected { retry_after } => {
+                Poll::Ready(Err(CircuitOpen::new(*retry_after).into()))
+            }
         }
     }
 }

@@ -321,7 +321,7 @@ where
             // open breaker, after which nothing more of the batch is sent.
             let mut pause: Option<Duration> = None;
             let mut note = |done: Done, pause: &mut Option<Duration>| match done {
-                Done::Delivered => failures = 0,
+                Done::Delivered | Done::Stopped => failures = 0,
                 Done::Open(retry_after) => {
                     *pause = Some(pause.unwrap_or_default().max(retry_after))
                 }
@@ -330,6 +330,9 @@ where
                     let delay = backoff(&cfg, failures);
                     *pause = Some(pause.unwrap_or_default().max(delay));
                 }
+                // The batch stops; the replayer re-raises the panic once the
+                // other deliveries have settled.
+                Done::Panicked => *pause = Some(pause.unwrap_or_default()),
             };
             let mut batch = leased.into_iter();
             while let Some(item) = batch.next() {
@@ -340,7 +343,7 @@ where
                         Err(()) => {
                             give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
                                 .await;
-                            flight.finish(&*queue, cfg.shutdown_grace).await;
+                            flight.finish(&*queue).await;
                             return;
                         }
                     }
@@ -354,8 +357,16 @@ where
                 }
                 if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
                     give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
-                    flight.finish(&*queue, cfg.shutdown_grace).await;
+                    flight.finish(&*queue).await;
                     return;
+                }
+                // A send may have failed while this one waited for its permit.
+                while let Some(done) = flight.try_next() {
+                    note(done, &mut pause);
+                }
+                if pause.is_some() {
+                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    break;
                 }
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
                     obs.expired();
@@ -395,7 +406,7 @@ where
                         // was sent, and the job goes back for another replayer.
                         give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
                             .await;
-                        flight.finish(&*queue, cfg.shutdown_grace).await;
+                        flight.finish(&*queue).await;
                         return;
                     }
                 };
@@ -408,6 +419,7 @@ where
                     cfg.clone(),
                     obs.clone(),
                     started,
+                    stop.clone(),
                 )
                 .instrument(span);
                 flight.spawn(item, send);
@@ -418,11 +430,12 @@ where
                 match race(flight.next(), stopped(&mut stop)).await {
                     Ok(done) => note(done, &mut pause),
                     Err(()) => {
-                        flight.finish(&*queue, cfg.shutdown_grace).await;
+                        flight.finish(&*queue).await;
                         return;
                     }
                 }
             }
+            flight.settle_panic(&*queue).await;
             probing = pause.is_some();
             if let Some(pause) = pause
                 && sleep_or_stop(pause, &mut stop).await
@@ -439,10 +452,17 @@ enum Done {
     Delivered,
     Open(Duration),
     Failed,
+    /// Shut down mid-send, past the grace: the job was given back.
+    Stopped,
+    /// The delivery's task panicked (a panic in the service).
+    Panicked,
 }
 
 /// Sends one job (its call already made) and settles it with the queue:
-/// ack with the response, or give it back to be retried later.
+/// ack with the response, or give it back to be retried later. Once a stop
+/// is asked for, the send gets the shutdown grace; the ack or nack that
+/// follows always runs to its end.
+#[allow(clippy::too_many_arguments)] // one task's whole context, moved in
 async fn settle<Q, F, R, B2>(
     queue: Arc<Q>,
     item: Arc<Leased>,
@@ -451,6 +471,7 @@ async fn settle<Q, F, R, B2>(
     cfg: Arc<ReplayerConfig>,
     obs: Arc<crate::observe::QueueMetrics>,
     started: Instant,
+    mut stop: watch::Receiver<bool>,
 ) -> Done
 where
     Q: Queue,
@@ -460,7 +481,18 @@ where
     B2::Error: Into<BoxError>,
 {
     let sent = match call {
-        Ok(call) => deliver(call, &*retry_response, cfg.max_response_body).await,
+        Ok(call) => {
+            let send = pin!(deliver(call, &*retry_response, cfg.max_response_body));
+            match with_grace(send, &mut stop, cfg.shutdown_grace).await {
+                Some(sent) => sent,
+                None => {
+                    // Shut down mid-delivery, past the grace: the send is
+                    // dropped and the job goes back for another replayer.
+                    nack(&*queue, &item, Duration::ZERO).await;
+                    return Done::Stopped;
+                }
+            }
+        }
         Err(e) => sent_error(e),
     };
     obs.replayed(started.elapsed());
@@ -493,6 +525,10 @@ where
 struct Flight {
     tasks: JoinSet<Done>,
     items: HashMap<tokio::task::Id, Arc<Leased>>,
+    /// Jobs whose task panicked: given back once the others have settled.
+    orphans: Vec<Arc<Leased>>,
+    /// The first panic, re-raised once the others have settled.
+    panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Flight {
@@ -534,40 +570,39 @@ impl Flight {
                 done
             }
             Err(e) => {
-                self.items.remove(&e.id());
-                // A panic in the service: the replayer stops with it, as it
-                // did when it sent inline. That job's lease runs out.
-                match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    Err(_) => Done::Failed,
+                // The task never settled its job (nothing aborts these
+                // tasks, so this is a panic in the service).
+                if let Some(item) = self.items.remove(&e.id()) {
+                    self.orphans.push(item);
                 }
+                if let Ok(panic) = e.try_into_panic() {
+                    self.panic.get_or_insert(panic);
+                }
+                Done::Panicked
             }
         }
     }
 
-    /// On shutdown: lets the deliveries in flight finish within `grace`,
-    /// then stops the rest and gives their jobs back.
-    async fn finish<Q: Queue>(&mut self, queue: &Q, grace: Duration) {
-        let _ = tokio::time::timeout(grace, async {
-            while !self.tasks.is_empty() {
-                self.next().await;
-            }
-        })
-        .await;
-        self.tasks.abort_all();
-        while let Some(done) = self.tasks.join_next_with_id().await {
-            let id = match &done {
-                Ok((id, _)) => *id,
-                Err(e) => e.id(),
-            };
-            if let Some(item) = self.items.remove(&id)
-                && done.is_err()
-            {
-                // Stopped mid-delivery, past the grace: the send is dropped
-                // and the job goes back for another replayer.
-                nack(queue, &item, Duration::ZERO).await;
-            }
+    /// After a panic in one delivery: once the others have settled (the
+    /// caller drained them), gives the panicked job back and re-raises the
+    /// panic, which stops the replayer as a panic in an inline send did.
+    async fn settle_panic<Q: Queue>(&mut self, queue: &Q) {
+        for item in std::mem::take(&mut self.orphans) {
+            nack(queue, &item, Duration::ZERO).await;
         }
+        if let Some(panic) = self.panic.take() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// On shutdown: waits for the deliveries in flight (each gives its send
+    /// the shutdown grace, then acks, nacks or gives its job back), then
+    /// settles a panic as [`settle_panic`](Self::settle_panic) does.
+    async fn finish<Q: Queue>(&mut self, queue: &Q) {
+        while !self.is_empty() {
+            self.next().await;
+        }
+        self.settle_panic(queue).await;
     }
 }
 
@@ -591,13 +626,18 @@ where
         return Sent::Failed(failed_response(parts.status, &parts.headers));
     }
     let mut headers = parts.headers;
-    let (body, truncated, trailers) = match read_capped(body, max_body).await {
+    let grpc = crate::defer::response::is_grpc(&headers);
+    let (body, truncated, trailers) = match read_capped(body, max_body, grpc).await {
         Ok(read) => read,
         Err(e) => return Sent::Failed(e),
     };
-    // gRPC sends its status in the trailers: they join the stored headers,
-    // and the predicate looks again with them in.
+    // gRPC sends its status in the trailers: they join the stored headers
+    // (replacing a header of the same name), and the predicate looks again
+    // with them in.
     if let Some(trailers) = trailers.filter(|t| !t.is_empty()) {
+        for name in trailers.keys() {
+            headers.remove(name);
+        }
         let mut last = None;
         for (name, value) in trailers {
             let name = name.or(last).expect("the first entry carries its name");
@@ -630,10 +670,19 @@ fn failed_response(status: StatusCode, headers: &HeaderMap) -> BoxError {
 /// [`ReplayerConfig::max_response_body`].
 pub(crate) const TRUNCATED_HEADER: &str = "firebreak-body-truncated";
 
-/// Reads `body` to its end, keeping at most `max` bytes of its data
-/// (`true` when there was more: the request was delivered either way, only
-/// what is stored is cut) and its trailers.
-async fn read_capped<B>(body: B, max: usize) -> Result<(Bytes, bool, Option<HeaderMap>), BoxError>
+/// Reads `body`, keeping at most `max` bytes of its data (`true` when there
+/// was more: the request was delivered either way, only what is stored is
+/// cut), and its trailers.
+///
+/// A body over `max` is not read further, except for gRPC (`grpc`), whose
+/// status comes in the trailers after the messages: that is read on, the
+/// data dropped, for at most `max` bytes more. A body that ends in an error
+/// after the cut still counts as delivered, cut, without trailers.
+async fn read_capped<B>(
+    body: B,
+    max: usize,
+    grpc: bool,
+) -> Result<(Bytes, bool, Option<HeaderMap>), BoxError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
@@ -641,22 +690,32 @@ where
     let mut body = pin!(body);
     let mut out = bytes::BytesMut::new();
     let mut truncated = false;
+    let mut dropped: usize = 0;
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
-        let frame = match frame.map_err(Into::into)?.into_data() {
-            Ok(data) => {
-                let mut data = data;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(_) if truncated => return Ok((out.freeze(), true, None)),
+            Err(e) => return Err(e.into()),
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
                 let room = max - out.len();
-                if data.remaining() > room {
-                    truncated = true;
-                }
-                let mut keep = data.remaining().min(room);
-                while keep > 0 {
+                let keep = data.remaining().min(room);
+                let mut left = keep;
+                while left > 0 {
                     let chunk = data.chunk();
-                    let n = chunk.len().min(keep);
+                    let n = chunk.len().min(left);
                     out.extend_from_slice(&chunk[..n]);
                     data.advance(n);
-                    keep -= n;
+                    left -= n;
+                }
+                if data.has_remaining() {
+                    truncated = true;
+                    dropped = dropped.saturating_add(data.remaining());
+                    if !grpc || dropped > max {
+                        return Ok((out.freeze(), true, None));
+                    }
                 }
                 continue;
             }
@@ -805,6 +864,20 @@ where
                 }
             }
         }
+    }
+}
+
+/// Drives `send`; once a stop is asked for, gives it `grace` more.
+async fn with_grace<F: Future + Unpin>(
+    mut send: F,
+    stop: &mut watch::Receiver<bool>,
+    grace: Duration,
+) -> Option<F::Output> {
+    match race(&mut send, stopped(stop)).await {
+        Ok(out) => Some(out),
+        Err(()) => tokio::time::timeout_at(Instant::now() + grace, send)
+            .await
+            .ok(),
     }
 }
 

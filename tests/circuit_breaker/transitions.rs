@@ -493,7 +493,7 @@ async fn our_own_rejections_are_not_counted_but_timeouts_are() {
     let c = Counter::default();
     let mut svc = layer.layer(c.service());
     let ours: [Arc<dyn Fn() -> BoxError + Send + Sync>; 3] = [
-        Arc::new(|| CircuitOpen::new(secs(1))),
+        Arc::new(|| CircuitOpen::new(secs(1)).into()),
         Arc::new(|| BulkheadFull::new(1).into()),
         Arc::new(|| RateLimited::new(secs(1)).into()),
     ];

@@ -88,7 +88,7 @@ fn failing(
 }
 
 fn open_breaker() -> BoxError {
-    CircuitOpen::new(Duration::from_millis(2500))
+    CircuitOpen::new(Duration::from_millis(2500)).into()
 }
 
 // ---------------------------------------------------------------- DeferLayer
@@ -764,6 +764,76 @@ async fn a_grpc_caller_error_is_delivered_not_retried() {
         panic!("not delivered: {status:?}")
     };
     assert_eq!(headers["grpc-status"], "5");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_ends_is_stored_cut_at_the_limit() {
+    let queue = MemoryQueue::new();
+    let id = queue.enqueue(job("endless", "x")).await.unwrap();
+    // 10,000 bytes, then nothing more, ever (a stream, a long poll).
+    let downstream = service_fn(|_: Req| async {
+        use futures_util::StreamExt as _;
+        let frames = futures_util::stream::iter((0..10).map(|_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; 1000])))
+        }))
+        .chain(futures_util::stream::pending());
+        Ok::<_, BoxError>(http::Response::new(http_body_util::StreamBody::new(frames)))
+    });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .max_response_body(2500)
+        .spawn();
+    wait_until(Duration::from_secs(10), || {
+        all_delivered(&queue, std::slice::from_ref(&id))
+    })
+    .await;
+    handle.shutdown().await;
+    let Some(JobStatus::Delivered { headers, body, .. }) = queue.status(&id).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(body.len(), 2500);
+    assert_eq!(headers["firebreak-body-truncated"], "true");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_one_delivery_lets_the_others_settle_and_gives_its_job_back() {
+    let queue = MemoryQueue::new();
+    let (ids, _) = enqueue_n(&queue, "p", 3).await;
+    let downstream = service_fn(|req: Req| async move {
+        let key = req.headers()["idempotency-key"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if key == "p01" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!("the service broke on {key}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok::<_, BoxError>(reply(200, "ok"))
+    });
+    let handle = Replayer::new(queue.clone(), downstream)
+        .rate_per_second(1000)
+        .burst(100)
+        .concurrency(3)
+        .spawn();
+    wait_until(Duration::from_secs(10), || async { handle.is_finished() }).await;
+    // The two sends in flight beside the panicking one were acked, and the
+    // panicking one's job is back in the queue, not left to its lease.
+    for i in [0, 2] {
+        assert!(
+            matches!(
+                queue.status(&ids[i]).await.unwrap(),
+                Some(JobStatus::Delivered { .. })
+            ),
+            "p0{i}"
+        );
+    }
+    assert_eq!(
+        queue.status(&ids[1]).await.unwrap(),
+        Some(JobStatus::Queued)
+    );
+    // And the panic reaches whoever shuts the replayer down.
+    let shut = tokio::spawn(handle.shutdown()).await;
+    assert!(shut.is_err_and(|e| e.is_panic()), "the panic is resumed");
 }
 
 /// A downstream that takes `latency` per call and records how many calls it

@@ -101,7 +101,7 @@ fn rejection_names_every_kind_and_its_retry_after() {
             Some(Duration::from_millis(7)),
         ),
         (
-            CircuitOpen::new(Duration::from_secs(3)),
+            CircuitOpen::new(Duration::from_secs(3)).into(),
             RejectionKind::CircuitOpen,
             Some(Duration::from_secs(3)),
         ),
@@ -114,6 +114,28 @@ fn rejection_names_every_kind_and_its_retry_after() {
     }
     let other: BoxError = std::io::Error::other("dependency failed").into();
     assert!(Rejection::of(&*other).is_none());
+}
+
+/// Errors get moved between containers: `Arc::from(Box<dyn Error>)` (what
+/// tonic's `Status::from_error` does with every client error) copies the
+/// value to a new place. A rejection keeps its `retry_after` through that.
+#[test]
+fn a_rejection_keeps_its_retry_after_when_moved_into_an_arc() {
+    let cases: [(BoxError, Duration); 2] = [
+        (
+            CircuitOpen::new(Duration::from_millis(1500)).into(),
+            Duration::from_millis(1500),
+        ),
+        (
+            RateLimited::new(Duration::from_millis(40)).into(),
+            Duration::from_millis(40),
+        ),
+    ];
+    for (err, want) in cases {
+        let shared: std::sync::Arc<dyn std::error::Error + Send + Sync> = err.into();
+        let r = Rejection::of(&*shared).expect("still a rejection");
+        assert_eq!(r.retry_after(), Some(want), "{shared}");
+    }
 }
 
 #[test]

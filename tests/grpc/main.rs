@@ -13,7 +13,7 @@ type Case = (fn() -> BoxError, &'static str, Option<&'static str>);
 
 const CASES: [Case; 4] = [
     (
-        || CircuitOpen::new(Duration::from_millis(1500)),
+        || CircuitOpen::new(Duration::from_millis(1500)).into(),
         "14",
         Some("1500"),
     ),
@@ -51,9 +51,9 @@ fn trailers_only_responses_carry_code_message_and_pushback() {
 #[tokio::test]
 async fn the_server_layer_answers_a_rejection_instead_of_failing() {
     let svc = GrpcRejectionLayer::new().layer(service_fn(|_: ()| async {
-        Err::<http::Response<http_body_util::Full<bytes::Bytes>>, BoxError>(CircuitOpen::new(
-            Duration::from_secs(2),
-        ))
+        Err::<http::Response<http_body_util::Full<bytes::Bytes>>, BoxError>(
+            CircuitOpen::new(Duration::from_secs(2)).into(),
+        )
     }));
     let res = svc.oneshot(()).await.unwrap();
     assert_eq!(res.headers()["grpc-status"], "14");

@@ -42,7 +42,7 @@ async fn each_rejection_maps_to_its_status_header_and_problem_body() {
     type Case = (fn() -> BoxError, u16, &'static str, Option<&'static str>);
     let cases: [Case; 4] = [
         (
-            || CircuitOpen::new(Duration::from_millis(2500)),
+            || CircuitOpen::new(Duration::from_millis(2500)).into(),
             503,
             "circuit_open",
             Some("3"),

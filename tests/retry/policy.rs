@@ -146,7 +146,7 @@ async fn our_shed_rejections_are_not_retried() {
     let errors: [fn() -> BoxError; 4] = [
         || BulkheadFull::new(8).into(),
         || RateLimited::new(ms(100)).into(),
-        || CircuitOpen::new(ms(100)),
+        || CircuitOpen::new(ms(100)).into(),
         || DeadlineExceeded::new().into(),
     ];
     for make in errors {
