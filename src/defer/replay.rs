@@ -348,19 +348,13 @@ where
                         }
                     }
                 }
-                while let Some(done) = flight.try_next() {
-                    note(done, &mut pause);
-                }
-                if pause.is_some() {
-                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
-                    break;
-                }
                 if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
                     give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
                     flight.finish(&*queue).await;
                     return;
                 }
-                // A send may have failed while this one waited for its permit.
+                // A send may have failed while this one waited for a slot or
+                // its permit.
                 while let Some(done) = flight.try_next() {
                     note(done, &mut pause);
                 }
