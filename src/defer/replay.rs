@@ -5,7 +5,7 @@ use crate::error::{Rejection, RejectionKind};
 use crate::queue::{DeliveredResponse, Job, Leased, Queue};
 use crate::rate_limit::TokioClock;
 use crate::{BoxError, ConfigError};
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, StatusCode};
@@ -80,15 +80,13 @@ pub struct Replayer<Q, S> {
 /// counts as a failure by default (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
 /// RESOURCE_EXHAUSTED, UNKNOWN).
 pub(crate) fn retryable_status(status: StatusCode, headers: &HeaderMap) -> bool {
-    status.is_server_error()
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || headers.get("grpc-status").is_some_and(|code| {
-            static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
-                std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", code.clone());
-            GRPC.classify_trailers(Some(&trailers)) == crate::classify::Outcome::Failure
-        })
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || {
+        // Reads `grpc-status` where trailers carry it; a map without one
+        // is a success.
+        static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
+            std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
+        GRPC.classify_trailers(Some(headers)) == crate::classify::Outcome::Failure
+    }
 }
 
 impl<Q: Queue, S> Replayer<Q, S> {
@@ -283,7 +281,15 @@ where
             obs,
             registry: _,
         } = self;
-        let cfg = Arc::new(cfg);
+        let shared = Arc::new(Shared {
+            queue,
+            retry_response,
+            cfg,
+            obs,
+        });
+        let queue = &*shared.queue;
+        let cfg = &shared.cfg;
+        let obs = &*shared.obs;
         let rate = NonZeroU32::new(cfg.rate_per_second).expect("validated");
         let burst = NonZeroU32::new(cfg.burst).expect("validated");
         let limiter = RateLimiter::direct_with_clock(
@@ -300,7 +306,7 @@ where
             if is_stopped(&stop) {
                 return;
             }
-            let max = if probing { 1 } else { batch_size(&cfg) };
+            let max = if probing { 1 } else { batch_size(cfg) };
             let leased = match queue.lease(max, cfg.visibility).await {
                 Ok(leased) => leased,
                 Err(e) => {
@@ -327,7 +333,7 @@ where
                 }
                 Done::Failed => {
                     failures = failures.saturating_add(1);
-                    let delay = backoff(&cfg, failures);
+                    let delay = backoff(cfg, failures);
                     *pause = Some(pause.unwrap_or_default().max(delay));
                 }
                 // The batch stops; the replayer re-raises the panic once the
@@ -341,16 +347,16 @@ where
                     match race(flight.next(), stopped(&mut stop)).await {
                         Ok(done) => note(done, &mut pause),
                         Err(()) => {
-                            give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
+                            give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO)
                                 .await;
-                            flight.finish(&*queue).await;
+                            flight.finish(queue).await;
                             return;
                         }
                     }
                 }
                 if is_stopped(&stop) || !wait_permit(&limiter, &mut stop).await {
-                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
-                    flight.finish(&*queue).await;
+                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    flight.finish(queue).await;
                     return;
                 }
                 // A send may have failed while this one waited for a slot or
@@ -359,12 +365,12 @@ where
                     note(done, &mut pause);
                 }
                 if pause.is_some() {
-                    give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
                     break;
                 }
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
                     obs.expired();
-                    settle_dead(&*queue, &item, "ttl expired").await;
+                    settle_dead(queue, &item, "ttl expired").await;
                     continue;
                 }
                 // Joins the deferred request's trace: the stored
@@ -398,24 +404,14 @@ where
                     Err(()) => {
                         // Shut down while the service was not ready: nothing
                         // was sent, and the job goes back for another replayer.
-                        give_back(&*queue, std::iter::once(item).chain(batch), Duration::ZERO)
-                            .await;
-                        flight.finish(&*queue).await;
+                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                        flight.finish(queue).await;
                         return;
                     }
                 };
                 let item = Arc::new(item);
-                let send = settle(
-                    queue.clone(),
-                    item.clone(),
-                    call,
-                    retry_response.clone(),
-                    cfg.clone(),
-                    obs.clone(),
-                    started,
-                    stop.clone(),
-                )
-                .instrument(span);
+                let send = settle(shared.clone(), item.clone(), call, started, stop.clone())
+                    .instrument(span);
                 flight.spawn(item, send);
             }
             // The batch ends when all of it has been delivered: the next
@@ -424,12 +420,12 @@ where
                 match race(flight.next(), stopped(&mut stop)).await {
                     Ok(done) => note(done, &mut pause),
                     Err(()) => {
-                        flight.finish(&*queue).await;
+                        flight.finish(queue).await;
                         return;
                     }
                 }
             }
-            flight.settle_panic(&*queue).await;
+            flight.settle_panic(queue).await;
             probing = pause.is_some();
             if let Some(pause) = pause
                 && sleep_or_stop(pause, &mut stop).await
@@ -452,18 +448,22 @@ enum Done {
     Panicked,
 }
 
+/// What the replay loop and each of its delivery tasks share.
+struct Shared<Q> {
+    queue: Arc<Q>,
+    retry_response: RetryResponse,
+    cfg: ReplayerConfig,
+    obs: Arc<crate::observe::QueueMetrics>,
+}
+
 /// Sends one job (its call already made) and settles it with the queue:
 /// ack with the response, or give it back to be retried later. Once a stop
 /// is asked for, the send gets the shutdown grace; the ack or nack that
 /// follows always runs to its end.
-#[allow(clippy::too_many_arguments)] // one task's whole context, moved in
 async fn settle<Q, F, R, B2>(
-    queue: Arc<Q>,
+    shared: Arc<Shared<Q>>,
     item: Arc<Leased>,
     call: Result<F, BoxError>,
-    retry_response: RetryResponse,
-    cfg: Arc<ReplayerConfig>,
-    obs: Arc<crate::observe::QueueMetrics>,
     started: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> Done
@@ -474,15 +474,22 @@ where
     B2: http_body::Body,
     B2::Error: Into<BoxError>,
 {
+    let Shared {
+        queue,
+        retry_response,
+        cfg,
+        obs,
+    } = &*shared;
+    let queue = &**queue;
     let sent = match call {
         Ok(call) => {
-            let send = pin!(deliver(call, &*retry_response, cfg.max_response_body));
+            let send = pin!(deliver(call, &**retry_response, cfg.max_response_body));
             match with_grace(send, &mut stop, cfg.shutdown_grace).await {
                 Some(sent) => sent,
                 None => {
                     // Shut down mid-delivery, past the grace: the send is
                     // dropped and the job goes back for another replayer.
-                    nack(&*queue, &item, Duration::ZERO).await;
+                    nack(queue, &item, Duration::ZERO).await;
                     return Done::Stopped;
                 }
             }
@@ -493,20 +500,20 @@ where
     match sent {
         Sent::Delivered(response) => {
             obs.delivered();
-            settle_ack(&*queue, &item, response).await;
+            settle_ack(queue, &item, response).await;
             Done::Delivered
         }
         Sent::Open(retry_after) => {
             tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
             obs.paused();
-            nack(&*queue, &item, retry_after).await;
+            nack(queue, &item, retry_after).await;
             Done::Open(retry_after)
         }
         Sent::Failed(why) => {
             obs.failed();
-            let delay = backoff(&cfg, item.job.attempts());
+            let delay = backoff(cfg, item.job.attempts());
             tracing::debug!(target: "tower_firebreak", layer = "replayer", job_id = %item.lease.id(), attempts = item.job.attempts(), error = %why, "replay failed");
-            nack(&*queue, &item, delay).await;
+            nack(queue, &item, delay).await;
             Done::Failed
         }
     }
@@ -694,16 +701,8 @@ where
         };
         let frame = match frame.into_data() {
             Ok(mut data) => {
-                let room = max - out.len();
-                let keep = data.remaining().min(room);
-                let mut left = keep;
-                while left > 0 {
-                    let chunk = data.chunk();
-                    let n = chunk.len().min(left);
-                    out.extend_from_slice(&chunk[..n]);
-                    data.advance(n);
-                    left -= n;
-                }
+                let keep = data.remaining().min(max - out.len());
+                out.put((&mut data).take(keep));
                 if data.has_remaining() {
                     truncated = true;
                     dropped = dropped.saturating_add(data.remaining());
