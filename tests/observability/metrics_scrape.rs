@@ -5,6 +5,9 @@
 //!
 //! Its own test binary: it installs the process-wide Prometheus recorder.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
@@ -95,36 +98,13 @@ impl Scrape {
 }
 
 async fn scrape(admin: &axum::Router) -> Scrape {
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::get("/metrics")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, body) = get(admin, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
     Scrape::parse(String::from_utf8(body.to_vec()).unwrap())
 }
 
 async fn get(admin: &axum::Router, path: &str) -> (StatusCode, http::HeaderMap, Bytes) {
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::get(path)
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let (parts, body) = res.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
+    support::in_process(admin, http::Method::GET, path).await
 }
 
 async fn get_json(admin: &axum::Router, path: &str) -> serde_json::Value {
@@ -135,17 +115,8 @@ async fn get_json(admin: &axum::Router, path: &str) -> serde_json::Value {
 }
 
 async fn post(admin: &axum::Router, path: &str) -> (StatusCode, Bytes) {
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::post(path)
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = res.status();
-    (status, res.into_body().collect().await.unwrap().to_bytes())
+    let (status, _, body) = support::in_process(admin, http::Method::POST, path).await;
+    (status, body)
 }
 
 fn order(key: &str, body: &'static str) -> Req {

@@ -6,9 +6,12 @@
 //! The global registry is shared by every test in this binary, so each test
 //! uses names of its own.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
@@ -42,17 +45,9 @@ fn queues(s: &Snapshot) -> Vec<&str> {
 }
 
 async fn status_json(admin: &axum::Router) -> serde_json::Value {
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::get("/firebreak/status")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, body) =
+        support::in_process(admin, http::Method::GET, "/firebreak/status").await;
+    assert_eq!(status, StatusCode::OK);
     serde_json::from_slice(&body).unwrap()
 }
 
@@ -87,16 +82,8 @@ async fn a_named_breaker_is_in_the_global_registry_and_status_until_dropped() {
     assert!(json_names(&json, "breakers").contains(&"sr-breaker".to_owned()));
 
     // The admin router operates it through the registry.
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::post("/firebreak/breakers/sr-breaker/force-open")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let (status, _) = post(&admin, "/firebreak/breakers/sr-breaker/force-open").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(layer.handle().state(), State::ForcedOpen);
 
     // The service still holds the breaker: still listed.
@@ -627,17 +614,8 @@ fn by_host() -> impl Service<String, Response = String, Error = BoxError> + Clon
 }
 
 async fn post(admin: &axum::Router, uri: &str) -> (StatusCode, Bytes) {
-    let res = admin
-        .clone()
-        .oneshot(
-            http::Request::post(uri)
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = res.status();
-    (status, res.into_body().collect().await.unwrap().to_bytes())
+    let (status, _, body) = support::in_process(admin, http::Method::POST, uri).await;
+    (status, body)
 }
 
 fn json_entry<'a>(

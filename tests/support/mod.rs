@@ -13,6 +13,27 @@ use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use tower_firebreak::BoxError;
 
+/// Sends an empty-bodied `method` request for `uri` to `router` in process
+/// (no socket): the status, headers and body of its answer.
+pub async fn in_process(
+    router: &Router,
+    method: http::Method,
+    uri: &str,
+) -> (StatusCode, HeaderMap, Bytes) {
+    use tower::ServiceExt as _;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let (parts, body) = router.clone().oneshot(req).await.unwrap().into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
 /// Serves `router` on 127.0.0.1:0 in a background task and returns its address.
 pub async fn serve(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
