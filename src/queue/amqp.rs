@@ -35,8 +35,9 @@
 //! (dropped later), never a record without a copy. A copy that arrives
 //! before its record exists (its submit has published but not yet claimed)
 //! is put back five times, 200 ms apart, before it is dropped; a claim
-//! that is refused (existing key, conflict, full) leaves a tombstone for
-//! ten minutes so that its copy is dropped at once.
+//! that is refused (existing key, conflict, full) or that the store ran
+//! after its submit gave up (`late`) leaves a tombstone for ten minutes so
+//! that its copy is dropped at once.
 //!
 //! A settled lease's timer copy stays in its retry queue until its
 //! visibility timeout ends, and is then dropped.
@@ -94,6 +95,18 @@
 //! job that is stored; a retry with the same idempotency key then gets
 //! [`Enqueued::Existing`].
 //!
+//! A broker or store that stalls instead of dying (paused, swapping) runs
+//! what was written to its socket when it resumes, after the submits that
+//! wrote it gave up. A copy that RabbitMQ takes late has no claim behind it
+//! (the submit publishes first and claims only once the publish is
+//! confirmed) and is dropped as an orphan. A claim that a stalled Redis
+//! runs late creates nothing: [`RedisStatusStore`] passes the instant the
+//! submit gives up, on Redis's clock, as [`RedisQueue`](super::redis::RedisQueue)
+//! does for its submits (see its "Connection loss and stalls"), and the
+//! script then leaves a void record, so the copy is dropped as stale at
+//! once. So the exception above stays that one request in flight, however
+//! long the stall.
+//!
 //! ```no_run
 //! use tower_firebreak::queue::amqp::{AmqpQueue, RedisStatusStore};
 //! use tower_firebreak::queue::{Job, Queue};
@@ -112,6 +125,7 @@
 use super::clock::Clock;
 use super::codec::{Format, b64_decode, b64_encode};
 use super::job::{duration_ms, ms_system};
+use super::redis_clock::RedisClock;
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
     QueueError,
@@ -234,6 +248,27 @@ pub trait StatusStore: Send + Sync + 'static {
         capacity: usize,
     ) -> impl Future<Output = Result<Claim, QueueError>> + Send;
 
+    /// [`claim`](Self::claim), for a submit that gives up at `give_up`.
+    ///
+    /// A store that can should create nothing when it carries the claim
+    /// out only after `give_up` (it was stalled, and its caller has already
+    /// been told `Unavailable`), and fail with [`QueueError::Unavailable`]
+    /// instead, leaving the record void so the copy is dropped as stale.
+    /// [`RedisStatusStore`] does, on Redis's clock. The default calls
+    /// `claim`, which cannot tell.
+    fn claim_before(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+        give_up: Instant,
+    ) -> impl Future<Output = Result<Claim, QueueError>> + Send {
+        let _ = give_up;
+        self.claim(id, ticket, job, envelope, capacity)
+    }
+
     /// A copy carrying `ticket` arrived: leases the job under `new_ticket`
     /// (already parked as the lease's timer), dead-letters it, or says the
     /// copy is stale.
@@ -336,15 +371,21 @@ local function to_dead(id, r, reason, now)
 end
 "#;
 
-/// ARGV: prefix, id, ticket, envelope, enq, deadline or '', key or '', fp, cap.
+/// ARGV: prefix, id, ticket, envelope, enq, deadline or '', key or '', fp,
+/// cap, and the instant the submit gives up (µs on Redis's clock). Answers
+/// `{what, id, TIME seconds, TIME µs}`; `what` is `late` (nothing created)
+/// once `TIME` is past that instant (see `redis_clock`).
 const CLAIM: &str = r#"
 local id, ticket, env, enq, dl, key, fp, cap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local t = redis.call('TIME')
+local function answer(what, jid) return {what, jid, t[1], t[2]} end
 -- A refused job's copy is already published: a short-lived tombstone
 -- tells the lease that finds it to drop it.
 local function void()
   redis.call('HSET', k('r:' .. id), 'state', 'void')
   redis.call('PEXPIRE', k('r:' .. id), 600000)
 end
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[10]) then void() return answer('late', '') end
 if key ~= '' then
   local cur = redis.call('HGET', k('i'), key)
   if cur then
@@ -352,17 +393,17 @@ if key ~= '' then
     local st = redis.call('HGET', k('r:' .. cid), 'state')
     if st and st ~= 'void' then
       void()
-      if string.sub(cur, 38) == fp then return {'existing', cid} end
-      return {'conflict', cid}
+      if string.sub(cur, 38) == fp then return answer('existing', cid) end
+      return answer('conflict', cid)
     end
   end
 end
-if redis.call('ZCARD', k('q')) >= cap then void() return {'full', ''} end
+if redis.call('ZCARD', k('q')) >= cap then void() return answer('full', '') end
 redis.call('HSET', k('r:' .. id), 'state', 'queued', 'ticket', ticket, 'attempts', 0,
   'enq', enq, 'deadline', dl, 'job', env, 'key', key)
 redis.call('ZADD', k('q'), enq, id)
 if key ~= '' then redis.call('HSET', k('i'), key, id .. ' ' .. fp) end
-return {'created', id}
+return answer('created', id)
 "#;
 
 /// ARGV: prefix, id, ticket, new_ticket, now, max_attempts.
@@ -497,6 +538,8 @@ pub struct RedisStatusStore {
     prefix: String,
     location: String,
     op_timeout: Duration,
+    /// The last reading of Redis's clock, for claims' deadlines.
+    clock: Arc<RedisClock>,
 }
 
 impl std::fmt::Debug for RedisStatusStore {
@@ -552,6 +595,7 @@ impl RedisStatusStore {
             location: format!("{url}#{prefix}"),
             prefix,
             op_timeout,
+            clock: Arc::default(),
         })
     }
 
@@ -620,12 +664,30 @@ impl StatusStore for RedisStatusStore {
         envelope: &[u8],
         capacity: usize,
     ) -> Result<Claim, QueueError> {
+        let give_up = Instant::now() + self.op_timeout;
+        self.claim_before(id, ticket, job, envelope, capacity, give_up)
+            .await
+    }
+
+    /// Creates nothing if Redis runs the claim only after `give_up` (or
+    /// after this store's own `op_timeout`, if sooner), on Redis's clock:
+    /// see [`RedisQueue`](super::redis::RedisQueue)'s "Connection loss and
+    /// stalls", which submits the same way.
+    async fn claim_before(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+        give_up: Instant,
+    ) -> Result<Claim, QueueError> {
         let fp: String = job
             .fingerprint()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let args = vec![
+        let args = [
             arg(id),
             arg(ticket),
             envelope.to_vec(),
@@ -638,12 +700,32 @@ impl StatusStore for RedisStatusStore {
             fp.into_bytes(),
             arg(capacity),
         ];
-        let (what, other): (String, String) = self.invoke(&SCRIPTS.claim, args).await?;
+        let give_up = give_up.min(Instant::now() + self.op_timeout);
+        let (what, other) = self
+            .clock
+            // Once: a `late` claim leaves a void record for its id.
+            .run_before(
+                &self.conn,
+                &SCRIPTS.claim,
+                &self.prefix,
+                &args,
+                give_up,
+                false,
+            )
+            .await
+            .ok_or_else(|| {
+                QueueError::unavailable("redis did not answer the claim before the submit gave up")
+            })?
+            .map_err(QueueError::unavailable)?;
         match what.as_str() {
             "created" => Ok(Claim::Created),
             "existing" => Ok(Claim::Existing(self.parse_id(&other)?)),
             "conflict" => Ok(Claim::Conflict(self.parse_id(&other)?)),
             "full" => Ok(Claim::Full),
+            "late" => Err(QueueError::unavailable(
+                "redis ran the claim after its deadline (a stall or a clock jump); nothing was \
+                 stored",
+            )),
             _ => Err(self.corrupt(format!("unexpected claim answer {what:?}"))),
         }
     }
@@ -1560,7 +1642,9 @@ impl<S: StatusStore> AmqpQueue<S> {
         r
     }
 
-    async fn submit_inner(&self, mut job: Job) -> Result<Enqueued, QueueError> {
+    /// `give_up` is when [`bounded`](Self::bounded) gives up on this call:
+    /// the claim must create nothing after it.
+    async fn submit_inner(&self, mut job: Job, give_up: Instant) -> Result<Enqueued, QueueError> {
         let channel = self.channel().await?;
         job.enqueued_at_ms = self.inner.clock.now_ms();
         job.attempts = 0;
@@ -1573,7 +1657,14 @@ impl<S: StatusStore> AmqpQueue<S> {
         match self
             .inner
             .store
-            .claim(&id, &ticket, &job, &envelope, self.inner.policy.capacity)
+            .claim_before(
+                &id,
+                &ticket,
+                &job,
+                &envelope,
+                self.inner.policy.capacity,
+                give_up,
+            )
             .await?
         {
             Claim::Created => Ok(Enqueued::Created(id)),
@@ -1781,7 +1872,9 @@ impl<S: StatusStore> AmqpQueue<S> {
 
 impl<S: StatusStore> Queue for AmqpQueue<S> {
     async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
-        self.bounded(self.submit_inner(job)).await
+        // `bounded` gives up `op_timeout` after its first poll: now.
+        let give_up = Instant::now() + self.inner.op_timeout;
+        self.bounded(self.submit_inner(job, give_up)).await
     }
 
     async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {

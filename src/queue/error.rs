@@ -32,10 +32,10 @@ pub enum QueueError {
     /// key then gets [`Enqueued::Existing`](super::Enqueued::Existing)
     /// instead of a second job. A request that a stalled (paused) Redis
     /// reads only after the call gave up is not stored: the Redis
-    /// backend's submit script checks a deadline on Redis's clock. So a
-    /// stall does not widen the exception to every request that timed out
-    /// during it (a paused NATS server was tested to store none of them
-    /// either; a paused RabbitMQ was not tested).
+    /// backend's submit script, and the RabbitMQ backend's claim in its
+    /// Redis status store, check a deadline on Redis's clock. So a stall
+    /// does not widen the exception to every request that timed out during
+    /// it (a paused NATS server was tested to deliver none of them either).
     Unavailable {
         /// What went wrong.
         source: BoxError,

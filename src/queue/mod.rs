@@ -78,6 +78,8 @@ pub mod memory;
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+mod redis_clock;
 mod state;
 
 pub use self::error::QueueError;

@@ -118,6 +118,7 @@
 use super::clock::Clock;
 use super::codec::{Format, b64_decode, b64_encode};
 use super::job::{duration_ms, ms_system};
+use super::redis_clock::{Answer, RedisClock};
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
     QueueError,
@@ -130,7 +131,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -457,7 +458,7 @@ struct Inner {
     format: Format,
     op_timeout: Duration,
     /// The last reading of Redis's clock: see [`RedisQueue::submit_script`].
-    anchor: Mutex<Option<Anchor>>,
+    anchor: RedisClock,
     clock: Clock,
     idle_consumer_ttl: Duration,
     /// When this handle's next lease looks for idle consumers (clock ms).
@@ -646,7 +647,7 @@ impl RedisQueueBuilder {
                 policy: self.policy,
                 format: self.format,
                 op_timeout: self.op_timeout,
-                anchor: Mutex::new(None),
+                anchor: RedisClock::default(),
                 clock: Clock::new(),
                 idle_consumer_ttl: self.idle_consumer_ttl,
                 next_consumer_sweep: AtomicU64::new(0),
@@ -767,95 +768,24 @@ impl RedisQueue {
     }
 }
 
-/// How long a reading of Redis's clock is used to place submit deadlines
-/// on it. An older one is read again (`TIME`) first, so that the two
-/// clocks (Redis's wall clock, the local monotonic one) drift apart by
-/// under 10 ms (1,000 ppm: each slewed by NTP at its 500 ppm maximum, in
-/// opposite directions) before it is renewed.
-const ANCHOR_MAX_AGE: Duration = Duration::from_secs(10);
-
-/// Redis's clock (`TIME`, µs) as read by a script or command, and the local
-/// instant its answer arrived. Redis read its clock before that instant, so
-/// `redis_us + (t - at)` is never later than Redis's clock at `t` (up to the
-/// rate drift of the two clocks, bounded by [`ANCHOR_MAX_AGE`]).
-#[derive(Clone, Copy, Debug)]
-struct Anchor {
-    redis_us: u64,
-    at: Instant,
-}
-
-impl Anchor {
-    fn read(secs: u64, micros: u64) -> Anchor {
-        Anchor {
-            redis_us: secs.saturating_mul(1_000_000).saturating_add(micros),
-            at: Instant::now(),
-        }
-    }
-
-    /// A lower bound on Redis's clock at `t`, in µs.
-    fn redis_us_at(&self, t: Instant) -> u64 {
-        let since = t.saturating_duration_since(self.at).as_micros();
-        self.redis_us
-            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
-    }
-}
-
 impl RedisQueue {
-    fn anchored(&self, anchor: Anchor) -> Anchor {
-        *self.inner.anchor.lock().unwrap_or_else(|e| e.into_inner()) = Some(anchor);
-        anchor
-    }
-
     /// Runs the submit script so that Redis stores the job only if it runs
-    /// the script before this call gives up (`op_timeout` from now).
-    ///
-    /// A command that Redis reads late (it was stalled: paused, swapping,
-    /// blocked by a slow command) would otherwise store a job whose caller
-    /// was already told `Unavailable`. So the script gets the instant this
-    /// call gives up, on Redis's own clock, and returns `late` without
-    /// storing anything once `TIME` is past it. That instant is taken from
-    /// the last reading of Redis's clock (the [`Anchor`]: every submit
-    /// answer carries one; one older than [`ANCHOR_MAX_AGE`] is renewed
-    /// with `TIME` first) plus the local monotonic time since, so no two
-    /// clocks are compared and clock skew between client and Redis does not
-    /// matter. The reading is a lower bound, so the deadline is never later
-    /// than the real give-up; it is earlier by the latency of the answer it
-    /// was read from. If Redis's clock jumped ahead (or a failover reached
-    /// a host whose clock is ahead), the script answers `late` while this
-    /// call still waits: the answer renews the reading, and the script runs
-    /// once more, within the same `op_timeout`.
-    async fn submit_script(&self, args: Vec<Vec<u8>>) -> Result<(String, String), QueueError> {
+    /// the script before this call gives up (`op_timeout` from now): see
+    /// the module docs, "Connection loss and stalls", and
+    /// [`RedisClock::run_before`].
+    async fn submit_script(&self, args: Vec<Vec<u8>>) -> Result<Answer, QueueError> {
         let give_up = Instant::now() + self.inner.op_timeout;
-        let attempt = async {
-            let mut c = self.inner.conn.clone();
-            for _ in 0..2 {
-                let last = *self.inner.anchor.lock().unwrap_or_else(|e| e.into_inner());
-                let anchor = match last {
-                    Some(a) if a.at.elapsed() < ANCHOR_MAX_AGE => a,
-                    _ => {
-                        let (secs, micros): (u64, u64) =
-                            ::redis::cmd("TIME").query_async(&mut c).await?;
-                        self.anchored(Anchor::read(secs, micros))
-                    }
-                };
-                let mut inv = SCRIPTS.submit.prepare_invoke();
-                inv.arg(&self.inner.prefix);
-                for a in &args {
-                    inv.arg(a.as_slice());
-                }
-                inv.arg(anchor.redis_us_at(give_up));
-                let (what, other, secs, micros): (String, String, u64, u64) =
-                    inv.invoke_async(&mut c).await?;
-                self.anchored(Anchor::read(secs, micros));
-                if what != "late" {
-                    return Ok((what, other));
-                }
-            }
-            Ok(("late".to_owned(), String::new()))
-        };
-        match tokio::time::timeout_at(give_up, attempt).await {
-            Ok(r) => r.map_err(unavailable),
-            Err(_) => Err(QueueError::unavailable(format!(
+        let run = self.inner.anchor.run_before(
+            &self.inner.conn,
+            &SCRIPTS.submit,
+            &self.inner.prefix,
+            &args,
+            give_up,
+            true,
+        );
+        match run.await {
+            Some(r) => r.map_err(unavailable),
+            None => Err(QueueError::unavailable(format!(
                 "redis did not answer within {:?}",
                 self.inner.op_timeout
             ))),

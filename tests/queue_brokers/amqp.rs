@@ -1,4 +1,6 @@
-use crate::support::{Proxy, fleet, outage, unique};
+use crate::support::{
+    Freeze, Proxy, Stall, fleet, key, outage, private_redis, stored_none_after_the_stop, unique,
+};
 use std::time::Duration;
 use tower_firebreak::queue::amqp::{AmqpQueue, AmqpQueueBuilder, RedisStatusStore};
 use tower_firebreak::queue::{DeliveredResponse, Job, JobId, Queue};
@@ -83,6 +85,78 @@ async fn lost_connection_answers_503_fast_and_delivers_every_202() {
     // half-stored by the cut: none answered 503 may be delivered.
     outage(q, &mut proxy, Duration::from_secs(1), 0).await;
     proxy.cut().await;
+    cleanup(&name).await;
+}
+
+/// RabbitMQ stalled (paused) rather than gone, behind a proxy that passes
+/// no byte either way but keeps every connection open (the shared broker
+/// must not be paused). A copy published during the stall reaches RabbitMQ
+/// when it resumes, after its submit answered 503; the submit claims only
+/// once its publish is confirmed, so that copy has no record and is
+/// dropped as an orphan: no request answered 503 is stored or delivered,
+/// and every 202 is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_rabbitmq_stores_none_of_its_503s() {
+    let name = unique("freeze");
+    let mut proxy = Proxy::start(5672).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let q = connect(&url, &name, Duration::from_millis(300)).await;
+    let log = outage(q, &mut Freeze(&proxy), Duration::from_secs(1), 0).await;
+    let mut c = redis::Client::open(REDIS)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let index = format!("fba:{{{name}}}:i");
+    stored_none_after_the_stop(&log, |i| {
+        redis::cmd("HEXISTS")
+            .arg(&index)
+            .arg(key(i))
+            .query(&mut c)
+            .unwrap()
+    });
+    proxy.cut().await;
+    cleanup(&name).await;
+}
+
+/// The status store's Redis paused (SIGSTOP) rather than killed. Each
+/// submit publishes its copy to RabbitMQ first, so during the stall every
+/// copy is there while its claim waits in the stalled Redis's socket, to run
+/// when Redis resumes. The claim carries the instant its submit gives up,
+/// on Redis's clock: one that Redis runs later stores nothing, and its copy
+/// is dropped as stale. So no request sent during the stall and answered
+/// 503 is stored or delivered (`outage` checks the deliveries; at most the
+/// one in flight at the stop may be), and every 202 is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_status_store_stores_none_of_its_503s() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store_redis = private_redis(dir.path());
+    let url = format!("redis://127.0.0.1:{}", store_redis.port);
+    let name = unique("stall");
+    let store = RedisStatusStore::connect_with_timeout(&url, &name, Duration::from_millis(300))
+        .await
+        .unwrap_or_else(|e| panic!("the private Redis at {url} is unreachable ({e})"));
+    let q = AmqpQueue::builder()
+        .name(&name)
+        .op_timeout(Duration::from_millis(300))
+        .connect(AMQP, store)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        });
+    let log = outage(q, &mut Stall(&mut store_redis), Duration::from_secs(1), 1).await;
+
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let index = format!("fba:{{{name}}}:i");
+    stored_none_after_the_stop(&log, |i| {
+        redis::cmd("HEXISTS")
+            .arg(&index)
+            .arg(key(i))
+            .query(&mut c)
+            .unwrap()
+    });
     cleanup(&name).await;
 }
 

@@ -1,5 +1,6 @@
-use crate::support::{Broker, DOWN, Stall, fleet, key, outage, spare_port, unique};
-use http::StatusCode;
+use crate::support::{
+    Stall, fleet, key, outage, private_redis, stored_none_after_the_stop, unique,
+};
 use std::time::Duration;
 use tower_firebreak::queue::redis::{RedisQueue, RedisQueueBuilder};
 use tower_firebreak::queue::{DeliveredResponse, Job, Queue};
@@ -54,27 +55,6 @@ async fn fleet_of_two_shares_one_queue() {
 
 /// A private `redis-server` on a spare port, with its AOF fsynced on every
 /// write, in `dir`.
-fn private_redis(dir: &std::path::Path) -> Broker {
-    let port = spare_port();
-    let args = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--dir",
-        dir.to_str().unwrap(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    Broker::start("redis-server", args, port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_answers_503_fast_and_delivers_every_202() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,56 +88,13 @@ async fn stall_stores_none_of_its_503s() {
         .unwrap()
         .get_connection()
         .unwrap();
-    let mut stored = |i: usize| -> bool {
+    stored_none_after_the_stop(&log, |i| {
         redis::cmd("HEXISTS")
             .arg("fb:{stall}:i")
             .arg(key(i))
             .query(&mut c)
             .unwrap()
-    };
-    let mut refused_during = 0;
-    let mut stored_during = Vec::new();
-    let mut stored_in_flight = Vec::new();
-    for s in &log {
-        if s.answer.status == StatusCode::ACCEPTED {
-            assert!(stored(s.i), "{} got 202 but is not in the index", key(s.i));
-            continue;
-        }
-        // Sent once the stop had begun (during the stall, or after it).
-        let sent_during = s.phases.0 >= DOWN;
-        refused_during += usize::from(sent_during);
-        if stored(s.i) {
-            let what = format!(
-                "{} (phases {:?}, took {:?})",
-                key(s.i),
-                s.phases,
-                s.answer.took
-            );
-            if sent_during {
-                stored_during.push(what);
-            } else {
-                stored_in_flight.push(what);
-            }
-        }
-    }
-    eprintln!(
-        "stall: {refused_during} requests sent after the stop got 503; stored anyway: \
-         {stored_during:?}; in flight at the stop and stored: {stored_in_flight:?}"
-    );
-    assert!(
-        refused_during >= 5,
-        "only {refused_during} requests sent after the stop got 503"
-    );
-    assert!(
-        stored_during.is_empty(),
-        "{} of {refused_during} requests sent after the stop got 503 and were stored when \
-         Redis resumed: {stored_during:?}",
-        stored_during.len()
-    );
-    assert!(
-        stored_in_flight.len() <= 1,
-        "more than the one request in flight at the stop was stored: {stored_in_flight:?}"
-    );
+    });
 }
 
 // The cleanup of idle consumers of the stream's group.

@@ -633,6 +633,84 @@ impl Broker {
     }
 }
 
+/// A Redis of its own for a test that stops it: it fsyncs every write
+/// (`appendfsync always`), so what it answered survives a kill.
+pub(crate) fn private_redis(dir: &std::path::Path) -> Broker {
+    let port = spare_port();
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    Broker::start("redis-server", args, port)
+}
+
+/// The verdict of a stall test, over the `outage` log of a queue whose
+/// Redis was paused: `stored(i)` says whether request `i`'s idempotency key
+/// is in the store's index (which keeps every key stored within retention,
+/// delivered or not).
+///
+/// Every `202` is stored. No request sent once the stop had begun and
+/// answered `503` is stored; of those sent before it and answered `503`,
+/// at most one (the request in flight at the stop, as the producer sends
+/// one at a time) is.
+pub(crate) fn stored_none_after_the_stop(log: &[Sent], mut stored: impl FnMut(usize) -> bool) {
+    let mut refused_during = 0;
+    let mut stored_during = Vec::new();
+    let mut stored_in_flight = Vec::new();
+    for s in log {
+        if s.answer.status == StatusCode::ACCEPTED {
+            assert!(stored(s.i), "{} got 202 but is not in the index", key(s.i));
+            continue;
+        }
+        // Sent once the stop had begun (during the stall, or after it).
+        let sent_during = s.phases.0 >= DOWN;
+        refused_during += usize::from(sent_during);
+        if stored(s.i) {
+            let what = format!(
+                "{} (phases {:?}, took {:?})",
+                key(s.i),
+                s.phases,
+                s.answer.took
+            );
+            if sent_during {
+                stored_during.push(what);
+            } else {
+                stored_in_flight.push(what);
+            }
+        }
+    }
+    eprintln!(
+        "stall: {refused_during} requests sent after the stop got 503; stored anyway: \
+         {stored_during:?}; in flight at the stop and stored: {stored_in_flight:?}"
+    );
+    assert!(
+        refused_during >= 5,
+        "only {refused_during} requests sent after the stop got 503"
+    );
+    assert!(
+        stored_during.is_empty(),
+        "{} of {refused_during} requests sent after the stop got 503 and were stored when \
+         Redis resumed: {stored_during:?}",
+        stored_during.len()
+    );
+    assert!(
+        stored_in_flight.len() <= 1,
+        "more than the one request in flight at the stop was stored: {stored_in_flight:?}"
+    );
+}
+
 /// The broker stalls instead of dying: SIGSTOP, then SIGCONT. Its sockets
 /// stay open, so what a client writes meanwhile is read when it resumes.
 pub(crate) struct Stall<'a>(pub(crate) &'a mut Broker);
@@ -668,6 +746,8 @@ pub(crate) struct Proxy {
     pub(crate) port: u16,
     upstream: u16,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// While `true`, no byte passes either way (see [`Freeze`]).
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -676,6 +756,7 @@ impl Proxy {
             port: spare_port(),
             upstream,
             task: None,
+            frozen: tokio::sync::watch::Sender::new(false),
         };
         p.restore().await;
         p
@@ -687,19 +768,21 @@ impl Proxy {
             .await
             .expect("bind the proxy port again");
         let upstream = self.upstream;
+        let frozen = self.frozen.clone();
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
-                conns.spawn(async move {
-                    if let Ok(mut server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                conns.spawn(pump(client_rx, server_tx, frozen.subscribe()));
+                conns.spawn(pump(server_rx, client_tx, frozen.subscribe()));
             }
         }));
     }
@@ -711,6 +794,47 @@ impl Proxy {
             t.abort();
             let _ = t.await;
         }
+    }
+}
+
+/// Copies one direction of a proxied connection, holding what it reads
+/// (and reading nothing more) while the proxy is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        if frozen.wait_for(|f| !f).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A broker that stalls (as if paused with SIGSTOP) behind a [`Proxy`]:
+/// every connection stays open, but no byte passes either way until it
+/// resumes, and then what was written meanwhile is delivered. For a
+/// shared broker this test must not pause.
+pub(crate) struct Freeze<'a>(pub(crate) &'a Proxy);
+
+impl Switch for Freeze<'_> {
+    async fn down(&mut self) {
+        self.0.frozen.send_replace(true);
+    }
+    async fn up(&mut self) {
+        self.0.frozen.send_replace(false);
     }
 }
 
