@@ -24,7 +24,8 @@
 //!
 //! Reads (`status`, `oldest_age`, `dead_letters`) run in a read transaction
 //! on tokio's blocking pool: they see every committed batch and never wait
-//! for one. `depth` is kept in memory by the writer.
+//! for one. `depth` is kept in memory by the writer. Only
+//! [`DiskQueue::compact`] makes reads and writes wait (for it).
 //!
 //! No blocking I/O runs on the async caller: [`DiskQueue::open`] is the one
 //! blocking call (it opens the file and recovers leases) and belongs at
@@ -70,9 +71,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -126,7 +127,9 @@ pub struct DiskQueue {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// Shared by the writer's batches and the reads; taken exclusively
+    /// only by [`DiskQueue::compact`].
+    db: Arc<RwLock<Database>>,
     path: Arc<Path>,
     policy: Policy,
     format: Format,
@@ -266,7 +269,7 @@ impl DiskQueueBuilder {
             init(&db, &path, self.format, &self.policy, clock.now_ms())
         })?;
         let depth = Arc::new(AtomicU64::new(depth));
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(db));
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -312,6 +315,67 @@ impl DiskQueue {
         &self.inner.path
     }
 
+    /// Gives the file's free space back to the filesystem, and returns how
+    /// many bytes the file shrank by.
+    ///
+    /// The file grows to hold the most jobs it has held at once (after an
+    /// outage, the whole backlog) and redb reuses the freed pages, but it
+    /// never shrinks by itself. This rewrites it compactly (redb's
+    /// [`compact`](redb::Database::compact), with two-phase commits: a crash
+    /// meanwhile leaves the last committed state, which the next
+    /// [`open`](Self::open) repairs, however long that takes for a large
+    /// file). Every job is kept.
+    ///
+    /// It needs the file to itself, so every write and read waits until it
+    /// is done (it runs on the blocking pool; callers are not blocked,
+    /// they wait): run it when the queue is quiet, for instance after a
+    /// backlog has drained, on a schedule of your own.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_firebreak::queue::QueueError> {
+    /// use tower_firebreak::queue::Queue;
+    /// use tower_firebreak::queue::disk::DiskQueue;
+    ///
+    /// let queue = DiskQueue::open("jobs.redb")?;
+    /// if queue.depth().await? == 0 {
+    ///     let freed = queue.compact().await?;
+    ///     println!("the queue file shrank by {freed} bytes");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Unavailable`] for an I/O error, [`QueueError::Corrupt`]
+    /// for a damaged file; the jobs are as they were.
+    pub async fn compact(&self) -> Result<u64, QueueError> {
+        let (db, path) = (self.inner.db.clone(), self.inner.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let size = || {
+                std::fs::metadata(&path)
+                    .map(|m| m.len())
+                    .map_err(|e| Failure::of(&path, e.into()).to_error())
+            };
+            let mut db = db.write().unwrap_or_else(|e| e.into_inner());
+            let before = size()?;
+            guard(&path.clone(), || {
+                // With the lock held, no transaction is open, and the queue
+                // makes no savepoints: only storage errors are left.
+                db.compact().map_err(|e| match e {
+                    redb::CompactionError::Storage(e) => Failure::of(&path, e.into()).to_error(),
+                    other => QueueError::unavailable(format!(
+                        "{}: cannot compact: {other}",
+                        path.display()
+                    )),
+                })
+            })?;
+            Ok(before.saturating_sub(size()?))
+        })
+        .await
+        .map_err(|e| QueueError::unavailable(format!("queue compaction task failed: {e}")))?
+    }
+
     /// Runs `op` on the writer thread, in the next group commit, and returns
     /// its result once that commit is durable.
     async fn call<T: Send + 'static>(
@@ -329,6 +393,7 @@ impl DiskQueue {
     ) -> Result<T, QueueError> {
         let (db, path) = (self.inner.db.clone(), self.inner.path.clone());
         tokio::task::spawn_blocking(move || {
+            let db = shared(&db);
             guard(&path.clone(), || {
                 let txn = db
                     .begin_read()
@@ -478,7 +543,7 @@ impl Failure {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<RwLock<Database>>,
     path: Arc<Path>,
     format: Format,
     max_batch: usize,
@@ -534,7 +599,8 @@ impl Writer {
                 work(Err(failure))(Some(failure));
             }
         };
-        let mut txn = match self.db.begin_write() {
+        let db = shared(&self.db);
+        let mut txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => return fail_all(batch, &Failure::of(&self.path, e.into())),
         };
@@ -588,6 +654,13 @@ impl Writer {
             reply(failure.as_ref());
         }
     }
+}
+
+/// The database for a batch or a read. A panic that poisoned the lock
+/// (inside redb, on a damaged file) was already turned into an error for
+/// its caller; the database itself is what it was.
+fn shared(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
+    db.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An I/O error that means the file is shorter or other than redb wrote it.
