@@ -88,6 +88,24 @@ async fn lost_connection_answers_503_fast_and_delivers_every_202() {
     cleanup(&name).await;
 }
 
+/// Whether request `i`'s idempotency key is in the index of queue `name`'s
+/// status store at `redis_url` (which keeps every key stored within
+/// retention, delivered or not).
+fn in_index(redis_url: &str, name: &str) -> impl FnMut(usize) -> bool {
+    let mut c = redis::Client::open(redis_url)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let index = format!("fba:{{{name}}}:i");
+    move |i| {
+        redis::cmd("HEXISTS")
+            .arg(&index)
+            .arg(key(i))
+            .query(&mut c)
+            .unwrap()
+    }
+}
+
 /// RabbitMQ stalled (paused) rather than gone, behind a proxy that passes
 /// no byte either way but keeps every connection open (the shared broker
 /// must not be paused). A copy published during the stall reaches RabbitMQ
@@ -102,18 +120,7 @@ async fn a_stalled_rabbitmq_stores_none_of_its_503s() {
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let q = connect(&url, &name, Duration::from_millis(300)).await;
     let log = outage(q, &mut Freeze(&proxy), Duration::from_secs(1), 0).await;
-    let mut c = redis::Client::open(REDIS)
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let index = format!("fba:{{{name}}}:i");
-    stored_none_after_the_stop(&log, |i| {
-        redis::cmd("HEXISTS")
-            .arg(&index)
-            .arg(key(i))
-            .query(&mut c)
-            .unwrap()
-    });
+    stored_none_after_the_stop(&log, in_index(REDIS, &name));
     proxy.cut().await;
     cleanup(&name).await;
 }
@@ -144,19 +151,7 @@ async fn a_stalled_status_store_stores_none_of_its_503s() {
             panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
         });
     let log = outage(q, &mut Stall(&mut store_redis), Duration::from_secs(1), 1).await;
-
-    let mut c = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let index = format!("fba:{{{name}}}:i");
-    stored_none_after_the_stop(&log, |i| {
-        redis::cmd("HEXISTS")
-            .arg(&index)
-            .arg(key(i))
-            .query(&mut c)
-            .unwrap()
-    });
+    stored_none_after_the_stop(&log, in_index(&url, &name));
     cleanup(&name).await;
 }
 
