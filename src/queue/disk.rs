@@ -41,6 +41,21 @@
 //! leases are recovered on every `lease` call. Dropping the last handle
 //! waits for the writer thread to finish the batch it is committing.
 //!
+//! # A full disk, and other I/O errors
+//!
+//! A batch whose write or fsync fails (a full disk, a disk past the
+//! process's file-size limit, an I/O error) fails every request in it with
+//! [`QueueError::Unavailable`] naming the file and the cause, and none of
+//! them is stored (but for the usual exception of an fsync that failed
+//! after the data reached the disk: a retry with the same idempotency key
+//! then gets [`Enqueued::Existing`]). redb then refuses every write on the
+//! handle until the file is opened again, so the writer closes it and opens
+//! it again (which repairs it: for a large file this takes a while, and
+//! writes wait) with its next batch, at most once a second. So the queue
+//! takes jobs again by itself, without a restart, once the disk has room;
+//! reads fail while the file is closed. `tests/disk_full.rs` fills the disk
+//! with the file-size limit and checks all of this.
+//!
 //! # Corruption
 //!
 //! A file that is not a redb database, is empty, or is truncated or
@@ -65,9 +80,11 @@ use super::{
 use crate::ConfigError;
 use redb::{
     Database, DatabaseError, Durability, ReadOnlyTable, ReadTransaction, ReadableTable,
-    ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
+    ReadableTableMetadata, StorageError, Table, TableDefinition, TransactionError,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -127,9 +144,10 @@ pub struct DiskQueue {
 }
 
 struct Inner {
-    /// Shared by the writer's batches and the reads; taken exclusively
-    /// only by [`DiskQueue::compact`].
-    db: Arc<RwLock<Database>>,
+    /// Shared by the writer's batches and the reads; taken exclusively by
+    /// [`DiskQueue::compact`], and by the writer to open the file again
+    /// after an I/O error (`None` until it could).
+    db: Arc<RwLock<Option<Database>>>,
     path: Arc<Path>,
     policy: Policy,
     format: Format,
@@ -269,10 +287,11 @@ impl DiskQueueBuilder {
             init(&db, &path, self.format, &self.policy, clock.now_ms())
         })?;
         let depth = Arc::new(AtomicU64::new(depth));
-        let db = Arc::new(RwLock::new(db));
+        let db = Arc::new(RwLock::new(Some(db)));
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
+            reopened: Cell::new(None),
             path: path.clone(),
             format: self.format,
             max_batch: self.max_batch,
@@ -358,6 +377,7 @@ impl DiskQueue {
                     .map_err(|e| Failure::of(&path, e.into()).to_error())
             };
             let mut db = db.write().unwrap_or_else(|e| e.into_inner());
+            let db = db.as_mut().ok_or_else(|| closed(&path).to_error())?;
             let before = size()?;
             guard(&path.clone(), || {
                 // With the lock held, no transaction is open, and the queue
@@ -394,6 +414,7 @@ impl DiskQueue {
         let (db, path) = (self.inner.db.clone(), self.inner.path.clone());
         tokio::task::spawn_blocking(move || {
             let db = shared(&db);
+            let db = db.as_ref().ok_or_else(|| closed(&path).to_error())?;
             guard(&path.clone(), || {
                 let txn = db
                     .begin_read()
@@ -543,7 +564,9 @@ impl Failure {
 }
 
 struct Writer {
-    db: Arc<RwLock<Database>>,
+    db: Arc<RwLock<Option<Database>>>,
+    /// When the writer last opened the file again after an I/O error.
+    reopened: Cell<Option<tokio::time::Instant>>,
     path: Arc<Path>,
     format: Format,
     max_batch: usize,
@@ -592,6 +615,55 @@ impl Writer {
         }
     }
 
+    /// Begins a batch's write transaction, under the shared lock.
+    ///
+    /// After an I/O error in a commit (a full disk, say) redb refuses every
+    /// later write on the handle (`PreviousIo`) until the file is opened
+    /// again, which repairs it. So the writer closes and opens it again
+    /// here, at most once a second, and the queue takes jobs again by
+    /// itself once the disk has room; until then each batch fails with the
+    /// error, and reads fail while the file is closed.
+    fn begin(&self) -> Result<(RwLockReadGuard<'_, Option<Database>>, WriteTransaction), Failure> {
+        loop {
+            let db = shared(&self.db);
+            let failure = match db.as_ref().map(Database::begin_write) {
+                Some(Ok(txn)) => return Ok((db, txn)),
+                Some(Err(TransactionError::Storage(StorageError::PreviousIo))) => Failure {
+                    path: self.path.clone(),
+                    corrupt: false,
+                    message: "an earlier write failed with an I/O error (a full disk?); the \
+                              queue's writer opens the file again, at most once a second"
+                        .into(),
+                },
+                Some(Err(e)) => return Err(Failure::of(&self.path, e.into())),
+                None => closed(&self.path),
+            };
+            drop(db);
+            let now = tokio::time::Instant::now();
+            if self
+                .reopened
+                .get()
+                .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
+            {
+                return Err(failure);
+            }
+            self.reopened.set(Some(now));
+            self.reopen()?;
+        }
+    }
+
+    /// Closes the file (releasing its lock) and opens it again.
+    fn reopen(&self) -> Result<(), Failure> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        *slot = None;
+        let db = catch_unwind(AssertUnwindSafe(|| Database::builder().create(&*self.path)))
+            .map_err(|_| Failure::panicked(&self.path))?
+            .map_err(|e| Failure::of(&self.path, e.into()))?;
+        *slot = Some(db);
+        tracing::warn!(path = %self.path.display(), "opened the queue file again after an I/O error");
+        Ok(())
+    }
+
     fn commit(&self, batch: &mut Vec<Work>) {
         let fail_all = |batch: &mut Vec<Work>, failure: &Failure| {
             tracing::error!(path = %self.path.display(), error = %failure.message, "queue write failed");
@@ -599,10 +671,9 @@ impl Writer {
                 work(Err(failure))(Some(failure));
             }
         };
-        let db = shared(&self.db);
-        let mut txn = match db.begin_write() {
-            Ok(txn) => txn,
-            Err(e) => return fail_all(batch, &Failure::of(&self.path, e.into())),
+        let (_db, mut txn) = match self.begin() {
+            Ok(begun) => begun,
+            Err(failure) => return fail_all(batch, &failure),
         };
         txn.set_durability(Durability::Immediate);
         let mut store = match catch_unwind(AssertUnwindSafe(|| {
@@ -627,12 +698,15 @@ impl Writer {
         drop(store);
         let Ok(replies) = replies else {
             tracing::error!(path = %self.path.display(), "queue storage panicked; batch dropped");
-            let _ = txn.abort();
+            drop(txn);
             return;
         };
         let failure = match failure {
             Some(f) => {
-                let _ = txn.abort();
+                // Dropped, not `abort()`ed: after an I/O error redb's abort
+                // panics (its rollback asserts the storage is sound), while
+                // its drop leaves the rollback to the reopen.
+                drop(txn);
                 Some(f)
             }
             None if dirty => txn
@@ -640,7 +714,7 @@ impl Writer {
                 .err()
                 .map(|e| Failure::of(&self.path, e.into())),
             None => {
-                let _ = txn.abort();
+                drop(txn);
                 None
             }
         };
@@ -659,8 +733,20 @@ impl Writer {
 /// The database for a batch or a read. A panic that poisoned the lock
 /// (inside redb, on a damaged file) was already turned into an error for
 /// its caller; the database itself is what it was.
-fn shared(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
+fn shared(db: &RwLock<Option<Database>>) -> RwLockReadGuard<'_, Option<Database>> {
     db.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The file is closed: the writer could not open it again yet after an I/O
+/// error.
+fn closed(path: &Arc<Path>) -> Failure {
+    Failure {
+        path: path.clone(),
+        corrupt: false,
+        message: "the file is closed after an I/O error; the queue's writer opens it again \
+                  with its next write"
+            .into(),
+    }
 }
 
 /// An I/O error that means the file is shorter or other than redb wrote it.

@@ -1,0 +1,96 @@
+//! A full disk under `DiskQueue`: clear `Unavailable` errors while there is
+//! no room, no accepted job lost, and recovery by itself, without a restart,
+//! once there is room again.
+//!
+//! The disk fills by the process's file-size limit (`RLIMIT_FSIZE`): a
+//! write past it fails with `EFBIG`, as one on a full filesystem fails with
+//! `ENOSPC`, and needs no privileges or mounts. The limit is per process,
+//! so this test has a binary of its own.
+#![cfg(all(feature = "disk", target_os = "linux"))]
+
+use rlimit::Resource;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+use tower_firebreak::queue::disk::DiskQueue;
+use tower_firebreak::queue::{Job, JobStatus, Queue, QueueError};
+
+/// `SIGXFSZ` on Linux (x86-64, arm64 and the rest but MIPS, SPARC, Alpha).
+const SIGXFSZ: i32 = 25;
+
+fn job(i: usize) -> Job {
+    Job::new(http::Method::POST, format!("/full/{i}").parse().unwrap())
+        .with_body(vec![b'x'; 4096])
+        .with_idempotency_key(format!("full-{i}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_cleanly_and_the_queue_recovers_when_there_is_room() {
+    // A write past the limit raises SIGXFSZ, which kills the process unless
+    // handled; with a handler the write fails with EFBIG instead.
+    let _xfsz = signal(SignalKind::from_raw(SIGXFSZ)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let q = DiskQueue::open(&path).unwrap();
+    let (soft, hard) = rlimit::getrlimit(Resource::FSIZE).unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+    rlimit::setrlimit(Resource::FSIZE, size + 512 * 1024, hard).unwrap();
+
+    let mut accepted = Vec::new();
+    let mut i = 0;
+    let full = loop {
+        assert!(i < 10_000, "the queue never filled the disk");
+        match q.enqueue(job(i)).await {
+            Ok(id) => accepted.push(id),
+            Err(e) => break e,
+        }
+        i += 1;
+    };
+    eprintln!("full after {} jobs: {full}", accepted.len());
+    assert!(
+        matches!(full, QueueError::Unavailable { .. }),
+        "a full disk gave {full:?}"
+    );
+    assert!(
+        full.to_string().contains(&*path.to_string_lossy()),
+        "the error does not name the file: {full}"
+    );
+    // Still full: still clear errors, and nothing stored.
+    for k in 0..3 {
+        let e = q.enqueue(job(20_000 + k)).await.unwrap_err();
+        assert!(matches!(e, QueueError::Unavailable { .. }), "{e:?}");
+    }
+
+    // Room again: the queue takes jobs within seconds, with no restart.
+    rlimit::setrlimit(Resource::FSIZE, soft, hard).unwrap();
+    let since = Instant::now();
+    let again = loop {
+        match q.enqueue(job(30_000)).await {
+            Ok(id) => break id,
+            Err(e) if since.elapsed() < Duration::from_secs(5) => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the queue did not recover within 5 s of room returning: {e}"),
+        }
+    };
+    eprintln!("recovered after {:?}", since.elapsed());
+    accepted.push(again);
+
+    // Every accepted job is there, and nothing else; across a reopen too.
+    assert_eq!(q.depth().await.unwrap(), accepted.len());
+    for id in &accepted {
+        assert_eq!(q.status(id).await.unwrap(), Some(JobStatus::Queued), "{id}");
+    }
+    drop(q);
+    let q = DiskQueue::open(&path).unwrap();
+    let leased = q
+        .lease(accepted.len() + 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), accepted.len());
+    for l in &leased {
+        assert!(accepted.contains(l.lease.id()));
+        assert_eq!(l.job.body().len(), 4096);
+    }
+}
