@@ -61,9 +61,25 @@ async fn a_full_disk_fails_cleanly_and_the_queue_recovers_when_there_is_room() {
         assert!(matches!(e, QueueError::Unavailable { .. }), "{e:?}");
     }
 
-    // Room again: the queue takes jobs within seconds, with no restart.
+    // Room again. Reads come back within seconds with no write to prompt
+    // it (the writer reopens the file on its own), and the queue takes
+    // jobs again, with no restart.
     rlimit::setrlimit(Resource::FSIZE, soft, hard).unwrap();
     let since = Instant::now();
+    loop {
+        match q.status(&accepted[0]).await {
+            Ok(status) => {
+                assert_eq!(status, Some(JobStatus::Queued));
+                break;
+            }
+            Err(e) if since.elapsed() < Duration::from_secs(5) => {
+                assert!(matches!(e, QueueError::Unavailable { .. }), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("reads did not recover within 5 s of room returning: {e}"),
+        }
+    }
+    eprintln!("reads back after {:?}", since.elapsed());
     let again = loop {
         match q.enqueue(job(30_000)).await {
             Ok(id) => break id,

@@ -18,14 +18,16 @@
 //! commit syncs, the next batch gathers, so throughput grows with the
 //! number of concurrent producers, and a lone producer never waits for a
 //! batch to fill. Each request is answered (through a oneshot channel)
-//! only after its batch is durable; if the commit fails, every request in the batch fails and none of them is
-//! stored. An operation that writes nothing (a `lease` that finds nothing
+//! only after its batch is durable; if the commit fails, every request in
+//! the batch fails and none of them is stored (but see "A full disk"
+//! below for the one exception). An operation that writes nothing (a `lease` that finds nothing
 //! due) is not committed and costs no fsync.
 //!
 //! Reads (`status`, `oldest_age`, `dead_letters`) run in a read transaction
 //! on tokio's blocking pool: they see every committed batch and never wait
 //! for one. `depth` is kept in memory by the writer. Only
-//! [`DiskQueue::compact`] makes reads and writes wait (for it).
+//! [`DiskQueue::compact`], and the writer opening the file again after an
+//! I/O error (below), make reads and writes wait.
 //!
 //! No blocking I/O runs on the async caller: [`DiskQueue::open`] is the one
 //! blocking call (it opens the file and recovers leases) and belongs at
@@ -45,16 +47,27 @@
 //!
 //! A batch whose write or fsync fails (a full disk, a disk past the
 //! process's file-size limit, an I/O error) fails every request in it with
-//! [`QueueError::Unavailable`] naming the file and the cause, and none of
-//! them is stored (but for the usual exception of an fsync that failed
-//! after the data reached the disk: a retry with the same idempotency key
-//! then gets [`Enqueued::Existing`]). redb then refuses every write on the
-//! handle until the file is opened again, so the writer closes it and opens
-//! it again (which repairs it: for a large file this takes a while, and
-//! writes wait) with its next batch, at most once a second. So the queue
-//! takes jobs again by itself, without a restart, once the disk has room;
-//! reads fail while the file is closed. `tests/disk_full.rs` fills the disk
-//! with the file-size limit and checks all of this.
+//! [`QueueError::Unavailable`] naming the file and the cause. None of them
+//! is stored, with the exception no storage can rule out: an fsync that
+//! reports a failure after the data did reach the disk; a retry with the
+//! same idempotency key then gets [`Enqueued::Existing`].
+//!
+//! redb then refuses every transaction on the handle, reads included,
+//! until the file is opened again, which repairs it. So the writer closes
+//! the file and opens it again: at once with the next batch, then, while
+//! that does not help, no sooner than 1 s after the last attempt ended,
+//! the pause doubling up to 30 s; it also tries on its own, with no batch
+//! waiting, so that reads come back without a write. A repair reads the
+//! whole file, and reads and writes wait for it. So the queue takes jobs,
+//! and answers reads, again by itself once the disk has room: within 1 to
+//! 30 s, with no restart. `tests/disk_full.rs` fills the disk with the
+//! file-size limit and checks all of this (a write that fails as the file
+//! grows; a fault inside the commit's writes is not injected).
+//!
+//! While the writer reopens the file, redb's lock on it is released for
+//! that moment, and until the file could be opened if that fails: a
+//! second process opening the same file then would get it. Run one
+//! process per queue file.
 //!
 //! # Corruption
 //!
@@ -291,7 +304,9 @@ impl DiskQueueBuilder {
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
-            reopened: Cell::new(None),
+            suspect: Cell::new(false),
+            reopen_at: Cell::new(None),
+            reopen_wait: Cell::new(REOPEN_WAIT),
             path: path.clone(),
             format: self.format,
             max_batch: self.max_batch,
@@ -565,8 +580,17 @@ impl Failure {
 
 struct Writer {
     db: Arc<RwLock<Option<Database>>>,
-    /// When the writer last opened the file again after an I/O error.
-    reopened: Cell<Option<tokio::time::Instant>>,
+    /// A batch failed with an I/O error: until a transaction can begin
+    /// again, the writer also tries on its own, so that reads recover
+    /// without waiting for a write.
+    suspect: Cell<bool>,
+    /// No reopen before this instant (real time: this thread is outside
+    /// the runtime).
+    reopen_at: Cell<Option<tokio::time::Instant>>,
+    /// The pause after the next reopen: doubles from [`REOPEN_WAIT`] to
+    /// [`MAX_REOPEN_WAIT`] while reopens do not help, back to the start
+    /// after a commit.
+    reopen_wait: Cell<Duration>,
     path: Arc<Path>,
     format: Format,
     max_batch: usize,
@@ -582,7 +606,31 @@ impl Writer {
         // a commit releases trickle back one by one, and the first of them
         // gets a commit (and an fsync) of its own.
         let mut expected = 1usize;
-        while let Ok(first) = receiver.recv() {
+        loop {
+            let first = if self.suspect.get() {
+                let now = tokio::time::Instant::now();
+                let wait = self
+                    .reopen_at
+                    .get()
+                    .map_or(REOPEN_WAIT, |at| at.saturating_duration_since(now))
+                    .max(Duration::from_millis(10));
+                match receiver.recv_timeout(wait) {
+                    Ok(first) => first,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Reopen (when due) with no batch waiting.
+                        if self.begin().is_ok() {
+                            self.suspect.set(false);
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match receiver.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
+                }
+            };
             batch.push(first);
             self.gather(&receiver, &mut batch, expected);
             expected = batch.len().max(expected * 3 / 4).max(1);
@@ -618,11 +666,12 @@ impl Writer {
     /// Begins a batch's write transaction, under the shared lock.
     ///
     /// After an I/O error in a commit (a full disk, say) redb refuses every
-    /// later write on the handle (`PreviousIo`) until the file is opened
-    /// again, which repairs it. So the writer closes and opens it again
-    /// here, at most once a second, and the queue takes jobs again by
-    /// itself once the disk has room; until then each batch fails with the
-    /// error, and reads fail while the file is closed.
+    /// later transaction on the handle (`PreviousIo`) until the file is
+    /// opened again, which repairs it. So the writer closes and opens it
+    /// again here: at once the first time, then no sooner than
+    /// [`REOPEN_WAIT`] after the last reopen ended, doubling up to
+    /// [`MAX_REOPEN_WAIT`] while the error persists. Until then each batch
+    /// fails with the error.
     fn begin(&self) -> Result<(RwLockReadGuard<'_, Option<Database>>, WriteTransaction), Failure> {
         loop {
             let db = shared(&self.db);
@@ -632,31 +681,33 @@ impl Writer {
                     path: self.path.clone(),
                     corrupt: false,
                     message: "an earlier write failed with an I/O error (a full disk?); the \
-                              queue's writer opens the file again, at most once a second"
+                              queue's writer is opening the file again"
                         .into(),
                 },
                 Some(Err(e)) => return Err(Failure::of(&self.path, e.into())),
                 None => closed(&self.path),
             };
             drop(db);
-            let now = tokio::time::Instant::now();
-            if self
-                .reopened
-                .get()
-                .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
-            {
+            self.suspect.set(true);
+            let due = self.reopen_at.get();
+            if due.is_some_and(|at| tokio::time::Instant::now() < at) {
                 return Err(failure);
             }
-            self.reopened.set(Some(now));
-            self.reopen()?;
+            let reopened = self.reopen();
+            let wait = self.reopen_wait.get();
+            self.reopen_at.set(Some(tokio::time::Instant::now() + wait));
+            self.reopen_wait.set((wait * 2).min(MAX_REOPEN_WAIT));
+            reopened?;
         }
     }
 
-    /// Closes the file (releasing its lock) and opens it again.
+    /// Closes the file (releasing redb's lock on it, for the moment it
+    /// takes) and opens it again: `open`, not `create`, so a file that has
+    /// gone is an error rather than a new, empty queue.
     fn reopen(&self) -> Result<(), Failure> {
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         *slot = None;
-        let db = catch_unwind(AssertUnwindSafe(|| Database::builder().create(&*self.path)))
+        let db = catch_unwind(AssertUnwindSafe(|| Database::builder().open(&*self.path)))
             .map_err(|_| Failure::panicked(&self.path))?
             .map_err(|e| Failure::of(&self.path, e.into()))?;
         *slot = Some(db);
@@ -719,9 +770,16 @@ impl Writer {
             }
         };
         match &failure {
-            None => self.depth.store(depth, Ordering::Release),
+            None => {
+                self.depth.store(depth, Ordering::Release);
+                if dirty {
+                    self.reopen_at.set(None);
+                    self.reopen_wait.set(REOPEN_WAIT);
+                }
+            }
             Some(f) => {
                 tracing::error!(path = %self.path.display(), error = %f.message, "queue commit failed");
+                self.suspect.set(true);
             }
         }
         for reply in replies {
@@ -729,6 +787,11 @@ impl Writer {
         }
     }
 }
+
+/// The writer's first pause between reopens of the file after an I/O
+/// error, and its last.
+const REOPEN_WAIT: Duration = Duration::from_secs(1);
+const MAX_REOPEN_WAIT: Duration = Duration::from_secs(30);
 
 /// The database for a batch or a read. A panic that poisoned the lock
 /// (inside redb, on a damaged file) was already turned into an error for

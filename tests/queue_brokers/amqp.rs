@@ -1,5 +1,6 @@
 use crate::support::{
-    Freeze, Proxy, Stall, fleet, key, outage, private_redis, stored_none_after_the_stop, unique,
+    Broker, Freeze, Proxy, Stall, fleet, key, outage, private_redis, spare_port,
+    stored_none_after_the_stop, unique,
 };
 use std::time::Duration;
 use tower_firebreak::queue::amqp::{AmqpQueue, AmqpQueueBuilder, RedisStatusStore};
@@ -49,6 +50,11 @@ async fn cleanup(name: &str) {
     ch.exchange_delete(format!("fb.{name}.dlx").as_str().into(), Default::default())
         .await
         .unwrap();
+    cleanup_store(name);
+}
+
+/// Deletes a run's records in the shared status store.
+fn cleanup_store(name: &str) {
     let mut c = redis::Client::open(REDIS)
         .unwrap()
         .get_connection()
@@ -73,8 +79,8 @@ async fn fleet_of_two_shares_one_queue() {
 
 /// The shared RabbitMQ must not be stopped, so the test cuts the
 /// connection with a proxy instead: `503`s while the broker is unreachable,
-/// no false `202`, reconnection, and every `202` delivered. (It cannot check
-/// that RabbitMQ keeps acknowledged jobs across its own restart.)
+/// no false `202`, reconnection, and every `202` delivered. (RabbitMQ's own
+/// kill and restart: `a_killed_rabbitmq_keeps_every_202`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connection_answers_503_fast_and_delivers_every_202() {
     let name = unique("outage");
@@ -153,6 +159,46 @@ async fn a_stalled_status_store_stores_none_of_its_503s() {
     let log = outage(q, &mut Stall(&mut store_redis), Duration::from_secs(1), 1).await;
     stored_none_after_the_stop(&log, in_index(&url, &name));
     cleanup(&name).await;
+}
+
+/// A RabbitMQ node of its own, killed with SIGKILL and started again on the
+/// same data: `503`s while it is down, and every `202` (its copy was
+/// confirmed, so persisted) delivered exactly once after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rabbitmq_keeps_every_202() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rabbit = private_rabbitmq(dir.path());
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", rabbit.port);
+    let name = unique("killed");
+    let q = connect(&url, &name, Duration::from_millis(500)).await;
+    outage(q, &mut rabbit, Duration::from_secs(1), 1).await;
+    cleanup_store(&name);
+}
+
+/// A RabbitMQ node of its own (name, ports, data and logs in `dir`, no
+/// plugins, no config file), for a test that kills it.
+fn private_rabbitmq(dir: &std::path::Path) -> Broker {
+    let (port, dist) = (spare_port(), spare_port());
+    let d = |sub: &str| dir.join(sub).to_str().unwrap().to_owned();
+    std::fs::write(dir.join("plugins"), "[].").unwrap();
+    let script = if std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
+        // Debian's /usr/sbin wrapper would switch to the rabbitmq user.
+        "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    } else {
+        "rabbitmq-server"
+    };
+    let args = vec![
+        format!("RABBITMQ_NODENAME=fbtest{port}@localhost"),
+        "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1".to_owned(),
+        format!("RABBITMQ_NODE_PORT={port}"),
+        format!("RABBITMQ_DIST_PORT={dist}"),
+        format!("RABBITMQ_MNESIA_BASE={}", d("mnesia")),
+        format!("RABBITMQ_LOG_BASE={}", d("log")),
+        format!("RABBITMQ_ENABLED_PLUGINS_FILE={}", d("plugins")),
+        format!("RABBITMQ_CONFIG_FILE={}", d("no-config")),
+        script.to_owned(),
+    ];
+    Broker::start("env", args, port)
 }
 
 // The consumer with prefetch: what a handle holds ahead of its leases, and

@@ -11,8 +11,10 @@
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
+use rustix::process::{Pid, Signal, kill_process_group};
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -591,8 +593,12 @@ impl Broker {
     /// its port accepts connections.
     pub(crate) fn restart(&mut self) {
         assert!(self.child.is_none(), "broker already running");
+        // A group of its own, so that a kill or a signal reaches every
+        // process of a broker that is more than one (RabbitMQ: a script
+        // and the Erlang VM it starts).
         let child = Command::new(&self.program)
             .args(&self.args)
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -611,26 +617,29 @@ impl Broker {
         }
     }
 
-    /// Kills the process (SIGKILL: no chance to flush anything more).
+    /// Kills the process group (SIGKILL: no chance to flush anything
+    /// more).
     pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            let _ = kill_process_group(group(&c), Signal::KILL);
             let _ = c.wait();
         }
     }
 }
 
 impl Broker {
-    /// Sends `signal` (`STOP`, `CONT`) to the process.
-    pub(crate) fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("broker not running").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid} failed");
+    /// Sends `signal` (`STOP`, `CONT`) to the process group.
+    pub(crate) fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("broker not running");
+        kill_process_group(group(child), signal)
+            .unwrap_or_else(|e| panic!("signal {signal:?} to broker group {}: {e}", child.id()));
     }
+}
+
+/// The process group a broker leads (`process_group(0)` at spawn).
+fn group(child: &Child) -> Pid {
+    let id = i32::try_from(child.id()).expect("pid fits i32");
+    Pid::from_raw(id).expect("a child's pid is positive")
 }
 
 /// A Redis of its own for a test that stops it: it fsyncs every write
@@ -717,10 +726,10 @@ pub(crate) struct Stall<'a>(pub(crate) &'a mut Broker);
 
 impl Switch for Stall<'_> {
     async fn down(&mut self) {
-        self.0.signal("STOP");
+        self.0.signal(Signal::STOP);
     }
     async fn up(&mut self) {
-        self.0.signal("CONT");
+        self.0.signal(Signal::CONT);
     }
 }
 
