@@ -16,6 +16,7 @@
 //! | the call failed; the key is held by a different request | `409 Conflict`, problem details |
 //! | the call failed; the queue is full or unavailable | `503 Service Unavailable`, problem details; the request was **not** accepted |
 //! | the body is over [`max_body`](DeferLayer::max_body) | `413 Payload Too Large`, problem details; never sent, never queued |
+//! | the `Idempotency-Key` is empty, sent twice, over [`MAX_IDEMPOTENCY_KEY`] bytes, or not printable ASCII | `400 Bad Request`, problem details (`kind: bad_idempotency_key`); never sent, never queued |
 //!
 //! The idempotency check is the queue's, so it happens only when a call
 //! fails: a repeat of a deferred request that arrives once the dependency
@@ -352,6 +353,10 @@ where
         if declared.is_some_and(|len| len > max as u64) {
             return future::ResponseFuture::ready(too_large(max, &parts.headers));
         }
+        if let Some(why) = bad_idempotency_key(&parts.headers) {
+            let res = response::problem(StatusCode::BAD_REQUEST, "bad_idempotency_key", why, None);
+            return future::ResponseFuture::ready(for_caller(res, &parts.headers));
+        }
         // The ready service goes into the future; the clone stays for the
         // next poll_ready.
         let clone = self.inner.clone();
@@ -373,10 +378,40 @@ pub(crate) fn too_large(max: usize, headers: &HeaderMap) -> http::Response<Defer
         &BodyTooLarge::new(max).to_string(),
         None,
     );
+    for_caller(res, headers)
+}
+
+/// `res` in gRPC's terms for a gRPC call.
+fn for_caller(res: http::Response<DeferBody>, headers: &HeaderMap) -> http::Response<DeferBody> {
     if response::is_grpc(headers) {
         response::into_grpc(res)
     } else {
         res
+    }
+}
+
+/// The longest `Idempotency-Key` accepted, in bytes (Stripe's bound).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Why the request's `Idempotency-Key` cannot be used, if it cannot: sent
+/// twice, empty, longer than [`MAX_IDEMPOTENCY_KEY`], or with bytes other
+/// than printable ASCII. Such a key would otherwise be dropped or taken
+/// as some other key, and a retry would store the request again.
+fn bad_idempotency_key(headers: &HeaderMap) -> Option<&'static str> {
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let key = keys.next()?;
+    if keys.next().is_some() {
+        return Some("the request carries more than one Idempotency-Key header");
+    }
+    let bytes = key.as_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Some("the Idempotency-Key header is empty")
+    } else if bytes.len() > MAX_IDEMPOTENCY_KEY {
+        Some("the Idempotency-Key header is longer than 255 bytes")
+    } else if !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        Some("the Idempotency-Key header has bytes other than printable ASCII")
+    } else {
+        None
     }
 }
 

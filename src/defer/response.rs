@@ -200,6 +200,7 @@ pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
 /// gRPC status codes used for deferred answers (fixed by the gRPC spec).
 const GRPC_OK: i32 = 0;
 const GRPC_ALREADY_EXISTS: i32 = 6;
+const GRPC_INVALID_ARGUMENT: i32 = 3;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_INTERNAL: i32 = 13;
 const GRPC_UNAVAILABLE: i32 = 14;
@@ -232,6 +233,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
             return out;
         }
         StatusCode::CONFLICT => GRPC_ALREADY_EXISTS,
+        StatusCode::BAD_REQUEST => GRPC_INVALID_ARGUMENT,
         StatusCode::PAYLOAD_TOO_LARGE => GRPC_RESOURCE_EXHAUSTED,
         StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
         _ => GRPC_INTERNAL,

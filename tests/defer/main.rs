@@ -308,6 +308,51 @@ async fn a_repeated_key_gets_the_same_job_and_a_changed_body_gets_409() {
     assert!(conflict.headers.get(JOB_ID_HEADER).is_none());
 }
 
+/// A key that could not dedup (empty, too long, not printable ASCII, sent
+/// twice) gets 400 at once, before the dependency or the queue sees the
+/// request: otherwise it would be dropped or taken as another key, and
+/// every retry would be stored again.
+#[tokio::test(start_paused = true)]
+async fn a_bad_idempotency_key_gets_400_and_is_never_sent_or_stored() {
+    let queue = MemoryQueue::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = DeferLayer::new(queue.clone()).layer(failing(calls.clone(), open_breaker));
+    let with = |values: &[&[u8]]| {
+        let mut req = post(None, "body");
+        for v in values {
+            req.headers_mut()
+                .append("idempotency-key", http::HeaderValue::from_bytes(v).unwrap());
+        }
+        req
+    };
+    let long = vec![b'k'; 256];
+    let cases: [(&str, Req); 5] = [
+        ("empty", with(&[b""])),
+        ("blank", with(&[b"  "])),
+        ("too long", with(&[&long])),
+        ("not ASCII", with(&["caf\u{e9}".as_bytes()])),
+        ("twice", with(&[b"a", b"b"])),
+    ];
+    for (what, req) in cases {
+        let res = read(svc.clone().oneshot(req).await.unwrap()).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(res.json()["kind"], "bad_idempotency_key", "{what}");
+        assert!(res.headers.get(JOB_ID_HEADER).is_none(), "{what}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(queue.depth().await.unwrap(), 0);
+
+    // The longest key accepted is 255 bytes; a gRPC call gets
+    // INVALID_ARGUMENT.
+    let res = svc.clone().oneshot(with(&[&long[..255]])).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let mut grpc = with(&[b""]);
+    grpc.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let res = svc.oneshot(grpc).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "3");
+}
+
 /// A body of `n` bytes sent in 1 KiB frames with no size hint (no
 /// Content-Length), so only reading it reveals its size.
 fn streamed(n: usize) -> http_body_util::StreamBody<futures_util_stream::Chunks> {
