@@ -8,8 +8,11 @@ use tower::retry::budget::{Budget, TpsBudget};
 /// layer.
 ///
 /// It is tower's [`TpsBudget`] behind an `Arc`: each call (not each attempt)
-/// deposits one token, each retry withdraws `1 / ratio` tokens, and deposits
-/// expire after `ttl`. On top of that, `min_per_sec` retries a second are
+/// deposits one token, each retry withdraws `n` tokens, and deposits
+/// expire after `ttl`. TpsBudget can only grant 1/n of the calls, so `n` is
+/// `1 / ratio` rounded *up*: a ratio of 0.2 grants exactly a fifth, one of
+/// 0.6 a half, one of 0.3 a quarter (never more than asked). Over 1 the
+/// steps are 1000/n: 2.5 grants 2.5 retries a call. On top of that, `min_per_sec` retries a second are
 /// always allowed (over a `ttl` window), so a client with little traffic can
 /// still retry.
 ///
@@ -86,21 +89,7 @@ impl RetryBudget {
                 "must be below i32::MAX",
             ));
         }
-        // TpsBudget computes its withdrawal as `(1.0 / ratio) as isize`, which
-        // truncates: when 1/ratio lands a hair below a whole number in f32
-        // (0.001 gives 999, 1/7 gives 6), the withdrawal drops by one and the
-        // budget grants more than asked. Nudging a ratio whose inverse is
-        // (nearly) whole a hair down makes the truncation land on that number.
-        let tps_ratio = if ratio > 0.0 && ratio <= 1.0 {
-            let inv = 1.0 / f64::from(ratio);
-            if (inv - inv.round()).abs() < 1e-4 {
-                (1.0 / inv.round()) as f32 * (1.0 - 4.0 * f32::EPSILON)
-            } else {
-                ratio
-            }
-        } else {
-            ratio
-        };
+        let tps_ratio = tps_ratio(ratio);
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 tps: TpsBudget::new(ttl, min_per_sec, tps_ratio),
@@ -135,6 +124,41 @@ impl RetryBudget {
     pub fn withdraw(&self) -> bool {
         self.inner.tps.withdraw()
     }
+}
+
+/// The ratio to give tower's [`TpsBudget`] so that it grants at most
+/// `ratio`, as close to it as it can.
+///
+/// TpsBudget deposits one token a call and withdraws `(1.0 / ratio) as
+/// isize` a retry (for a ratio over 1: deposits 1000 and withdraws
+/// `(1000.0 / ratio) as isize`). Both truncate, so it can only grant
+/// 1/n of the calls (or 1000/n), and truncation rounds n *down*: a ratio of
+/// 0.6 withdrew one token and so granted every call a retry, 0.3 granted a
+/// third; and when 1/ratio lands a hair below a whole number in f32 (0.001
+/// gives 999, 1/7 gives 6), n dropped by one. So n is rounded *up* here
+/// (0.6 grants half the calls, 0.3 a quarter), except that a ratio whose
+/// inverse is whole to within float error keeps that inverse, and the
+/// ratio passed is nudged a hair down so that tower's truncation lands on
+/// n exactly.
+fn tps_ratio(ratio: f32) -> f32 {
+    let (scale, limit) = if ratio <= 1.0 {
+        (1.0, 1.0)
+    } else {
+        (1000.0, 1000.0)
+    };
+    if ratio <= 0.0 {
+        return ratio;
+    }
+    let inv = scale / f64::from(ratio);
+    let n = if (inv - inv.round()).abs() < 1e-4 {
+        inv.round()
+    } else {
+        inv.ceil()
+    }
+    .max(1.0);
+    let r = ((scale / n) as f32 * (1.0 - 4.0 * f32::EPSILON)).min(limit);
+    // Over 1 the nudge must not cross into tower's other branch.
+    if ratio > 1.0 && r <= 1.0 { 1.0 } else { r }
 }
 
 impl Default for RetryBudget {

@@ -100,6 +100,13 @@ fn common_ratios_grant_exactly_their_share() {
         // f32 truncation in TpsBudget alone would make these 999 and 6.
         (0.001, 1000),
         (1.0 / 7.0, 7),
+        // Between two steps 1/n, the lower: TpsBudget alone grants 0.6 and
+        // 0.75 every call a retry, 0.4 a half and 0.3 a third.
+        (0.6, 2),
+        (0.75, 2),
+        (0.4, 3),
+        (0.3, 4),
+        (0.15, 7),
     ] {
         let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,6 +123,32 @@ fn common_ratios_grant_exactly_their_share() {
             granted += 1;
         }
         assert_eq!(granted, 100, "ratio {ratio}");
+    }
+}
+
+/// Over 1, a ratio grants that many retries a call, never more, within 1%
+/// (tower counts in steps of 1/1000 of a token).
+#[test]
+fn ratios_over_one_grant_their_multiple() {
+    for (ratio, granted_per_100) in [(2.0f32, 200), (2.5, 250), (3.0, 300), (1000.0, 100_000)] {
+        let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let mut granted = 0;
+        while b.withdraw() {
+            granted += 1;
+        }
+        assert!(
+            granted <= granted_per_100 && granted * 100 >= granted_per_100 * 99,
+            "ratio {ratio}: {granted} retries for 100 calls"
+        );
     }
 }
 
