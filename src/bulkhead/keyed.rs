@@ -77,7 +77,11 @@ impl<S: fmt::Debug, K, F> fmt::Debug for KeyedBulkhead<S, K, F> {
 impl<S, K, F> KeyedBulkhead<S, K, F> {
     /// Pools alive right now.
     pub fn keys(&self) -> usize {
-        self.shared.pools.lock().expect("bulkhead lock").len()
+        self.shared
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// A reference to the inner service.
@@ -114,7 +118,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.shared.key_fn)(&req);
         let pool = {
-            let mut pools = self.shared.pools.lock().expect("bulkhead lock");
+            let mut pools = self.shared.pools.lock().unwrap_or_else(|e| e.into_inner());
             match pools.get(&key) {
                 Some(p) => Some(p.clone()),
                 None => {

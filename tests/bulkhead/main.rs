@@ -145,6 +145,35 @@ async fn keyed_pools_are_independent_and_bounded() {
     }
 }
 
+/// A key whose `Hash` panics once (user code, run under the pool table's
+/// lock) fails that call only: the table is not left poisoned, so every
+/// later call, and `keys()`, still work.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_a_keys_hash_does_not_break_later_calls() {
+    static PANIC: AtomicBool = AtomicBool::new(false);
+    #[derive(Clone, PartialEq, Eq)]
+    struct Key(u32);
+    impl std::hash::Hash for Key {
+        fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+            assert!(
+                !PANIC.swap(false, Ordering::SeqCst),
+                "a key's hash panicked"
+            );
+            self.0.hash(h);
+        }
+    }
+    let layer = KeyedBulkheadLayer::new(1, |k: &u32| Key(*k));
+    let mut svc = layer.layer(service_fn(|k: u32| async move { Ok::<_, BoxError>(k) }));
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
+    PANIC.store(true, Ordering::SeqCst);
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(2)));
+    assert!(panicked.is_err(), "the key's hash did not run");
+    assert_eq!(svc.clone().oneshot(2).await.unwrap(), 2);
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
+    assert!(svc.keys() <= 2);
+}
+
 #[test]
 fn config_defaults_and_errors() {
     let cfg = BulkheadConfig::default();
