@@ -126,7 +126,8 @@ pub struct ReplayerConfig {
     /// acked) out of order, and a queue can commit their acks together.
     pub concurrency: usize,
     /// How long a leased job stays invisible to other replayers; it must be
-    /// longer than one delivery takes. Default: 30 s.
+    /// more than twice the longest delivery, since a batch sends until half
+    /// of it has passed and gives back the rest. Default: 30 s.
     #[serde(with = "humantime_serde")]
     pub visibility: Duration,
     /// How long to wait before looking again when the queue is empty.

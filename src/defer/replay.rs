@@ -145,7 +145,11 @@ impl<Q, S> Replayer<Q, S> {
     }
 
     /// How many jobs one lease takes, at most; fewer when the pace could
-    /// not send them all within half the visibility timeout. Default: 16.
+    /// not send them all within half the visibility timeout, or when the
+    /// dependency was too slow to: what a batch has not sent by half the
+    /// visibility timeout goes back to the queue (so that its leases cannot
+    /// run out and let another replayer send it too), and the next batches
+    /// are as large as what was sent in time. Default: 16.
     pub fn batch(mut self, n: usize) -> Self {
         self.config.batch = n;
         self
@@ -159,7 +163,8 @@ impl<Q, S> Replayer<Q, S> {
     }
 
     /// How long a leased job is hidden from other replayers. It must be
-    /// longer than a batch takes to deliver at the set pace. Default: 30 s.
+    /// more than twice the longest delivery (a send starts no later than
+    /// half of it after the lease). Default: 30 s.
     pub fn visibility(mut self, visibility: Duration) -> Self {
         self.config.visibility = visibility;
         self
@@ -302,11 +307,16 @@ where
         // after waiting out an open breaker (half-open probes).
         let mut probing = false;
         let mut failures: u32 = 0;
+        // The batch that the dependency's pace lets this replayer send
+        // within half the visibility timeout, as last seen.
+        let mut fits = batch_size(cfg);
         loop {
             if is_stopped(&stop) {
                 return;
             }
-            let max = if probing { 1 } else { batch_size(cfg) };
+            let max = if probing { 1 } else { fits };
+            // Before the lease: its visibility runs from no earlier.
+            let leased_at = Instant::now();
             let leased = match queue.lease(max, cfg.visibility).await {
                 Ok(leased) => leased,
                 Err(e) => {
@@ -341,6 +351,8 @@ where
                 Done::Panicked => *pause = Some(pause.unwrap_or_default()),
             };
             let mut batch = leased.into_iter();
+            let mut sent = 0;
+            let mut outran = false;
             while let Some(item) = batch.next() {
                 // A free slot first; deliveries that finish meanwhile report.
                 while flight.len() >= concurrency && pause.is_none() {
@@ -368,6 +380,19 @@ where
                     give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
                     break;
                 }
+                // A slow dependency makes the batch's tail wait for a slot:
+                // past half the visibility timeout its leases may run out
+                // before it is sent, and another replayer would lease and
+                // send it too. So it goes back now, and the next batches
+                // are as large as what was sent in time.
+                if leased_at.elapsed() >= cfg.visibility / 2 {
+                    tracing::debug!(target: "tower_firebreak", layer = "replayer", sent, "the rest of the batch goes back before its leases run out");
+                    give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                    fits = sent.max(1);
+                    outran = true;
+                    break;
+                }
+                sent += 1;
                 if item.job.deadline().is_some_and(|d| d <= SystemTime::now()) {
                     obs.expired();
                     settle_dead(queue, &item, "ttl expired").await;
@@ -426,6 +451,9 @@ where
                 }
             }
             flight.settle_panic(queue).await;
+            if !outran {
+                fits = fits.saturating_mul(2).min(batch_size(cfg));
+            }
             probing = pause.is_some();
             if let Some(pause) = pause
                 && sleep_or_stop(pause, &mut stop).await

@@ -610,6 +610,59 @@ async fn the_replayer_delivers_and_stores_the_response() {
     );
 }
 
+/// Two replayers on one queue, a dependency that takes 2 s a call, leases of
+/// 10 s and batches of 8 sent one at a time: the tail of a batch would wait
+/// past its lease, be leased by the other replayer, and be sent by both. A
+/// replayer gives back what it has not sent by half the visibility timeout
+/// (and leases smaller batches after), so no job is sent twice.
+#[tokio::test(start_paused = true)]
+async fn a_slow_dependency_does_not_let_leases_expire_inside_a_batch() {
+    const JOBS: usize = 24;
+    let queue = MemoryQueue::new();
+    for i in 0..JOBS {
+        queue.enqueue(job(&format!("slow-{i}"), "x")).await.unwrap();
+    }
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let downstream = {
+        let sent = sent.clone();
+        service_fn(move |req: Req| {
+            let sent = sent.clone();
+            async move {
+                let key = req.headers()["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                sent.lock().unwrap().push(key);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, BoxError>(reply(200, "ok"))
+            }
+        })
+    };
+    let replayer = |q: MemoryQueue| {
+        Replayer::new(q, downstream.clone())
+            .batch(8)
+            .concurrency(1)
+            .rate_per_second(100)
+            .visibility(Duration::from_secs(10))
+            .spawn()
+    };
+    let (a, b) = (replayer(queue.clone()), replayer(queue.clone()));
+    wait_until(Duration::from_secs(120), || async {
+        queue.depth().await.unwrap() == 0
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    let sent = sent.lock().unwrap();
+    let mut twice: Vec<&String> = sent
+        .iter()
+        .filter(|k| sent.iter().filter(|o| o == k).count() > 1)
+        .collect();
+    twice.dedup();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    assert_eq!(sent.len(), JOBS);
+}
+
 /// Replays one job into `downstream` with a 2,500-byte response limit and
 /// checks the stored body was cut there and marked.
 async fn assert_stored_cut<S, B>(downstream: S)
