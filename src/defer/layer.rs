@@ -105,6 +105,31 @@ impl<Q> DeferLayer<Q> {
         self
     }
 
+    /// The scope an `Idempotency-Key` dedups in: requests whose scopes
+    /// differ never share a job, however equal their keys. Default:
+    /// [`scope_by_authorization`](super::scope_by_authorization), the
+    /// caller's credentials. `None` from `scope` is the global scope.
+    ///
+    /// ```
+    /// # use tower_firebreak::defer::DeferLayer;
+    /// # use tower_firebreak::queue::memory::MemoryQueue;
+    /// // Keys are per tenant, whatever credentials the tenant's calls carry.
+    /// let layer = DeferLayer::new(MemoryQueue::new()).key_scope(|parts| {
+    ///     let tenant = parts.headers.get("x-tenant-id")?;
+    ///     Some(tenant.to_str().ok()?.to_owned())
+    /// });
+    /// // Or keys shared by every caller, as the queue stores them.
+    /// let global = DeferLayer::new(MemoryQueue::new()).key_scope(|_| None);
+    /// # let _ = (layer, global);
+    /// ```
+    pub fn key_scope<F>(mut self, scope: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.settings.key_scope = Arc::new(scope);
+        self
+    }
+
     /// Which responses of the inner service count as failures to defer.
     /// Default: [`server_error`](super::server_error), every 5xx.
     pub fn defer_response<F>(mut self, predicate: F) -> Self

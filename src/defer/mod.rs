@@ -12,7 +12,7 @@
 //! | --- | --- |
 //! | the call succeeded, or failed for a request that may not be deferred | the inner response or error, unchanged |
 //! | the call failed; the job was stored | `202 Accepted`, `firebreak-job-id`, `Location` (with a [status path](DeferLayer::status_path)), `Retry-After`, JSON body |
-//! | the call failed; a job with the same `Idempotency-Key` and the same method, URI and body exists | `200 OK` with that job's id and status |
+//! | the call failed; a job with the same `Idempotency-Key` and the same method, URI and body exists, in the same [key scope](DeferLayer::key_scope) (by default the same `Authorization`) | `200 OK` with that job's id and status |
 //! | the call failed; the key is held by a different request | `409 Conflict`, problem details |
 //! | the call failed; the queue is full or unavailable | `503 Service Unavailable`, problem details; the request was **not** accepted |
 //! | the body is over [`max_body`](DeferLayer::max_body) | `413 Payload Too Large`, problem details; never sent, never queued |
@@ -206,12 +206,39 @@ pub fn deferrable_by_default(parts: &http::request::Parts) -> bool {
     parts.method != Method::GET && parts.headers.contains_key("idempotency-key")
 }
 
+/// The default idempotency-key scope: the caller's credentials, that is a
+/// digest of the request's `Authorization` header (none without one).
+///
+/// A key dedups only against requests in the same scope, so two clients
+/// that happen to pick the same key (`order-7`) get a job each, and neither
+/// is answered with the other's job id and stored response. A client whose
+/// `Authorization` changes between a request and its retry (a refreshed
+/// token, a per-request signature such as AWS SigV4) then gets a second job
+/// instead of the first one's id: give such callers a scope of their own
+/// with [`DeferLayer::key_scope`] (a tenant or account id), or none at all
+/// for keys that are global by design.
+pub fn scope_by_authorization(parts: &http::request::Parts) -> Option<String> {
+    let auth = parts.headers.get(http::header::AUTHORIZATION)?;
+    Some(digest(auth.as_bytes()))
+}
+
+/// 16 hex digits of SHA-256: a scope of fixed length, so that no scope and
+/// key can be read as another scope and key.
+fn digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The default failed-response classifier: every 5xx.
 pub fn server_error(status: StatusCode, _: &HeaderMap) -> bool {
     status.is_server_error()
 }
 
 type Deferrable = Arc<dyn Fn(&http::request::Parts) -> bool + Send + Sync>;
+type KeyScope = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
 type FailedResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 type FailedError = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
 
@@ -222,6 +249,7 @@ pub(crate) struct Settings {
     pub(crate) retry_after: Duration,
     pub(crate) ttl: Option<Duration>,
     pub(crate) deferrable: Deferrable,
+    pub(crate) key_scope: KeyScope,
     pub(crate) failed_response: FailedResponse,
     pub(crate) failed_error: FailedError,
     pub(crate) obs: Arc<crate::observe::QueueMetrics>,
@@ -238,6 +266,7 @@ impl Default for Settings {
             retry_after: DeferConfig::DEFAULT_RETRY_AFTER,
             ttl: None,
             deferrable: Arc::new(deferrable_by_default),
+            key_scope: Arc::new(scope_by_authorization),
             failed_response: Arc::new(server_error),
             failed_error: Arc::new(|_| true),
             obs: Arc::default(),
@@ -475,7 +504,16 @@ async fn answer<Q: Queue>(
         .iter()
         .find(|(k, _)| k == "traceparent")
         .map(|(_, v)| v.clone());
-    let mut job = Job::from_request(req).with_trace_context(trace);
+    let (parts, body) = req.into_parts();
+    let scope = (settings.key_scope)(&parts);
+    let mut job =
+        Job::from_request(http::Request::from_parts(parts, body)).with_trace_context(trace);
+    // The key the queue dedups by is the scope's; the stored request keeps
+    // the caller's own header, which the replay sends to the dependency.
+    let key = job.idempotency_key().map(str::to_owned);
+    if let (Some(scope), Some(key)) = (scope, &key) {
+        job = job.with_idempotency_key(format!("{}/{key}", digest(scope.as_bytes())));
+    }
     if let Some(ttl) = settings.ttl {
         job = job.with_ttl(ttl);
     }
@@ -491,10 +529,13 @@ async fn answer<Q: Queue>(
             Ok(status) => response::existing(&settings, &id, status.as_ref()),
             Err(e) => not_deferred(&settings, e),
         },
-        Err(QueueError::Conflict { key, .. }) => response::problem(
+        Err(QueueError::Conflict { .. }) => response::problem(
             StatusCode::CONFLICT,
             "idempotency_key_conflict",
-            &format!("idempotency key {key:?} was already used for a different request"),
+            &format!(
+                "idempotency key {:?} was already used for a different request",
+                key.unwrap_or_default()
+            ),
             None,
         ),
         Err(e) => not_deferred(&settings, e),

@@ -308,6 +308,122 @@ async fn a_repeated_key_gets_the_same_job_and_a_changed_body_gets_409() {
     assert!(conflict.headers.get(JOB_ID_HEADER).is_none());
 }
 
+/// Two callers that pick the same key (and the same request) get a job
+/// each: a key dedups within the caller's credentials by default, so
+/// neither is answered with the other's job id or stored response. The
+/// same caller repeating gets its own job; `key_scope` moves the scope (a
+/// tenant header) or removes it.
+#[tokio::test(start_paused = true)]
+async fn keys_dedup_per_caller_and_never_across_callers() {
+    let as_caller = |auth: Option<&str>, tenant: Option<&str>| {
+        let mut req = post(Some("order-7"), "same");
+        if let Some(auth) = auth {
+            req.headers_mut()
+                .insert("authorization", auth.parse().unwrap());
+        }
+        if let Some(t) = tenant {
+            req.headers_mut().insert("x-tenant", t.parse().unwrap());
+        }
+        req
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue.clone()).layer(failing(calls.clone(), open_breaker));
+    let a = read(
+        svc.clone()
+            .oneshot(as_caller(Some("Bearer alice"), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let b = read(
+        svc.clone()
+            .oneshot(as_caller(Some("Bearer bob"), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    assert_ne!(a.job_id(), b.job_id(), "bob was given alice's job");
+    let again = read(
+        svc.clone()
+            .oneshot(as_caller(Some("Bearer alice"), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.job_id(), a.job_id());
+    // No credentials: one scope for all such callers.
+    let anon = read(svc.clone().oneshot(as_caller(None, None)).await.unwrap()).await;
+    assert_eq!(anon.status, StatusCode::ACCEPTED);
+    assert_eq!(queue.depth().await.unwrap(), 3);
+    // The replayed request carries the caller's own key, not the scoped one.
+    let leased = queue.lease(3, Duration::from_secs(30)).await.unwrap();
+    for l in &leased {
+        assert_eq!(l.job.headers()["idempotency-key"], "order-7");
+    }
+
+    // Scoped by a tenant header: new credentials, same tenant, same job.
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue.clone())
+        .key_scope(|parts| Some(parts.headers.get("x-tenant")?.to_str().ok()?.to_owned()))
+        .layer(failing(calls.clone(), open_breaker));
+    let first = read(
+        svc.clone()
+            .oneshot(as_caller(Some("t1"), Some("acme")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let later = read(
+        svc.clone()
+            .oneshot(as_caller(Some("t2"), Some("acme")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let other = read(
+        svc.clone()
+            .oneshot(as_caller(Some("t1"), Some("globex")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (first.status, later.status),
+        (StatusCode::ACCEPTED, StatusCode::OK)
+    );
+    assert_eq!(first.job_id(), later.job_id());
+    assert_eq!(other.status, StatusCode::ACCEPTED);
+    assert_ne!(other.job_id(), first.job_id());
+
+    // No scope: keys are global, whatever the credentials.
+    let queue = MemoryQueue::new();
+    let svc = DeferLayer::new(queue.clone())
+        .key_scope(|_| None)
+        .layer(failing(calls, open_breaker));
+    let a = read(
+        svc.clone()
+            .oneshot(as_caller(Some("Bearer alice"), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let b = read(
+        svc.oneshot(as_caller(Some("Bearer bob"), None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((a.status, b.status), (StatusCode::ACCEPTED, StatusCode::OK));
+    assert_eq!(a.job_id(), b.job_id());
+}
+
 /// A key that could not dedup (empty, too long, not printable ASCII, sent
 /// twice) gets 400 at once, before the dependency or the queue sees the
 /// request: otherwise it would be dropped or taken as another key, and
