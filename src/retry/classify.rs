@@ -59,6 +59,21 @@ fn is_final(err: &BoxError) -> bool {
     error::find::<DeadlineExceeded>(&**err).is_some()
 }
 
+/// Whether the request of a failed attempt certainly never reached the
+/// server: its connection was refused.
+fn never_sent(err: &BoxError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// The classifier for plain requests: retries any `Err` except this crate's
 /// shed rejections ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen),
 /// [`BulkheadFull`](crate::bulkhead::BulkheadFull),
@@ -172,9 +187,14 @@ const GRPC_RESOURCE_EXHAUSTED: &[u8] = b"8";
 /// 502, 503, 504, 429 and 408. A `Retry-After` header (seconds or an
 /// HTTP-date) sets the delay. Any other request is sent once.
 ///
-/// **gRPC** (`content-type: application/grpc…`). A call is retried on a
-/// transport error, on `UNAVAILABLE`, and on `RESOURCE_EXHAUSTED` only when
-/// the server sent `grpc-retry-pushback-ms`, whose value then sets the delay.
+/// **gRPC** (`content-type: application/grpc…`). A call is retried on
+/// `UNAVAILABLE`, and on `RESOURCE_EXHAUSTED` only when the server sent
+/// `grpc-retry-pushback-ms`, whose value then sets the delay: the server's
+/// answer says the call was not carried out. On an `Err` (an attempt
+/// timeout, a connection reset) the call may have reached the server and
+/// run, so, as a gRPC call is always a POST, it is retried then only with
+/// an `Idempotency-Key`, or when the connection was refused (nothing was
+/// sent).
 /// A negative or malformed pushback means "do not retry" (gRFC A6). The
 /// status is read from the response headers, where a server puts it when it
 /// fails a call before sending a message (a "trailers-only" response, which
@@ -266,6 +286,11 @@ where
         let res = match result {
             Ok(res) => res,
             Err(e) if is_final(e) => return Action::Done,
+            // A gRPC call that may have run is not sent again unless it is
+            // marked safe to repeat.
+            Err(e) if grpc && !Self::is_idempotent(req) && !never_sent(e) => {
+                return Action::Done;
+            }
             Err(_) => return Action::Retry,
         };
         if grpc {

@@ -192,6 +192,32 @@ async fn grpc_unavailable_is_retried_although_the_method_is_post() {
     assert_eq!(n, 3);
 }
 
+/// An attempt that failed with an `Err` (here a timeout) may have run on
+/// the server: a gRPC call, always a POST, is sent again only with an
+/// `Idempotency-Key`, or when its connection was refused.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_that_may_have_run_is_retried_only_when_safe() {
+    let timeout = || Step::ErrBox(|| tower_firebreak::timeout::Elapsed::new(ms(100)).into());
+    let refused = || {
+        Step::ErrBox(|| {
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused").into()
+        })
+    };
+    let attempts = |req: Req, step: Step<Response<()>>| async move {
+        let script = Script::new([]).then_always(ms(1), step);
+        let svc = RetryLayer::new(policy()).layer(script.service::<Req>());
+        let _ = svc.oneshot(req).await;
+        script.attempts()
+    };
+    assert_eq!(attempts(grpc_request(), timeout()).await, 1);
+    let mut keyed = grpc_request();
+    keyed
+        .headers_mut()
+        .insert("idempotency-key", "k1".parse().unwrap());
+    assert_eq!(attempts(keyed, timeout()).await, 3);
+    assert_eq!(attempts(grpc_request(), refused()).await, 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn grpc_resource_exhausted_is_retried_only_with_pushback() {
     let (n, _) = attempts_for(grpc_request(), grpc_status(8, None)).await;
