@@ -14,7 +14,7 @@
 //!
 //! The preset serves `http::Request<B>`; the service inside it receives
 //! `http::Request<`[`ReplayBody`](crate::retry::ReplayBody)`<B>>`, the
-//! buffered body retries replay (a hyper client is built with
+//! recorded body retries replay (a hyper client is built with
 //! `build_http::<ReplayBody<Full<Bytes>>>()`; an axum `Router` takes any body).
 //!
 //! Every stage is optional. `defer` or `fallback` go outside the preset (they

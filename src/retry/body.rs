@@ -1,22 +1,29 @@
 //! Making HTTP requests replayable by buffering their bodies.
 
 use crate::BoxError;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker, ready};
 use tower::{Layer, Service};
 
-/// A request body that was buffered for replay, or, when it was over the
-/// limit, the part that was read followed by the rest of the stream.
+/// A request body that records what it streams, so that it can be sent
+/// again.
 ///
-/// Made by [`BufferRequestBody`]. A buffered body can be sent again (see
-/// [`ReplayableBody`](super::ReplayableBody)); a body over the limit goes
-/// once.
+/// Made by [`BufferRequestBody`]. The first attempt streams the caller's
+/// body as it arrives (nothing waits for its end: a client-streaming or
+/// bidirectional gRPC call flows) and every frame read, up to the limit,
+/// is kept. A copy (see [`ReplayableBody`](super::ReplayableBody)) sends
+/// what was kept, then reads on where the stream is, so a retry works
+/// whether the failed attempt read all, part or none of the body. A body
+/// that grows over the limit stops being kept: it still flows to the end,
+/// but is not sent again.
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
@@ -30,6 +37,76 @@ enum Kind<B> {
         head: Option<Bytes>,
         rest: B,
     },
+    /// One copy of a recorded body.
+    Copy {
+        tee: Arc<Tee<B>>,
+        /// This copy's number, for the reader slot.
+        id: u64,
+        /// The next recorded chunk to send.
+        pos: usize,
+        /// Bytes sent so far, for the size hint.
+        sent: u64,
+        /// The end (trailers, or none) was sent.
+        done: bool,
+    },
+}
+
+/// What the copies of one body share: the caller's body, and what has been
+/// read of it.
+struct Tee<B> {
+    limit: usize,
+    /// The original body's size hint, for the copies' own.
+    hint: SizeHint,
+    state: Mutex<Recorded<B>>,
+}
+
+struct Recorded<B> {
+    /// The data frames read, in order (dropped once over the limit).
+    chunks: Vec<Bytes>,
+    /// How many data frames have been read (`chunks.len()` until capped).
+    read: usize,
+    /// How many bytes have been read.
+    len: usize,
+    /// Over the limit, or the body failed: no new copy can be sent.
+    capped: bool,
+    /// The body has ended: `Some(trailers)`.
+    end: Option<Option<HeaderMap>>,
+    /// The body failed with this (a copy at the head reports it).
+    failed: Option<String>,
+    rest: B,
+    /// The copy reading `rest` now; others at the head wait for it.
+    reader: Option<u64>,
+    waiters: Vec<Waker>,
+    next_id: u64,
+}
+
+impl<B> Tee<B> {
+    fn lock(&self) -> MutexGuard<'_, Recorded<B>> {
+        // A panic inside the caller's body while it was polled poisons the
+        // lock; what was recorded before it is still right.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<B> Recorded<B> {
+    fn release(&mut self, id: u64) {
+        if self.reader == Some(id) {
+            self.reader = None;
+            for w in self.waiters.drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        // A copy dropped while it was reading the stream (its attempt
+        // failed or was cancelled) hands the stream on.
+        if let Kind::Copy { tee, id, .. } = &self.kind {
+            tee.lock().release(*id);
+        }
+    }
 }
 
 impl<B> ReplayBody<B> {
@@ -43,12 +120,51 @@ impl<B> ReplayBody<B> {
         }
     }
 
-    /// Whether this body can be sent again.
-    pub fn is_replayable(&self) -> bool {
-        matches!(self.kind, Kind::Buffered { .. })
+    /// A body that records what `body` streams, up to `limit` bytes, for
+    /// copies to send again.
+    pub fn recording(body: B, limit: usize) -> Self
+    where
+        B: Body,
+    {
+        let hint = body.size_hint();
+        ReplayBody {
+            kind: Kind::Copy {
+                tee: Arc::new(Tee {
+                    limit,
+                    hint,
+                    state: Mutex::new(Recorded {
+                        chunks: Vec::new(),
+                        read: 0,
+                        len: 0,
+                        capped: false,
+                        end: None,
+                        failed: None,
+                        rest: body,
+                        reader: None,
+                        waiters: Vec::new(),
+                        next_id: 1,
+                    }),
+                }),
+                id: 0,
+                pos: 0,
+                sent: 0,
+                done: false,
+            },
+        }
     }
 
-    /// A copy to send again; `None` for a body over the limit.
+    /// Whether this body can (still) be sent again: not over the limit, and
+    /// not failed.
+    pub fn is_replayable(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered { .. } => true,
+            Kind::Partial { .. } => false,
+            Kind::Copy { tee, .. } => !tee.lock().capped,
+        }
+    }
+
+    /// A copy to send again, from its start; `None` for a body over the
+    /// limit.
     pub fn try_clone(&self) -> Option<Self> {
         match &self.kind {
             Kind::Buffered { data, trailers } => Some(ReplayBody {
@@ -58,6 +174,23 @@ impl<B> ReplayBody<B> {
                 },
             }),
             Kind::Partial { .. } => None,
+            Kind::Copy { tee, .. } => {
+                let mut state = tee.lock();
+                if state.capped {
+                    return None;
+                }
+                let id = state.next_id;
+                state.next_id += 1;
+                Some(ReplayBody {
+                    kind: Kind::Copy {
+                        tee: tee.clone(),
+                        id,
+                        pos: 0,
+                        sent: 0,
+                        done: false,
+                    },
+                })
+            }
         }
     }
 }
@@ -72,6 +205,12 @@ impl<B> fmt::Debug for ReplayBody<B> {
             Kind::Partial { head, .. } => f
                 .debug_struct("ReplayBody::Partial")
                 .field("head_len", &head.as_ref().map_or(0, Bytes::len))
+                .finish_non_exhaustive(),
+            Kind::Copy { id, pos, sent, .. } => f
+                .debug_struct("ReplayBody::Copy")
+                .field("copy", id)
+                .field("pos", pos)
+                .field("sent", sent)
                 .finish_non_exhaustive(),
         }
     }
@@ -90,6 +229,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
+            Kind::Copy {
+                tee,
+                id,
+                pos,
+                sent,
+                done,
+            } => poll_copy(tee, *id, pos, sent, done, cx),
             Kind::Buffered { data, trailers } => {
                 if let Some(d) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
@@ -115,6 +261,15 @@ where
         match &self.kind {
             Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Partial { head, rest } => head.is_none() && rest.is_end_stream(),
+            Kind::Copy { tee, pos, done, .. } => {
+                let state = tee.lock();
+                *done
+                    || (*pos >= state.read
+                        && match &state.end {
+                            Some(trailers) => trailers.is_none(),
+                            None => state.rest.is_end_stream() && state.failed.is_none(),
+                        })
+            }
         }
     }
 
@@ -133,28 +288,131 @@ where
                 }
                 hint
             }
+            // The caller's hint, less what this copy has sent.
+            Kind::Copy { tee, sent, .. } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(tee.hint.lower().saturating_sub(*sent));
+                if let Some(u) = tee.hint.upper() {
+                    hint.set_upper(u.saturating_sub(*sent));
+                }
+                hint
+            }
         }
     }
 }
 
-/// Buffers each request body, up to a limit, so that an inner
-/// [`Retry`](super::Retry) can send it again.
+/// One poll of a copy: the recorded chunks first, then the stream, read by
+/// one copy at a time (the others at the head wait for its frame).
+fn poll_copy<B>(
+    tee: &Tee<B>,
+    id: u64,
+    pos: &mut usize,
+    sent: &mut u64,
+    done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    if *done {
+        return Poll::Ready(None);
+    }
+    let mut state = tee.lock();
+    if *pos < state.read {
+        if state.capped {
+            *done = true;
+            return Poll::Ready(Some(Err(
+                "the request body went over the replay limit and cannot be sent again".into(),
+            )));
+        }
+        let chunk = state.chunks[*pos].clone();
+        *pos += 1;
+        *sent += chunk.len() as u64;
+        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+    }
+    if let Some(trailers) = &state.end {
+        *done = true;
+        return Poll::Ready(trailers.clone().map(|t| Ok(Frame::trailers(t))));
+    }
+    if let Some(why) = &state.failed {
+        *done = true;
+        return Poll::Ready(Some(Err(why.clone().into())));
+    }
+    match state.reader {
+        Some(other) if other != id => {
+            if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        _ => state.reader = Some(id),
+    }
+    let polled = Pin::new(&mut state.rest).poll_frame(cx);
+    let Poll::Ready(frame) = polled else {
+        return Poll::Pending;
+    };
+    state.release(id);
+    match frame {
+        None => {
+            state.end = Some(None);
+            *done = true;
+            Poll::Ready(None)
+        }
+        Some(Err(e)) => {
+            let e: BoxError = e.into();
+            state.failed = Some(e.to_string());
+            state.capped = true;
+            state.chunks = Vec::new();
+            *done = true;
+            Poll::Ready(Some(Err(e)))
+        }
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(mut data) => {
+                let chunk = data.copy_to_bytes(data.remaining());
+                state.read += 1;
+                state.len = state.len.saturating_add(chunk.len());
+                if !state.capped {
+                    if state.len > tee.limit {
+                        crate::trace::not_replayable("buffer_request_body", tee.limit);
+                        state.capped = true;
+                        state.chunks = Vec::new();
+                    } else {
+                        state.chunks.push(chunk.clone());
+                    }
+                }
+                *pos += 1;
+                *sent += chunk.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Err(frame) => {
+                let trailers = frame.into_trailers().ok();
+                state.end = Some(trailers.clone());
+                *done = true;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+        },
+    }
+}
+
+/// Records each request body, up to a limit, as it streams, so that an
+/// inner [`Retry`](super::Retry) (or [`Hedge`](crate::hedge::Hedge)) can
+/// send it again.
 ///
-/// The inner service gets `http::Request<ReplayBody<B>>`. A body within the
-/// limit is read whole before the inner service is called (one copy, none
-/// when it arrives in one chunk). A body whose size hint is over the limit is
-/// passed on at once, and one that turns out to be larger is passed on as the
-/// part already read followed by the rest of the stream; either way the
-/// request goes once, unretried, and a `tracing` event (`debug`) says why.
+/// The inner service gets `http::Request<ReplayBody<B>>` at once: nothing
+/// waits for the body to end, so a client-streaming or bidirectional gRPC
+/// call flows as it would without the layer. The body's frames are kept,
+/// up to the limit, as the attempt reads them; a retry sends what was kept
+/// and then reads on. A body whose size hint is over the limit is passed on
+/// as it is, and one that turns out to be larger stops being kept; either
+/// way the request goes once, unretried, and a `tracing` event (`debug`)
+/// says why.
 ///
 /// The body must be `Unpin`; wrap another body in `Box::pin`.
 ///
 /// # Readiness
 ///
-/// `poll_ready` is the inner service's. Since the inner call happens after
-/// the body has been read, `call` moves the ready inner service into the
-/// response future and keeps a fresh clone, so the inner service must be
-/// `Clone`.
+/// `poll_ready` is the inner service's, and `call` calls it at once.
 #[derive(Clone, Debug)]
 pub struct BufferRequestBody<S> {
     inner: S,
@@ -243,36 +501,29 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (parts, body) = req.into_parts();
-        if body.size_hint().lower() > self.limit as u64 {
+        let body = if body.size_hint().lower() > self.limit as u64 {
             crate::trace::not_replayable("buffer_request_body", self.limit);
-            let body = ReplayBody {
+            ReplayBody {
                 kind: Kind::Partial {
                     head: None,
                     rest: body,
                 },
-            };
-            let fut = self.inner.call(http::Request::from_parts(parts, body));
-            return BufferFuture {
-                state: State::Calling { fut },
-            };
-        }
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
+            }
+        } else {
+            ReplayBody::recording(body, self.limit)
+        };
+        let fut = self.inner.call(http::Request::from_parts(parts, body));
         BufferFuture {
-            state: State::Collecting {
-                parts: Some(parts),
-                body: Some(body),
-                chunks: Vec::new(),
-                len: 0,
-                limit: self.limit,
-                svc: Some(svc),
+            state: State::Calling {
+                fut,
+                _types: PhantomData,
             },
         }
     }
 }
 
 pin_project! {
-    /// The response future of [`BufferRequestBody`].
+    /// The response future of [`BufferRequestBody`]: the inner service's.
     pub struct BufferFuture<S, B, F> {
         #[pin]
         state: State<S, B, F>,
@@ -282,17 +533,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, B, F> {
-        Collecting {
-            parts: Option<http::request::Parts>,
-            body: Option<B>,
-            chunks: Vec<Bytes>,
-            len: usize,
-            limit: usize,
-            svc: Option<S>,
-        },
         Calling {
             #[pin]
             fut: F,
+            _types: PhantomData<fn() -> (S, B)>,
         },
     }
 }
@@ -303,82 +547,16 @@ impl<S, B, F> fmt::Debug for BufferFuture<S, B, F> {
     }
 }
 
-fn concat(chunks: &mut Vec<Bytes>) -> Option<Bytes> {
-    match chunks.len() {
-        0 => None,
-        1 => chunks.pop(),
-        _ => {
-            let total = chunks.iter().map(Bytes::len).sum();
-            let mut buf = BytesMut::with_capacity(total);
-            for c in chunks.drain(..) {
-                buf.extend_from_slice(&c);
-            }
-            Some(buf.freeze())
-        }
-    }
-}
-
 impl<S, B, F, T, E> Future for BufferFuture<S, B, F>
 where
-    S: Service<http::Request<ReplayBody<B>>, Future = F, Response = T, Error = E>,
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
-    B: Body + Unpin,
-    B::Error: Into<BoxError>,
 {
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            let next = match this.state.as_mut().project() {
-                StateProj::Calling { fut } => return fut.poll(cx).map_err(Into::into),
-                StateProj::Collecting {
-                    parts,
-                    body,
-                    chunks,
-                    len,
-                    limit,
-                    svc,
-                } => {
-                    let b = body.as_mut().expect("polled after completion");
-                    let kind = match ready!(Pin::new(b).poll_frame(cx)) {
-                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(mut data) => {
-                                let chunk = data.copy_to_bytes(data.remaining());
-                                *len += chunk.len();
-                                if !chunk.is_empty() {
-                                    chunks.push(chunk);
-                                }
-                                if *len <= *limit {
-                                    continue;
-                                }
-                                crate::trace::not_replayable("buffer_request_body", *limit);
-                                Kind::Partial {
-                                    head: concat(chunks),
-                                    rest: body.take().expect("body present"),
-                                }
-                            }
-                            Err(frame) => Kind::Buffered {
-                                data: concat(chunks),
-                                trailers: frame.into_trailers().ok(),
-                            },
-                        },
-                        None => Kind::Buffered {
-                            data: concat(chunks),
-                            trailers: None,
-                        },
-                    };
-                    let req = http::Request::from_parts(
-                        parts.take().expect("parts present"),
-                        ReplayBody { kind },
-                    );
-                    let fut = svc.take().expect("service present").call(req);
-                    State::Calling { fut }
-                }
-            };
-            this.state.set(next);
+        match self.project().state.project() {
+            StateProj::Calling { fut, .. } => fut.poll(cx).map_err(Into::into),
         }
     }
 }

@@ -149,6 +149,12 @@ where
 pub trait ReplayableBody: Sized {
     /// A fresh copy of the body, or `None` when it cannot be replayed.
     fn try_clone_body(&self) -> Option<Self>;
+
+    /// Whether a copy made earlier can still be sent: `false` once a
+    /// recording body has gone over its limit. Default: `true`.
+    fn can_replay(&self) -> bool {
+        true
+    }
 }
 
 impl ReplayableBody for Full<Bytes> {
@@ -166,6 +172,10 @@ impl ReplayableBody for Empty<Bytes> {
 impl<B> ReplayableBody for ReplayBody<B> {
     fn try_clone_body(&self) -> Option<Self> {
         self.try_clone()
+    }
+
+    fn can_replay(&self) -> bool {
+        self.is_replayable()
     }
 }
 
@@ -280,7 +290,9 @@ where
         result: &Result<http::Response<ResB>, BoxError>,
     ) -> Action {
         let grpc = Self::is_grpc(req.headers());
-        if !grpc && !Self::is_idempotent(req) {
+        // `req` is the copy kept for the next attempt: its body may have
+        // gone over the replay limit since it was made.
+        if !grpc && !Self::is_idempotent(req) || !req.body().can_replay() {
             return Action::Done;
         }
         let res = match result {

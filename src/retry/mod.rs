@@ -25,8 +25,9 @@
 //!
 //! Requests are replayed by cloning them. An HTTP request is replayable when
 //! its body is [`Full<Bytes>`](http_body_util::Full), or after
-//! [`BufferRequestBody`] has buffered it (up to 64 KiB by default) into a
-//! [`ReplayBody`].
+//! [`BufferRequestBody`] has made it a [`ReplayBody`], which keeps what the
+//! first attempt streams (up to 64 KiB by default) without waiting for the
+//! body's end, so streaming calls flow.
 //!
 //! # Example
 //!

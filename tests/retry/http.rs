@@ -316,6 +316,93 @@ async fn a_body_over_the_limit_goes_once_and_whole() {
     assert_eq!(seen[0], "hello world!");
 }
 
+/// A body fed by a channel, as a client-streaming or bidirectional gRPC
+/// call's is: it ends only when the sender is dropped.
+struct Channel(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for Channel {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// The inner service is called at once, with the body still open: a server
+/// that answers after the first message (a ping-pong stream) answers, where
+/// a layer that read the body to its end first would wait for ever.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_has_not_ended_flows_to_the_first_attempt() {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Bytes::from_static(b"ping")).await.unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(BufferRequestBodyLayer::new())
+        .layer(RetryLayer::new(policy()))
+        .service(tower::service_fn(
+            |req: Request<ReplayBody<Channel>>| async move {
+                let mut body = req.into_body();
+                let first = body.frame().await.unwrap()?.into_data().unwrap();
+                assert_eq!(first, "ping");
+                Ok::<_, tower_firebreak::BoxError>(status(200))
+            },
+        ));
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("http://b.internal/stream")
+        .body(Channel(rx))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), svc.oneshot(req))
+        .await
+        .expect("the call waited for the body to end")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    drop(tx);
+}
+
+/// Each attempt reads as much of the body as it likes: none (a refused
+/// connection), part (an early 503), or all. The next attempt gets the
+/// whole body every time: what was read is sent again, then the rest.
+#[tokio::test(start_paused = true)]
+async fn a_retry_sends_the_whole_body_whatever_the_failed_attempt_read() {
+    let seen: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let attempt = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(BufferRequestBodyLayer::new().limit(64))
+        .layer(RetryLayer::new(policy()))
+        .service(tower::service_fn({
+            let seen = seen.clone();
+            move |req: Request<ReplayBody<Chunks>>| {
+                let (seen, n) = (
+                    seen.clone(),
+                    attempt.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                );
+                async move {
+                    let mut body = req.into_body();
+                    match n {
+                        0 => Err("connection refused".into()),
+                        1 => {
+                            let first = body.frame().await.unwrap()?.into_data().unwrap();
+                            seen.lock().unwrap().push(first);
+                            Ok(status(503))
+                        }
+                        _ => {
+                            let all = body.collect().await?.to_bytes();
+                            seen.lock().unwrap().push(all);
+                            Ok::<_, tower_firebreak::BoxError>(status(200))
+                        }
+                    }
+                }
+            }
+        }));
+    let res = svc.oneshot(chunked(&[b"hello ", b"world"])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(*seen.lock().unwrap(), ["hello ", "hello world"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_default_limit_is_64_kib() {
     let big = vec![7u8; 64 * 1024];
