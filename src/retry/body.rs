@@ -10,7 +10,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use tower::{Layer, Service};
 
 /// A request body that records what it streams, so that it can be sent
@@ -40,8 +40,6 @@ enum Kind<B> {
     /// One copy of a recorded body.
     Copy {
         tee: Arc<Tee<B>>,
-        /// This copy's number, for the reader slot.
-        id: u64,
         /// The next recorded chunk to send.
         pos: usize,
         /// Bytes sent so far, for the size hint.
@@ -74,10 +72,40 @@ struct Recorded<B> {
     /// The body failed with this (a copy at the head reports it).
     failed: Option<String>,
     rest: B,
-    /// The copy reading `rest` now; others at the head wait for it.
-    reader: Option<u64>,
-    waiters: Vec<Waker>,
-    next_id: u64,
+    /// The tasks of the copies waiting at the head for `rest`'s next frame:
+    /// `rest` is polled with a waker that wakes them all, so a copy whose
+    /// attempt stopped polling it (but is still alive) holds no one up.
+    waiting: Arc<Waiting>,
+}
+
+/// The wakers of the copies waiting for the stream; woken all at once.
+#[derive(Default)]
+struct Waiting(Mutex<Vec<Waker>>);
+
+impl Waiting {
+    fn add(&self, waker: &Waker) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
+    }
+
+    fn wake_all(&self) {
+        let list = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in list {
+            w.wake();
+        }
+    }
+}
+
+impl Wake for Waiting {
+    fn wake(self: Arc<Self>) {
+        self.wake_all();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_all();
+    }
 }
 
 impl<B> Tee<B> {
@@ -85,27 +113,6 @@ impl<B> Tee<B> {
         // A panic inside the caller's body while it was polled poisons the
         // lock; what was recorded before it is still right.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl<B> Recorded<B> {
-    fn release(&mut self, id: u64) {
-        if self.reader == Some(id) {
-            self.reader = None;
-            for w in self.waiters.drain(..) {
-                w.wake();
-            }
-        }
-    }
-}
-
-impl<B> Drop for ReplayBody<B> {
-    fn drop(&mut self) {
-        // A copy dropped while it was reading the stream (its attempt
-        // failed or was cancelled) hands the stream on.
-        if let Kind::Copy { tee, id, .. } = &self.kind {
-            tee.lock().release(*id);
-        }
     }
 }
 
@@ -140,12 +147,9 @@ impl<B> ReplayBody<B> {
                         end: None,
                         failed: None,
                         rest: body,
-                        reader: None,
-                        waiters: Vec::new(),
-                        next_id: 1,
+                        waiting: Arc::default(),
                     }),
                 }),
-                id: 0,
                 pos: 0,
                 sent: 0,
                 done: false,
@@ -175,16 +179,12 @@ impl<B> ReplayBody<B> {
             }),
             Kind::Partial { .. } => None,
             Kind::Copy { tee, .. } => {
-                let mut state = tee.lock();
-                if state.capped {
+                if tee.lock().capped {
                     return None;
                 }
-                let id = state.next_id;
-                state.next_id += 1;
                 Some(ReplayBody {
                     kind: Kind::Copy {
                         tee: tee.clone(),
-                        id,
                         pos: 0,
                         sent: 0,
                         done: false,
@@ -206,9 +206,8 @@ impl<B> fmt::Debug for ReplayBody<B> {
                 .debug_struct("ReplayBody::Partial")
                 .field("head_len", &head.as_ref().map_or(0, Bytes::len))
                 .finish_non_exhaustive(),
-            Kind::Copy { id, pos, sent, .. } => f
+            Kind::Copy { pos, sent, .. } => f
                 .debug_struct("ReplayBody::Copy")
-                .field("copy", id)
                 .field("pos", pos)
                 .field("sent", sent)
                 .finish_non_exhaustive(),
@@ -231,11 +230,10 @@ where
         match &mut self.get_mut().kind {
             Kind::Copy {
                 tee,
-                id,
                 pos,
                 sent,
                 done,
-            } => poll_copy(tee, *id, pos, sent, done, cx),
+            } => poll_copy(tee, pos, sent, done, cx),
             Kind::Buffered { data, trailers } => {
                 if let Some(d) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
@@ -301,11 +299,11 @@ where
     }
 }
 
-/// One poll of a copy: the recorded chunks first, then the stream, read by
-/// one copy at a time (the others at the head wait for its frame).
+/// One poll of a copy: the recorded chunks first, then the stream. Any copy
+/// at the head may read the stream; the frame it gets is recorded, and the
+/// others then send it from the record.
 fn poll_copy<B>(
     tee: &Tee<B>,
-    id: u64,
     pos: &mut usize,
     sent: &mut u64,
     done: &mut bool,
@@ -339,20 +337,15 @@ where
         *done = true;
         return Poll::Ready(Some(Err(why.clone().into())));
     }
-    match state.reader {
-        Some(other) if other != id => {
-            if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                state.waiters.push(cx.waker().clone());
-            }
-            return Poll::Pending;
-        }
-        _ => state.reader = Some(id),
-    }
-    let polled = Pin::new(&mut state.rest).poll_frame(cx);
+    let waiting = state.waiting.clone();
+    waiting.add(cx.waker());
+    let waker = Waker::from(waiting.clone());
+    let polled = Pin::new(&mut state.rest).poll_frame(&mut Context::from_waker(&waker));
     let Poll::Ready(frame) = polled else {
         return Poll::Pending;
     };
-    state.release(id);
+    // The other copies at the head can send this frame from the record.
+    waiting.wake_all();
     match frame {
         None => {
             state.end = Some(None);

@@ -363,6 +363,31 @@ async fn a_body_that_has_not_ended_flows_to_the_first_attempt() {
     drop(tx);
 }
 
+/// A copy whose attempt stopped polling the stream but is still alive (a
+/// client that keeps a finished attempt's body) holds no other copy up:
+/// the next copy reads on by itself, and the first can still catch up.
+#[tokio::test(start_paused = true)]
+async fn a_copy_left_waiting_on_the_stream_does_not_hold_up_the_next() {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut first = ReplayBody::recording(Channel(rx), 1024);
+    let mut second = first.try_clone().expect("replayable");
+    // The first copy waits on the stream, then is never polled again.
+    assert!(futures_util::poll!(first.frame()).is_pending());
+    tx.send(Bytes::from_static(b"one")).await.unwrap();
+    drop(tx);
+    let got = tokio::time::timeout(Duration::from_secs(5), second.frame())
+        .await
+        .expect("the second copy waited for the first")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.into_data().unwrap(), "one");
+    assert!(second.frame().await.is_none());
+    // The first copy sends the same frame from the record.
+    let again = first.frame().await.unwrap().unwrap();
+    assert_eq!(again.into_data().unwrap(), "one");
+    assert!(first.frame().await.is_none());
+}
+
 /// Each attempt reads as much of the body as it likes: none (a refused
 /// connection), part (an early 503), or all. The next attempt gets the
 /// whole body every time: what was read is sent again, then the rest.
