@@ -110,9 +110,16 @@ impl Wake for Waiting {
 
 impl<B> Tee<B> {
     fn lock(&self) -> MutexGuard<'_, Recorded<B>> {
-        // A panic inside the caller's body while it was polled poisons the
-        // lock; what was recorded before it is still right.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| {
+            // The caller's body panicked while it was polled: its state is
+            // unknown, so no copy reads it again, and none is sent again.
+            let mut state = e.into_inner();
+            state
+                .failed
+                .get_or_insert_with(|| "the request body panicked while it was read".to_owned());
+            state.capped = true;
+            state
+        })
     }
 }
 
@@ -320,9 +327,10 @@ where
     if *pos < state.read {
         if state.capped {
             *done = true;
-            return Poll::Ready(Some(Err(
-                "the request body went over the replay limit and cannot be sent again".into(),
-            )));
+            let why = state.failed.clone().unwrap_or_else(|| {
+                "the request body went over the replay limit and cannot be sent again".to_owned()
+            });
+            return Poll::Ready(Some(Err(why.into())));
         }
         let chunk = state.chunks[*pos].clone();
         *pos += 1;
@@ -399,7 +407,10 @@ where
 /// and then reads on. A body whose size hint is over the limit is passed on
 /// as it is, and one that turns out to be larger stops being kept; either
 /// way the request goes once, unretried, and a `tracing` event (`debug`)
-/// says why.
+/// says why. (One race is left: a failed attempt that goes on streaming
+/// the body during the retry's backoff, past the limit, leaves the retry a
+/// copy that cannot be sent; it fails with that error instead of the
+/// failed attempt's answer.)
 ///
 /// The body must be `Unpin`; wrap another body in `Box::pin`.
 ///
