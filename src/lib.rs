@@ -84,6 +84,13 @@ pub mod span;
 pub mod timeout;
 mod trace;
 
+/// `now + d`, or a year from now where that would overflow the clock: a
+/// `Duration::MAX` setting (for "no limit") must not panic a call.
+pub(crate) fn later(now: tokio::time::Instant, d: std::time::Duration) -> tokio::time::Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(365 * 24 * 3600))
+}
+
 pub use crate::error::{BoxError, ConfigError};
 
 // The README's example compiles as a doctest, so it cannot drift from the API.

@@ -18,6 +18,7 @@ use crate::observe::BreakerMetrics;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -196,6 +197,10 @@ pub(crate) struct Breaker {
     /// The last few transitions, for the status page. Written only under
     /// `transition`.
     recent: Mutex<VecDeque<Transition>>,
+    /// Readiness mode: the tasks whose `poll_ready` waits for the open
+    /// period to end, woken by every transition too (an operator's `reset`
+    /// must not wait out the timer).
+    ready_waiters: Mutex<Vec<Waker>>,
 }
 
 /// How many transitions [`Breaker::recent`] keeps.
@@ -243,6 +248,7 @@ impl Breaker {
             subscribed: AtomicBool::new(false),
             obs,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            ready_waiters: Mutex::new(Vec::new()),
         }
     }
 
@@ -388,12 +394,17 @@ impl Breaker {
         if s.total == 0 || s.total < minimum as u64 {
             return false;
         }
+        // `rate * total` can round up past a whole count (0.55 * 100 is
+        // 55.00000000000001), so 55 failures of 100 would not reach 0.55. A
+        // slack far below one call absorbs that, and keeps the hot path to
+        // multiplications.
         let total = s.total as f64;
-        if s.failures as f64 >= self.settings.failure_rate * total {
+        let slack = total * 1e-9;
+        if s.failures as f64 + slack >= self.settings.failure_rate * total {
             return true;
         }
         match self.settings.slow {
-            Some((rate, _)) => s.slow as f64 >= rate * total,
+            Some((rate, _)) => s.slow as f64 + slack >= rate * total,
             None => false,
         }
     }
@@ -549,6 +560,19 @@ impl Breaker {
         if self.subscribed.load(Relaxed) {
             let _ = self.events.send(Event::Transition { from, to });
         }
+        let waiters =
+            std::mem::take(&mut *self.ready_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+    }
+
+    /// Readiness mode: wakes `waker` at the next transition.
+    pub(crate) fn wake_on_transition(&self, waker: &Waker) {
+        let mut list = self.ready_waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
     }
 
     /// How long the `opens`-th consecutive open lasts.
@@ -670,11 +694,7 @@ fn random_seed() -> u64 {
         .finish()
 }
 
-/// `now + d`, or a year from now where that would overflow the clock.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
-}
+use crate::later;
 
 fn duration_nanos(d: Duration) -> u64 {
     d.as_nanos().min(u128::from(u64::MAX)) as u64

@@ -510,7 +510,14 @@ pub(crate) fn poll_open(
                     s.as_mut().reset(deadline);
                 }
                 if s.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                    // Registered after the state was read: a transition in
+                    // between finds the waker, or has already changed what
+                    // the next `readiness` reads; so check once more.
+                    breaker.wake_on_transition(cx.waker());
+                    if matches!(breaker.readiness(), Readiness::WaitUntil(_)) {
+                        return Poll::Pending;
+                    }
+                    continue;
                 }
             }
         }

@@ -189,7 +189,7 @@ where
             return future::ResponseFuture::passthrough(self.inner.call(req));
         };
         let now = Instant::now();
-        let mut at = now + budget;
+        let mut at = crate::later(now, budget);
         if let Some(outer) = current() {
             at = at.min(outer);
         }
@@ -201,7 +201,7 @@ where
             .then(|| from_headers(req.headers()))
             .flatten()
         {
-            at = at.min(now + left);
+            at = at.min(crate::later(now, left));
         }
         if at <= now {
             crate::trace::rejected(

@@ -896,7 +896,7 @@ async fn with_grace<F: Future + Unpin>(
 ) -> Option<F::Output> {
     match race(&mut send, stopped(stop)).await {
         Ok(out) => Some(out),
-        Err(()) => tokio::time::timeout_at(Instant::now() + grace, send)
+        Err(()) => tokio::time::timeout_at(crate::later(Instant::now(), grace), send)
             .await
             .ok(),
     }

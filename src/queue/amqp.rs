@@ -664,7 +664,7 @@ impl StatusStore for RedisStatusStore {
         envelope: &[u8],
         capacity: usize,
     ) -> Result<Claim, QueueError> {
-        let give_up = Instant::now() + self.op_timeout;
+        let give_up = crate::later(Instant::now(), self.op_timeout);
         self.claim_before(id, ticket, job, envelope, capacity, give_up)
             .await
     }
@@ -700,7 +700,7 @@ impl StatusStore for RedisStatusStore {
             fp.into_bytes(),
             arg(capacity),
         ];
-        let give_up = give_up.min(Instant::now() + self.op_timeout);
+        let give_up = give_up.min(crate::later(Instant::now(), self.op_timeout));
         let (what, other) = self
             .clock
             // Once: a `late` claim leaves a void record for its id.
@@ -1415,7 +1415,7 @@ impl<S: StatusStore> AmqpQueue<S> {
                 Ok(ch)
             }
             failed => {
-                st.retry_at = Some(Instant::now() + st.backoff);
+                st.retry_at = Some(crate::later(Instant::now(), st.backoff));
                 st.backoff = (st.backoff * 2).min(self.inner.max_backoff);
                 Err(match failed {
                     Ok(Err(e)) => QueueError::unavailable(e),
@@ -1873,7 +1873,7 @@ impl<S: StatusStore> AmqpQueue<S> {
 impl<S: StatusStore> Queue for AmqpQueue<S> {
     async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
         // `bounded` gives up `op_timeout` after its first poll: now.
-        let give_up = Instant::now() + self.inner.op_timeout;
+        let give_up = crate::later(Instant::now(), self.inner.op_timeout);
         self.bounded(self.submit_inner(job, give_up)).await
     }
 

@@ -653,7 +653,7 @@ impl Writer {
         }
         // An OS thread outside the runtime: tokio's Instant reads the real
         // clock here, even under paused time.
-        let until = tokio::time::Instant::now() + self.linger;
+        let until = crate::later(tokio::time::Instant::now(), self.linger);
         while batch.len() < expected {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             match receiver.recv_timeout(left) {

@@ -142,6 +142,10 @@ struct Inner {
     next_dead_purge: AtomicU64,
 }
 
+/// The longest `-NAK` delay the server parses (nanoseconds in an `i64`,
+/// about 292 years); a larger one would be refused and redelivered at once.
+const MAX_NAK_DELAY: Duration = Duration::from_nanos(i64::MAX as u64);
+
 impl std::fmt::Debug for NatsQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsQueue")
@@ -992,7 +996,7 @@ impl NatsQueue {
                 }
                 // The lease's visibility timeout: the server redelivers
                 // the message then, unless it is settled first.
-                msg.ack_with(jetstream::AckKind::Nak(Some(visibility)))
+                msg.ack_with(jetstream::AckKind::Nak(Some(visibility.min(MAX_NAK_DELAY))))
                     .await
                     .map_err(QueueError::unavailable)?;
                 out.push(Leased::new(Lease::new(id, token), job));
@@ -1112,7 +1116,7 @@ impl NatsQueue {
         let nak = if delay.is_zero() {
             "-NAK".to_owned()
         } else {
-            format!("-NAK {{\"delay\":{}}}", delay.as_nanos())
+            format!("-NAK {{\"delay\":{}}}", delay.min(MAX_NAK_DELAY).as_nanos())
         };
         self.inner
             .client

@@ -139,6 +139,11 @@ use tokio::time::Instant;
 /// visibility timeout.
 const MAX_VISIBILITY_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// The longest retention passed to Redis (a hundred years): `PEXPIRE` with
+/// a larger one (`Duration::MAX` for "keep for ever") is an error after
+/// the ack script has already changed the job.
+const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 /// Helpers shared by the scripts. `P` is the queue's key prefix.
 const PRELUDE: &str = r#"
 local P = ARGV[1]
@@ -774,7 +779,7 @@ impl RedisQueue {
     /// the module docs, "Connection loss and stalls", and
     /// [`RedisClock::run_before`].
     async fn submit_script(&self, args: Vec<Vec<u8>>) -> Result<Answer, QueueError> {
-        let give_up = Instant::now() + self.inner.op_timeout;
+        let give_up = crate::later(Instant::now(), self.inner.op_timeout);
         let run = self.inner.anchor.run_before(
             &self.inner.conn,
             &SCRIPTS.submit,
@@ -905,7 +910,7 @@ impl Queue for RedisQueue {
             arg(lease.id()),
             arg(lease.token()),
             arg(self.inner.clock.now_ms()),
-            arg(duration_ms(self.inner.policy.retention)),
+            arg(duration_ms(self.inner.policy.retention).min(MAX_RETENTION_MS)),
             arg(response.status),
             encode_headers(&response.headers).into_bytes(),
             response.body.to_vec(),

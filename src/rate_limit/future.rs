@@ -75,11 +75,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         ResponseFuture {
             state: State::Waiting {
                 wait: Box::pin(Waiting {
-                    sleep: tokio::time::sleep_until(now + wait),
+                    sleep: tokio::time::sleep_until(crate::later(now, wait)),
                     svc: Some(svc),
                     req: Some(req),
                     check,
-                    until: now + max_wait,
+                    until: crate::later(now, max_wait),
                 }),
             },
         }
@@ -123,7 +123,7 @@ where
                         }
                         Err(wait) => {
                             let now = Instant::now();
-                            if now + wait > *until {
+                            if crate::later(now, wait) > *until {
                                 let _ = check(Wait::GaveUp);
                                 crate::trace::rejected(
                                     "rate_limit",
@@ -132,7 +132,7 @@ where
                                 );
                                 state.set(State::Rejected { retry_after: wait });
                             } else {
-                                sleep.as_mut().reset(now + wait);
+                                sleep.as_mut().reset(crate::later(now, wait));
                             }
                         }
                     }

@@ -269,7 +269,7 @@ impl<C> RetryPolicy<C> {
         // give the caller the last real error now instead of a timeout later.
         // tokio's timer fires on whole milliseconds, rounding up, so the
         // sleep may end up to one tick after `now + delay`.
-        if deadline.is_some_and(|d| now + delay + TIMER_TICK >= d) {
+        if deadline.is_some_and(|d| crate::later(now, delay.saturating_add(TIMER_TICK)) >= d) {
             self.obs.gave_up("deadline");
             crate::trace::retry_gave_up("deadline", self.attempts);
             return None;
@@ -284,7 +284,7 @@ impl<C> RetryPolicy<C> {
         }
         self.obs.retrying();
         crate::trace::retrying(self.attempts, delay);
-        Some(super::future::Backoff::until(now + delay))
+        Some(super::future::Backoff::until(crate::later(now, delay)))
     }
 
     /// The delay before retry `n`, jitter applied.

@@ -64,7 +64,7 @@ where
             return Poll::Ready(res.map_err(Into::into));
         }
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
-            let own = this.timeout.map(|t| Instant::now() + t);
+            let own = this.timeout.map(|t| crate::later(Instant::now(), t));
             let (at, by_deadline) = match (own, deadline::current()) {
                 (Some(own), Some(d)) if d < own => (d, true),
                 (Some(own), _) => (own, false),

@@ -240,8 +240,8 @@ impl Model {
             return false;
         }
         let t = total as f64;
-        bad as f64 >= self.cfg.failure_rate * t
-            || self.cfg.slow.is_some_and(|(r, _)| slow as f64 >= r * t)
+        bad as f64 / t >= self.cfg.failure_rate
+            || self.cfg.slow.is_some_and(|(r, _)| slow as f64 / t >= r)
     }
 
     fn release(&mut self, c: MCall) {

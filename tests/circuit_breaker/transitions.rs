@@ -79,6 +79,31 @@ async fn a_rate_exactly_at_the_threshold_opens_and_below_does_not() {
     assert_eq!(h.state(), State::Open);
 }
 
+/// A rate whose product with the window is not exact in floating point
+/// (0.55 × 100 is 55.00000000000001) still opens at exactly that share:
+/// 55 failures of 100.
+#[tokio::test(start_paused = true)]
+async fn a_rate_that_float_multiplication_rounds_up_still_opens_at_it() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(100)
+        .minimum_calls(100)
+        .failure_rate(0.55)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let mut svc = layer.layer(c.service());
+    for _ in 0..45 {
+        call(&mut svc, Cmd::Ok).await.unwrap();
+    }
+    for _ in 0..54 {
+        let _ = call(&mut svc, Cmd::Fail).await;
+    }
+    assert_eq!(h.state(), State::Closed, "99 calls, under minimum_calls");
+    let _ = call(&mut svc, Cmd::Fail).await;
+    assert_eq!(h.state(), State::Open, "55 of 100 failed, at 0.55");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_count_window_forgets_old_outcomes() {
     let layer = CircuitBreakerLayer::builder()
@@ -582,6 +607,35 @@ async fn readiness_mode_waits_while_open() {
     // Not ready while open: a bound on the wait fails.
     open_it(&mut svc, &h).await;
     assert!(tokio::time::timeout(secs(9), svc.ready()).await.is_err());
+}
+
+/// In readiness mode a `poll_ready` waiting out an open period (a balancer
+/// or a buffer worker) is woken by an operator's `reset` at once, not when
+/// the old timer would have fired.
+#[tokio::test(start_paused = true)]
+async fn readiness_mode_wakes_a_waiting_caller_on_reset() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(secs(3600))
+        .backpressure(true)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(Counter::default().service());
+    let _ = call(&mut svc, Cmd::Fail).await;
+    assert_eq!(h.state(), State::Open);
+    let start = tokio::time::Instant::now();
+    let waiting = tokio::spawn(svc.ready_oneshot());
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    h.reset();
+    // Paused time would jump to the old timer if nothing woke the task.
+    waiting.await.unwrap().unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "woken by the timer, not the reset"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -61,6 +61,29 @@ async fn stall_delivers_none_of_its_503s() {
     outage(q, &mut Stall(&mut broker), Duration::from_secs(1), 1).await;
 }
 
+/// `Duration::MAX` as a nack delay or a visibility timeout ("not before a
+/// long while") hides the job, where the server would refuse so large a
+/// delay and redeliver at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_delay_of_duration_max_hides_the_job() {
+    use tower_firebreak::queue::{Job, Queue};
+    let name = unique("forever");
+    let q = connect(SHARED, &name, Duration::from_secs(5)).await;
+    q.enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = q.lease(1, Duration::MAX).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert!(q.lease(1, Duration::from_secs(1)).await.unwrap().is_empty());
+    q.nack(&leased[0].lease, Duration::MAX).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        q.lease(1, Duration::from_secs(1)).await.unwrap().is_empty(),
+        "a job nacked for Duration::MAX came back at once"
+    );
+    cleanup(&name).await;
+}
+
 /// A JetStream server of its own, storing in `dir`, for a test that stops
 /// it.
 fn private_nats(dir: &std::path::Path) -> Broker {

@@ -97,6 +97,28 @@ async fn stall_stores_none_of_its_503s() {
     });
 }
 
+/// `Duration::MAX` for "keep responses for ever": the ack still settles
+/// the job (Redis's `PEXPIRE` refuses so large a value, after the ack
+/// script had already changed the job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_of_duration_max_keeps_the_response() {
+    let name = unique("forever");
+    let q = connect_with(SHARED, &name, |b| b.retention(Duration::MAX)).await;
+    let id = q
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+    q.ack(&leased[0].lease, DeliveredResponse::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        q.status(&id).await.unwrap(),
+        Some(tower_firebreak::queue::JobStatus::Delivered { .. })
+    ));
+    cleanup(&name);
+}
+
 // The cleanup of idle consumers of the stream's group.
 
 fn consumers(name: &str) -> Vec<String> {

@@ -115,6 +115,28 @@ async fn wait_mode_waits_for_the_permit_within_max_wait() {
     );
 }
 
+/// `Duration::MAX` as "wait as long as it takes" (and as a timeout or a
+/// deadline: no limit) waits, where `now + Duration::MAX` would panic.
+#[tokio::test(start_paused = true)]
+async fn a_max_wait_of_duration_max_waits_instead_of_panicking() {
+    let svc = ServiceBuilder::new()
+        .layer(tower_firebreak::timeout::TimeoutLayer::new(Duration::MAX))
+        .layer(tower_firebreak::deadline::DeadlineLayer::new(Duration::MAX))
+        .layer(
+            RateLimitLayer::per_second(1)
+                .burst(1)
+                .max_wait(Duration::MAX),
+        )
+        .service(service_fn(|req: http::Request<()>| async move {
+            drop(req);
+            Ok::<_, BoxError>(())
+        }));
+    let start = Instant::now();
+    svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn keyed_limits_are_per_key_and_pruned_on_schedule() {
     let layer = KeyedRateLimitLayer::per_second(5, |k: &u32| *k % 10_000).burst(1);
