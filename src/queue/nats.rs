@@ -7,7 +7,7 @@
 //! | JetStream object | holds |
 //! | --- | --- |
 //! | stream `FB_orders`, subjects `fb.orders.job.<id>` | one message per unfinished job; work-queue retention, file storage, `max_msgs` = capacity with `discard: new` (the server refuses the job past capacity) |
-//! | durable pull consumer `fb` | explicit acks; `ack_wait` is the lease backstop, `max_deliver` = `max_attempts + 1` |
+//! | durable pull consumer `fb` | explicit acks; `ack_wait` is the lease backstop; no `max_deliver`: the lease that sees a delivery past `max_attempts` dead-letters the job, and a delivery whose answer is lost comes back to be answered again |
 //! | stream `FB_orders_DEAD`, subjects `fb.orders.dead.<id>` | the dead-letter subject: one message per dead job, with its reason |
 //! | KV bucket `fb_orders_live` | each unfinished or dead job's record (state, lease token, the message's ack subject, attempts) and the idempotency keys of unfinished jobs |
 //! | KV bucket `fb_orders_done`, `max_age` = retention | delivered jobs' responses and their idempotency keys: JetStream expires them after `retention` |
@@ -345,7 +345,11 @@ impl NatsQueueBuilder {
                         durable_name: Some("fb".to_owned()),
                         ack_policy: consumer::AckPolicy::Explicit,
                         ack_wait: self.ack_wait,
-                        max_deliver: i64::from(self.policy.max_attempts) + 1,
+                        // Unlimited: with `max_attempts + 1`, a last
+                        // delivery whose dead-lettering failed (a timeout,
+                        // a crash) was never delivered again, and the job
+                        // stayed in flight for good.
+                        max_deliver: -1,
                         max_ack_pending: -1,
                         ..Default::default()
                     },

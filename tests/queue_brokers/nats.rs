@@ -84,6 +84,66 @@ async fn a_nack_delay_of_duration_max_hides_the_job() {
     cleanup(&name).await;
 }
 
+/// The delivery past `max_attempts` is the one that dead-letters a job. If
+/// that delivery goes unanswered (its handle died, or its lease call timed
+/// out after the fetch), the server delivers it again, and the job is still
+/// dead-lettered: it never stays in flight for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_last_delivery_still_dead_letters_the_job() {
+    use tower_firebreak::queue::{Job, JobStatus, Queue};
+    let name = unique("lastdelivery");
+    let q = NatsQueue::builder()
+        .name(&name)
+        .max_attempts(1)
+        .ack_wait(Duration::from_secs(1))
+        .connect(SHARED)
+        .await
+        .unwrap();
+    let id = q
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    // Attempt 1, whose lease runs out.
+    assert_eq!(
+        q.lease(1, Duration::from_millis(200)).await.unwrap().len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The next delivery is fetched by a handle that dies without answering.
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(format!("FB_{name}"))
+        .await
+        .unwrap()
+        .get_consumer("fb")
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let lost = futures_util::StreamExt::next(&mut batch)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(lost);
+    // After ack_wait the server delivers it again; a lease buries it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match q.lease(1, Duration::from_secs(30)).await {
+            Ok(leased) => assert!(leased.is_empty(), "a job past max_attempts was leased"),
+            Err(e) => eprintln!("lease: {e}"),
+        }
+        if let Some(JobStatus::DeadLettered { .. }) = q.status(&id).await.unwrap() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the job is still {:?}",
+            q.status(&id).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cleanup(&name).await;
+}
+
 /// A JetStream server of its own, storing in `dir`, for a test that stops
 /// it.
 fn private_nats(dir: &std::path::Path) -> Broker {
