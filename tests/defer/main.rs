@@ -326,40 +326,33 @@ async fn keys_dedup_per_caller_and_never_across_callers() {
         }
         req
     };
+    macro_rules! ask {
+        ($svc:expr, $auth:expr, $tenant:expr) => {
+            read(
+                $svc.clone()
+                    .oneshot(as_caller($auth, $tenant))
+                    .await
+                    .unwrap(),
+            )
+            .await
+        };
+    }
     let calls = Arc::new(AtomicUsize::new(0));
 
     let queue = MemoryQueue::new();
     let svc = DeferLayer::new(queue.clone()).layer(failing(calls.clone(), open_breaker));
-    let a = read(
-        svc.clone()
-            .oneshot(as_caller(Some("Bearer alice"), None))
-            .await
-            .unwrap(),
-    )
-    .await;
-    let b = read(
-        svc.clone()
-            .oneshot(as_caller(Some("Bearer bob"), None))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = ask!(svc, Some("Bearer alice"), None);
+    let b = ask!(svc, Some("Bearer bob"), None);
     assert_eq!(
         (a.status, b.status),
         (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
     );
     assert_ne!(a.job_id(), b.job_id(), "bob was given alice's job");
-    let again = read(
-        svc.clone()
-            .oneshot(as_caller(Some("Bearer alice"), None))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let again = ask!(svc, Some("Bearer alice"), None);
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.job_id(), a.job_id());
     // No credentials: one scope for all such callers.
-    let anon = read(svc.clone().oneshot(as_caller(None, None)).await.unwrap()).await;
+    let anon = ask!(svc, None, None);
     assert_eq!(anon.status, StatusCode::ACCEPTED);
     assert_eq!(queue.depth().await.unwrap(), 3);
     // The replayed request carries the caller's own key, not the scoped one.
@@ -373,27 +366,9 @@ async fn keys_dedup_per_caller_and_never_across_callers() {
     let svc = DeferLayer::new(queue.clone())
         .key_scope(|parts| Some(parts.headers.get("x-tenant")?.to_str().ok()?.to_owned()))
         .layer(failing(calls.clone(), open_breaker));
-    let first = read(
-        svc.clone()
-            .oneshot(as_caller(Some("t1"), Some("acme")))
-            .await
-            .unwrap(),
-    )
-    .await;
-    let later = read(
-        svc.clone()
-            .oneshot(as_caller(Some("t2"), Some("acme")))
-            .await
-            .unwrap(),
-    )
-    .await;
-    let other = read(
-        svc.clone()
-            .oneshot(as_caller(Some("t1"), Some("globex")))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let first = ask!(svc, Some("t1"), Some("acme"));
+    let later = ask!(svc, Some("t2"), Some("acme"));
+    let other = ask!(svc, Some("t1"), Some("globex"));
     assert_eq!(
         (first.status, later.status),
         (StatusCode::ACCEPTED, StatusCode::OK)
@@ -407,19 +382,8 @@ async fn keys_dedup_per_caller_and_never_across_callers() {
     let svc = DeferLayer::new(queue.clone())
         .key_scope(|_| None)
         .layer(failing(calls, open_breaker));
-    let a = read(
-        svc.clone()
-            .oneshot(as_caller(Some("Bearer alice"), None))
-            .await
-            .unwrap(),
-    )
-    .await;
-    let b = read(
-        svc.oneshot(as_caller(Some("Bearer bob"), None))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = ask!(svc, Some("Bearer alice"), None);
+    let b = ask!(svc, Some("Bearer bob"), None);
     assert_eq!((a.status, b.status), (StatusCode::ACCEPTED, StatusCode::OK));
     assert_eq!(a.job_id(), b.job_id());
 }

@@ -89,6 +89,26 @@ async fn an_empty_budget_returns_the_original_error_unchanged() {
     assert_eq!(mine.0, 9);
 }
 
+/// How many retries a budget of `ratio` (no floor) grants after `calls`
+/// deposits at one instant.
+fn granted(ratio: f32, calls: usize) -> usize {
+    let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    for _ in 0..calls {
+        b.deposit();
+    }
+    let mut granted = 0;
+    while b.withdraw() {
+        granted += 1;
+    }
+    granted
+}
+
 #[test]
 fn common_ratios_grant_exactly_their_share() {
     for (ratio, per) in [
@@ -108,21 +128,7 @@ fn common_ratios_grant_exactly_their_share() {
         (0.3, 4),
         (0.15, 7),
     ] {
-        let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let _g = rt.enter();
-        for _ in 0..(per * 100) {
-            b.deposit();
-        }
-        let mut granted = 0;
-        while b.withdraw() {
-            granted += 1;
-        }
-        assert_eq!(granted, 100, "ratio {ratio}");
+        assert_eq!(granted(ratio, per * 100), 100, "ratio {ratio}");
     }
 }
 
@@ -131,20 +137,7 @@ fn common_ratios_grant_exactly_their_share() {
 #[test]
 fn ratios_over_one_grant_their_multiple() {
     for (ratio, granted_per_100) in [(2.0f32, 200), (2.5, 250), (3.0, 300), (1000.0, 100_000)] {
-        let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let _g = rt.enter();
-        for _ in 0..100 {
-            b.deposit();
-        }
-        let mut granted = 0;
-        while b.withdraw() {
-            granted += 1;
-        }
+        let granted = granted(ratio, 100);
         assert!(
             granted <= granted_per_100 && granted * 100 >= granted_per_100 * 99,
             "ratio {ratio}: {granted} retries for 100 calls"
