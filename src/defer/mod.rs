@@ -226,10 +226,7 @@ pub fn scope_by_authorization(parts: &http::request::Parts) -> Option<String> {
 /// key can be read as another scope and key.
 fn digest(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::queue::codec::hex(&Sha256::digest(bytes)[..8])
 }
 
 /// The default failed-response classifier: every 5xx.

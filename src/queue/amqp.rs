@@ -123,7 +123,7 @@
 //! ```
 
 use super::clock::Clock;
-use super::codec::{Format, b64_decode, b64_encode};
+use super::codec::{Format, b64_decode, b64_encode, hex};
 use super::job::{duration_ms, ms_system};
 use super::redis_clock::RedisClock;
 use super::{
@@ -682,11 +682,7 @@ impl StatusStore for RedisStatusStore {
         capacity: usize,
         give_up: Instant,
     ) -> Result<Claim, QueueError> {
-        let fp: String = job
-            .fingerprint()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fp = hex(&job.fingerprint());
         let args = [
             arg(id),
             arg(ticket),

@@ -145,6 +145,11 @@ fn append_header(map: &mut HeaderMap, name: &[u8], value: &[u8]) -> Result<(), C
     Ok(())
 }
 
+/// Lower-case hex of `bytes` (fingerprints, key digests).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub(crate) fn b64_encode(bytes: &[u8]) -> String {
     B64.encode(bytes)
 }

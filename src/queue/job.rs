@@ -434,12 +434,7 @@ mod tests {
         // Stored on disk in the idempotency index: it must never change
         // between versions, or a retried request would read as a conflict.
         let job = Job::new(Method::POST, "/orders?id=7".parse().unwrap()).with_body("{\"sku\":42}");
-        let hex: String = job
-            .fingerprint()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(hex, FINGERPRINT_V1);
+        assert_eq!(super::super::codec::hex(&job.fingerprint()), FINGERPRINT_V1);
         let mut headers = HeaderMap::new();
         headers.insert("traceparent", "00-abc-def-01".parse().unwrap());
         assert_eq!(

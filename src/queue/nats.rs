@@ -61,7 +61,7 @@
 //! ```
 
 use super::clock::Clock;
-use super::codec::{Format, b64_decode, b64_encode};
+use super::codec::{Format, b64_decode, b64_encode, hex};
 use super::job::{duration_ms, ms_system};
 use super::{
     DeadLetter, DeliveredResponse, Enqueued, Job, JobId, JobStatus, Lease, Leased, Policy, Queue,
@@ -428,19 +428,11 @@ const H_ATTEMPTS: &str = "fb-attempts";
 const H_AT: &str = "fb-at";
 
 fn idem_key(key: &str) -> String {
-    let h: String = Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("idem.{h}")
+    format!("idem.{}", hex(&Sha256::digest(key.as_bytes())))
 }
 
 fn job_key(id: &JobId) -> String {
     format!("job.{id}")
-}
-
-fn hex(fp: &[u8]) -> String {
-    fp.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn header_u64(h: Option<&async_nats::HeaderMap>, name: &str) -> Option<u64> {

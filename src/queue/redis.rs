@@ -116,7 +116,7 @@
 //! ```
 
 use super::clock::Clock;
-use super::codec::{Format, b64_decode, b64_encode};
+use super::codec::{Format, b64_decode, b64_encode, hex};
 use super::job::{duration_ms, ms_system};
 use super::redis_clock::{Answer, RedisClock};
 use super::{
@@ -808,11 +808,7 @@ impl Queue for RedisQueue {
         job.enqueued_at_ms = now;
         job.attempts = 0;
         let id = JobId::new();
-        let fingerprint: String = job
-            .fingerprint()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fingerprint = hex(&job.fingerprint());
         let args = vec![
             arg(id),
             self.inner.format.encode(&job),
