@@ -83,6 +83,7 @@ pub mod retry;
 pub mod span;
 pub mod timeout;
 mod trace;
+mod wake;
 
 /// `now + d`, or a year from now where that would overflow the clock: a
 /// `Duration::MAX` setting (for "no limit") must not panic a call.

@@ -15,6 +15,7 @@ use super::{Event, State, Transition};
 use crate::classify::Outcome;
 use crate::error::RejectionKind;
 use crate::observe::BreakerMetrics;
+use crate::wake::WakerSet;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
@@ -200,7 +201,7 @@ pub(crate) struct Breaker {
     /// Readiness mode: the tasks whose `poll_ready` waits for the open
     /// period to end, woken by every transition too (an operator's `reset`
     /// must not wait out the timer).
-    ready_waiters: Mutex<Vec<Waker>>,
+    ready_waiters: WakerSet,
 }
 
 /// How many transitions [`Breaker::recent`] keeps.
@@ -248,7 +249,7 @@ impl Breaker {
             subscribed: AtomicBool::new(false),
             obs,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
-            ready_waiters: Mutex::new(Vec::new()),
+            ready_waiters: WakerSet::default(),
         }
     }
 
@@ -560,19 +561,12 @@ impl Breaker {
         if self.subscribed.load(Relaxed) {
             let _ = self.events.send(Event::Transition { from, to });
         }
-        let waiters =
-            std::mem::take(&mut *self.ready_waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in waiters {
-            w.wake();
-        }
+        self.ready_waiters.wake_all();
     }
 
     /// Readiness mode: wakes `waker` at the next transition.
     pub(crate) fn wake_on_transition(&self, waker: &Waker) {
-        let mut list = self.ready_waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if !list.iter().any(|w| w.will_wake(waker)) {
-            list.push(waker.clone());
-        }
+        self.ready_waiters.add(waker);
     }
 
     /// How long the `opens`-th consecutive open lasts.

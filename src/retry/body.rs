@@ -1,6 +1,7 @@
 //! Making HTTP requests replayable by buffering their bodies.
 
 use crate::BoxError;
+use crate::wake::WakerSet;
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -10,7 +11,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::task::{Context, Poll, Waker, ready};
 use tower::{Layer, Service};
 
 /// A request body that records what it streams, so that it can be sent
@@ -75,37 +76,7 @@ struct Recorded<B> {
     /// The tasks of the copies waiting at the head for `rest`'s next frame:
     /// `rest` is polled with a waker that wakes them all, so a copy whose
     /// attempt stopped polling it (but is still alive) holds no one up.
-    waiting: Arc<Waiting>,
-}
-
-/// The wakers of the copies waiting for the stream; woken all at once.
-#[derive(Default)]
-struct Waiting(Mutex<Vec<Waker>>);
-
-impl Waiting {
-    fn add(&self, waker: &Waker) {
-        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !list.iter().any(|w| w.will_wake(waker)) {
-            list.push(waker.clone());
-        }
-    }
-
-    fn wake_all(&self) {
-        let list = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in list {
-            w.wake();
-        }
-    }
-}
-
-impl Wake for Waiting {
-    fn wake(self: Arc<Self>) {
-        self.wake_all();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.wake_all();
-    }
+    waiting: Arc<WakerSet>,
 }
 
 impl<B> Tee<B> {
