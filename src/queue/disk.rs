@@ -20,8 +20,8 @@
 //! batch to fill. Each request is answered (through a oneshot channel)
 //! only after its batch is durable; if the commit fails, every request in
 //! the batch fails and none of them is stored (but see "A full disk"
-//! below for the one exception). An operation that writes nothing (a `lease` that finds nothing
-//! due) is not committed and costs no fsync.
+//! below for the one exception). An operation that writes nothing (a
+//! `lease` that finds nothing due) is not committed and costs no fsync.
 //!
 //! Reads (`status`, `oldest_age`, `dead_letters`) run in a read transaction
 //! on tokio's blocking pool: they see every committed batch and never wait
@@ -677,13 +677,10 @@ impl Writer {
             let db = shared(&self.db);
             let failure = match db.as_ref().map(Database::begin_write) {
                 Some(Ok(txn)) => return Ok((db, txn)),
-                Some(Err(TransactionError::Storage(StorageError::PreviousIo))) => Failure {
-                    path: self.path.clone(),
-                    corrupt: false,
-                    message: "an earlier write failed with an I/O error (a full disk?); the \
-                              queue's writer is opening the file again"
-                        .into(),
-                },
+                Some(Err(TransactionError::Storage(StorageError::PreviousIo))) => reopening(
+                    &self.path,
+                    "an earlier write failed with an I/O error (a full disk?)",
+                ),
                 Some(Err(e)) => return Err(Failure::of(&self.path, e.into())),
                 None => closed(&self.path),
             };
@@ -803,12 +800,15 @@ fn shared(db: &RwLock<Option<Database>>) -> RwLockReadGuard<'_, Option<Database>
 /// The file is closed: the writer could not open it again yet after an I/O
 /// error.
 fn closed(path: &Arc<Path>) -> Failure {
+    reopening(path, "the file is closed after an I/O error")
+}
+
+/// An I/O error that the writer's reopen of the file should clear.
+fn reopening(path: &Arc<Path>, what: &str) -> Failure {
     Failure {
         path: path.clone(),
         corrupt: false,
-        message: "the file is closed after an I/O error; the queue's writer opens it again \
-                  with its next write"
-            .into(),
+        message: format!("{what}; the queue's writer is opening the file again"),
     }
 }
 
