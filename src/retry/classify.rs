@@ -62,16 +62,8 @@ fn is_final(err: &BoxError) -> bool {
 /// Whether the request of a failed attempt certainly never reached the
 /// server: its connection was refused.
 fn never_sent(err: &BoxError) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    error::find::<std::io::Error>(&**err)
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// The classifier for plain requests: retries any `Err` except this crate's
@@ -290,9 +282,10 @@ where
         result: &Result<http::Response<ResB>, BoxError>,
     ) -> Action {
         let grpc = Self::is_grpc(req.headers());
+        let idempotent = Self::is_idempotent(req);
         // `req` is the copy kept for the next attempt: its body may have
         // gone over the replay limit since it was made.
-        if !grpc && !Self::is_idempotent(req) || !req.body().can_replay() {
+        if !grpc && !idempotent || !req.body().can_replay() {
             return Action::Done;
         }
         let res = match result {
@@ -300,7 +293,7 @@ where
             Err(e) if is_final(e) => return Action::Done,
             // A gRPC call that may have run is not sent again unless it is
             // marked safe to repeat.
-            Err(e) if grpc && !Self::is_idempotent(req) && !never_sent(e) => {
+            Err(e) if grpc && !idempotent && !never_sent(e) => {
                 return Action::Done;
             }
             Err(_) => return Action::Retry,
