@@ -1,6 +1,6 @@
 //! The retry budget bounds retries under sustained failure.
 
-use crate::support::{Script, ms};
+use crate::support::{Script, ms, paused_runtime};
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt};
 use tower_firebreak::retry::{RetryBudget, RetryLayer, RetryPolicy};
@@ -93,11 +93,7 @@ async fn an_empty_budget_returns_the_original_error_unchanged() {
 /// deposits at one instant.
 fn granted(ratio: f32, calls: usize) -> usize {
     let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let rt = paused_runtime();
     let _g = rt.enter();
     for _ in 0..calls {
         b.deposit();

@@ -1,7 +1,7 @@
 //! For any sequence of outcomes: attempts never exceed max_attempts, and the
 //! time spent sleeping between attempts never exceeds the deadline.
 
-use crate::support::{Script, Step};
+use crate::support::{Script, Step, paused_runtime};
 use bytes::Bytes;
 use http_body_util::Full;
 use proptest::prelude::*;
@@ -36,11 +36,7 @@ proptest! {
         kind in 0u8..4,
         jitter in any::<bool>(),
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(async {
             let steps: Vec<_> = outcomes
                 .iter()
@@ -99,11 +95,7 @@ proptest! {
         min_per_sec in 0u32..5,
         ttl_s in 1u64..10,
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         let _g = rt.enter();
         let (ratio, cost) = [(0.1f32, 10i64), (0.2, 5), (0.25, 4), (0.5, 2), (1.0, 1), (1.0 / 7.0, 7)][ratio_idx];
         let budget = tower_firebreak::retry::RetryBudget::new(
@@ -136,11 +128,7 @@ proptest! {
         deadline_ms in 50u64..5_000,
         max_delay_ms in 1u64..5_000,
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(async {
             let steps: Vec<_> = outcomes
                 .iter()

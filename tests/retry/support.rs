@@ -101,6 +101,15 @@ impl<T: Clone + Send + 'static> Script<T> {
     }
 }
 
+/// A current-thread runtime with the time driver, its clock paused.
+pub(crate) fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
 pub(crate) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
