@@ -60,7 +60,6 @@ async fn a_full_disk_fails_cleanly_and_the_queue_recovers_when_there_is_room() {
         let e = q.enqueue(job(20_000 + k)).await.unwrap_err();
         assert!(matches!(e, QueueError::Unavailable { .. }), "{e:?}");
     }
-
     // Room again. Reads come back within seconds with no write to prompt
     // it (the writer reopens the file on its own), and the queue takes
     // jobs again, with no restart.
@@ -98,6 +97,40 @@ async fn a_full_disk_fails_cleanly_and_the_queue_recovers_when_there_is_room() {
     for id in &accepted {
         assert_eq!(q.status(id).await.unwrap(), Some(JobStatus::Queued), "{id}");
     }
+
+    // Full again, and this time the writer cannot open the file at all (it
+    // was moved away): redb's lock went with the close, but the file is
+    // still this handle's, and a second open, which would start a new
+    // queue where the writer looks for its file, is refused.
+    let size = std::fs::metadata(&path).unwrap().len();
+    rlimit::setrlimit(Resource::FSIZE, size + 64 * 1024, hard).unwrap();
+    let mut k = 40_000;
+    while let Ok(id) = q.enqueue(job(k)).await {
+        accepted.push(id);
+        k += 1;
+        assert!(k < 50_000, "the queue never filled the disk again");
+    }
+    let moved = dir.path().join("q.redb.moved");
+    std::fs::rename(&path, &moved).unwrap();
+    let since = Instant::now();
+    loop {
+        match q.status(&accepted[0]).await {
+            Err(e) if e.to_string().contains("closed") => break,
+            _ if since.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("the writer did not close the file: {other:?}"),
+        }
+    }
+    match DiskQueue::open(&path) {
+        Err(QueueError::AlreadyOpen { path: p }) => assert_eq!(p, path),
+        Err(e) => panic!("a second open while the writer reopens the file gave {e:?}"),
+        Ok(_) => panic!("a second open got the file while the writer was reopening it"),
+    }
+    assert!(!path.exists(), "the refused open made a file");
+    std::fs::rename(&moved, &path).unwrap();
+    rlimit::setrlimit(Resource::FSIZE, soft, hard).unwrap();
+
     drop(q);
     let q = DiskQueue::open(&path).unwrap();
     let leased = q

@@ -65,9 +65,11 @@
 //! grows; a fault inside the commit's writes is not injected).
 //!
 //! While the writer reopens the file, redb's lock on it is released for
-//! that moment, and until the file could be opened if that fails: a
-//! second process opening the same file then would get it. Run one
-//! process per queue file.
+//! that moment, and until the file could be opened if that fails. So on
+//! Unix the handle also holds an `flock` on a lock file beside the queue
+//! file (`<file>.lock`, created by `open` and never removed) for its whole
+//! life: a second `open`, from this process or another, gets
+//! [`QueueError::AlreadyOpen`] in that moment too.
 //!
 //! # Corruption
 //!
@@ -168,6 +170,61 @@ struct Inner {
     depth: Arc<AtomicU64>,
     sender: Option<mpsc::Sender<Work>>,
     writer: Option<JoinHandle<()>>,
+    /// Dropped after the writer has been joined (see `Drop`).
+    _lock: LockFile,
+}
+
+/// The lock file beside the queue file (`<file>.lock`), locked with
+/// `flock` for the handle's whole life. redb locks the queue file too, but
+/// lets go of it while the writer opens the file again after an I/O error;
+/// a second process opening the file in that moment would get it, and hand
+/// out this process's leases again. The lock file is never removed:
+/// removing it would let two processes lock two different files.
+#[derive(Debug)]
+struct LockFile {
+    #[cfg(unix)]
+    _file: std::fs::File,
+}
+
+impl LockFile {
+    fn path(queue: &Path) -> std::path::PathBuf {
+        let mut name = queue.as_os_str().to_os_string();
+        name.push(".lock");
+        name.into()
+    }
+
+    #[cfg(unix)]
+    fn acquire(queue: &Path) -> Result<LockFile, QueueError> {
+        use rustix::fs::{FlockOperation, flock};
+        let path = Self::path(queue);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| {
+                QueueError::unavailable(format!(
+                    "cannot open the queue's lock file {}: {e}",
+                    path.display()
+                ))
+            })?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(LockFile { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(QueueError::AlreadyOpen {
+                path: queue.to_path_buf(),
+            }),
+            Err(e) => Err(QueueError::unavailable(format!(
+                "cannot lock the queue's lock file {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Elsewhere redb's own lock is the only one.
+    #[cfg(not(unix))]
+    fn acquire(_queue: &Path) -> Result<LockFile, QueueError> {
+        Ok(LockFile {})
+    }
 }
 
 impl Drop for Inner {
@@ -290,6 +347,9 @@ impl DiskQueueBuilder {
                 "the file is empty (truncated?); remove it to start a new queue",
             ));
         }
+        // Before redb's own lock: that one is let go while the writer opens
+        // the file again after an I/O error, this one never is.
+        let lock = LockFile::acquire(&path)?;
         let db = guard(&path, || {
             Database::builder()
                 .create(&path)
@@ -327,6 +387,7 @@ impl DiskQueueBuilder {
                 depth,
                 sender: Some(sender),
                 writer: Some(writer),
+                _lock: lock,
             }),
         })
     }
