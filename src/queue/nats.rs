@@ -42,9 +42,15 @@
 //! it is disconnected every operation fails at once with
 //! [`QueueError::Unavailable`] instead of buffering, and every operation
 //! is bounded by [`op_timeout`](NatsQueueBuilder::op_timeout) (default
-//! 500 ms). A request in flight when the connection breaks is ambiguous:
-//! the server may have stored a job whose `submit` then fails; a retry with
-//! the same idempotency key finds it.
+//! 500 ms). A `submit` that fails (or passes `op_timeout`) after its
+//! publish may have been sent is undone: the job's record is set to `void`
+//! on the same connection, so a message the server stored anyway (its
+//! answer lost, or the server stalled) is dropped by the lease that meets
+//! it, never delivered, and the idempotency key is free again. Only when
+//! that undo cannot land (the connection is gone) is a failed submit
+//! ambiguous: the server may have stored the job, and a retry with the
+//! same idempotency key finds it. Until a lease drops it, a voided job's
+//! message counts in [`depth`](Queue::depth).
 //!
 //! ```no_run
 //! use tower_firebreak::queue::{nats::NatsQueue, Job, Queue};
@@ -84,7 +90,8 @@ use std::time::Duration;
 /// A job's record in the live bucket.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Rec {
-    /// `queued`, `inflight`, `settling` or `dead`.
+    /// `queued`, `inflight`, `settling`, `dead`, or `void` (a failed
+    /// submit's job: a message the server stored anyway is dropped).
     s: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     token: String,
@@ -310,7 +317,12 @@ impl NatsQueueBuilder {
         .await
         .map_err(|_| QueueError::unavailable(format!("connecting to {url} timed out")))?
         .map_err(QueueError::unavailable)?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        // Every operation is bounded by `op_timeout` (see `run`). The
+        // client's own JetStream timeout (5 s) must not end one first: a
+        // submit whose publish answer it gave up on would be undone while
+        // its `run` could still see it through.
+        js.set_timeout(self.op_timeout.max(Duration::from_secs(5)) + Duration::from_secs(1));
         let name = &self.name;
         let subject = format!("fb.{name}.job");
         let dead_subject = format!("fb.{name}.dead");
@@ -414,6 +426,34 @@ impl NatsQueueBuilder {
                 next_dead_purge: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+/// Undoes a submit that did not finish: armed once the submit may write
+/// the job's record. A submit that returns an error undoes itself; one
+/// dropped (its [`op_timeout`](NatsQueueBuilder::op_timeout) passed while
+/// the server was slow or stalled) leaves the undo to a task spawned here,
+/// which a stalled server then reads after the job's publish, so the job is
+/// voided even if it is stored when the server resumes.
+struct Undo {
+    /// `None` once the submit has finished.
+    queue: Option<NatsQueue>,
+    id: JobId,
+    rev: Option<u64>,
+    claimed: Option<String>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
+        let (id, rev, claimed) = (self.id, self.rev, self.claimed.take());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = queue.run(queue.undo(id, rev, claimed)).await;
+            });
+        }
     }
 }
 
@@ -564,6 +604,7 @@ impl NatsQueue {
     async fn holds_key(&self, id: &JobId) -> Result<bool, QueueError> {
         match self.rec(id).await? {
             Some((rec, _)) if rec.s == "dead" => return Ok(true),
+            Some((rec, _)) if rec.s == "void" => return Ok(false),
             Some(_) if self.message(id).await?.is_some() => return Ok(true),
             _ => {}
         }
@@ -735,31 +776,86 @@ impl NatsQueue {
                 )));
             }
         }
-        let r = self.store(&id, &job, now).await;
-        if r.is_err() {
-            // Best effort: a claim left behind is stale, since the job's
-            // message is not in the stream, and the next submit takes it.
-            let _ = self.inner.live.delete(job_key(&id)).await;
-            if let Some(ik) = claimed {
-                let _ = self.inner.live.delete(ik).await;
+        // From here a failed or dropped submit (its `op_timeout` passed)
+        // is undone: see `Undo`.
+        let mut undo = Undo {
+            queue: Some(self.clone()),
+            id,
+            rev: None,
+            claimed,
+        };
+        match self.store(&id, &job, now, &mut undo.rev).await {
+            Ok(()) => {
+                undo.queue = None;
+                Ok(Enqueued::Created(id))
+            }
+            Err(e) => {
+                undo.queue = None;
+                // Best effort: what is not undone is a delay, not a loss
+                // (see `Undo`).
+                let _ = self.undo(id, undo.rev, undo.claimed.take()).await;
+                Err(e)
             }
         }
-        r.map(|()| Enqueued::Created(id))
     }
 
-    async fn store(&self, id: &JobId, job: &Job, now: u64) -> Result<(), QueueError> {
+    /// Undoes a submit that failed: voids job `id`, so that a message the
+    /// server stored anyway (its answer was lost, or came too late) is
+    /// dropped by the lease that meets it rather than delivered after the
+    /// caller got an error, and gives the idempotency key claim back only
+    /// once the job can no longer be delivered. When that cannot be made
+    /// sure (the void did not land, or a lease took the job first), the
+    /// claim stays, so a retry with the key finds the job if it was stored.
+    async fn undo(
+        &self,
+        id: JobId,
+        rev: Option<u64>,
+        claimed: Option<String>,
+    ) -> Result<(), QueueError> {
+        let gone = match rev {
+            // The record's write never answered, so the message was never
+            // sent; a record that lands late is a leftover (see `status`).
+            None => {
+                let _ = self.inner.live.delete(job_key(&id)).await;
+                true
+            }
+            Some(rev) => {
+                let void = Rec {
+                    s: "void".to_owned(),
+                    ..Rec::default()
+                };
+                self.cas(&id, &void, Some(rev)).await?
+            }
+        };
+        if gone && let Some(ik) = claimed {
+            let _ = self.inner.live.delete(ik).await;
+        }
+        Ok(())
+    }
+
+    /// Writes the job's record (its revision into `rev`), then publishes
+    /// its message.
+    async fn store(
+        &self,
+        id: &JobId,
+        job: &Job,
+        now: u64,
+        rev: &mut Option<u64>,
+    ) -> Result<(), QueueError> {
         let queued = Rec {
             s: "queued".to_owned(),
             ..Rec::default()
         };
-        self.inner
-            .live
-            .put(
-                job_key(id),
-                Bytes::from(serde_json::to_vec(&queued).expect("serialises")),
-            )
-            .await
-            .map_err(QueueError::unavailable)?;
+        *rev = Some(
+            self.inner
+                .live
+                .put(
+                    job_key(id),
+                    Bytes::from(serde_json::to_vec(&queued).expect("serialises")),
+                )
+                .await
+                .map_err(QueueError::unavailable)?,
+        );
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(H_ENQ, now.to_string().as_str());
         if let Some(d) = job.deadline_ms() {
@@ -948,6 +1044,12 @@ impl NatsQueue {
                 let revision = match &current {
                     Some((rec, _)) if rec.s == "dead" => {
                         self.answer(&reply, "+TERM").await?;
+                        continue;
+                    }
+                    // A failed submit's job that the server stored anyway.
+                    Some((rec, _)) if rec.s == "void" => {
+                        self.answer(&reply, "+TERM").await?;
+                        let _ = self.inner.live.delete(job_key(&id)).await;
                         continue;
                     }
                     Some((rec, _)) if rec.s == "settling" && self.done(&id).await?.is_some() => {
@@ -1168,8 +1270,9 @@ impl NatsQueue {
                 attempts: rec.attempts,
                 at: ms_system(rec.at),
             })),
-            // A record whose message never reached the stream is a failed
-            // submit's leftover.
+            // A failed submit's job, or its leftover record, whose message
+            // never reached the stream.
+            "void" => Ok(None),
             _ if self.message(id).await?.is_none() => Ok(None),
             "inflight" => Ok(Some(JobStatus::InFlight)),
             _ => Ok(Some(JobStatus::Queued)),
@@ -1293,7 +1396,7 @@ impl NatsQueue {
             return Ok(false);
         }
         let enq = job.enqueued_at_ms;
-        if let Err(e) = self.store(id, &job, enq).await {
+        if let Err(e) = self.store(id, &job, enq, &mut None).await {
             // Put the dead record back: the job is still dead.
             let _ = self
                 .inner

@@ -48,17 +48,17 @@ async fn outage_answers_503_fast_and_delivers_every_202() {
 }
 
 /// The server paused (SIGSTOP) rather than killed, so what a client writes
-/// meanwhile is read when it resumes: no request sent during the stall and
-/// answered 503 is delivered (`outage` allows the one in flight at the
-/// stop), and every 202 is delivered once. (notes/fleet.md ran this by hand
-/// once; this keeps it.)
+/// meanwhile is read when it resumes: no request answered 503 is
+/// delivered, not even the one in flight at the stop (its submit is undone
+/// after the publish, on the same connection), and every 202 is delivered
+/// once. (notes/fleet.md ran this by hand once; this keeps it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_delivers_none_of_its_503s() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = private_nats(dir.path());
     let url = format!("nats://127.0.0.1:{}", broker.port);
     let q = connect(&url, "stall", Duration::from_millis(300)).await;
-    outage(q, &mut Stall(&mut broker), Duration::from_secs(1), 1).await;
+    outage(q, &mut Stall(&mut broker), Duration::from_secs(1), 0).await;
 }
 
 /// `Duration::MAX` as a nack delay or a visibility timeout ("not before a
@@ -142,6 +142,158 @@ async fn a_lost_last_delivery_still_dead_letters_the_job() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     cleanup(&name).await;
+}
+
+/// A submit whose job the server stores but whose publish answer never
+/// comes back (lost on the way; here a proxy drops it) fails, and that job
+/// is never delivered: the submit, dropped at its `op_timeout`, is undone
+/// (the job voided, its idempotency key claim given back), and the lease
+/// that meets the message drops it. A retry with the key makes one new
+/// job. Before, the job stayed `queued` and was delivered after its 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_whose_submit_failed_is_never_delivered() {
+    use tower_firebreak::queue::{Enqueued, Job, Queue, QueueError};
+    let name = unique("lostack");
+    let proxy = AckEater::start(4222, format!("\"stream\":\"FB_{name}\", \"seq\"")).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        &name,
+        Duration::from_millis(500),
+    )
+    .await;
+    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let job = || Job::new(http::Method::POST, "/x".parse().unwrap()).with_idempotency_key("k-1");
+
+    let e = via.submit(job()).await.unwrap_err();
+    assert!(matches!(e, QueueError::Unavailable { .. }), "{e:?}");
+    assert_eq!(
+        direct.depth().await.unwrap(),
+        1,
+        "the server did not store the job"
+    );
+
+    // The undo runs on its own task: wait until the job's record is void
+    // and the key's claim is gone.
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    let live = js.get_key_value(format!("fb_{name}_live")).await.unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = futures_util::TryStreamExt::try_collect(live.keys().await.unwrap())
+            .await
+            .unwrap();
+        let mut void = false;
+        for k in keys.iter().filter(|k| k.starts_with("job.")) {
+            let v = live.get(k).await.unwrap().unwrap_or_default();
+            void |= std::str::from_utf8(&v).unwrap().contains("\"void\"");
+        }
+        if void && !keys.iter().any(|k| k.starts_with("idem.")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the failed submit was not undone: live keys {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let leased = direct.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert!(
+        leased.is_empty(),
+        "a job whose submit failed was leased: {leased:?}"
+    );
+    assert_eq!(
+        direct.depth().await.unwrap(),
+        0,
+        "its message is still there"
+    );
+
+    let again = direct.submit(job()).await.unwrap();
+    assert!(matches!(again, Enqueued::Created(_)), "{again:?}");
+    let leased = direct.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(*leased[0].lease.id(), again.id());
+    cleanup(&name).await;
+}
+
+/// A TCP proxy in front of a NATS server that drops every message from
+/// the server whose payload holds `needle` (a publish answer naming one
+/// stream, say), and passes everything else.
+struct AckEater {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckEater {
+    async fn start(upstream: u16, needle: String) -> AckEater {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let needle = needle.into_bytes();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                conns.spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                    let _ = server_tx.shutdown().await;
+                });
+                let needle = needle.clone();
+                conns.spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = vec![0; 64 * 1024];
+                    loop {
+                        while let Some(len) = nats_frame(&buf) {
+                            let frame: Vec<u8> = buf.drain(..len).collect();
+                            let is_msg = frame.starts_with(b"MSG ") || frame.starts_with(b"HMSG ");
+                            if is_msg && frame.windows(needle.len()).any(|w| w == needle) {
+                                continue;
+                            }
+                            if client_tx.write_all(&frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        match server_rx.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                let _ = client_tx.shutdown().await;
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        AckEater { port, task }
+    }
+}
+
+impl Drop for AckEater {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The length of the first whole protocol frame the server sent in `buf`:
+/// a control line, or a `MSG`/`HMSG` line with its payload.
+fn nats_frame(buf: &[u8]) -> Option<usize> {
+    let line = buf.windows(2).position(|w| w == b"\r\n")? + 2;
+    let head = std::str::from_utf8(&buf[..line - 2]).expect("a NATS control line is text");
+    if !(head.starts_with("MSG ") || head.starts_with("HMSG ")) {
+        return Some(line);
+    }
+    // The last field is the payload's size (headers included, for HMSG).
+    let size: usize = head
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .expect("a NATS payload size");
+    let len = line + size + 2;
+    (buf.len() >= len).then_some(len)
 }
 
 /// A JetStream server of its own, storing in `dir`, for a test that stops
