@@ -1040,6 +1040,17 @@ impl NatsQueue {
                     self.answer(&reply, "+TERM").await?;
                     continue;
                 };
+                // A redelivery (the only kind a redrive can overtake) of a
+                // message that is no longer the job's own: the job was
+                // dead-lettered, and redriven as a new message, before this
+                // one's `+TERM` landed. Leasing it would run the job twice.
+                if attempts > 1
+                    && let Some(last) = self.message(&id).await?
+                    && last.sequence != info.stream_sequence
+                {
+                    self.answer(&reply, "+TERM").await?;
+                    continue;
+                }
                 let current = self.rec(&id).await?;
                 let revision = match &current {
                     Some((rec, _)) if rec.s == "dead" => {

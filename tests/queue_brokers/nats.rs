@@ -154,7 +154,8 @@ async fn a_lost_last_delivery_still_dead_letters_the_job() {
 async fn a_stored_job_whose_submit_failed_is_never_delivered() {
     use tower_firebreak::queue::{Enqueued, Job, Queue, QueueError};
     let name = unique("lostack");
-    let proxy = AckEater::start(4222, format!("\"stream\":\"FB_{name}\", \"seq\"")).await;
+    let answer = format!("\"stream\":\"FB_{name}\", \"seq\"");
+    let proxy = AckEater::start(4222, Some(answer), None).await;
     let via = connect(
         &format!("nats://127.0.0.1:{}", proxy.port),
         &name,
@@ -215,20 +216,23 @@ async fn a_stored_job_whose_submit_failed_is_never_delivered() {
     cleanup(&name).await;
 }
 
-/// A TCP proxy in front of a NATS server that drops every message from
-/// the server whose payload holds `needle` (a publish answer naming one
-/// stream, say), and passes everything else.
+/// A TCP proxy in front of a NATS server that drops every message whose
+/// payload holds a needle: `from_server` (a publish answer naming one
+/// stream, say) or `from_client` (an ack such as `+TERM`), and passes
+/// everything else.
 struct AckEater {
     port: u16,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl AckEater {
-    async fn start(upstream: u16, needle: String) -> AckEater {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn start(
+        upstream: u16,
+        from_server: Option<String>,
+        from_client: Option<String>,
+    ) -> AckEater {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let needle = needle.into_bytes();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
@@ -236,36 +240,10 @@ impl AckEater {
                 else {
                     continue;
                 };
-                let (mut client_rx, mut client_tx) = client.into_split();
-                let (mut server_rx, mut server_tx) = server.into_split();
-                conns.spawn(async move {
-                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
-                    let _ = server_tx.shutdown().await;
-                });
-                let needle = needle.clone();
-                conns.spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = vec![0; 64 * 1024];
-                    loop {
-                        while let Some(len) = nats_frame(&buf) {
-                            let frame: Vec<u8> = buf.drain(..len).collect();
-                            let is_msg = frame.starts_with(b"MSG ") || frame.starts_with(b"HMSG ");
-                            if is_msg && frame.windows(needle.len()).any(|w| w == needle) {
-                                continue;
-                            }
-                            if client_tx.write_all(&frame).await.is_err() {
-                                return;
-                            }
-                        }
-                        match server_rx.read(&mut chunk).await {
-                            Ok(0) | Err(_) => {
-                                let _ = client_tx.shutdown().await;
-                                return;
-                            }
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                conns.spawn(eat(client_rx, server_tx, from_client.clone()));
+                conns.spawn(eat(server_rx, client_tx, from_server.clone()));
             }
         });
         AckEater { port, task }
@@ -278,22 +256,114 @@ impl Drop for AckEater {
     }
 }
 
-/// The length of the first whole protocol frame the server sent in `buf`:
-/// a control line, or a `MSG`/`HMSG` line with its payload.
-fn nats_frame(buf: &[u8]) -> Option<usize> {
+/// Copies one direction of a NATS connection frame by frame, dropping the
+/// messages whose frame holds `needle`.
+async fn eat(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    needle: Option<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        while let Some((len, is_msg)) = nats_frame(&buf) {
+            let frame: Vec<u8> = buf.drain(..len).collect();
+            if let Some(n) = &needle
+                && is_msg
+                && frame.windows(n.len()).any(|w| w == n.as_bytes())
+            {
+                continue;
+            }
+            if to.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The length of the first whole protocol frame in `buf`, and whether it
+/// is a message: a control line, or a `MSG`/`HMSG` (from the server) or
+/// `PUB`/`HPUB` (from a client) line with its payload.
+fn nats_frame(buf: &[u8]) -> Option<(usize, bool)> {
     let line = buf.windows(2).position(|w| w == b"\r\n")? + 2;
     let head = std::str::from_utf8(&buf[..line - 2]).expect("a NATS control line is text");
-    if !(head.starts_with("MSG ") || head.starts_with("HMSG ")) {
-        return Some(line);
+    if !["MSG ", "HMSG ", "PUB ", "HPUB "]
+        .iter()
+        .any(|op| head.starts_with(op))
+    {
+        return Some((line, false));
     }
-    // The last field is the payload's size (headers included, for HMSG).
+    // The last field is the payload's size (headers included, for HMSG
+    // and HPUB).
     let size: usize = head
         .rsplit(' ')
         .next()?
         .parse()
         .expect("a NATS payload size");
     let len = line + size + 2;
-    (buf.len() >= len).then_some(len)
+    (buf.len() >= len).then_some((len, true))
+}
+
+/// A dead-lettered job redriven before its old message's `+TERM` landed
+/// (here a proxy drops that `+TERM`) has two messages in the stream: the
+/// old one, still due for redelivery, and the redrive's. Only the new one
+/// is leased; the old one is dropped. Before, both were, and the job ran
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_that_overtakes_a_lost_term_runs_the_job_once() {
+    use tower_firebreak::queue::{Job, Queue};
+    let name = unique("redrive");
+    let proxy = AckEater::start(4222, None, Some("+TERM".to_owned())).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        &name,
+        Duration::from_millis(500),
+    )
+    .await;
+    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let id = direct
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = via.lease(1, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    // Buried, but its `+TERM` is lost: the call fails after the record
+    // says dead, and the old message comes back when its lease runs out.
+    assert!(via.dead_letter(&leased[0].lease, "test").await.is_err());
+    assert!(
+        direct.redrive(&id).await.unwrap(),
+        "the dead job was not redriven"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut leases = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        leases.extend(direct.lease(10, Duration::from_secs(30)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leases.len(), 1, "the job was leased {} times", leases.len());
+    assert_eq!(*leases[0].lease.id(), id);
+    direct
+        .ack(
+            &leases[0].lease,
+            tower_firebreak::queue::DeliveredResponse {
+                status: 200,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(direct.depth().await.unwrap(), 0, "a message is left");
+    cleanup(&name).await;
 }
 
 /// A JetStream server of its own, storing in `dir`, for a test that stops
