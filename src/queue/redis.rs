@@ -17,6 +17,7 @@
 //! | `st:<id>` | hash with a TTL | a finished job's status: the delivered response (expires after `retention`) or the dead-letter reason |
 //! | `p` | sorted set | delivered jobs by the time their idempotency key is released |
 //! | `xt` | sorted set | dead jobs by the time they were dead-lettered, for `dead_letter_retention` |
+//! | `c` | string | where the last lease's scan for expired leases stopped |
 //!
 //! A lease is a stream entry pending in the consumer group. When a job is
 //! leased for `visibility`, its entry's idle time is set so that
@@ -322,8 +323,12 @@ local function offer(e, fields)
   if reason then to_dead(id, reason, now) else give_out(id, e) end
 end
 
--- Expired leases first: their entries have been idle for M.
-local cursor = '0-0'
+-- Expired leases first: their entries have been idle for M. XAUTOCLAIM
+-- looks at no more than COUNT * 10 entries a call, so the scan goes on
+-- where the last lease left it (wrapping once past the end), or an expired
+-- entry behind many live ones would wait for them to settle.
+local cursor = redis.call('GET', k('c')) or '0-0'
+local wrapped = cursor == '0-0'
 for _ = 1, 16 do
   if #out >= max then break end
   local r = redis.call('XAUTOCLAIM', k('s'), G, consumer, M, cursor, 'COUNT', max - #out)
@@ -333,8 +338,12 @@ for _ = 1, 16 do
     if fields then redis.call('HDEL', k('l'), fields[2]) end
     offer(ent[1], fields)
   end
-  if cursor == '0-0' then break end
+  if cursor == '0-0' then
+    if wrapped then break end
+    wrapped = true
+  end
 end
+redis.call('SET', k('c'), cursor)
 
 -- Then new entries.
 while #out < max do

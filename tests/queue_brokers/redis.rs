@@ -212,3 +212,44 @@ async fn idle_consumer_ttl_must_be_above_zero() {
         .unwrap_err();
     assert!(err.to_string().contains("idle_consumer_ttl"), "{err}");
 }
+
+/// An expired lease behind many live ones comes back. `XAUTOCLAIM` looks
+/// at no more than ten entries per job asked for, and a lease began its
+/// scan at the start of the pending list every time, so one expired entry
+/// behind 199 live ones was never reached by `lease(1, ..)` until they
+/// settled. The scan now goes on where the last lease left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_behind_many_live_ones_comes_back() {
+    let name = unique("deep");
+    let q = connect(SHARED, &name, Duration::from_secs(5)).await;
+    for i in 0..200 {
+        q.enqueue(Job::new(
+            http::Method::POST,
+            format!("/deep/{i}").parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+    }
+    let live = q.lease(199, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(live.len(), 199);
+    let short = q.lease(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(short.len(), 1);
+    let expired = *short[0].lease.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut back = Vec::new();
+    for _ in 0..4 {
+        back = q.lease(1, Duration::from_secs(600)).await.unwrap();
+        if !back.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        back.len(),
+        1,
+        "the expired lease did not come back in 4 leases"
+    );
+    assert_eq!(*back[0].lease.id(), expired);
+    assert_eq!(back[0].job.attempts(), 2);
+    cleanup(&name);
+}
