@@ -227,7 +227,10 @@ impl Breaker {
             WindowKind::Count(n) => Window::Count(CountWindow::new(n)),
             WindowKind::Time(d) => {
                 let width = (d.as_nanos() / super::window::TIME_BUCKETS as u128).max(1);
-                Window::Time(TimeWindow::new(width.min(u64::MAX as u128) as u64))
+                Window::Time(TimeWindow::new(
+                    width.min(u64::MAX as u128) as u64,
+                    settings.slow.is_some(),
+                ))
             }
             WindowKind::Consecutive(_) => Window::Consecutive(Consecutive::new()),
         };

@@ -266,18 +266,23 @@ fn decode_count(word: u64) -> Option<Snapshot> {
 /// How many buckets a time window is cut into.
 pub(crate) const TIME_BUCKETS: usize = 10;
 
-const T_TOTAL: u32 = 42;
-const T_FAIL: u32 = 21;
-const T_SLOW: u32 = 0;
-const T_MASK: u64 = (1 << 21) - 1;
-/// Calls one bucket can count before its lanes would overflow.
+const T_TOTAL: u32 = 32;
+const T_FAIL: u32 = 0;
+const T_MASK: u64 = (1 << 32) - 1;
+/// Calls one bucket can count before its lanes would overflow: over four
+/// billion, so a bucket of a minute-wide window still counts every call at
+/// tens of millions of calls a second. (Lanes of 21 bits, when slow calls
+/// shared the word, filled at 2 million, and later outcomes went unseen.)
 pub(crate) const MAX_PER_BUCKET: u64 = T_MASK;
 
 struct Bucket {
     /// `gen:16 | tick:48`; a bucket with another stamp is empty.
     stamp: AtomicU64,
-    /// `total:21 | failures:21 | slow:21`.
+    /// `total:32 | failures:32`.
     counts: AtomicU64,
+    /// Slow calls, counted apart: only a breaker with slow-call detection
+    /// adds to it or reads it, so the others keep one atomic per call.
+    slow: AtomicU64,
 }
 
 /// `TIME_BUCKETS` buckets of `width` each. Recording is one `fetch_add` on the
@@ -285,6 +290,8 @@ struct Bucket {
 /// clear it, so the lock is taken once per bucket width, not once per call.
 pub(crate) struct TimeWindow {
     width_nanos: u64,
+    /// Whether slow calls are counted (the breaker has a slow-call rate).
+    track_slow: bool,
     buckets: Box<[Bucket]>,
     generation: AtomicU32,
     roll: Mutex<()>,
@@ -297,14 +304,16 @@ fn stamp(generation: u16, tick: u64) -> u64 {
 }
 
 impl TimeWindow {
-    pub(crate) fn new(width_nanos: u64) -> Self {
+    pub(crate) fn new(width_nanos: u64, track_slow: bool) -> Self {
         assert!(width_nanos > 0);
         TimeWindow {
             width_nanos,
+            track_slow,
             buckets: (0..TIME_BUCKETS)
                 .map(|_| Bucket {
                     stamp: AtomicU64::new(u64::MAX),
                     counts: AtomicU64::new(0),
+                    slow: AtomicU64::new(0),
                 })
                 .collect(),
             generation: AtomicU32::new(0),
@@ -317,6 +326,7 @@ impl TimeWindow {
         for b in self.buckets.iter() {
             b.stamp.store(u64::MAX, Relaxed);
             b.counts.store(0, Relaxed);
+            b.slow.store(0, Relaxed);
         }
         self.generation.store(u32::from(generation), Release);
     }
@@ -342,16 +352,17 @@ impl TimeWindow {
                     return None;
                 }
                 b.counts.store(0, Relaxed);
+                b.slow.store(0, Relaxed);
                 b.stamp.store(want, Release);
             }
         }
-        let delta = (u64::from(bit(bits, REC)) << T_TOTAL)
-            | (u64::from(bit(bits, FAIL)) << T_FAIL)
-            | (u64::from(bit(bits, SLOW)) << T_SLOW);
+        let delta = (u64::from(bit(bits, REC)) << T_TOTAL) | (u64::from(bit(bits, FAIL)) << T_FAIL);
         let prev = b.counts.fetch_add(delta, AcqRel);
         if (prev >> T_TOTAL) & T_MASK >= MAX_PER_BUCKET {
             // Saturated bucket: undo rather than carry into the next lane.
             b.counts.fetch_sub(delta, AcqRel);
+        } else if self.track_slow && bits & SLOW != 0 {
+            b.slow.fetch_add(1, AcqRel);
         }
         Some(self.snapshot(generation, tick))
     }
@@ -372,7 +383,9 @@ impl TimeWindow {
                 let c = b.counts.load(Acquire);
                 s.total += (c >> T_TOTAL) & T_MASK;
                 s.failures += (c >> T_FAIL) & T_MASK;
-                s.slow += (c >> T_SLOW) & T_MASK;
+                if self.track_slow {
+                    s.slow += b.slow.load(Acquire);
+                }
             }
         }
         s
@@ -524,7 +537,7 @@ mod tests {
 
     #[test]
     fn time_window_expires_buckets() {
-        let w = TimeWindow::new(100);
+        let w = TimeWindow::new(100, false);
         w.reset(1);
         w.record(1, REC | FAIL, 0);
         w.record(1, REC, 150);
@@ -534,6 +547,27 @@ mod tests {
         let s = w.record(1, REC, 1000).unwrap();
         assert_eq!((s.total, s.failures), (3, 0));
         assert_eq!(w.record(2, REC, 1000), None);
+    }
+
+    /// A bucket counts past two million calls (its lanes were 21 bits wide,
+    /// and every outcome past 2^21 - 1 went unseen), slow calls included.
+    #[test]
+    fn a_busy_bucket_keeps_counting() {
+        let w = TimeWindow::new(1_000_000_000, true);
+        w.reset(1);
+        for _ in 0..2_500_000 {
+            w.record(1, REC, 5);
+        }
+        for _ in 0..100_000 {
+            w.record(1, REC | FAIL | SLOW, 5);
+        }
+        let s = w.record(1, REC | FAIL, 5).unwrap();
+        assert_eq!((s.total, s.failures, s.slow), (2_600_001, 100_001, 100_000));
+        // Without slow-call detection slow calls are not counted.
+        let w = TimeWindow::new(1_000_000_000, false);
+        w.reset(1);
+        let s = w.record(1, REC | SLOW, 5).unwrap();
+        assert_eq!((s.total, s.slow), (1, 0));
     }
 
     #[test]
