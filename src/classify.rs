@@ -343,10 +343,46 @@ impl GrpcClassifier {
     }
 }
 
+/// The gRPC code a client gives a response with no `grpc-status` and an
+/// HTTP status other than 200 (a proxy's answer, such as Envoy's 503): the
+/// mapping of the gRPC spec (`doc/http-grpc-status-mapping.md`).
+fn code_of_http(status: StatusCode) -> Option<GrpcCode> {
+    Some(match status.as_u16() {
+        200 => return None,
+        400 => GrpcCode::Internal,
+        401 => GrpcCode::Unauthenticated,
+        403 => GrpcCode::PermissionDenied,
+        404 => GrpcCode::Unimplemented,
+        429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+        _ => GrpcCode::Unknown,
+    })
+}
+
 impl GrpcClassifier {
+    /// A response with no `grpc-status` whose HTTP status is not 200: a
+    /// proxy answered instead of the server. The client sees the code of
+    /// [`code_of_http`], so it is classified as that code.
+    fn classify_http_status<B>(&self, res: &Response<B>) -> Option<Outcome> {
+        if res.headers().contains_key("grpc-status") {
+            return None;
+        }
+        let code = code_of_http(res.status())?;
+        Some(if self.failing & code_bit(code) != 0 {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        })
+    }
+
     /// Classifies from the response headers alone: `None` when they carry
-    /// no `grpc-status` and the trailers decide.
+    /// no `grpc-status` and the trailers decide. A response with no
+    /// `grpc-status` and an HTTP status other than 200 (a proxy's 503, say)
+    /// is classified as the code a gRPC client makes of it (UNAVAILABLE for
+    /// 429, 502, 503 and 504; UNKNOWN for most others).
     pub fn classify_headers<B>(&self, res: &Response<B>) -> Option<Outcome> {
+        if let Some(outcome) = self.classify_http_status(res) {
+            return Some(outcome);
+        }
         match self.inner.clone().classify_response(res) {
             ClassifiedResponse::Ready(Ok(())) => Some(Outcome::Success),
             ClassifiedResponse::Ready(Err(_)) => Some(Outcome::Failure),
@@ -386,6 +422,13 @@ impl<B> ClassifyStream<Response<B>> for GrpcClassifier {
                 return Err(e);
             }
         };
+        if let Some(outcome) = self.classify_http_status(&res) {
+            completion.record(outcome);
+            return Ok(res.map(|inner| GrpcBody {
+                inner,
+                pending: None,
+            }));
+        }
         match self.inner.clone().classify_response(&res) {
             ClassifiedResponse::Ready(r) => {
                 completion.record(if r.is_ok() {

@@ -62,7 +62,7 @@ mod propagate;
 pub use self::config::DeadlineConfig;
 pub use self::error::DeadlineExceeded;
 pub use self::layer::DeadlineLayer;
-pub use self::propagate::{PropagateDeadline, PropagateDeadlineLayer};
+pub use self::propagate::{PropagateDeadline, PropagateDeadlineLayer, PropagateFuture};
 
 use crate::BoxError;
 use http::HeaderMap;

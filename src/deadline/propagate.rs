@@ -1,6 +1,13 @@
-use super::{CallDeadline, GRPC_TIMEOUT_HEADER, TIMEOUT_HEADER, current, format_grpc_timeout};
+use super::{
+    CallDeadline, DeadlineExceeded, GRPC_TIMEOUT_HEADER, TIMEOUT_HEADER, current,
+    format_grpc_timeout,
+};
+use crate::BoxError;
 use http::HeaderValue;
-use std::task::{Context, Poll};
+use pin_project_lite::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -12,7 +19,13 @@ use tower::{Layer, Service};
 /// [`TIMEOUT_HEADER`](super::TIMEOUT_HEADER). A request with no deadline is
 /// passed on untouched.
 ///
-/// `poll_ready` and errors are the inner service's.
+/// A gRPC client (tonic's `Channel`) enforces the `grpc-timeout` it is
+/// given, at the instant the call's deadline passes, and when its timer
+/// fires before ours the call fails with tonic's `TimeoutExpired`. Once the
+/// deadline has passed, such an error is the caller's deadline, so this
+/// service returns [`DeadlineExceeded`] instead: a circuit breaker does not
+/// count it as the dependency's failure, and the caller sees one error for
+/// one cause. Every other error is the inner service's, boxed.
 #[derive(Clone, Debug)]
 pub struct PropagateDeadline<S> {
     inner: S,
@@ -48,13 +61,14 @@ impl<S> PropagateDeadline<S> {
 impl<S, B> Service<http::Request<B>> for PropagateDeadline<S>
 where
     S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = PropagateFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
@@ -78,8 +92,53 @@ where
                 req.headers_mut().insert(name, v);
             }
         }
-        self.inner.call(req)
+        PropagateFuture {
+            inner: self.inner.call(req),
+            at,
+        }
     }
+}
+
+pin_project! {
+    /// The response future of [`PropagateDeadline`].
+    #[derive(Debug)]
+    pub struct PropagateFuture<F> {
+        #[pin]
+        inner: F,
+        at: Option<Instant>,
+    }
+}
+
+impl<F, T, E> Future for PropagateFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let at = *this.at;
+        Poll::Ready(ready!(this.inner.poll(cx)).map_err(|e| {
+            let e = e.into();
+            if at.is_some_and(|at| Instant::now() >= at) && is_client_timeout(&*e) {
+                Box::new(DeadlineExceeded::new())
+            } else {
+                e
+            }
+        }))
+    }
+}
+
+/// Whether `err` is a gRPC client's own timeout (tonic's `TimeoutExpired`).
+#[cfg(feature = "tonic")]
+fn is_client_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::find::<tonic::TimeoutExpired>(err).is_some()
+}
+
+#[cfg(not(feature = "tonic"))]
+fn is_client_timeout(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 /// Applies [`PropagateDeadline`].

@@ -37,6 +37,21 @@ pub fn to_status(err: &(dyn Error + 'static)) -> tonic::Status {
     status
 }
 
+/// [`to_status`], keeping `err` as the new status's source, so that
+/// [`find`](crate::error::find) and [`Rejection::of`] still see our
+/// rejection through it (a breaker or retry outside [`StatusLayer`] must not
+/// count an open breaker as the dependency's failure).
+fn into_status(err: BoxError) -> tonic::Status {
+    let mut status = to_status(&*err);
+    // A status found in the chain is passed on as it was.
+    let passed_on =
+        Rejection::of(&*err).is_none() && crate::error::find::<tonic::Status>(&*err).is_some();
+    if !passed_on {
+        status.set_source(std::sync::Arc::from(err));
+    }
+    status
+}
+
 /// Turns the errors of a gRPC client stack into `tonic::Status`, so a
 /// generated client sees `UNAVAILABLE` for an open breaker, not `UNKNOWN`.
 ///
@@ -80,7 +95,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner
             .poll_ready(cx)
-            .map_err(|e| Box::new(to_status(&*e.into())) as BoxError)
+            .map_err(|e| Box::new(into_status(e.into())) as BoxError)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
@@ -109,7 +124,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(
             ready!(self.project().inner.poll(cx))
-                .map_err(|e| Box::new(to_status(&*e.into())) as BoxError),
+                .map_err(|e| Box::new(into_status(e.into())) as BoxError),
         )
     }
 }

@@ -15,6 +15,8 @@ enum Reply {
     Trailers(u8),
     /// A trailers-only response: grpc-status in the headers.
     Headers(u8),
+    /// A proxy's answer: this HTTP status, no grpc-status at all.
+    Proxy(u16),
 }
 
 fn grpc_service() -> impl Service<
@@ -40,6 +42,11 @@ fn grpc_service() -> impl Service<
                 .header("content-type", "application/grpc")
                 .header("grpc-status", code.to_string())
                 .body(Full::new(Bytes::new()).boxed())
+                .unwrap(),
+            Reply::Proxy(status) => Response::builder()
+                .status(status)
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from_static(b"upstream connect error")).boxed())
                 .unwrap(),
         };
         Ok::<_, BoxError>(res)
@@ -167,4 +174,36 @@ async fn a_probe_whose_body_is_dropped_gives_its_slot_back() {
     assert_eq!(h.state(), State::HalfOpen);
     probe.into_body().collect().await.unwrap();
     assert_eq!(h.state(), State::Closed);
+}
+
+/// A proxy in front of the server (Envoy's "upstream connect error") answers
+/// HTTP 503 with no `grpc-status`; the client makes UNAVAILABLE of it, so the
+/// breaker counts it as a failure. Before, a missing `grpc-status` waited
+/// for trailers that never came, and the call counted as a success.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_http_error_counts_as_the_code_a_client_makes_of_it() {
+    for (status, opens) in [
+        (503, true),
+        (502, true),
+        (504, true),
+        (429, true),
+        (500, true),
+        (404, false),
+    ] {
+        let layer = layer();
+        let h = layer.handle();
+        let mut svc = layer.layer(grpc_service());
+        for _ in 0..2 {
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(Reply::Proxy(status))
+                .await
+                .unwrap();
+            res.into_body().collect().await.unwrap();
+        }
+        let want = if opens { State::Open } else { State::Closed };
+        assert_eq!(h.state(), want, "HTTP {status}");
+    }
 }

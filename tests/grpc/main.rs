@@ -91,3 +91,89 @@ async fn to_status_maps_codes_and_pushback_metadata() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert_eq!(status.metadata().get(PUSHBACK_HEADER).unwrap(), "5");
 }
+
+/// The status `StatusLayer` makes of our rejection keeps the rejection as
+/// its source, so `find` and `Rejection::of` still see it (a breaker or a
+/// retry outside the layer must not count an open breaker as the
+/// dependency's failure).
+#[tokio::test]
+async fn the_status_keeps_our_rejection_in_its_source_chain() {
+    use tower_firebreak::error::{Rejection, RejectionKind, find};
+    use tower_firebreak::grpc::StatusLayer;
+    let svc = StatusLayer::new().layer(service_fn(|_: ()| async {
+        Err::<(), BoxError>(CircuitOpen::new(Duration::from_secs(2)).into())
+    }));
+    let err = svc.oneshot(()).await.unwrap_err();
+    let status = find::<tonic::Status>(&*err).expect("a tonic::Status");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        find::<CircuitOpen>(&*err).is_some(),
+        "the rejection is gone: {err:?}"
+    );
+    assert_eq!(
+        Rejection::of(&*err).map(|r| r.kind()),
+        Some(RejectionKind::CircuitOpen)
+    );
+}
+
+/// tonic's `Channel` enforces the `grpc-timeout` that `PropagateDeadline`
+/// writes, at the instant the caller's deadline passes; when its timer
+/// fires first, the call fails with tonic's `TimeoutExpired`. That is the
+/// caller's deadline, not the dependency's failure: `PropagateDeadline`
+/// makes it `DeadlineExceeded`, which a breaker ignores. An attempt timeout
+/// of the channel's own (`Endpoint::timeout`), with time left in the call,
+/// stays tonic's error, a failure.
+#[tokio::test(start_paused = true)]
+async fn tonics_timeout_at_the_callers_deadline_is_deadline_exceeded() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+    use tower_firebreak::deadline::{DeadlineLayer, PropagateDeadlineLayer};
+    let channel = service_fn(|req: http::Request<()>| async move {
+        // The channel's timer: the propagated grpc-timeout, or 50 ms.
+        let left = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| tower_firebreak::deadline::parse_grpc_timeout(v.to_str().unwrap()))
+            .unwrap_or(Duration::from_millis(50))
+            .min(Duration::from_millis(50));
+        tokio::time::sleep(left).await;
+        Err::<http::Response<()>, BoxError>(tonic::TimeoutExpired(()).into())
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let h = breaker.handle();
+    let grpc = || {
+        http::Request::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    };
+
+    let svc = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_millis(20)))
+        .layer(breaker.clone())
+        .layer(PropagateDeadlineLayer::new())
+        .service(channel);
+    let err = svc.oneshot(grpc()).await.unwrap_err();
+    assert!(find_deadline(&err), "{err:?}");
+    assert_eq!(
+        h.state(),
+        State::Closed,
+        "the caller's deadline opened the breaker"
+    );
+
+    // The channel's own 50 ms timeout, with 950 ms left: a failure.
+    let svc = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(1)))
+        .layer(breaker)
+        .layer(PropagateDeadlineLayer::new())
+        .service(channel);
+    let err = svc.oneshot(grpc()).await.unwrap_err();
+    assert!(!find_deadline(&err), "{err:?}");
+    assert_eq!(h.state(), State::Open);
+}
+
+fn find_deadline(err: &BoxError) -> bool {
+    tower_firebreak::error::find::<DeadlineExceeded>(&**err).is_some()
+}
