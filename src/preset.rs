@@ -296,7 +296,7 @@ impl ResilienceConfig {
         }
         if let (Some(b), Some(attempt)) = (&breaker, attempt)
             && let Some(window) = b.time_window
-            && window < attempt * 2
+            && window < attempt.saturating_mul(2)
         {
             return Err(ConfigError::conflict(
                 "circuit_breaker.time_window",

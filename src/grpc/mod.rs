@@ -79,13 +79,20 @@ pub fn code_for(kind: RejectionKind) -> i32 {
     }
 }
 
+/// A wait as `grpc-retry-pushback-ms`: whole milliseconds, rounded up (as
+/// `Retry-After` rounds up to whole seconds), so a client that obeys it
+/// never comes back early; 0.4 ms is 1, not "retry now".
+fn pushback_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
 /// The code, message and pushback for `err`.
 pub(crate) fn parts(err: &(dyn Error + 'static)) -> (i32, String, Option<u64>) {
     match Rejection::of(err) {
         Some(r) => (
             code_for(r.kind()),
             format!("{}: {err}", r.kind()),
-            r.retry_after().map(|d| d.as_millis() as u64),
+            r.retry_after().map(pushback_ms),
         ),
         // Like the HTTP mapping, an unknown error's text is not echoed.
         None => (code::UNKNOWN, "internal error".to_owned(), None),

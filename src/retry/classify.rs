@@ -187,11 +187,12 @@ const GRPC_RESOURCE_EXHAUSTED: &[u8] = b"8";
 /// header. A retryable request is retried on an `Err` (a connection error, an
 /// attempt timeout; not our shed rejections nor `DeadlineExceeded`) and on
 /// 502, 503, 504, 429 and 408. A `Retry-After` header (seconds or an
-/// HTTP-date) sets the delay. Any other request is sent once.
+/// HTTP-date) sets the least delay (never under the backoff). Any other request
+/// is sent once.
 ///
 /// **gRPC** (`content-type: application/grpc…`). A call is retried on
 /// `UNAVAILABLE`, and on `RESOURCE_EXHAUSTED` only when the server sent
-/// `grpc-retry-pushback-ms`, whose value then sets the delay: the server's
+/// `grpc-retry-pushback-ms`, whose value then sets the least delay: the server's
 /// answer says the call was not carried out. On an `Err` (an attempt
 /// timeout, a connection reset) the call may have reached the server and
 /// run, so, as a gRPC call is always a POST, it is retried then only with

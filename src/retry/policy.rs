@@ -256,9 +256,14 @@ impl<C> RetryPolicy<C> {
             crate::trace::retry_gave_up("max_attempts", self.attempts);
             return None;
         }
+        // A server's hint (Retry-After, gRPC pushback) is the least it asks
+        // for, never less than the backoff: a "retry now" (0) from a
+        // half-open breaker or a sub-millisecond rate limit would otherwise
+        // retry at once, again and again.
+        let backoff = self.next_delay(self.attempts);
         let delay = match hint {
-            Some(d) => d.min(Duration::from_nanos(self.max_delay_ns)),
-            None => self.next_delay(self.attempts),
+            Some(d) => d.max(backoff).min(Duration::from_nanos(self.max_delay_ns)),
+            None => backoff,
         };
         let now = Instant::now();
         let deadline = match (deadline::current(), req_deadline) {

@@ -177,3 +177,19 @@ async fn tonics_timeout_at_the_callers_deadline_is_deadline_exceeded() {
 fn find_deadline(err: &BoxError) -> bool {
     tower_firebreak::error::find::<DeadlineExceeded>(&**err).is_some()
 }
+
+/// The pushback rounds up to whole milliseconds, as `Retry-After` rounds up
+/// to whole seconds: a limiter's next permit 0.4 ms away is "1", not "0"
+/// ("retry now"), and an absurd wait does not wrap.
+#[test]
+fn pushback_rounds_up_and_saturates() {
+    for (wait, want) in [
+        (Duration::from_micros(400), "1"),
+        (Duration::from_micros(1500), "2"),
+        (Duration::from_millis(40), "40"),
+        (Duration::MAX, "18446744073709551615"),
+    ] {
+        let res = error_response(&*BoxError::from(RateLimited::new(wait)));
+        assert_eq!(res.headers()[PUSHBACK_HEADER], want, "{wait:?}");
+    }
+}

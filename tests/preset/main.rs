@@ -146,6 +146,19 @@ fn a_config_file_with_a_contradiction_names_both_fields() {
     assert_eq!(err.field(), "policies.flaky.circuit_breaker.time_window");
     assert_eq!(err.other_field(), Some("policies.flaky.timeout.timeout"));
 
+    // An absurd attempt timeout is no panic (twice it overflowed `Duration`):
+    // no window holds two of it.
+    let err = Policies::from_toml(
+        r#"
+        [policies.forever]
+        deadline = false
+        timeout = { timeout = "300000000000y" }
+        circuit_breaker = { time_window = "60s" }
+        "#,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "policies.forever.circuit_breaker.time_window");
+
     // A typo is an error too, not a silently ignored setting.
     let err = Policies::from_toml("[policies.a]\nbulkhed = { max_concurrent = 1 }").unwrap_err();
     assert!(err.to_string().contains("bulkhed"), "{err}");

@@ -124,6 +124,30 @@ async fn retry_after_seconds_is_waited_exactly() {
     assert_eq!(script.gaps(), [Duration::from_secs(2)]);
 }
 
+/// `Retry-After: 0` (a half-open breaker's "now") is the least the server
+/// asks for, not a reason to skip the backoff: the retry waits the backoff
+/// (10 ms here). Before, it went out at once.
+#[tokio::test(start_paused = true)]
+async fn retry_after_zero_still_waits_the_backoff() {
+    let script = Script::new([(
+        ms(0),
+        Step::Ok(
+            Response::builder()
+                .status(503)
+                .header("retry-after", "0")
+                .body(())
+                .unwrap(),
+        ),
+    )])
+    .then_always(ms(0), Step::Ok(status(200)));
+    let svc = RetryLayer::new(policy()).layer(script.service::<Req>());
+    assert_eq!(
+        svc.oneshot(request(Method::GET)).await.unwrap().status(),
+        200
+    );
+    assert_eq!(script.gaps(), [ms(10)]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_after_http_date_is_honoured() {
     let at = SystemTime::now() + Duration::from_secs(3);
