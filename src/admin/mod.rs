@@ -13,6 +13,14 @@
 //! | `POST /firebreak/jobs/dead/{id}/redrive` | moves a dead-lettered job back to its queue; 200 with the queue's name, or 404 |
 //! | `GET /metrics` | with [`Admin::prometheus`]: the Prometheus text format, after a snapshot has refreshed the sampled gauges |
 //!
+//! A `POST` that a browser marks as sent from another site (`Sec-Fetch-Site`
+//! other than `same-origin` or `none`, or an `Origin` whose host is not the
+//! request's `Host`) gets 403, so a page elsewhere cannot make an operator's
+//! browser force a breaker open or redrive a job (cross-site request
+//! forgery, which no preflight stops for a bodiless `POST`). Clients that
+//! are not browsers (curl, scripts) send neither header and are not
+//! affected.
+//!
 //! Nothing is served until the application merges [`Admin::router`] into
 //! its own router, and the router carries no authentication of its own:
 //! these routes change production state, so put your own guard in front of
@@ -58,6 +66,40 @@ use axum::routing::{get, post};
 use http::{StatusCode, header};
 use serde::Serialize;
 use std::fmt;
+
+/// Refuses a state-changing request that a browser sent from another site
+/// (see the [module docs](self)).
+async fn refuse_cross_site(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) && cross_site(req.headers())
+    {
+        tracing::warn!(target: "tower_firebreak", layer = "admin", path = %req.uri().path(), "cross-site request to the admin router refused");
+        return json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "error": "cross-site request refused" }),
+        );
+    }
+    next.run(req).await
+}
+
+fn cross_site(headers: &http::HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    // `scheme://host[:port]`, or `null` for an opaque origin.
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, host)| host);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin_host, host) {
+        (Some(o), Some(h)) => !o.eq_ignore_ascii_case(h),
+        _ => true,
+    }
+}
 
 /// The status page: one HTML file, its script inline, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -134,8 +176,7 @@ impl Admin {
         let r3 = reg.clone();
         let r4 = reg.clone();
         let r5 = reg.clone();
-        #[allow(unused_mut)]
-        let mut router = Router::new()
+        let router = Router::new()
             .route("/firebreak/", get(|| async { html(PAGE) }))
             // Relative, so that a router nested under a prefix still works.
             .route(
@@ -195,6 +236,9 @@ impl Admin {
                     async move { redrive(&r, &id).await }
                 }),
             );
+        let router = router.route_layer(axum::middleware::from_fn(refuse_cross_site));
+        #[cfg(feature = "prometheus")]
+        let mut router = router;
         #[cfg(feature = "prometheus")]
         if let Some(handle) = self.prometheus {
             router = router.route(

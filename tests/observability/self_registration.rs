@@ -861,3 +861,59 @@ async fn a_named_keyed_rate_limit_registers_globally_with_its_key_count() {
     let json = status_json(&admin).await;
     assert!(json_entry(&json, "keyed_rate_limits", "sr-keyed-limit").is_none());
 }
+
+/// A page on another site cannot make an operator's browser change state
+/// through the admin router (a bodiless cross-site `POST` needs no
+/// preflight): a `POST` a browser marks as cross-site gets 403 and changes
+/// nothing. The page's own requests (same origin) and clients that are not
+/// browsers (no `Origin`, no `Sec-Fetch-Site`) still work.
+#[tokio::test]
+async fn the_admin_router_refuses_cross_site_posts() {
+    let registry = Registry::new();
+    let layer = CircuitBreakerLayer::builder()
+        .name("csrf-breaker")
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    registry.add_breaker(h.clone()).unwrap();
+    let admin = Admin::new(registry).router();
+    let post = |headers: &[(&str, &str)]| {
+        let mut req = http::Request::post("/firebreak/breakers/csrf-breaker/force-open")
+            .header("host", "ops.internal:8080");
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let req = req.body(axum::body::Body::empty()).unwrap();
+        let admin = admin.clone();
+        async move { admin.oneshot(req).await.unwrap().status() }
+    };
+
+    for headers in [
+        &[("sec-fetch-site", "cross-site")][..],
+        &[("sec-fetch-site", "same-site")],
+        &[("origin", "https://evil.example")],
+        &[("origin", "null")],
+        &[("origin", "http://ops.internal:9090")],
+    ] {
+        assert_eq!(post(headers).await, StatusCode::FORBIDDEN, "{headers:?}");
+        assert_eq!(h.state(), State::Closed, "{headers:?} changed the breaker");
+    }
+    for headers in [
+        &[
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "http://ops.internal:8080"),
+        ][..],
+        &[("origin", "http://ops.internal:8080")],
+        &[],
+    ] {
+        h.reset();
+        assert_eq!(post(headers).await, StatusCode::NO_CONTENT, "{headers:?}");
+        assert_eq!(h.state(), State::ForcedOpen);
+    }
+    // Reads are not affected.
+    let req = http::Request::get("/firebreak/status")
+        .header("sec-fetch-site", "cross-site")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(admin.oneshot(req).await.unwrap().status(), StatusCode::OK);
+}
