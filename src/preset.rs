@@ -612,7 +612,8 @@ impl<S> Layer<S> for ResilienceLayer {
     type Service = ResilienceService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let s = PropagateDeadline::new(inner);
+        let s = PropagateDeadline::new(inner)
+            .attempt_timeout(self.timeout.as_ref().map(TimeoutLayer::timeout));
         let s = match &self.timeout {
             Some(l) => l.layer(s),
             None => Timeout::off(s),

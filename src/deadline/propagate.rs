@@ -1,6 +1,6 @@
 use super::{
     CallDeadline, DeadlineExceeded, GRPC_TIMEOUT_HEADER, TIMEOUT_HEADER, current,
-    format_grpc_timeout,
+    format_grpc_timeout, from_headers,
 };
 use crate::BoxError;
 use http::HeaderValue;
@@ -8,6 +8,7 @@ use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -19,6 +20,13 @@ use tower::{Layer, Service};
 /// [`TIMEOUT_HEADER`](super::TIMEOUT_HEADER). A request with no deadline is
 /// passed on untouched.
 ///
+/// The value is the least of: the time left in the call, the attempt
+/// timeout set with [`attempt_timeout`](PropagateDeadline::attempt_timeout)
+/// (the client gives up on an attempt then, so the server need not work
+/// longer), and a timeout the request already carries in either header
+/// (tonic's `Request::set_timeout`, say), which is never replaced by a
+/// longer one.
+///
 /// A gRPC client (tonic's `Channel`) enforces the `grpc-timeout` it is
 /// given, at the instant the call's deadline passes, and when its timer
 /// fires before ours the call fails with tonic's `TimeoutExpired`. Once the
@@ -29,12 +37,25 @@ use tower::{Layer, Service};
 #[derive(Clone, Debug)]
 pub struct PropagateDeadline<S> {
     inner: S,
+    attempt: Option<Duration>,
 }
 
 impl<S> PropagateDeadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        PropagateDeadline { inner }
+        PropagateDeadline {
+            inner,
+            attempt: None,
+        }
+    }
+
+    /// Also caps the value at `timeout` from the attempt's start: the
+    /// attempt timeout of the [`Timeout`](crate::timeout::Timeout) above
+    /// (`None`: no cap). With it, a call with no deadline still tells the
+    /// server how long this attempt will be waited for.
+    pub fn attempt_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.attempt = timeout;
+        self
     }
 
     /// A [`PropagateDeadlineLayer`].
@@ -77,8 +98,17 @@ where
             (Some(e), None) => Some(e.at()),
             (None, c) => c,
         };
-        if let Some(at) = at {
-            let left = at.saturating_duration_since(Instant::now());
+        let now = (at.is_some() || self.attempt.is_some()).then(Instant::now);
+        let attempt_ends = self.attempt.zip(now).map(|(t, now)| crate::later(now, t));
+        let until = match (at, attempt_ends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let (Some(until), Some(now)) = (until, now) {
+            let mut left = until.saturating_duration_since(now);
+            if let Some(given) = from_headers(req.headers()) {
+                left = left.min(given);
+            }
             let is_grpc = req
                 .headers()
                 .get(http::header::CONTENT_TYPE)
@@ -144,13 +174,19 @@ fn is_client_timeout(_: &(dyn std::error::Error + 'static)) -> bool {
 /// Applies [`PropagateDeadline`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PropagateDeadlineLayer {
-    _priv: (),
+    attempt: Option<Duration>,
 }
 
 impl PropagateDeadlineLayer {
     /// A new layer.
     pub const fn new() -> Self {
-        PropagateDeadlineLayer { _priv: () }
+        PropagateDeadlineLayer { attempt: None }
+    }
+
+    /// See [`PropagateDeadline::attempt_timeout`].
+    pub fn attempt_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.attempt = timeout;
+        self
     }
 }
 
@@ -158,6 +194,6 @@ impl<S> Layer<S> for PropagateDeadlineLayer {
     type Service = PropagateDeadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PropagateDeadline::new(inner)
+        PropagateDeadline::new(inner).attempt_timeout(self.attempt)
     }
 }

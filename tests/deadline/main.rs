@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_firebreak::deadline::{
     self, CallDeadline, DeadlineConfig, DeadlineExceeded, DeadlineLayer, PropagateDeadlineLayer,
     TIMEOUT_HEADER,
@@ -158,7 +158,7 @@ fn grpc_timeout_parses_and_formats() {
     assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
     assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
     assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
-    for bad in ["", "m", "123456789m", "1x", "-1S", "1.5S"] {
+    for bad in ["", "m", "123456789m", "1x", "-1S", "1.5S", "5µ", "µ"] {
         assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
     }
     // The finest unit that fits gRPC's 8 digits.
@@ -287,4 +287,85 @@ async fn grpc_requests_get_grpc_timeout() {
         Some(Duration::from_millis(1500))
     );
     assert!(http.is_none());
+}
+
+/// The header written never tells the server it has more time than the
+/// client will wait: a shorter timeout the request already carries (tonic's
+/// `Request::set_timeout` writes `grpc-timeout`) is kept, not replaced by
+/// the deadline's 2 s; and the attempt timeout caps it too, with or without
+/// a deadline (before, the preset sent the whole call's 30 s on an attempt
+/// it gave up on after 1 s, and nothing without a deadline).
+#[tokio::test(start_paused = true)]
+async fn the_propagated_timeout_is_the_least_the_client_will_wait() {
+    let echo = service_fn(|r: Req| async move {
+        Ok::<_, BoxError>((
+            r.headers()
+                .get("grpc-timeout")
+                .and_then(|v| deadline::parse_grpc_timeout(v.to_str().unwrap())),
+            r.headers()
+                .get(TIMEOUT_HEADER)
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap()),
+        ))
+    });
+    let grpc = |timeout: Option<&str>| {
+        let mut r = req();
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            "application/grpc".parse().unwrap(),
+        );
+        if let Some(t) = timeout {
+            r.headers_mut().insert("grpc-timeout", t.parse().unwrap());
+        }
+        r
+    };
+
+    let client = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(2)).read_headers(false))
+        .layer(PropagateDeadlineLayer::new())
+        .service(echo);
+    let (t, _) = client.clone().oneshot(grpc(Some("100m"))).await.unwrap();
+    assert_eq!(
+        t,
+        Some(Duration::from_millis(100)),
+        "the caller's own 100 ms was replaced"
+    );
+    let (t, _) = client.oneshot(grpc(None)).await.unwrap();
+    assert_eq!(t, Some(Duration::from_secs(2)));
+
+    // The attempt timeout caps it, deadline or not.
+    let attempt = PropagateDeadlineLayer::new().attempt_timeout(Some(Duration::from_secs(1)));
+    let client = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_secs(30)))
+        .layer(attempt)
+        .service(echo);
+    let (_, ms) = client.oneshot(req()).await.unwrap();
+    assert_eq!(ms, Some(1000));
+    let (_, ms) = attempt.layer(echo).oneshot(req()).await.unwrap();
+    assert_eq!(ms, Some(1000));
+    assert_eq!(
+        PropagateDeadlineLayer::new()
+            .layer(echo)
+            .oneshot(req())
+            .await
+            .unwrap()
+            .1,
+        None
+    );
+
+    // The preset passes its attempt timeout on.
+    let preset = tower_firebreak::preset::Resilience::builder()
+        .deadline(Duration::from_secs(30))
+        .attempt_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    type Buffered = http::Request<tower_firebreak::retry::ReplayBody<Full<Bytes>>>;
+    let echo_header = service_fn(|r: Buffered| async move {
+        let mut res = http::Response::new(Full::<Bytes>::default());
+        if let Some(v) = r.headers().get(TIMEOUT_HEADER) {
+            res.headers_mut().insert("x-seen", v.clone());
+        }
+        Ok::<_, BoxError>(res)
+    });
+    let res = preset.layer(echo_header).oneshot(req()).await.unwrap();
+    assert_eq!(res.headers()["x-seen"], "1000");
 }
