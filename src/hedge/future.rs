@@ -2,7 +2,7 @@
 
 use super::latency::LatencyTracker;
 use crate::BoxError;
-use crate::retry::RetryBudget;
+use crate::retry::{Classify, RetryBudget};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -15,7 +15,7 @@ use tower::Service;
 
 pin_project! {
     /// The response future of [`Hedge`](super::Hedge).
-    pub struct ResponseFuture<S, Req, F> {
+    pub struct ResponseFuture<S, Req, F, C> {
         #[pin]
         primary: Option<F>,
         #[pin]
@@ -24,23 +24,26 @@ pin_project! {
         // no timer.
         #[pin]
         timer: Option<Sleep>,
-        hedge: Option<Hedging<S, Req>>,
+        hedge: Option<Hedging<S, Req, C>>,
         tracker: Option<(Arc<LatencyTracker>, Instant)>,
     }
 }
 
 /// What the second copy needs until it is sent.
-pub(super) struct Hedging<S, Req> {
+pub(super) struct Hedging<S, Req, C> {
     pub(super) req: Req,
     pub(super) svc: S,
     pub(super) delay: Duration,
     pub(super) budget: Option<RetryBudget>,
+    pub(super) classify: C,
+    /// The call's deadline: no copy is sent once it has passed.
+    pub(super) deadline: Option<Instant>,
 }
 
-impl<S, Req, F> ResponseFuture<S, Req, F> {
+impl<S, Req, F, C> ResponseFuture<S, Req, F, C> {
     pub(super) fn new(
         primary: F,
-        hedge: Option<Hedging<S, Req>>,
+        hedge: Option<Hedging<S, Req, C>>,
         tracker: Option<(Arc<LatencyTracker>, Instant)>,
     ) -> Self {
         ResponseFuture {
@@ -53,7 +56,7 @@ impl<S, Req, F> ResponseFuture<S, Req, F> {
     }
 }
 
-impl<S, Req, F> fmt::Debug for ResponseFuture<S, Req, F> {
+impl<S, Req, F, C> fmt::Debug for ResponseFuture<S, Req, F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("hedge_pending", &self.hedge.is_some())
@@ -62,11 +65,12 @@ impl<S, Req, F> fmt::Debug for ResponseFuture<S, Req, F> {
     }
 }
 
-impl<S, Req, F, T, E> Future for ResponseFuture<S, Req, F>
+impl<S, Req, F, T, E, C> Future for ResponseFuture<S, Req, F, C>
 where
     S: Service<Req, Future = F, Response = T, Error = E>,
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
+    C: Classify<Req, T>,
 {
     type Output = Result<T, BoxError>;
 
@@ -104,12 +108,17 @@ where
             if timer.poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            // Withdrawn once, when the delay has passed, even if the inner
-            // service then needs a few polls to become ready.
-            if let Some(b) = h.budget.take()
-                && !b.withdraw()
-            {
-                crate::trace::hedge_skipped("budget");
+            // Not past the call's deadline (the copy would be cut off at
+            // once), and not with a body that can no longer be replayed.
+            let skip = if h.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some("deadline")
+            } else if !h.classify.can_send(&h.req) {
+                Some("not_replayable")
+            } else {
+                None
+            };
+            if let Some(reason) = skip {
+                crate::trace::hedge_skipped(reason);
                 *this.hedge = None;
                 return Poll::Pending;
             }
@@ -121,6 +130,15 @@ where
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(())) => {
+                    // Withdrawn once the copy can go, so a copy that is
+                    // never sent costs no token.
+                    if let Some(b) = h.budget.take()
+                        && !b.withdraw()
+                    {
+                        crate::trace::hedge_skipped("budget");
+                        *this.hedge = None;
+                        return Poll::Pending;
+                    }
                     let Hedging { req, mut svc, .. } = this.hedge.take().expect("present");
                     crate::trace::hedge_sent();
                     this.secondary.set(Some(svc.call(req)));

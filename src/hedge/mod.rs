@@ -235,11 +235,11 @@ impl<S, C, Req> Service<Req> for Hedge<S, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
-    C: Classify<Req, S::Response>,
+    C: Classify<Req, S::Response> + Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, S::Future>;
+    type Future = ResponseFuture<S, Req, S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -258,11 +258,17 @@ where
         let hedge = delay
             .filter(|_| self.classify.hedgeable(&req))
             .and_then(|delay| {
+                let deadline = match (crate::deadline::current(), self.classify.deadline(&req)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 Some(Hedging {
                     req: self.classify.clone_request(&req)?,
                     svc: self.inner.clone(),
                     delay,
                     budget: self.config.budget.clone(),
+                    classify: self.classify.clone(),
+                    deadline,
                 })
             });
         ResponseFuture::new(self.inner.call(req), hedge, tracker)

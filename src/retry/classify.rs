@@ -47,6 +47,14 @@ pub trait Classify<Req, Res> {
     fn hedgeable(&self, _req: &Req) -> bool {
         true
     }
+
+    /// Whether `copy`, made by [`clone_request`](Self::clone_request)
+    /// earlier, can still be sent: `false` once a body it replays has gone
+    /// over its replay limit. A hedge checks it just before sending its
+    /// copy. Default: `true`.
+    fn can_send(&self, _copy: &Req) -> bool {
+        true
+    }
 }
 
 /// Whether an error must never be retried by default: one of our own shed
@@ -340,5 +348,9 @@ where
     /// (always a POST) only with an `Idempotency-Key`.
     fn hedgeable(&self, req: &http::Request<B>) -> bool {
         Self::is_idempotent(req)
+    }
+
+    fn can_send(&self, copy: &http::Request<B>) -> bool {
+        copy.body().can_replay()
     }
 }

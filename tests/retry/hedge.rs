@@ -190,3 +190,26 @@ async fn the_percentile_delay_comes_from_the_last_window() {
     assert!(e >= ms(20) && e <= ms(21), "{e:?}");
     assert_eq!(ep.calls.load(Ordering::Relaxed), 153);
 }
+
+/// No copy goes out once the call's deadline has passed: with a 100 ms
+/// deadline and a 100 ms hedge delay, both timers fire together, and the
+/// copy would be cut off at once (its propagated timeout 0).
+#[tokio::test(start_paused = true)]
+async fn no_hedge_is_sent_past_the_deadline() {
+    use tower_firebreak::deadline::{DeadlineExceeded, DeadlineLayer};
+    let ep = Endpoint::new(&[Duration::from_secs(1)]);
+    let svc = tower::ServiceBuilder::new()
+        .layer(DeadlineLayer::new(ms(100)))
+        .layer(HedgeLayer::fixed(ms(100)))
+        .service(ep.service::<Request<Full<Bytes>>>());
+    let err = svc.oneshot(get(Method::GET)).await.unwrap_err();
+    assert!(
+        tower_firebreak::error::find::<DeadlineExceeded>(&*err).is_some(),
+        "{err:?}"
+    );
+    assert_eq!(
+        ep.calls.load(Ordering::Relaxed),
+        1,
+        "a copy went out at the deadline"
+    );
+}

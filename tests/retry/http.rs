@@ -467,3 +467,35 @@ async fn the_default_limit_is_64_kib() {
     svc.oneshot(chunked(&[leaked, b"x"])).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1, "one byte more is not");
 }
+
+/// A hedge does not send a copy whose body can no longer be replayed: the
+/// first copy read past the replay limit, so the copy's body would fail
+/// half-sent (and cost a budget token for nothing).
+#[tokio::test(start_paused = true)]
+async fn a_hedge_is_not_sent_once_the_body_went_over_the_replay_limit() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(BufferRequestBodyLayer::new().limit(4))
+        .layer(tower_firebreak::hedge::HedgeLayer::fixed(ms(10)).http())
+        .service(tower::service_fn({
+            let calls = calls.clone();
+            move |req: Request<ReplayBody<Chunks>>| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    tokio::time::sleep(ms(100)).await;
+                    assert_eq!(body, "hello world");
+                    Ok::<_, tower_firebreak::BoxError>(status(200))
+                }
+            }
+        }));
+    let mut req = chunked(&[b"hello ", b"world"]);
+    *req.method_mut() = Method::PUT;
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a copy with a body over the limit was sent"
+    );
+}
