@@ -34,6 +34,13 @@ pin_project! {
 }
 
 impl<F, R: Recover<Req, Resp>, P, Req, Resp> ResponseFuture<F, R, P, Req, Resp> {
+    /// Answers with the fallback's future at once.
+    pub(crate) fn recovering(fut: R::Future) -> Self {
+        ResponseFuture {
+            state: State::Recovering { fut },
+        }
+    }
+
     pub(crate) fn new(fut: F, saved: R::Saved, recover: R, predicate: P) -> Self {
         ResponseFuture {
             state: State::Primary {

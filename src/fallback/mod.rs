@@ -156,11 +156,28 @@ impl<F: Fn(&(dyn Error + 'static)) -> bool> Predicate for F {
 }
 
 /// Answers failed calls with a fallback. See the [module docs](self).
-#[derive(Clone, Debug)]
+///
+/// A readiness error of the inner service (a `Buffer` whose worker died, a
+/// `Channel` that cannot connect) that the predicate selects is answered
+/// too: `poll_ready` reports ready, and the next call gets the fallback
+/// without reaching the inner service.
+#[derive(Debug)]
 pub struct Fallback<S, R, P = AnyError> {
     inner: S,
     recover: R,
     predicate: P,
+    /// A readiness error kept for the next call's fallback.
+    ready_err: Option<BoxError>,
+}
+
+impl<S: Clone, R: Clone, P: Clone> Clone for Fallback<S, R, P> {
+    fn clone(&self) -> Self {
+        Fallback::new(
+            self.inner.clone(),
+            self.recover.clone(),
+            self.predicate.clone(),
+        )
+    }
 }
 
 impl<S, R, P> Fallback<S, R, P> {
@@ -170,6 +187,7 @@ impl<S, R, P> Fallback<S, R, P> {
             inner,
             recover,
             predicate,
+            ready_err: None,
         }
     }
 
@@ -201,10 +219,33 @@ where
     type Future = future::ResponseFuture<S::Future, R, P, Req, S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.ready_err.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                if !self.predicate.select(&*e) {
+                    return Poll::Ready(Err(e));
+                }
+                self.ready_err = Some(e);
+                Poll::Ready(Ok(()))
+            }
+            other => other.map_err(Into::into),
+        }
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(err) = self.ready_err.take() {
+            tracing::debug!(
+                target: "tower_firebreak",
+                layer = "fallback",
+                error = %err,
+                "answering with the fallback (the service was not ready)"
+            );
+            let saved = self.recover.save(&req);
+            return future::ResponseFuture::recovering(self.recover.recover(saved, err));
+        }
         let saved = self.recover.save(&req);
         future::ResponseFuture::new(
             self.inner.call(req),

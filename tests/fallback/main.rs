@@ -93,3 +93,44 @@ async fn another_service_gets_the_same_request() {
     assert_eq!(svc.oneshot(1).await.unwrap(), "primary 1");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// A service that is never ready: its `poll_ready` fails (a `Buffer` whose
+/// worker died, a channel that cannot connect). It counts the calls that
+/// reach it.
+#[derive(Clone, Default)]
+struct NeverReady(Arc<AtomicUsize>);
+
+impl tower::Service<u32> for NeverReady {
+    type Response = String;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<String, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Err("the dependency's connection is gone".into()))
+    }
+
+    fn call(&mut self, _: u32) -> Self::Future {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok("fresh".to_owned()))
+    }
+}
+
+/// A readiness error is a failed call too: the fallback answers it, and
+/// the inner service is never called. One the predicate does not select
+/// stays an error.
+#[tokio::test]
+async fn a_readiness_error_gets_the_fallback() {
+    let inner = NeverReady::default();
+    let svc = FallbackLayer::value("stale".to_owned()).layer(inner.clone());
+    assert_eq!(svc.oneshot(1).await.unwrap(), "stale");
+    assert_eq!(inner.0.load(Ordering::SeqCst), 0);
+
+    let svc = FallbackLayer::value("stale".to_owned())
+        .when(|e: &(dyn std::error::Error + 'static)| e.to_string().contains("timeout"))
+        .layer(inner);
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.to_string().contains("connection is gone"), "{err}");
+}
