@@ -144,6 +144,7 @@ pub(crate) trait DynQueue: Send + Sync {
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     fn oldest_age(&self) -> BoxFuture<'_, Result<Option<Duration>, QueueError>>;
     fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, QueueError>>;
+    fn dead_letter_count(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     fn redrive<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<bool, QueueError>>;
     fn metrics(&self) -> &QueueMetrics;
 }
@@ -179,6 +180,10 @@ impl<Q: Queue> DynQueue for QueueEntry<Arc<Q>> {
 
     fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, QueueError>> {
         Box::pin(self.queue.dead_letters(limit))
+    }
+
+    fn dead_letter_count(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(self.queue.dead_letter_count())
     }
 
     fn redrive<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<bool, QueueError>> {
@@ -766,14 +771,11 @@ impl Registry {
     }
 }
 
-/// How many dead letters a snapshot counts at most.
-const DEAD_LETTER_COUNT_LIMIT: usize = 10_000;
-
 async fn queue_status(name: String, q: &dyn DynQueue) -> QueueStatus {
     let read = async {
         let depth = q.depth().await?;
         let oldest = q.oldest_age().await?;
-        let dead = q.dead_letters(DEAD_LETTER_COUNT_LIMIT).await?.len();
+        let dead = q.dead_letter_count().await?;
         Ok::<_, QueueError>((depth, oldest, dead))
     };
     match read.await {
@@ -970,7 +972,7 @@ pub struct QueueStatus {
     pub depth: Option<usize>,
     /// The age of the oldest waiting job.
     pub oldest_age_ms: Option<u64>,
-    /// Jobs in the dead-letter store (counted up to 10,000).
+    /// Jobs in the dead-letter store ([`Queue::dead_letter_count`]).
     pub dead_letters: Option<usize>,
     /// Why the queue could not be read.
     pub error: Option<String>,

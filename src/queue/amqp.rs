@@ -346,6 +346,11 @@ pub trait StatusStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadRecord>, QueueError>> + Send;
 
+    /// How many jobs are dead. The default reads up to 10,000 and counts.
+    fn dead_count(&self) -> impl Future<Output = Result<usize, QueueError>> + Send {
+        async { Ok(self.dead(10_000).await?.len()) }
+    }
+
     /// Forgets up to `limit` jobs dead-lettered before `before_ms`
     /// (wall-clock ms): their records, their places in the dead list, and
     /// the idempotency keys they hold, as if they had never been stored.
@@ -918,6 +923,18 @@ impl StatusStore for RedisStatusStore {
     async fn purge_dead(&self, before_ms: u64, limit: usize) -> Result<usize, QueueError> {
         self.invoke(&SCRIPTS.purge, vec![arg(before_ms), arg(limit)])
             .await
+    }
+
+    async fn dead_count(&self) -> Result<usize, QueueError> {
+        let key = format!("{}x", self.prefix);
+        let mut c = self.conn.clone();
+        self.run(async move {
+            ::redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async::<usize>(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn dead(&self, limit: usize) -> Result<Vec<DeadRecord>, QueueError> {
@@ -1940,6 +1957,10 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
         let oldest = self.bounded(self.inner.store.oldest()).await?;
         let now = self.inner.clock.now_ms();
         Ok(oldest.map(|at| Duration::from_millis(now.saturating_sub(at))))
+    }
+
+    async fn dead_letter_count(&self) -> Result<usize, QueueError> {
+        self.bounded(self.inner.store.dead_count()).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {

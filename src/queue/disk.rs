@@ -588,6 +588,10 @@ impl Queue for DiskQueue {
         self.read(move |s| state::dead_letters(s, limit)).await
     }
 
+    async fn dead_letter_count(&self) -> Result<usize, QueueError> {
+        self.read(state::dead_count).await
+    }
+
     async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
         let id = *id;
         self.call(move |s, p, now| state::redrive(s, p, now, &id))
@@ -1156,6 +1160,10 @@ impl Read for ReadStore {
                 .map_err(|e| self.corrupt("job record", e)),
         }
     }
+    fn dead_count(&mut self) -> Result<usize, QueueError> {
+        let n = self.dead.len().map_err(|e| self.err(e))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
     fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
         let mut out = Vec::new();
         for entry in self.dead.iter().map_err(|e| self.err(e))?.take(limit) {
@@ -1410,6 +1418,10 @@ impl Read for DiskStore<'_> {
             .map(|b| self.decode_job(&b))
             .transpose()?
             .map(|j| j.enqueued_at_ms))
+    }
+    fn dead_count(&mut self) -> Result<usize, QueueError> {
+        let n = io!(self, self.dead.len());
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
     fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
         let mut records = Vec::new();

@@ -186,6 +186,10 @@ impl Queue for MemoryQueue {
         self.with(|t, _, _| state::dead_letters(t, limit))
     }
 
+    async fn dead_letter_count(&self) -> Result<usize, QueueError> {
+        self.with(|t, _, _| state::dead_count(t))
+    }
+
     async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
         self.with(|t, p, now| state::redrive(t, p, now, id))
     }
@@ -312,6 +316,9 @@ impl Read for Tables {
     }
     fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
         Ok(self.jobs.values().next().map(|j| j.enqueued_at_ms))
+    }
+    fn dead_count(&mut self) -> Result<usize, QueueError> {
+        Ok(self.dead.len())
     }
     fn dead_list(&mut self, limit: usize) -> Result<Vec<(u128, Job)>, QueueError> {
         Ok(self

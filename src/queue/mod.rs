@@ -190,6 +190,13 @@ pub trait Queue: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send;
 
+    /// How many jobs are dead-lettered, without reading them (the status
+    /// page asks every second). The default reads up to 10,000 of them and
+    /// counts; every backend of this crate counts without reading.
+    fn dead_letter_count(&self) -> impl Future<Output = Result<usize, QueueError>> + Send {
+        async { Ok(self.dead_letters(10_000).await?.len()) }
+    }
+
     /// Moves a dead-lettered job back to the queue with its attempts reset.
     /// Returns `false` when `id` is not dead-lettered.
     ///
@@ -256,6 +263,10 @@ impl<Q: Queue> Queue for Arc<Q> {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, QueueError>> + Send {
         (**self).dead_letters(limit)
+    }
+
+    fn dead_letter_count(&self) -> impl Future<Output = Result<usize, QueueError>> + Send {
+        (**self).dead_letter_count()
     }
 
     fn redrive(&self, id: &JobId) -> impl Future<Output = Result<bool, QueueError>> + Send {

@@ -1464,6 +1464,15 @@ impl Queue for NatsQueue {
         self.run(self.dead_letters_inner(limit)).await
     }
 
+    async fn dead_letter_count(&self) -> Result<usize, QueueError> {
+        self.run(async {
+            let mut dead = self.inner.dead.clone();
+            let info = dead.info().await.map_err(QueueError::unavailable)?;
+            Ok(usize::try_from(info.state.messages).unwrap_or(usize::MAX))
+        })
+        .await
+    }
+
     async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
         self.run(self.redrive_inner(id)).await
     }

@@ -1024,6 +1024,17 @@ impl Queue for RedisQueue {
             .map(|(_, at)| Duration::from_millis(now.saturating_sub(*at as u64))))
     }
 
+    async fn dead_letter_count(&self) -> Result<usize, QueueError> {
+        let key = self.inner.dead.clone();
+        self.run(|mut c| async move {
+            ::redis::cmd("XLEN")
+                .arg(&key)
+                .query_async::<usize>(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
         if limit == 0 {
             return Ok(Vec::new());

@@ -91,6 +91,8 @@ pub(crate) trait Read {
     /// The enqueue time of the unfinished job with the lowest id.
     fn oldest_job(&mut self) -> R<Option<u64>>;
     fn dead_list(&mut self, limit: usize) -> R<Vec<(u128, Job)>>;
+    /// How many jobs are dead-lettered.
+    fn dead_count(&mut self) -> R<usize>;
 }
 
 /// The tables. Keys are `u128` job ids and `(millis, id)` time indexes.
@@ -433,6 +435,10 @@ pub(crate) fn dead_letters<S: Read>(s: &mut S, limit: usize) -> R<Vec<DeadLetter
         ));
     }
     Ok(out)
+}
+
+pub(crate) fn dead_count<S: Read>(s: &mut S) -> R<usize> {
+    s.dead_count()
 }
 
 pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> R<bool> {

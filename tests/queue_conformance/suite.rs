@@ -238,12 +238,14 @@ pub(crate) async fn dead_letter_after_max_attempts<Q: Queue>(unit: Duration, mak
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, id);
     assert_eq!(dead[0].job.body().as_ref(), b"m");
+    assert_eq!(q.dead_letter_count().await.unwrap(), 1);
 
     // Redrive: back in the queue with fresh attempts.
     assert!(q.redrive(&id).await.unwrap());
     assert!(!q.redrive(&id).await.unwrap(), "redriven twice");
     assert_eq!(q.status(&id).await.unwrap(), Some(JobStatus::Queued));
     assert!(q.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(q.dead_letter_count().await.unwrap(), 0);
     let l = q.lease(1, s.unit * 50).await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].job.attempts(), 1);
