@@ -611,6 +611,25 @@ impl NatsQueue {
         Ok(self.done(id).await?.is_some())
     }
 
+    /// Makes sure job `id`, about to be named to a caller as the holder of
+    /// its key, can no longer be voided by the undo of a submit still under
+    /// way (its publish answered late): that undo voids the record only at
+    /// the revision the submit wrote, so rewriting a `queued` record moves
+    /// the revision on. `false` when the job was voided first.
+    async fn pin(&self, id: &JobId) -> Result<bool, QueueError> {
+        match self.rec(id).await? {
+            Some((rec, rev)) if rec.s == "queued" => {
+                if self.cas(id, &rec, Some(rev)).await? {
+                    return Ok(true);
+                }
+                // Moved on meanwhile: leased, or voided.
+                Ok(!matches!(self.rec(id).await?, Some((rec, _)) if rec.s == "void"))
+            }
+            Some((rec, _)) => Ok(rec.s != "void"),
+            None => Ok(true),
+        }
+    }
+
     /// The job that holds key `ik` in the done bucket, if one does.
     async fn done_claim(&self, ik: &str) -> Result<Option<(JobId, String)>, QueueError> {
         if let Some(e) = self
@@ -746,7 +765,7 @@ impl NatsQueue {
                     continue;
                 }
                 let (cid, cfp) = self.parse_claim(&e.value)?;
-                if self.holds_key(&cid).await? {
+                if self.holds_key(&cid).await? && self.pin(&cid).await? {
                     return self.existing(key, cid, cfp == fp);
                 }
                 // A claim whose job is not stored: a submit still under way,
@@ -793,7 +812,15 @@ impl NatsQueue {
                 undo.queue = None;
                 // Best effort: what is not undone is a delay, not a loss
                 // (see `Undo`).
-                let _ = self.undo(id, undo.rev, undo.claimed.take()).await;
+                // A refusal for a full stream stored nothing for sure: the
+                // record goes (a void one would stay, with no message to
+                // take it away).
+                let rev = if matches!(e, QueueError::Full { .. }) {
+                    None
+                } else {
+                    undo.rev
+                };
+                let _ = self.undo(id, rev, undo.claimed.take()).await;
                 Err(e)
             }
         }
@@ -814,7 +841,8 @@ impl NatsQueue {
     ) -> Result<(), QueueError> {
         let gone = match rev {
             // The record's write never answered, so the message was never
-            // sent; a record that lands late is a leftover (see `status`).
+            // sent (a record that lands late is a leftover: see `status`),
+            // or the server refused the message.
             None => {
                 let _ = self.inner.live.delete(job_key(&id)).await;
                 true
@@ -1068,6 +1096,13 @@ impl NatsQueue {
                         continue;
                     }
                     Some((_, rev)) => Some(*rev),
+                    // Delivered already (its ack removed the record): a
+                    // copy left behind, such as an old message whose `+TERM`
+                    // was lost before a redrive that has since been acked.
+                    None if self.done(&id).await?.is_some() => {
+                        self.answer(&reply, "+TERM").await?;
+                        continue;
+                    }
                     None => None,
                 };
                 let deadline = header_u64(msg.headers.as_ref(), H_DEADLINE);

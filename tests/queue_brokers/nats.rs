@@ -216,6 +216,91 @@ async fn a_stored_job_whose_submit_failed_is_never_delivered() {
     cleanup(&name).await;
 }
 
+/// A retry with the same idempotency key that finds the job of a submit
+/// still under way (its publish stored, its answer not yet back) is told
+/// the job exists; that submit then fails and is undone, but the undo must
+/// not void a job a caller has been told is queued. It is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_found_by_its_key_survives_the_undo_of_its_own_submit() {
+    use tower_firebreak::queue::{Enqueued, Job, JobStatus, Queue};
+    let name = unique("pinned");
+    let answer = format!("\"stream\":\"FB_{name}\", \"seq\"");
+    let proxy = AckEater::start(4222, Some(answer), None).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        &name,
+        Duration::from_secs(2),
+    )
+    .await;
+    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let job = || Job::new(http::Method::POST, "/x".parse().unwrap()).with_idempotency_key("k-2");
+
+    let first = tokio::spawn(async move { via.submit(job()).await });
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while direct.depth().await.unwrap() == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the first submit stored nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let id = match direct.submit(job()).await.unwrap() {
+        Enqueued::Existing(id) => id,
+        other => panic!("the retry got {other:?}"),
+    };
+    assert!(
+        first.await.unwrap().is_err(),
+        "the first submit's answer was dropped"
+    );
+    // Its undo runs on its own task.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(direct.status(&id).await.unwrap(), Some(JobStatus::Queued));
+    let leased = direct.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        leased.len(),
+        1,
+        "the job a caller was told exists was voided"
+    );
+    assert_eq!(*leased[0].lease.id(), id);
+    cleanup(&name).await;
+}
+
+/// A submit refused because the stream is full stored nothing, so it leaves
+/// no record behind (a void record would stay for good: no message comes
+/// to take it away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_refused_as_full_leaves_no_record() {
+    use tower_firebreak::queue::{Job, Queue, QueueError};
+    let name = unique("full");
+    let q = NatsQueue::builder()
+        .name(&name)
+        .capacity(1)
+        .connect(SHARED)
+        .await
+        .unwrap();
+    q.enqueue(Job::new(http::Method::POST, "/a".parse().unwrap()))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let e = q
+            .enqueue(Job::new(
+                http::Method::POST,
+                format!("/b{i}").parse().unwrap(),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, QueueError::Full { .. }), "{e:?}");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    let live = js.get_key_value(format!("fb_{name}_live")).await.unwrap();
+    let keys: Vec<String> = futures_util::TryStreamExt::try_collect(live.keys().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "records left by refused submits: {keys:?}");
+    cleanup(&name).await;
+}
+
 /// A TCP proxy in front of a NATS server that drops every message whose
 /// payload holds a needle: `from_server` (a publish answer naming one
 /// stream, say) or `from_client` (an ack such as `+TERM`), and passes
@@ -362,6 +447,60 @@ async fn a_redrive_that_overtakes_a_lost_term_runs_the_job_once() {
         )
         .await
         .unwrap();
+    assert_eq!(direct.depth().await.unwrap(), 0, "a message is left");
+    cleanup(&name).await;
+}
+
+/// As above, but the redriven job is delivered (leased and acked) before
+/// the old message comes back: the ack took the job's record away, so the
+/// old message finds none. It is dropped, not run a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_message_back_after_its_redrive_was_delivered_is_dropped() {
+    use tower_firebreak::queue::{DeliveredResponse, Job, JobStatus, Queue};
+    let name = unique("redrive2");
+    let proxy = AckEater::start(4222, None, Some("+TERM".to_owned())).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        &name,
+        Duration::from_millis(500),
+    )
+    .await;
+    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let id = direct
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = via.lease(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert!(via.dead_letter(&leased[0].lease, "test").await.is_err());
+    assert!(direct.redrive(&id).await.unwrap());
+    // The redriven message is leased and delivered while the old one waits
+    // out its 2 s lease.
+    let redriven = direct.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(redriven.len(), 1);
+    direct
+        .ack(
+            &redriven[0].lease,
+            DeliveredResponse {
+                status: 200,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut again = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        again.extend(direct.lease(10, Duration::from_secs(30)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_empty(), "the delivered job was leased again");
+    assert!(matches!(
+        direct.status(&id).await.unwrap(),
+        Some(JobStatus::Delivered { status: 200, .. })
+    ));
     assert_eq!(direct.depth().await.unwrap(), 0, "a message is left");
     cleanup(&name).await;
 }
