@@ -13,13 +13,16 @@
 //! | `POST /firebreak/jobs/dead/{id}/redrive` | moves a dead-lettered job back to its queue; 200 with the queue's name, or 404 |
 //! | `GET /metrics` | with [`Admin::prometheus`]: the Prometheus text format, after a snapshot has refreshed the sampled gauges |
 //!
-//! A `POST` that a browser marks as sent from another site (`Sec-Fetch-Site`
-//! other than `same-origin` or `none`, or an `Origin` whose host is not the
-//! request's `Host`) gets 403, so a page elsewhere cannot make an operator's
-//! browser force a breaker open or redrive a job (cross-site request
-//! forgery, which no preflight stops for a bodiless `POST`). Clients that
-//! are not browsers (curl, scripts) send neither header and are not
-//! affected.
+//! A `POST` from a browser (it carries `Origin` or `Sec-Fetch-Site`) gets
+//! 403 unless the browser marks it same-origin (`Sec-Fetch-Site:
+//! same-origin`) or it carries the header [`ADMIN_HEADER`] (any value), as
+//! the status page's own requests do. A page on another site can send
+//! neither without a CORS preflight, which this router never grants, so it
+//! cannot make an operator's browser force a breaker open or redrive a job
+//! (cross-site request forgery: a bodiless `POST` needs no preflight). No
+//! `Host` comparison is made, so a reverse proxy that rewrites `Host` does
+//! not break the page. Clients that are not browsers (curl, scripts) send
+//! neither `Origin` nor `Sec-Fetch-Site` and are not affected.
 //!
 //! Nothing is served until the application merges [`Admin::router`] into
 //! its own router, and the router carries no authentication of its own:
@@ -81,24 +84,15 @@ async fn refuse_cross_site(req: axum::extract::Request, next: axum::middleware::
     next.run(req).await
 }
 
+/// The header that marks a browser's `POST` to the admin router as sent
+/// by a page allowed to (see the [module docs](self)).
+pub const ADMIN_HEADER: &str = "x-firebreak-admin";
+
 fn cross_site(headers: &http::HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        return !matches!(site.as_bytes(), b"same-origin" | b"none");
-    }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return false;
-    };
-    // `scheme://host[:port]`, or `null` for an opaque origin.
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, host)| host);
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    match (origin_host, host) {
-        (Some(o), Some(h)) => !o.eq_ignore_ascii_case(h),
-        _ => true,
-    }
+    let site = headers.get("sec-fetch-site");
+    let from_browser = site.is_some() || headers.contains_key(header::ORIGIN);
+    let same_origin = site.is_some_and(|s| matches!(s.as_bytes(), b"same-origin" | b"none"));
+    from_browser && !same_origin && !headers.contains_key(ADMIN_HEADER)
 }
 
 /// The status page: one HTML file, its script inline, no build step.

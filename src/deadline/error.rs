@@ -1,21 +1,41 @@
+use std::error::Error;
 use std::fmt;
+use std::sync::Arc;
 
 /// The whole call ran out of its time budget.
 ///
-/// Raised by [`Deadline`](super::Deadline) when the budget runs out, and by an
+/// Raised by [`Deadline`](super::Deadline) when the budget runs out, by an
 /// inner [`Timeout`](crate::timeout::Timeout) whose timer the deadline cut
-/// short.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+/// short, and by [`PropagateDeadline`](super::PropagateDeadline) for a gRPC
+/// client's own timeout at the deadline (which it keeps as the
+/// [`source`](Error::source), so tonic still recognises it).
+#[derive(Clone, Debug, Default)]
 pub struct DeadlineExceeded {
-    _priv: (),
+    source: Option<Arc<dyn Error + Send + Sync>>,
 }
 
 impl DeadlineExceeded {
     /// A new `DeadlineExceeded`.
     pub const fn new() -> Self {
-        DeadlineExceeded { _priv: () }
+        DeadlineExceeded { source: None }
+    }
+
+    /// A `DeadlineExceeded` that `cause` stands for.
+    pub(crate) fn caused_by(cause: crate::BoxError) -> Self {
+        DeadlineExceeded {
+            source: Some(Arc::from(cause)),
+        }
     }
 }
+
+/// Every `DeadlineExceeded` is equal: the cause is not compared.
+impl PartialEq for DeadlineExceeded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for DeadlineExceeded {}
 
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -23,4 +43,8 @@ impl fmt::Display for DeadlineExceeded {
     }
 }
 
-impl std::error::Error for DeadlineExceeded {}
+impl Error for DeadlineExceeded {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}

@@ -152,7 +152,7 @@ where
         Poll::Ready(ready!(this.inner.poll(cx)).map_err(|e| {
             let e = e.into();
             if at.is_some_and(|at| Instant::now() >= at) && is_client_timeout(&*e) {
-                Box::new(DeadlineExceeded::new())
+                Box::new(DeadlineExceeded::caused_by(e))
             } else {
                 e
             }

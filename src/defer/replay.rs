@@ -792,10 +792,17 @@ fn sent_error(e: BoxError) -> Sent {
 /// The request to send for `job`: [`Job::to_request`], plus the
 /// idempotency key and trace context as headers when the stored headers
 /// lack them (a job built with `Job::new(..).with_idempotency_key(..)` has
-/// the key only in the envelope), so the dependency can dedup.
+/// the key only in the envelope), so the dependency can dedup. The original
+/// caller's time budget (`grpc-timeout`, [`TIMEOUT_HEADER`]) is dropped: it
+/// ran out long ago, and a replay has its own (a stale one would cap every
+/// attempt at what the caller had left then).
+///
+/// [`TIMEOUT_HEADER`]: crate::deadline::TIMEOUT_HEADER
 fn replay_request(job: &Job) -> http::Request<Full<Bytes>> {
     let mut req = job.to_request().map(Full::new);
     let headers = req.headers_mut();
+    headers.remove(crate::deadline::GRPC_TIMEOUT_HEADER);
+    headers.remove(crate::deadline::TIMEOUT_HEADER);
     if let Some(key) = job.idempotency_key()
         && !headers.contains_key("idempotency-key")
         && let Ok(v) = http::HeaderValue::from_str(key)

@@ -46,8 +46,14 @@
 //!
 //! # Readiness
 //!
-//! `poll_ready` is the inner service's. A service fallback is driven to
-//! readiness only when it is needed (it is called with `oneshot`).
+//! `poll_ready` waits for the inner service. A readiness error the
+//! predicate selects (a `Buffer` whose worker died, a channel that cannot
+//! connect) is a failed call too: `poll_ready` reports ready and keeps it,
+//! and the next call gets the fallback without reaching the inner service.
+//! So a `Fallback` around one endpoint of a `tower::balance` balancer would
+//! hide that endpoint's failure from the balancer: put it around the
+//! balancer instead. A service fallback is driven to readiness only when
+//! it is needed (it is called with `oneshot`).
 
 pub mod future;
 mod layer;

@@ -690,6 +690,48 @@ async fn the_replayer_delivers_and_stores_the_response() {
     );
 }
 
+/// The caller's time budget stored with the request (`firebreak-timeout-ms`,
+/// `grpc-timeout`) ran out long before the replay: it is not sent, so a
+/// forwarding stack does not cap every replay at what the caller had left.
+#[tokio::test(start_paused = true)]
+async fn a_replay_does_not_carry_the_callers_old_time_budget() {
+    let queue = MemoryQueue::new();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("firebreak-timeout-ms", "3".parse().unwrap());
+    headers.insert("grpc-timeout", "3m".parse().unwrap());
+    headers.insert("x-tenant", "t1".parse().unwrap());
+    let id = queue
+        .enqueue(job("r-budget", "hello").with_headers(headers))
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let downstream = service_fn({
+        let seen = seen.clone();
+        move |req: Req| {
+            seen.lock().unwrap().push(req.headers().clone());
+            async move { Ok::<_, BoxError>(reply(201, "created")) }
+        }
+    });
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].get("firebreak-timeout-ms").is_none(),
+        "{:?}",
+        seen[0]
+    );
+    assert!(seen[0].get("grpc-timeout").is_none(), "{:?}", seen[0]);
+    assert_eq!(seen[0]["x-tenant"], "t1");
+}
+
 /// Two replayers on one queue, a dependency that takes 2 s a call, leases of
 /// 10 s and batches of 8 sent one at a time: the tail of a batch would wait
 /// past its lease, be leased by the other replayer, and be sent by both. A

@@ -162,6 +162,12 @@ async fn tonics_timeout_at_the_callers_deadline_is_deadline_exceeded() {
         State::Closed,
         "the caller's deadline opened the breaker"
     );
+    // tonic's own error is kept as the source: a generated client (no
+    // `StatusLayer`) still gets the code tonic gives it, not UNKNOWN.
+    assert_eq!(
+        tonic::Status::from_error(err).code(),
+        tonic::Code::Cancelled
+    );
 
     // The channel's own 50 ms timeout, with 950 ms left: a failure.
     let svc = tower::ServiceBuilder::new()
