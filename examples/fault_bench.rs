@@ -665,6 +665,8 @@ where
 struct Gauge {
     now: AtomicUsize,
     peak: AtomicUsize,
+    /// Calls A's handler received in all.
+    calls: AtomicU64,
     shed: Mutex<BTreeMap<&'static str, Histogram<u64>>>,
     /// How long the stack took (µs) to answer the calls that found our
     /// breaker open when they arrived and ended rejected by it.
@@ -675,6 +677,7 @@ struct InFlight<'a>(&'a Gauge);
 
 impl Gauge {
     fn enter(&self) -> InFlight<'_> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(n, Ordering::SeqCst);
         InFlight(self)
@@ -836,6 +839,8 @@ async fn b_post(State(served): State<Arc<Served>>, headers: HeaderMap) -> &'stat
 /// How the replayer emptied the queue after the load.
 #[derive(Clone, Copy, Debug)]
 struct Drain {
+    /// When the replayer was started, seconds after the start (measured).
+    replay_from: f64,
     /// Jobs left in the queue when the run stopped waiting.
     left: usize,
     /// Seconds after the start when the queue was empty (or the wait ended).
@@ -900,10 +905,15 @@ async fn rig(
     }
 }
 
+/// How many calls the load generator sends in `length`.
+fn planned_calls(params: &Params, length: Duration) -> u64 {
+    (u128::from(params.rate) * length.as_millis() / 1000) as u64
+}
+
 /// The open-loop load generator: call `i` is due at `start + i / rate`.
 async fn load(a: SocketAddr, params: Params, start: Instant, length: Duration) -> Vec<Sample> {
     let client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let n = (u128::from(params.rate) * length.as_millis() / 1000) as u32;
+    let n = planned_calls(&params, length) as u32;
     let every = Duration::from_secs(1) / params.rate;
     let url: Arc<str> = format!("http://{a}/").into();
     let mut calls = JoinSet::new();
@@ -966,6 +976,12 @@ struct RunResult {
     scenario: &'static str,
     stack: &'static str,
     offered: u64,
+    /// Calls the load generator was to send (rate × length).
+    planned: u64,
+    /// Distinct call numbers among the answers.
+    distinct_calls: u64,
+    /// Calls A's handler received.
+    at_a: u64,
     success: u64,
     rejected: u64,
     /// The rejections by kind (see [`SHED_KINDS`]).
@@ -976,7 +992,8 @@ struct RunResult {
     reached_b: u64,
     /// Successes per second of offered load.
     goodput: f64,
-    /// Answers (of any kind) per second over the whole run, drain included.
+    /// Answers (of any kind) per second while the load ran (the replayer's
+    /// drain after it is not counted).
     throughput: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -1058,9 +1075,10 @@ struct DeferResult {
     burst: u32,
 }
 
-fn defer_result(sc: &Scenario, samples: &[Sample], rig: &Rig, p: &Params) -> Option<DeferResult> {
+fn defer_result(samples: &[Sample], rig: &Rig, p: &Params) -> Option<DeferResult> {
     rig.defer.as_ref()?;
     let drain = rig.drain.unwrap_or(Drain {
+        replay_from: f64::NAN,
         left: usize::MAX,
         done_at: f64::NAN,
     });
@@ -1099,7 +1117,7 @@ fn defer_result(sc: &Scenario, samples: &[Sample], rig: &Rig, p: &Params) -> Opt
         duplicates: served.values().filter(|v| v.0 > 1).count() as u64,
         left_in_queue: drain.left,
         drained_at_s: drain.done_at,
-        replay_from_s: sc.fault.1.as_secs_f64(),
+        replay_from_s: drain.replay_from,
         first_delivery_s: times.first().copied(),
         last_delivery_s: times.last().copied(),
         max_per_sec,
@@ -1188,6 +1206,13 @@ fn summarize(
         scenario: sc.key,
         stack,
         offered: samples.len() as u64,
+        planned: planned_calls(p, sc.length),
+        distinct_calls: samples
+            .iter()
+            .map(|s| s.call)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64,
+        at_a: rig.gauge.calls.load(Ordering::SeqCst),
         success: counts[Outcome::Success.index()],
         rejected: counts[Outcome::Rejected(0).index()],
         rejected_by,
@@ -1213,7 +1238,7 @@ fn summarize(
         peak_in_flight: rig.gauge.peak.load(Ordering::SeqCst),
         in_flight: rig.in_flight.lock().expect("lock").clone(),
         p99_series,
-        defer: defer_result(sc, samples, rig, p),
+        defer: defer_result(samples, rig, p),
         open_rejections: open_rejections(rig),
     }
 }
@@ -1237,18 +1262,19 @@ async fn run_scenario(
 
     // The replayers start when B recovers (the end of the first fault
     // window) and deliver while the rest of the load runs.
-    let mut replayers: Vec<Option<JoinHandle<ReplayerHandle>>> = Vec::new();
+    let mut replayers: Vec<Option<JoinHandle<(ReplayerHandle, f64)>>> = Vec::new();
     for r in &rigs {
         replayers.push(r.defer.clone().map(|d| {
             let (from, p) = (start + sc.fault.1, *params);
             tokio::spawn(async move {
                 tokio::time::sleep_until(from).await;
-                Replayer::new(d.queue, d.replay)
+                let handle = Replayer::new(d.queue, d.replay)
                     .rate_per_second(p.replay_rate)
                     .burst(p.replay_burst)
                     .backoff(Duration::from_millis(100), Duration::from_secs(1))
                     .poll_interval(Duration::from_millis(50))
-                    .spawn()
+                    .spawn();
+                (handle, start.elapsed().as_secs_f64())
             })
         }));
     }
@@ -1309,7 +1335,7 @@ async fn run_scenario(
         let (Some(d), Some(replayer)) = (&r.defer, replayer) else {
             continue;
         };
-        let handle = replayer.await.expect("replayer start");
+        let (handle, replay_from) = replayer.await.expect("replayer start");
         let until = Instant::now() + params.drain_timeout;
         let left = loop {
             let left = d.queue.depth().await.unwrap_or(usize::MAX);
@@ -1320,6 +1346,7 @@ async fn run_scenario(
         };
         handle.shutdown().await;
         r.drain = Some(Drain {
+            replay_from,
             left,
             done_at: start.elapsed().as_secs_f64(),
         });
@@ -1671,18 +1698,31 @@ fn verdicts(results: &[RunResult], scs: &[Scenario], p: &Params) -> Vec<Verdict>
             d.fault.1.as_secs_f64()
         ),
     ));
+    // Every call the generator was to send got exactly one answer, and A's
+    // handler saw each of them (a call lost on the way to A, or a generator
+    // that stopped early, shows here).
     let bad: Vec<_> = results
         .iter()
-        .filter(|r| r.success + r.rejected + r.deferred + r.failed != r.offered)
-        .map(|r| format!("{}/{}", r.scenario, r.stack))
+        .filter(|r| {
+            r.success + r.rejected + r.deferred + r.failed != r.offered
+                || r.offered != r.planned
+                || r.distinct_calls != r.planned
+                || r.at_a != r.planned
+        })
+        .map(|r| {
+            format!(
+                "{}/{}: planned {}, answered {} ({} distinct), A saw {}",
+                r.scenario, r.stack, r.planned, r.offered, r.distinct_calls, r.at_a
+            )
+        })
         .collect();
     v.push(check(
-        "harness: every offered call is accounted for",
+        "harness: every planned call was sent, reached A, and was answered once",
         bad.is_empty(),
         if bad.is_empty() {
             format!("{} runs", results.len())
         } else {
-            format!("miscounted: {}", bad.join(", "))
+            format!("miscounted: {}", bad.join("; "))
         },
     ));
     v

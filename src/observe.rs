@@ -287,8 +287,13 @@ impl BreakerMetrics {
     pub(crate) fn transition(&self, from: State, to: State) {
         #[cfg(feature = "metrics")]
         if let Some(m) = &self.inner {
-            m.state[imp::state_index(from)].set(0.0);
-            m.state[imp::state_index(to)].set(1.0);
+            // Every state's gauge, not just `from` and `to`: two transitions
+            // racing (an operator's reset against a trip) could leave two
+            // states at 1.
+            let now = imp::state_index(to);
+            for (i, g) in m.state.iter().enumerate() {
+                g.set(if i == now { 1.0 } else { 0.0 });
+            }
             metrics::counter!(
                 names::BREAKER_TRANSITIONS,
                 imp::with(&m.labels, &[("from", from.as_str()), ("to", to.as_str())])

@@ -246,7 +246,7 @@ impl Shared {
         edge += faults.hang_rate * s;
         if pick < edge {
             return Plan::Hang {
-                until: pos.ends_at.map(|e| self.start + e),
+                until: pos.ends_at.map(|e| crate::later(self.start, e)),
             };
         }
         edge += faults.error_rate * s;
@@ -343,7 +343,12 @@ where
                 crate::trace::injected("latency", delay);
                 stats.delayed.fetch_add(1, Ordering::Relaxed);
                 let svc = take_ready(&mut self.inner);
-                future::ResponseFuture::call_at(now + delay, svc, req, self.shared.clone())
+                future::ResponseFuture::call_at(
+                    crate::later(now, delay),
+                    svc,
+                    req,
+                    self.shared.clone(),
+                )
             }
             Plan::Error { delay } => {
                 crate::trace::injected("error", delay);
@@ -351,7 +356,7 @@ where
                 if !delay.is_zero() {
                     stats.delayed.fetch_add(1, Ordering::Relaxed);
                 }
-                future::ResponseFuture::reply_at(now + delay, self.reply.error())
+                future::ResponseFuture::reply_at(crate::later(now, delay), self.reply.error())
             }
             Plan::Abort { delay } => {
                 crate::trace::injected("abort", delay);
@@ -360,7 +365,7 @@ where
                     stats.delayed.fetch_add(1, Ordering::Relaxed);
                 }
                 let err = InjectedFault::new(FaultKind::Abort).into();
-                future::ResponseFuture::reply_at(now + delay, Err(err))
+                future::ResponseFuture::reply_at(crate::later(now, delay), Err(err))
             }
             Plan::Hang { until: Some(at) } => {
                 crate::trace::injected("hang", at.saturating_duration_since(now));

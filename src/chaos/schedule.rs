@@ -61,7 +61,7 @@ impl Latency {
     pub(crate) fn sample(&self, u: f64) -> Duration {
         match *self {
             Latency::Fixed { delay } => delay,
-            Latency::Uniform { min, max } => min + (max - min).mul_f64(u),
+            Latency::Uniform { min, max } => min.saturating_add((max - min).mul_f64(u)),
             Latency::Exponential { mean, max } => {
                 // Inverse transform: -mean * ln(1 - u), with 1 - u in (0, 1].
                 let d = mean.as_secs_f64() * -(1.0 - u).ln();
@@ -335,7 +335,9 @@ impl Schedule {
         while t < horizon && !self.phases.is_empty() {
             let pass_start = t;
             for p in &self.phases {
-                let end = p.duration.map_or(horizon, |d| (t + d).min(horizon));
+                let end = p
+                    .duration
+                    .map_or(horizon, |d| t.saturating_add(d).min(horizon));
                 if end > t {
                     out.push((t, end, p.kind));
                 }
@@ -378,7 +380,11 @@ impl Schedule {
     }
 
     fn cycle(&self) -> Duration {
-        self.phases.iter().filter_map(|p| p.duration).sum()
+        // Saturating: a sum of `Duration::MAX` phases must not panic.
+        self.phases
+            .iter()
+            .filter_map(|p| p.duration)
+            .fold(Duration::ZERO, Duration::saturating_add)
     }
 
     /// The phase in force `elapsed` after the start.
@@ -401,7 +407,7 @@ impl Schedule {
         };
         let mut start = Duration::ZERO;
         for p in &self.phases {
-            let end = p.duration.map(|d| start + d);
+            let end = p.duration.map(|d| start.saturating_add(d));
             if end.is_none_or(|end| t < end) {
                 let scale = match (p.kind, p.duration) {
                     (PhaseKind::Healthy, _) => 0.0,
@@ -414,7 +420,7 @@ impl Schedule {
                     kind: p.kind,
                     faults: (p.kind != PhaseKind::Healthy).then_some(&p.faults),
                     scale,
-                    ends_at: end.map(|e| offset + e),
+                    ends_at: end.map(|e| offset.saturating_add(e)),
                 };
             }
             start = end.unwrap_or(start);

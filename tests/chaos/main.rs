@@ -526,3 +526,52 @@ async fn boxes_as_a_clone_sync_service_with_send_futures() {
     let answer = tokio::spawn(boxed.clone().oneshot(3)).await.unwrap();
     assert_eq!(answer.unwrap(), 3);
 }
+
+/// `Duration::MAX` anywhere in a schedule ("for as long as can be") is no
+/// panic: not in validation (a repeating cycle's sum), not on a call (a
+/// latency, a hang until a phase ends, a phase boundary after the clock
+/// passed an earlier one).
+#[tokio::test(start_paused = true)]
+async fn duration_max_in_a_schedule_does_not_panic() {
+    let count = Arc::new(AtomicU64::new(0));
+    let slow = ChaosLayer::builder(Schedule::always(
+        Faults::none().latency(Latency::fixed(Duration::MAX), 1.0),
+    ))
+    .build()
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(slow)
+        .service(echo(count.clone()));
+    let r = tokio::time::timeout(S(60), svc.oneshot(1)).await;
+    assert!(r.is_err(), "a call delayed for ever answered");
+
+    let hang = ChaosLayer::builder(Schedule::new(vec![
+        Phase::healthy(S(1)),
+        Phase::failing(Duration::MAX, Faults::none().hangs(1.0)),
+    ]))
+    .build()
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(hang)
+        .service(echo(count.clone()));
+    tokio::time::sleep(S(2)).await;
+    let r = tokio::time::timeout(S(60), svc.oneshot(2)).await;
+    assert!(r.is_err(), "a call in an endless hang answered");
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+
+    // A repeating schedule whose cycle does not fit a Duration.
+    let repeating = ChaosLayer::builder(
+        Schedule::new(vec![
+            Phase::failing(Duration::MAX, Faults::none().errors(1.0)),
+            Phase::healthy(S(1)),
+        ])
+        .repeat(),
+    )
+    .build();
+    if let Ok(layer) = repeating {
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(echo(count.clone()));
+        assert!(svc.oneshot(3).await.is_err(), "the failing phase is first");
+    }
+}
