@@ -366,6 +366,9 @@ pub(crate) trait KeyedBreakerView: Send + Sync {
 pub(crate) trait KeyedBulkheadView: Send + Sync {
     /// Live pools, calls in flight and calls waiting, summed over the keys.
     fn counts(&self) -> (usize, usize, usize);
+    /// Sets the in-flight gauges: each labelled key's own, or the layer's
+    /// (summed over the keys) when the pools share it.
+    fn sample(&self);
 }
 
 /// A keyed limiter's state with its key type erased.
@@ -686,6 +689,7 @@ impl Registry {
         let keyed_bulkheads = kh
             .into_iter()
             .map(|(name, v, info)| {
+                v.sample();
                 let (keys, in_flight, waiting) = v.counts();
                 KeyedBulkheadStatus {
                     name,

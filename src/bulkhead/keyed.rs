@@ -53,6 +53,23 @@ impl<K: Send + 'static> KeyedBulkheadView for Mutex<HashMap<K, Pool>> {
         });
         (pools.len(), in_flight, waiting)
     }
+
+    fn sample(&self) {
+        let pools = self.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = None;
+        let mut total = 0;
+        for p in pools.values() {
+            if p.own_series() {
+                p.sample_in_flight(p.in_flight());
+            } else {
+                total += p.in_flight();
+                shared.get_or_insert(p);
+            }
+        }
+        if let Some(p) = shared {
+            p.sample_in_flight(total);
+        }
+    }
 }
 
 impl<S: Clone, K, F> Clone for KeyedBulkhead<S, K, F> {

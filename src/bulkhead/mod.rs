@@ -93,6 +93,9 @@ pub(crate) struct Slots {
     max: usize,
     pub(crate) obs: crate::observe::BulkheadMetrics,
     name: Option<Arc<str>>,
+    /// `obs` is this pool's alone (a keyed pool with a `key` label), not
+    /// shared with other pools.
+    own_series: bool,
 }
 
 impl Slots {
@@ -224,7 +227,11 @@ impl Pool {
         key: Option<&str>,
     ) -> Self {
         let obs = crate::observe::BulkheadMetrics::new(name.as_deref(), key);
-        Pool::with_metrics(max_concurrent, max_wait, name, obs)
+        let mut pool = Pool::with_metrics(max_concurrent, max_wait, name, obs);
+        Arc::get_mut(&mut pool.slots)
+            .expect("a new pool's slots are not shared yet")
+            .own_series = key.is_some();
+        pool
     }
 
     /// A pool recording into `obs` (a keyed layer's pools share the
@@ -243,9 +250,20 @@ impl Pool {
                 max: max_concurrent,
                 obs,
                 name,
+                own_series: false,
             }),
             max_wait,
         }
+    }
+
+    /// Whether this pool records into series of its own (see `own_series`).
+    pub(crate) fn own_series(&self) -> bool {
+        self.slots.own_series
+    }
+
+    /// Sets the pool's in-flight gauge to `n`.
+    pub(crate) fn sample_in_flight(&self, n: usize) {
+        self.slots.obs.in_flight(n);
     }
 
     /// Registers a named pool in `registry` (`None`: the global one).
@@ -273,7 +291,7 @@ impl Pool {
         self.slots.max
     }
 
-    fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.slots.in_flight.load(Ordering::SeqCst)
     }
 

@@ -216,6 +216,32 @@ async fn every_series_has_the_value_the_calls_made() {
     tokio::task::yield_now().await;
     assert!(bsvc.clone().oneshot(()).await.is_err(), "bulkhead full");
 
+    // Keyed bulkheads with calls held in flight: the layer's gauge (keys
+    // not labelled) is the sum over the keys, a labelled key's its own.
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let held_svc = move |_: &'static str| {
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok::<_, BoxError>(())
+        }
+    };
+    let pooled = tower_firebreak::bulkhead::KeyedBulkheadLayer::new(4, |k: &&'static str| *k)
+        .name("by-tenant")
+        .registry(&registry);
+    let labelled = tower_firebreak::bulkhead::KeyedBulkheadLayer::new(4, |k: &&'static str| *k)
+        .name("by-host")
+        .label_keys()
+        .registry(&registry);
+    let psvc = pooled.layer(service_fn(held_svc.clone()));
+    let lsvc = labelled.layer(service_fn(held_svc));
+    let mut keyed_calls = Vec::new();
+    for key in ["a", "a", "b"] {
+        keyed_calls.push(tokio::spawn(psvc.clone().oneshot(key)));
+        keyed_calls.push(tokio::spawn(lsvc.clone().oneshot(key)));
+    }
+    tokio::task::yield_now().await;
+
     // A bulkhead whose second call waits 100 ms for the first's slot.
     let waiting = BulkheadLayer::new(1)
         .max_wait(Duration::from_secs(1))
@@ -327,6 +353,25 @@ async fn every_series_has_the_value_the_calls_made() {
     // ------------------------------------------------------------- scrape
     let admin: axum::Router = Admin::new(registry.clone()).prometheus(prometheus).router();
     let s = scrape(&admin).await;
+    s.check(
+        "firebreak_bulkhead_in_flight",
+        &[("name", "by-tenant")],
+        3.0,
+    );
+    s.check(
+        "firebreak_bulkhead_in_flight",
+        &[("name", "by-host"), ("key", "a")],
+        2.0,
+    );
+    s.check(
+        "firebreak_bulkhead_in_flight",
+        &[("name", "by-host"), ("key", "b")],
+        1.0,
+    );
+    open_gate.send_replace(true);
+    for c in keyed_calls {
+        c.await.unwrap().unwrap();
+    }
 
     let cb = |outcome| {
         [
