@@ -144,7 +144,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1003,7 +1003,8 @@ impl<S> std::fmt::Debug for AmqpQueue<S> {
 struct Link {
     conn: Connection,
     channel: Channel,
-    retry_queues: HashSet<u64>,
+    /// The retry queues declared on this link, by delay, and when.
+    retry_queues: HashMap<u64, Instant>,
     /// Which connection this is, so that a feed knows when its own is gone.
     serial: u64,
 }
@@ -1282,6 +1283,7 @@ fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<String> {
 }
 
 /// A header a copy may carry besides its id and ticket.
+#[derive(Clone, Copy)]
 enum Extra<'a> {
     /// Why the job is dead (copies sent to the dead-letter exchange).
     Reason(&'a str),
@@ -1291,6 +1293,10 @@ enum Extra<'a> {
 
 /// How many times, and how far apart, a copy that arrives before its
 /// job's record is put back before it is dropped.
+/// How often a link declares a retry queue again while it uses it (see
+/// `retry_queue`): well within the 60 s its `x-expires` adds to the delay.
+const REDECLARE_RETRY_QUEUE: Duration = Duration::from_secs(30);
+
 const ORPHAN_RETRIES: u32 = 5;
 const ORPHAN_DELAY_MS: u64 = 200;
 
@@ -1391,7 +1397,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         Ok(Link {
             conn,
             channel,
-            retry_queues: HashSet::new(),
+            retry_queues: HashMap::new(),
             serial: 0,
         })
     }
@@ -1508,18 +1514,27 @@ impl<S: StatusStore> AmqpQueue<S> {
         }))
     }
 
+    /// The retry queue for `delay_ms`, declared (again) when this link has
+    /// not declared it within [`REDECLARE_RETRY_QUEUE`].
+    ///
+    /// A retry queue has no consumer, so RabbitMQ counts it as unused and
+    /// deletes it, messages and all, `x-expires` after its last declare:
+    /// publishing does not count as use. Declaring it again at least every
+    /// 30 s keeps it for the delay of anything parked in it (`x-expires` is
+    /// the delay + 60 s).
     async fn retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, QueueError> {
         let name = format!("{}.retry.{delay_ms}", self.inner.queue);
         {
             let st = self.inner.state.lock().await;
-            if st
-                .link
-                .as_ref()
-                .is_some_and(|l| l.retry_queues.contains(&delay_ms))
-            {
+            if st.link.as_ref().is_some_and(|l| {
+                l.retry_queues
+                    .get(&delay_ms)
+                    .is_some_and(|at| at.elapsed() < REDECLARE_RETRY_QUEUE)
+            }) {
                 return Ok(name);
             }
         }
+        let declared_at = Instant::now();
         let mut args = FieldTable::default();
         args.insert(
             "x-message-ttl".into(),
@@ -1543,9 +1558,41 @@ impl<S: StatusStore> AmqpQueue<S> {
             .map_err(QueueError::unavailable)?;
         let mut st = self.inner.state.lock().await;
         if let Some(l) = st.link.as_mut() {
-            l.retry_queues.insert(delay_ms);
+            l.retry_queues.insert(delay_ms, declared_at);
         }
         Ok(name)
+    }
+
+    /// Parks a copy in the retry queue of `delay_ms`. The publish is
+    /// mandatory: a retry queue that is gone (expired, deleted by an
+    /// operator) returns the message instead of dropping it, and is then
+    /// declared again for one more try.
+    #[allow(clippy::too_many_arguments)]
+    async fn park(
+        &self,
+        channel: &Channel,
+        delay_ms: u64,
+        id: &JobId,
+        ticket: &str,
+        envelope: &[u8],
+        extra: Option<Extra<'_>>,
+    ) -> Result<(), QueueError> {
+        for _ in 0..2 {
+            let queue = self.retry_queue(channel, delay_ms).await?;
+            if self
+                .publish_to(channel, "", &queue, id, ticket, envelope, extra, true)
+                .await?
+            {
+                return Ok(());
+            }
+            let mut st = self.inner.state.lock().await;
+            if let Some(l) = st.link.as_mut() {
+                l.retry_queues.remove(&delay_ms);
+            }
+        }
+        Err(QueueError::unavailable(format!(
+            "RabbitMQ returned the copy of job {id} parked for {delay_ms} ms: its retry queue is missing"
+        )))
     }
 
     /// Publishes a persistent copy of a job, waiting for the broker's
@@ -1559,15 +1606,26 @@ impl<S: StatusStore> AmqpQueue<S> {
         delay: Duration,
     ) -> Result<(), QueueError> {
         let delay_ms = duration_ms(delay);
-        let (exchange, key) = if delay_ms == 0 {
-            (String::new(), self.inner.queue.clone())
+        if delay_ms > 0 {
+            return self
+                .park(channel, delay_ms, id, ticket, envelope, None)
+                .await;
+        }
+        let queue = self.inner.queue.clone();
+        if self
+            .publish_to(channel, "", &queue, id, ticket, envelope, None, true)
+            .await?
+        {
+            Ok(())
         } else {
-            (String::new(), self.retry_queue(channel, delay_ms).await?)
-        };
-        self.publish_to(channel, &exchange, &key, id, ticket, envelope, None)
-            .await
+            Err(QueueError::unavailable(format!(
+                "RabbitMQ returned the copy of job {id}: the queue {queue} is missing"
+            )))
+        }
     }
 
+    /// Publishes a copy and waits for the broker's confirm: `Ok(false)` when
+    /// a `mandatory` copy came back unroutable (its queue is missing).
     #[allow(clippy::too_many_arguments)]
     async fn publish_to(
         &self,
@@ -1578,7 +1636,8 @@ impl<S: StatusStore> AmqpQueue<S> {
         ticket: &str,
         envelope: &[u8],
         extra: Option<Extra<'_>>,
-    ) -> Result<(), QueueError> {
+        mandatory: bool,
+    ) -> Result<bool, QueueError> {
         let mut headers = FieldTable::default();
         headers.insert("fb-id".into(), AMQPValue::LongString(id.to_string().into()));
         headers.insert("fb-ticket".into(), AMQPValue::LongString(ticket.into()));
@@ -1605,7 +1664,10 @@ impl<S: StatusStore> AmqpQueue<S> {
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(key),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
                 envelope,
                 props,
             )
@@ -1614,7 +1676,7 @@ impl<S: StatusStore> AmqpQueue<S> {
             .await
             .map_err(QueueError::unavailable)?;
         if confirm.is_ack() {
-            Ok(())
+            Ok(confirm.take_message().is_none())
         } else {
             Err(QueueError::unavailable(
                 "RabbitMQ refused the message (nack)",
@@ -1634,6 +1696,7 @@ impl<S: StatusStore> AmqpQueue<S> {
                 "",
                 envelope,
                 Some(Extra::Reason(reason)),
+                false,
             )
             .await;
     }
@@ -1816,11 +1879,9 @@ impl<S: StatusStore> AmqpQueue<S> {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0);
                 if orphan < ORPHAN_RETRIES {
-                    let retry = self.retry_queue(channel, ORPHAN_DELAY_MS).await?;
-                    self.publish_to(
+                    self.park(
                         channel,
-                        "",
-                        &retry,
+                        ORPHAN_DELAY_MS,
                         &id,
                         &ticket,
                         &d.data,

@@ -363,3 +363,79 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
     cleanup(&kept).await;
     cleanup(&purged).await;
 }
+
+/// A retry queue that is gone (RabbitMQ deletes one a minute after its last
+/// declare: it has no consumer, and publishing does not count as use; here
+/// it is deleted by hand) does not swallow the copies parked in it after:
+/// the publish is mandatory, so the copy comes back, the queue is declared
+/// again and the copy parked there. Before, it was dropped, confirmed, and
+/// the nacked job never came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_after_its_retry_queue_is_gone_still_comes_back() {
+    let name = unique("retryq");
+    let q = connect(AMQP, &name, Duration::from_secs(5)).await;
+    let a = q
+        .enqueue(Job::new(http::Method::POST, "/a".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(*leased[0].lease.id(), a);
+    q.nack(&leased[0].lease, Duration::from_millis(100))
+        .await
+        .unwrap();
+
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // A's copy comes back first (it was parked before the deletion).
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let l = q.lease(1, Duration::from_secs(30)).await.unwrap();
+        if !l.is_empty() {
+            break l;
+        }
+        assert!(tokio::time::Instant::now() < until, "A did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    q.ack(&first[0].lease, DeliveredResponse::default())
+        .await
+        .unwrap();
+    ch.queue_delete(
+        format!("fb.{name}.retry.100").as_str().into(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let b = q
+        .enqueue(Job::new(http::Method::POST, "/b".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(*leased[0].lease.id(), b);
+    q.nack(&leased[0].lease, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = q.lease(1, Duration::from_secs(30)).await.unwrap();
+        if let Some(l) = l.first() {
+            assert_eq!(*l.lease.id(), b);
+            q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the job nacked after its retry queue was gone never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = ch
+        .queue_delete(
+            format!("fb.{name}.retry.100").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    cleanup(&name).await;
+}
