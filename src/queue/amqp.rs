@@ -1287,8 +1287,14 @@ fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<String> {
 enum Extra<'a> {
     /// Why the job is dead (copies sent to the dead-letter exchange).
     Reason(&'a str),
-    /// How many times a copy without a record has been put back.
-    Orphan(u32),
+    /// How many times a copy without a record has been put back, and the
+    /// claim window it carries (see `Window`).
+    Orphan(u32, u64),
+    /// A submit's copy: how long (ms) its claim may still land after the
+    /// copy is published (the submitter's `op_timeout`), so that a handle
+    /// that finds the copy before its record keeps putting it back for at
+    /// least that long, whatever its own settings.
+    Window(u64),
 }
 
 /// How many times, and how far apart, a copy that arrives before its
@@ -1299,6 +1305,16 @@ const REDECLARE_RETRY_QUEUE: Duration = Duration::from_secs(30);
 
 const ORPHAN_RETRIES: u32 = 5;
 const ORPHAN_DELAY_MS: u64 = 200;
+
+/// How many times an orphan copy is put back: enough looks, ORPHAN_DELAY_MS
+/// apart at least, to outlast a claim `window_ms` long, and never fewer
+/// than ORPHAN_RETRIES.
+fn orphan_retries(window_ms: u64) -> u32 {
+    let needed = window_ms.div_ceil(ORPHAN_DELAY_MS).saturating_add(1);
+    u32::try_from(needed)
+        .unwrap_or(u32::MAX)
+        .max(ORPHAN_RETRIES)
+}
 
 /// Gives the copies a feed holds back to the queue once no lease has used
 /// it for `hold`, by closing its channel (the consumer goes with it); ends
@@ -1646,10 +1662,20 @@ impl<S: StatusStore> AmqpQueue<S> {
             Some(Extra::Reason(reason)) => {
                 headers.insert("fb-reason".into(), AMQPValue::LongString(reason.into()));
             }
-            Some(Extra::Orphan(n)) => {
+            Some(Extra::Orphan(n, window)) => {
                 headers.insert(
                     "fb-orphan".into(),
                     AMQPValue::LongString(n.to_string().into()),
+                );
+                headers.insert(
+                    "fb-window".into(),
+                    AMQPValue::LongString(window.to_string().into()),
+                );
+            }
+            Some(Extra::Window(window)) => {
+                headers.insert(
+                    "fb-window".into(),
+                    AMQPValue::LongString(window.to_string().into()),
                 );
             }
             None => {}
@@ -1727,9 +1753,27 @@ impl<S: StatusStore> AmqpQueue<S> {
         let id = JobId::new();
         let ticket = new_ticket();
         let envelope = self.inner.format.encode(&job);
-        // The copy first: if the claim then fails, the copy is stale.
-        self.publish(&channel, &id, &ticket, &envelope, Duration::ZERO)
-            .await?;
+        // The copy first: if the claim then fails, the copy is stale. It
+        // carries how long the claim may still land.
+        let queue = self.inner.queue.clone();
+        let window = Extra::Window(duration_ms(self.inner.op_timeout));
+        if !self
+            .publish_to(
+                &channel,
+                "",
+                &queue,
+                &id,
+                &ticket,
+                &envelope,
+                Some(window),
+                true,
+            )
+            .await?
+        {
+            return Err(QueueError::unavailable(format!(
+                "RabbitMQ returned the copy of job {id}: the queue {queue} is missing"
+            )));
+        }
         match self
             .inner
             .store
@@ -1874,18 +1918,23 @@ impl<S: StatusStore> AmqpQueue<S> {
             Take::Missing => {
                 // Published by a submit that has not written its record
                 // yet, or whose claim was refused: look again a little
-                // later, a few times, then drop it.
+                // later, for as long as the claim may still land (the
+                // window the copy carries; each look is at least
+                // ORPHAN_DELAY_MS later), then drop it.
                 let orphan: u32 = header(&d.properties, "fb-orphan")
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0);
-                if orphan < ORPHAN_RETRIES {
+                let window: u64 = header(&d.properties, "fb-window")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if orphan < orphan_retries(window) {
                     self.park(
                         channel,
                         ORPHAN_DELAY_MS,
                         &id,
                         &ticket,
                         &d.data,
-                        Some(Extra::Orphan(orphan + 1)),
+                        Some(Extra::Orphan(orphan + 1, window)),
                     )
                     .await?;
                 }

@@ -439,3 +439,190 @@ async fn a_nack_after_its_retry_queue_is_gone_still_comes_back() {
         .await;
     cleanup(&name).await;
 }
+
+/// A status store whose claims land late: each waits `delay` first (a slow
+/// or briefly stalled Redis), the rest passes straight through.
+struct SlowClaims {
+    inner: RedisStatusStore,
+    delay: Duration,
+}
+
+impl tower_firebreak::queue::amqp::StatusStore for SlowClaims {
+    async fn claim(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+    ) -> Result<tower_firebreak::queue::amqp::Claim, tower_firebreak::queue::QueueError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.claim(id, ticket, job, envelope, capacity).await
+    }
+    async fn claim_before(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        job: &Job,
+        envelope: &[u8],
+        capacity: usize,
+        give_up: tokio::time::Instant,
+    ) -> Result<tower_firebreak::queue::amqp::Claim, tower_firebreak::queue::QueueError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner
+            .claim_before(id, ticket, job, envelope, capacity, give_up)
+            .await
+    }
+    fn take(
+        &self,
+        id: &JobId,
+        ticket: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> impl Future<
+        Output = Result<tower_firebreak::queue::amqp::Take, tower_firebreak::queue::QueueError>,
+    > + Send {
+        self.inner
+            .take(id, ticket, new_ticket, now_ms, max_attempts)
+    }
+    fn ack(
+        &self,
+        id: &JobId,
+        token: &str,
+        response: &DeliveredResponse,
+        now_ms: u64,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.ack(id, token, response, now_ms, retention)
+    }
+    fn nack(
+        &self,
+        id: &JobId,
+        token: &str,
+        new_ticket: &str,
+        now_ms: u64,
+        max_attempts: u32,
+    ) -> impl Future<
+        Output = Result<tower_firebreak::queue::amqp::Nacked, tower_firebreak::queue::QueueError>,
+    > + Send {
+        self.inner.nack(id, token, new_ticket, now_ms, max_attempts)
+    }
+    fn dead_letter(
+        &self,
+        id: &JobId,
+        token: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<bool, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.dead_letter(id, token, reason, now_ms)
+    }
+    fn redrive(
+        &self,
+        id: &JobId,
+        new_ticket: &str,
+        capacity: usize,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, tower_firebreak::queue::QueueError>> + Send
+    {
+        self.inner.redrive(id, new_ticket, capacity)
+    }
+    fn envelope(
+        &self,
+        id: &JobId,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, tower_firebreak::queue::QueueError>> + Send
+    {
+        self.inner.envelope(id)
+    }
+    fn status(
+        &self,
+        id: &JobId,
+    ) -> impl Future<
+        Output = Result<
+            Option<tower_firebreak::queue::JobStatus>,
+            tower_firebreak::queue::QueueError,
+        >,
+    > + Send {
+        self.inner.status(id)
+    }
+    fn depth(
+        &self,
+    ) -> impl Future<Output = Result<usize, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.depth()
+    }
+    fn oldest(
+        &self,
+    ) -> impl Future<Output = Result<Option<u64>, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.oldest()
+    }
+    fn dead(
+        &self,
+        limit: usize,
+    ) -> impl Future<
+        Output = Result<
+            Vec<tower_firebreak::queue::amqp::DeadRecord>,
+            tower_firebreak::queue::QueueError,
+        >,
+    > + Send {
+        self.inner.dead(limit)
+    }
+    fn purge_dead(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.purge_dead(before_ms, limit)
+    }
+}
+
+/// A replayer can find a submit's copy before its claim has landed (the
+/// copy goes first); it puts the copy back and looks again. It must go on
+/// looking for as long as the claim may land (the submitter's
+/// `op_timeout`, carried by the copy), or a claim that lands later makes a
+/// 202 for a job whose only copy was dropped. Here the claim lands 1.5 s
+/// late, under a 3 s `op_timeout`; before, the copy was dropped after five
+/// looks (about 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_lands_late_still_finds_its_copy() {
+    let name = unique("lateclaim");
+    let store = RedisStatusStore::connect_with_timeout(REDIS, &name, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let slow = AmqpQueue::builder()
+        .name(&name)
+        .op_timeout(Duration::from_secs(3))
+        .connect(
+            AMQP,
+            SlowClaims {
+                inner: store,
+                delay: Duration::from_millis(1500),
+            },
+        )
+        .await
+        .unwrap();
+    let replayer = connect(AMQP, &name, Duration::from_secs(5)).await;
+    let looking = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(6);
+        let mut got = Vec::new();
+        while got.is_empty() && tokio::time::Instant::now() < until {
+            got = replayer.lease(1, Duration::from_secs(30)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (replayer, got)
+    });
+    let id = slow
+        .enqueue(Job::new(http::Method::POST, "/late".parse().unwrap()))
+        .await
+        .expect("the late claim landed within op_timeout");
+    let (replayer, got) = looking.await.unwrap();
+    assert_eq!(
+        got.len(),
+        1,
+        "a 202'd job whose claim landed late was never leased"
+    );
+    assert_eq!(*got[0].lease.id(), id);
+    replayer
+        .ack(&got[0].lease, DeliveredResponse::default())
+        .await
+        .unwrap();
+    cleanup(&name).await;
+}
