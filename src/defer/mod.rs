@@ -522,9 +522,16 @@ async fn answer<Q: Queue>(
             tracing::debug!(target: "tower_firebreak", layer = "defer", job_id = %id, cause = %cause.what, traceparent = traceparent.as_deref(), "request deferred");
             response::accepted(&settings, &id, retry_after)
         }
+        // The key already holds a job, which will be delivered: a status
+        // that cannot be read is "unknown", never a 503 that would tell the
+        // caller the request was not taken (a retry with a new key would
+        // run it twice).
         Ok(Enqueued::Existing(id)) => match queue.status(&id).await {
             Ok(status) => response::existing(&settings, &id, status.as_ref()),
-            Err(e) => not_deferred(&settings, e),
+            Err(e) => {
+                tracing::warn!(target: "tower_firebreak", layer = "defer", job_id = %id, error = %e, "the existing job's status could not be read");
+                response::existing(&settings, &id, None)
+            }
         },
         Err(QueueError::Conflict { .. }) => response::problem(
             StatusCode::CONFLICT,

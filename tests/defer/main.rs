@@ -546,6 +546,62 @@ impl Queue for BrokenQueue {
     }
 }
 
+/// A memory queue whose `status` fails: the status store is down while
+/// submits still work.
+#[derive(Clone, Default)]
+struct NoStatus(MemoryQueue);
+
+impl Queue for NoStatus {
+    async fn submit(&self, job: Job) -> Result<Enqueued, QueueError> {
+        self.0.submit(job).await
+    }
+    async fn lease(&self, max: usize, visibility: Duration) -> Result<Vec<Leased>, QueueError> {
+        self.0.lease(max, visibility).await
+    }
+    async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {
+        self.0.ack(lease, response).await
+    }
+    async fn nack(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {
+        self.0.nack(lease, delay).await
+    }
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), QueueError> {
+        self.0.dead_letter(lease, reason).await
+    }
+    async fn status(&self, _: &JobId) -> Result<Option<JobStatus>, QueueError> {
+        Err(gone())
+    }
+    async fn depth(&self) -> Result<usize, QueueError> {
+        self.0.depth().await
+    }
+    async fn oldest_age(&self) -> Result<Option<Duration>, QueueError> {
+        self.0.oldest_age().await
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.0.dead_letters(limit).await
+    }
+    async fn redrive(&self, id: &JobId) -> Result<bool, QueueError> {
+        self.0.redrive(id).await
+    }
+}
+
+/// A retry whose key already holds a job is answered 200 with that job,
+/// even when the job's status cannot be read: a 503 would tell the caller
+/// the request was not taken, and a retry under a new key would run it
+/// twice.
+#[tokio::test(start_paused = true)]
+async fn a_retry_of_a_stored_request_is_not_503_when_its_status_is_unreadable() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let queue = NoStatus::default();
+    let svc = DeferLayer::new(queue.clone()).layer(failing(calls.clone(), open_breaker));
+    let first = read(svc.clone().oneshot(post(Some("k"), "x")).await.unwrap()).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let again = read(svc.oneshot(post(Some("k"), "x")).await.unwrap()).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.job_id(), first.job_id());
+    assert_eq!(again.json()["status"], "unknown");
+    assert_eq!(queue.depth().await.unwrap(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unavailable_or_full_queue_gets_503_never_202() {
     let calls = Arc::new(AtomicUsize::new(0));
