@@ -52,6 +52,7 @@
 //! | `redis` | [`queue::redis::RedisQueue`], the job queue on Redis Streams, shared by a fleet |
 //! | `nats` | [`queue::nats::NatsQueue`], the job queue on NATS JetStream, shared by a fleet |
 //! | `amqp` | [`queue::amqp::AmqpQueue`], the job queue on RabbitMQ, its status in Redis (turns on `redis`) |
+//! | `toml`, `yaml` | `preset::Policies::from_toml` / `from_yaml` |
 //! | `full` | every feature above |
 //!
 //! # Time

@@ -15,7 +15,7 @@
 //!
 //! A `POST` from a browser (it carries `Origin` or `Sec-Fetch-Site`) gets
 //! 403 unless the browser marks it same-origin (`Sec-Fetch-Site:
-//! same-origin`) or it carries the header [`ADMIN_HEADER`] (any value), as
+//! same-origin`, or `none`: typed by the user) or it carries the header [`ADMIN_HEADER`] (any value), as
 //! the status page's own requests do. A page on another site can send
 //! neither without a CORS preflight, which this router never grants, so it
 //! cannot make an operator's browser force a breaker open or redrive a job

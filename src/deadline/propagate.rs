@@ -17,8 +17,9 @@ use tower::{Layer, Service};
 /// Put it innermost in a client stack, right above the HTTP client, so each
 /// retry attempt carries the time left *at that attempt*. gRPC requests
 /// (`content-type: application/grpc…`) get `grpc-timeout`; other requests get
-/// [`TIMEOUT_HEADER`](super::TIMEOUT_HEADER). A request with no deadline is
-/// passed on untouched.
+/// [`TIMEOUT_HEADER`](super::TIMEOUT_HEADER). A request with neither a
+/// deadline nor an [`attempt_timeout`](PropagateDeadline::attempt_timeout)
+/// is passed on untouched.
 ///
 /// The value is the least of: the time left in the call, the attempt
 /// timeout set with [`attempt_timeout`](PropagateDeadline::attempt_timeout)
@@ -30,8 +31,9 @@ use tower::{Layer, Service};
 /// A gRPC client (tonic's `Channel`) enforces the `grpc-timeout` it is
 /// given, at the instant the call's deadline passes, and when its timer
 /// fires before ours the call fails with tonic's `TimeoutExpired`. Once the
-/// deadline has passed, such an error is the caller's deadline, so this
-/// service returns [`DeadlineExceeded`] instead: a circuit breaker does not
+/// deadline has passed, such an error is the caller's deadline, so (with
+/// the `tonic` feature, which lets it recognise tonic's error) this service
+/// returns [`DeadlineExceeded`] instead, with tonic's error as its source: a circuit breaker does not
 /// count it as the dependency's failure, and the caller sees one error for
 /// one cause. Every other error is the inner service's, boxed.
 #[derive(Clone, Debug)]
