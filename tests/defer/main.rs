@@ -683,6 +683,27 @@ fn job(key: &str, body: &'static str) -> Job {
     .with_idempotency_key(key)
 }
 
+/// Runs a replayer over `queue` into `downstream` until job `id` is
+/// delivered (10 s at most), then shuts it down.
+async fn replay_until_delivered<S>(queue: &MemoryQueue, downstream: S, id: &JobId)
+where
+    S: Service<Req, Response = http::Response<Full<Bytes>>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let handle = Replayer::new(queue.clone(), downstream).spawn();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    handle.shutdown().await;
+}
+
 async fn wait_until<F, Fut>(limit: Duration, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -715,15 +736,7 @@ async fn the_replayer_delivers_and_stores_the_response() {
             Ok::<_, BoxError>(res)
         }
     });
-    let handle = Replayer::new(queue.clone(), downstream).spawn();
-    wait_until(Duration::from_secs(10), || async {
-        matches!(
-            queue.status(&id).await.unwrap(),
-            Some(JobStatus::Delivered { .. })
-        )
-    })
-    .await;
-    handle.shutdown().await;
+    replay_until_delivered(&queue, downstream, &id).await;
     match queue.status(&id).await.unwrap() {
         Some(JobStatus::Delivered {
             status,
@@ -768,15 +781,7 @@ async fn a_replay_does_not_carry_the_callers_old_time_budget() {
             async move { Ok::<_, BoxError>(reply(201, "created")) }
         }
     });
-    let handle = Replayer::new(queue.clone(), downstream).spawn();
-    wait_until(Duration::from_secs(10), || async {
-        matches!(
-            queue.status(&id).await.unwrap(),
-            Some(JobStatus::Delivered { .. })
-        )
-    })
-    .await;
-    handle.shutdown().await;
+    replay_until_delivered(&queue, downstream, &id).await;
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
     assert!(

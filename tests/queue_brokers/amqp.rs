@@ -374,68 +374,46 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
 async fn a_nack_after_its_retry_queue_is_gone_still_comes_back() {
     let name = unique("retryq");
     let q = connect(AMQP, &name, Duration::from_secs(5)).await;
-    let a = q
-        .enqueue(Job::new(http::Method::POST, "/a".parse().unwrap()))
-        .await
-        .unwrap();
-    let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(*leased[0].lease.id(), a);
-    q.nack(&leased[0].lease, Duration::from_millis(100))
-        .await
-        .unwrap();
+    // A job nacked for 100 ms, which comes back: that makes the retry
+    // queue, and proves it works.
+    let nacked_and_back = async |path: &str| {
+        let id = q
+            .enqueue(Job::new(http::Method::POST, path.parse().unwrap()))
+            .await
+            .unwrap();
+        let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(*leased[0].lease.id(), id);
+        q.nack(&leased[0].lease, Duration::from_millis(100))
+            .await
+            .unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(l) = q.lease(1, Duration::from_secs(30)).await.unwrap().first() {
+                assert_eq!(*l.lease.id(), id);
+                q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the job nacked to {path} never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    nacked_and_back("/a").await;
 
     let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    // A's copy comes back first (it was parked before the deletion).
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    let first = loop {
-        let l = q.lease(1, Duration::from_secs(30)).await.unwrap();
-        if !l.is_empty() {
-            break l;
-        }
-        assert!(tokio::time::Instant::now() < until, "A did not come back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    q.ack(&first[0].lease, DeliveredResponse::default())
+    let retry = format!("fb.{name}.retry.100");
+    ch.queue_delete(retry.as_str().into(), Default::default())
         .await
         .unwrap();
-    ch.queue_delete(
-        format!("fb.{name}.retry.100").as_str().into(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    nacked_and_back("/b").await;
 
-    let b = q
-        .enqueue(Job::new(http::Method::POST, "/b".parse().unwrap()))
-        .await
-        .unwrap();
-    let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(*leased[0].lease.id(), b);
-    q.nack(&leased[0].lease, Duration::from_millis(100))
-        .await
-        .unwrap();
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let l = q.lease(1, Duration::from_secs(30)).await.unwrap();
-        if let Some(l) = l.first() {
-            assert_eq!(*l.lease.id(), b);
-            q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the job nacked after its retry queue was gone never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let _ = ch
-        .queue_delete(
-            format!("fb.{name}.retry.100").as_str().into(),
-            Default::default(),
-        )
+        .queue_delete(retry.as_str().into(), Default::default())
         .await;
     cleanup(&name).await;
 }

@@ -301,6 +301,38 @@ async fn a_submit_refused_as_full_leaves_no_record() {
     cleanup(&name).await;
 }
 
+/// A job leased for `lease_for` through a proxy that drops `+TERM`, then
+/// dead-lettered there (the record says dead, but the call fails and the
+/// old message comes back when its lease runs out), then redriven: a new
+/// message for the same job. Returns the proxy (keep it), a handle that
+/// bypasses it, and the job.
+async fn redriven_after_a_lost_term(
+    name: &str,
+    lease_for: Duration,
+) -> (AckEater, NatsQueue, tower_firebreak::queue::JobId) {
+    use tower_firebreak::queue::{Job, Queue};
+    let proxy = AckEater::start(4222, None, Some("+TERM".to_owned())).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        name,
+        Duration::from_millis(500),
+    )
+    .await;
+    let direct = connect(SHARED, name, Duration::from_secs(5)).await;
+    let id = direct
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = via.lease(1, lease_for).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert!(via.dead_letter(&leased[0].lease, "test").await.is_err());
+    assert!(
+        direct.redrive(&id).await.unwrap(),
+        "the dead job was not redriven"
+    );
+    (proxy, direct, id)
+}
+
 /// A TCP proxy in front of a NATS server that drops every message whose
 /// payload holds a needle: `from_server` (a publish answer naming one
 /// stream, say) or `from_client` (an ack such as `+TERM`), and passes
@@ -404,29 +436,9 @@ fn nats_frame(buf: &[u8]) -> Option<(usize, bool)> {
 /// twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_that_overtakes_a_lost_term_runs_the_job_once() {
-    use tower_firebreak::queue::{Job, Queue};
+    use tower_firebreak::queue::Queue;
     let name = unique("redrive");
-    let proxy = AckEater::start(4222, None, Some("+TERM".to_owned())).await;
-    let via = connect(
-        &format!("nats://127.0.0.1:{}", proxy.port),
-        &name,
-        Duration::from_millis(500),
-    )
-    .await;
-    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
-    let id = direct
-        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
-        .await
-        .unwrap();
-    let leased = via.lease(1, Duration::from_millis(300)).await.unwrap();
-    assert_eq!(leased.len(), 1);
-    // Buried, but its `+TERM` is lost: the call fails after the record
-    // says dead, and the old message comes back when its lease runs out.
-    assert!(via.dead_letter(&leased[0].lease, "test").await.is_err());
-    assert!(
-        direct.redrive(&id).await.unwrap(),
-        "the dead job was not redriven"
-    );
+    let (_proxy, direct, id) = redriven_after_a_lost_term(&name, Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut leases = Vec::new();
@@ -456,24 +468,9 @@ async fn a_redrive_that_overtakes_a_lost_term_runs_the_job_once() {
 /// old message finds none. It is dropped, not run a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_message_back_after_its_redrive_was_delivered_is_dropped() {
-    use tower_firebreak::queue::{DeliveredResponse, Job, JobStatus, Queue};
+    use tower_firebreak::queue::{DeliveredResponse, JobStatus, Queue};
     let name = unique("redrive2");
-    let proxy = AckEater::start(4222, None, Some("+TERM".to_owned())).await;
-    let via = connect(
-        &format!("nats://127.0.0.1:{}", proxy.port),
-        &name,
-        Duration::from_millis(500),
-    )
-    .await;
-    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
-    let id = direct
-        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
-        .await
-        .unwrap();
-    let leased = via.lease(1, Duration::from_secs(2)).await.unwrap();
-    assert_eq!(leased.len(), 1);
-    assert!(via.dead_letter(&leased[0].lease, "test").await.is_err());
-    assert!(direct.redrive(&id).await.unwrap());
+    let (_proxy, direct, id) = redriven_after_a_lost_term(&name, Duration::from_secs(2)).await;
     // The redriven message is leased and delivered while the old one waits
     // out its 2 s lease.
     let redriven = direct.lease(10, Duration::from_secs(30)).await.unwrap();
