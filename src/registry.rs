@@ -126,7 +126,9 @@ use crate::bulkhead::{BulkheadHandle, Slots};
 use crate::circuit_breaker::CircuitBreakerHandle;
 use crate::circuit_breaker::breaker::Breaker;
 use crate::observe::QueueMetrics;
-use crate::queue::{DeadLetter, JobId, Queue, QueueError};
+#[cfg(feature = "axum")]
+use crate::queue::DeadLetter;
+use crate::queue::{JobId, Queue, QueueError};
 use crate::rate_limit::RateLimitLayer;
 use governor::Quota;
 use serde::Serialize;
@@ -143,6 +145,8 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) trait DynQueue: Send + Sync {
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     fn oldest_age(&self) -> BoxFuture<'_, Result<Option<Duration>, QueueError>>;
+    /// The admin router's listing (the snapshot only counts them).
+    #[cfg(feature = "axum")]
     fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, QueueError>>;
     fn dead_letter_count(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     fn redrive<'a>(&'a self, id: &'a JobId) -> BoxFuture<'a, Result<bool, QueueError>>;
@@ -178,6 +182,7 @@ impl<Q: Queue> DynQueue for QueueEntry<Arc<Q>> {
         Box::pin(self.queue.oldest_age())
     }
 
+    #[cfg(feature = "axum")]
     fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, QueueError>> {
         Box::pin(self.queue.dead_letters(limit))
     }

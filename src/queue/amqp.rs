@@ -89,10 +89,14 @@
 //! a backoff that doubles up to [`max_backoff`](AmqpQueueBuilder::max_backoff);
 //! until then operations fail at once with [`QueueError::Unavailable`].
 //! Every operation is bounded by [`op_timeout`](AmqpQueueBuilder::op_timeout).
-//! A submit that fails never leaves a job behind it reported as stored,
-//! with one exception no network client can rule out: a timeout that
-//! fires after the status store took the claim reports `Unavailable` for a
-//! job that is stored; a retry with the same idempotency key then gets
+//! A submit that fails never leaves a job behind it reported as stored.
+//! A claim that ran but whose answer was lost or came after the submit
+//! gave up (or a submit dropped after its publish) is undone
+//! ([`StatusStore::void_claim`], from a spawned task when the submit was
+//! dropped): the job is voided and its key given back, unless a lease took
+//! it first or a retry with its key was told it exists. Only then, and when
+//! the undo cannot reach the store, is a failed submit ambiguous: the job
+//! is stored, and a retry with the same idempotency key gets
 //! [`Enqueued::Existing`].
 //!
 //! A broker or store that stalls instead of dying (paused, swapping) runs
@@ -269,6 +273,21 @@ pub trait StatusStore: Send + Sync + 'static {
         self.claim(id, ticket, job, envelope, capacity)
     }
 
+    /// Undoes the claim of a submit that failed after its copy was
+    /// published (the claim's answer lost or late, the submit cancelled):
+    /// `Ok(true)` when the job can no longer be delivered (not claimed, or
+    /// still queued under `ticket` and named to no caller: then voided and
+    /// its key given back), `Ok(false)` when it may be (leased already, or
+    /// found by a retry with its key). Default: `Ok(false)`, nothing undone.
+    fn void_claim(
+        &self,
+        id: &JobId,
+        ticket: &str,
+    ) -> impl Future<Output = Result<bool, QueueError>> + Send {
+        let _ = (id, ticket);
+        async { Ok(false) }
+    }
+
     /// A copy carrying `ticket` arrived: leases the job under `new_ticket`
     /// (already parked as the lease's timer), dead-letters it, or says the
     /// copy is stale.
@@ -398,6 +417,9 @@ if key ~= '' then
     local st = redis.call('HGET', k('r:' .. cid), 'state')
     if st and st ~= 'void' then
       void()
+      -- Named to a caller now: the undo of its own submit, if that failed,
+      -- must leave it be.
+      redis.call('HSET', k('r:' .. cid), 'pinned', 1)
       if string.sub(cur, 38) == fp then return answer('existing', cid) end
       return answer('conflict', cid)
     end
@@ -409,6 +431,32 @@ redis.call('HSET', k('r:' .. id), 'state', 'queued', 'ticket', ticket, 'attempts
 redis.call('ZADD', k('q'), enq, id)
 if key ~= '' then redis.call('HSET', k('i'), key, id .. ' ' .. fp) end
 return answer('created', id)
+"#;
+
+/// ARGV: prefix, id, ticket. Undoes a claim whose submit failed (see
+/// `StatusStore::void_claim`): only while the job is still queued under
+/// that ticket and no caller was told it exists. Returns 1 when the job can
+/// no longer be delivered.
+const VOID: &str = r#"
+local id, ticket = ARGV[2], ARGV[3]
+local r = k('r:' .. id)
+local f = redis.call('HMGET', r, 'state', 'ticket', 'key', 'pinned')
+if not f[1] or f[1] == 'void' then
+  -- Not claimed (or refused): a tombstone, so the copy is dropped.
+  redis.call('HSET', r, 'state', 'void')
+  redis.call('PEXPIRE', r, 600000)
+  return 1
+end
+if f[1] ~= 'queued' or f[2] ~= ticket or f[4] then return 0 end
+redis.call('ZREM', k('q'), id)
+if f[3] and f[3] ~= '' then
+  local cur = redis.call('HGET', k('i'), f[3])
+  if cur and string.sub(cur, 1, 36) == id then redis.call('HDEL', k('i'), f[3]) end
+end
+redis.call('DEL', r)
+redis.call('HSET', r, 'state', 'void')
+redis.call('PEXPIRE', r, 600000)
+return 1
 "#;
 
 /// ARGV: prefix, id, ticket, new_ticket, now, max_attempts.
@@ -513,6 +561,7 @@ return n
 struct Scripts {
     purge: Script,
     claim: Script,
+    void: Script,
     take: Script,
     ack: Script,
     nack: Script,
@@ -525,6 +574,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     Scripts {
         purge: s(PURGE),
         claim: s(CLAIM),
+        void: s(VOID),
         take: s(TAKE),
         ack: s(ACK),
         nack: s(NACK),
@@ -729,6 +779,13 @@ impl StatusStore for RedisStatusStore {
             )),
             _ => Err(self.corrupt(format!("unexpected claim answer {what:?}"))),
         }
+    }
+
+    async fn void_claim(&self, id: &JobId, ticket: &str) -> Result<bool, QueueError> {
+        let r: i64 = self
+            .invoke(&SCRIPTS.void, vec![arg(id), arg(ticket)])
+            .await?;
+        Ok(r == 1)
     }
 
     async fn take(
@@ -1282,6 +1339,33 @@ fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// Undoes a submit whose copy is published but whose claim did not answer:
+/// a submit that gets an error undoes itself; one dropped (its
+/// `op_timeout` passed while Redis was slow or its answer was lost) leaves
+/// the undo to a task spawned here. The undo voids the job unless a lease
+/// took it or a retry with its key was told it exists
+/// ([`StatusStore::void_claim`]), so a 503 is not followed by a delivery.
+struct Undo<S: StatusStore> {
+    /// `None` once the submit has its answer.
+    queue: Option<AmqpQueue<S>>,
+    id: JobId,
+    ticket: String,
+}
+
+impl<S: StatusStore> Drop for Undo<S> {
+    fn drop(&mut self) {
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
+        let (id, ticket) = (self.id, std::mem::take(&mut self.ticket));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = queue.inner.store.void_claim(&id, &ticket).await;
+            });
+        }
+    }
+}
+
 /// A header a copy may carry besides its id and ticket.
 #[derive(Clone, Copy)]
 enum Extra<'a> {
@@ -1774,7 +1858,14 @@ impl<S: StatusStore> AmqpQueue<S> {
                 "RabbitMQ returned the copy of job {id}: the queue {queue} is missing"
             )));
         }
-        match self
+        // From here a submit that fails, or is dropped (its `op_timeout`
+        // passed), is undone: see `Undo`.
+        let mut undo = Undo {
+            queue: Some(self.clone()),
+            id,
+            ticket: ticket.clone(),
+        };
+        let claimed = self
             .inner
             .store
             .claim_before(
@@ -1785,8 +1876,19 @@ impl<S: StatusStore> AmqpQueue<S> {
                 self.inner.policy.capacity,
                 give_up,
             )
-            .await?
-        {
+            .await;
+        undo.queue = None;
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                // The claim may have run with its answer lost: best
+                // effort, as a claim that did not run is refused by its
+                // own deadline.
+                let _ = self.inner.store.void_claim(&id, &ticket).await;
+                return Err(e);
+            }
+        };
+        match claimed {
             Claim::Created => Ok(Enqueued::Created(id)),
             Claim::Existing(e) => Ok(Enqueued::Existing(e)),
             Claim::Conflict(existing) => Err(QueueError::Conflict {

@@ -418,11 +418,13 @@ async fn a_nack_after_its_retry_queue_is_gone_still_comes_back() {
     cleanup(&name).await;
 }
 
-/// A status store whose claims land late: each waits `delay` first (a slow
-/// or briefly stalled Redis), the rest passes straight through.
+/// A status store whose claims land late (each waits `delay` first: a slow
+/// or briefly stalled Redis) or whose claims' answers are lost (the claim
+/// runs, then the caller gets an error); the rest passes straight through.
 struct SlowClaims {
     inner: RedisStatusStore,
     delay: Duration,
+    lose_answers: bool,
 }
 
 impl tower_firebreak::queue::amqp::StatusStore for SlowClaims {
@@ -447,9 +449,23 @@ impl tower_firebreak::queue::amqp::StatusStore for SlowClaims {
         give_up: tokio::time::Instant,
     ) -> Result<tower_firebreak::queue::amqp::Claim, tower_firebreak::queue::QueueError> {
         tokio::time::sleep(self.delay).await;
-        self.inner
+        let claimed = self
+            .inner
             .claim_before(id, ticket, job, envelope, capacity, give_up)
-            .await
+            .await;
+        if self.lose_answers {
+            return Err(tower_firebreak::queue::QueueError::unavailable(
+                "the claim's answer was lost",
+            ));
+        }
+        claimed
+    }
+    fn void_claim(
+        &self,
+        id: &JobId,
+        ticket: &str,
+    ) -> impl Future<Output = Result<bool, tower_firebreak::queue::QueueError>> + Send {
+        self.inner.void_claim(id, ticket)
     }
     fn take(
         &self,
@@ -573,6 +589,7 @@ async fn a_claim_that_lands_late_still_finds_its_copy() {
             SlowClaims {
                 inner: store,
                 delay: Duration::from_millis(1500),
+                lose_answers: false,
             },
         )
         .await
@@ -600,6 +617,52 @@ async fn a_claim_that_lands_late_still_finds_its_copy() {
     assert_eq!(*got[0].lease.id(), id);
     replayer
         .ack(&got[0].lease, DeliveredResponse::default())
+        .await
+        .unwrap();
+    cleanup(&name).await;
+}
+
+/// A claim that ran but whose answer was lost: the submit fails (503), and
+/// is undone, so the job it stored is never delivered and its key is free
+/// again: a retry with the key makes one new job, delivered once. Before,
+/// the job was delivered after its 503, and the retry got `Existing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_is_lost_is_undone() {
+    use tower_firebreak::queue::Enqueued;
+    let name = unique("lostclaim");
+    let store = RedisStatusStore::connect_with_timeout(REDIS, &name, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let lossy = AmqpQueue::builder()
+        .name(&name)
+        .op_timeout(Duration::from_secs(2))
+        .connect(
+            AMQP,
+            SlowClaims {
+                inner: store,
+                delay: Duration::ZERO,
+                lose_answers: true,
+            },
+        )
+        .await
+        .unwrap();
+    let q = connect(AMQP, &name, Duration::from_secs(5)).await;
+    let job =
+        || Job::new(http::Method::POST, "/lost".parse().unwrap()).with_idempotency_key("k-lost");
+    assert!(lossy.submit(job()).await.is_err());
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let got = q.lease(10, Duration::from_secs(30)).await.unwrap();
+        assert!(got.is_empty(), "a job whose submit failed was leased");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = q.submit(job()).await.unwrap();
+    assert!(matches!(again, Enqueued::Created(_)), "{again:?}");
+    let got = q.lease(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(*got[0].lease.id(), again.id());
+    q.ack(&got[0].lease, DeliveredResponse::default())
         .await
         .unwrap();
     cleanup(&name).await;
