@@ -491,6 +491,24 @@ redis.call('HSET', r, 'state', 'delivered', 'ticket', '', 'status', ARGV[6], 'he
 redis.call('HDEL', r, 'job')
 redis.call('PEXPIRE', r, math.max(ret, 1))
 redis.call('ZREM', k('q'), id)
+-- The key is released with the record, after retention: `ik` remembers
+-- when, and each ack forgets a few keys whose record has gone (the index
+-- grew by one entry per key ever used).
+local key = redis.call('HGET', r, 'key')
+if key and key ~= '' then redis.call('ZADD', k('ik'), now + math.max(ret, 1), key) end
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', k('ik'), '-inf', now, 'LIMIT', 0, 16)) do
+  redis.call('ZREM', k('ik'), old)
+  local cur = redis.call('HGET', k('i'), old)
+  if cur then
+    if redis.call('EXISTS', k('r:' .. string.sub(cur, 1, 36))) == 0 then
+      redis.call('HDEL', k('i'), old)
+    else
+      -- Still held (claimed again, or the record's clock is behind ours):
+      -- look again in a minute.
+      redis.call('ZADD', k('ik'), now + 60000, old)
+    end
+  end
+end
 return 1
 "#;
 
@@ -586,7 +604,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
 /// A [`StatusStore`] in Redis: a hash per job (`fba:{name}:r:<id>`, expiring
 /// after retention once delivered), and per queue a sorted set of
 /// unfinished jobs, a sorted set of dead ones and a hash of idempotency
-/// keys. Each change is one Lua script.
+/// keys (a delivered job's key is forgotten after retention, with its
+/// record; a dead one's when it is purged). Each change is one Lua script.
 #[derive(Clone)]
 pub struct RedisStatusStore {
     conn: ConnectionManager,

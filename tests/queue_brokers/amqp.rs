@@ -667,3 +667,37 @@ async fn a_claim_whose_answer_is_lost_is_undone() {
         .unwrap();
     cleanup(&name).await;
 }
+
+/// A delivered job's idempotency key is forgotten once its record has
+/// expired (after retention): the key index held one entry per key ever
+/// used, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_index_forgets_keys_after_retention() {
+    let name = unique("keyidx");
+    let q = connect_with(AMQP, &name, |b| b.retention(Duration::from_millis(100))).await;
+    let deliver = async |key: &str| {
+        q.enqueue(Job::new(http::Method::POST, "/k".parse().unwrap()).with_idempotency_key(key))
+            .await
+            .unwrap();
+        let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+        q.ack(&leased[0].lease, DeliveredResponse::default())
+            .await
+            .unwrap();
+    };
+    let index = || -> Vec<String> {
+        let mut c = redis::Client::open(REDIS)
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("HKEYS")
+            .arg(format!("fba:{{{name}}}:i"))
+            .query(&mut c)
+            .unwrap()
+    };
+    deliver("k-1").await;
+    assert_eq!(index(), ["k-1"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    deliver("k-2").await;
+    assert_eq!(index(), ["k-2"], "the expired job's key is still indexed");
+    cleanup(&name).await;
+}
