@@ -568,6 +568,31 @@ impl tower_firebreak::queue::amqp::StatusStore for SlowClaims {
     }
 }
 
+/// A handle whose status store is [`SlowClaims`].
+async fn meddled(
+    name: &str,
+    op_timeout: Duration,
+    delay: Duration,
+    lose_answers: bool,
+) -> AmqpQueue<SlowClaims> {
+    let store = RedisStatusStore::connect_with_timeout(REDIS, name, Duration::from_secs(5))
+        .await
+        .unwrap();
+    AmqpQueue::builder()
+        .name(name)
+        .op_timeout(op_timeout)
+        .connect(
+            AMQP,
+            SlowClaims {
+                inner: store,
+                delay,
+                lose_answers,
+            },
+        )
+        .await
+        .unwrap()
+}
+
 /// A replayer can find a submit's copy before its claim has landed (the
 /// copy goes first); it puts the copy back and looks again. It must go on
 /// looking for as long as the claim may land (the submitter's
@@ -578,22 +603,13 @@ impl tower_firebreak::queue::amqp::StatusStore for SlowClaims {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_lands_late_still_finds_its_copy() {
     let name = unique("lateclaim");
-    let store = RedisStatusStore::connect_with_timeout(REDIS, &name, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let slow = AmqpQueue::builder()
-        .name(&name)
-        .op_timeout(Duration::from_secs(3))
-        .connect(
-            AMQP,
-            SlowClaims {
-                inner: store,
-                delay: Duration::from_millis(1500),
-                lose_answers: false,
-            },
-        )
-        .await
-        .unwrap();
+    let slow = meddled(
+        &name,
+        Duration::from_secs(3),
+        Duration::from_millis(1500),
+        false,
+    )
+    .await;
     let replayer = connect(AMQP, &name, Duration::from_secs(5)).await;
     let looking = tokio::spawn(async move {
         let until = tokio::time::Instant::now() + Duration::from_secs(6);
@@ -630,22 +646,7 @@ async fn a_claim_that_lands_late_still_finds_its_copy() {
 async fn a_claim_whose_answer_is_lost_is_undone() {
     use tower_firebreak::queue::Enqueued;
     let name = unique("lostclaim");
-    let store = RedisStatusStore::connect_with_timeout(REDIS, &name, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let lossy = AmqpQueue::builder()
-        .name(&name)
-        .op_timeout(Duration::from_secs(2))
-        .connect(
-            AMQP,
-            SlowClaims {
-                inner: store,
-                delay: Duration::ZERO,
-                lose_answers: true,
-            },
-        )
-        .await
-        .unwrap();
+    let lossy = meddled(&name, Duration::from_secs(2), Duration::ZERO, true).await;
     let q = connect(AMQP, &name, Duration::from_secs(5)).await;
     let job =
         || Job::new(http::Method::POST, "/lost".parse().unwrap()).with_idempotency_key("k-lost");
