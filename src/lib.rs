@@ -93,6 +93,15 @@ pub(crate) fn later(now: tokio::time::Instant, d: std::time::Duration) -> tokio:
         .unwrap_or_else(|| now + std::time::Duration::from_secs(365 * 24 * 3600))
 }
 
+/// The earlier of two optional instants (or durations): a deadline from
+/// one source or the other, whichever ends first.
+pub(crate) fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 pub use crate::error::{BoxError, ConfigError};
 
 // The README's example compiles as a doctest, so it cannot drift from the API.

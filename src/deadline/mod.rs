@@ -236,10 +236,7 @@ pub fn from_headers(headers: &HeaderMap) -> Option<Duration> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis);
-    match (grpc, http) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    crate::earliest(grpc, http)
 }
 
 /// Parses a `grpc-timeout` value: at most 8 ASCII digits and a unit

@@ -33,9 +33,9 @@ use tower::{Layer, Service};
 /// fires before ours the call fails with tonic's `TimeoutExpired`. Once the
 /// deadline has passed, such an error is the caller's deadline, so (with
 /// the `tonic` feature, which lets it recognise tonic's error) this service
-/// returns [`DeadlineExceeded`] instead, with tonic's error as its source: a circuit breaker does not
-/// count it as the dependency's failure, and the caller sees one error for
-/// one cause. Every other error is the inner service's, boxed.
+/// returns [`DeadlineExceeded`] instead, with tonic's error as its source:
+/// a circuit breaker does not count it as the dependency's failure, and the
+/// caller sees one error for one cause. Every other error is the inner service's, boxed.
 #[derive(Clone, Debug)]
 pub struct PropagateDeadline<S> {
     inner: S,
@@ -95,17 +95,13 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let at = match (req.extensions().get::<CallDeadline>(), current()) {
-            (Some(e), Some(c)) => Some(e.at().min(c)),
-            (Some(e), None) => Some(e.at()),
-            (None, c) => c,
-        };
+        let at = crate::earliest(
+            req.extensions().get::<CallDeadline>().map(CallDeadline::at),
+            current(),
+        );
         let now = (at.is_some() || self.attempt.is_some()).then(Instant::now);
         let attempt_ends = self.attempt.zip(now).map(|(t, now)| crate::later(now, t));
-        let until = match (at, attempt_ends) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let until = crate::earliest(at, attempt_ends);
         if let (Some(until), Some(now)) = (until, now) {
             let mut left = until.saturating_duration_since(now);
             if let Some(given) = from_headers(req.headers()) {

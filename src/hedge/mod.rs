@@ -258,10 +258,8 @@ where
         let hedge = delay
             .filter(|_| self.classify.hedgeable(&req))
             .and_then(|delay| {
-                let deadline = match (crate::deadline::current(), self.classify.deadline(&req)) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let deadline =
+                    crate::earliest(crate::deadline::current(), self.classify.deadline(&req));
                 Some(Hedging {
                     req: self.classify.clone_request(&req)?,
                     svc: self.inner.clone(),

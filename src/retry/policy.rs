@@ -266,10 +266,7 @@ impl<C> RetryPolicy<C> {
             None => backoff,
         };
         let now = Instant::now();
-        let deadline = match (deadline::current(), req_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = crate::earliest(deadline::current(), req_deadline);
         // Waking at or after the deadline would leave no time for the attempt:
         // give the caller the last real error now instead of a timeout later.
         // tokio's timer fires on whole milliseconds, rounding up, so the
