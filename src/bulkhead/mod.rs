@@ -227,11 +227,7 @@ impl Pool {
         key: Option<&str>,
     ) -> Self {
         let obs = crate::observe::BulkheadMetrics::new(name.as_deref(), key);
-        let mut pool = Pool::with_metrics(max_concurrent, max_wait, name, obs);
-        Arc::get_mut(&mut pool.slots)
-            .expect("a new pool's slots are not shared yet")
-            .own_series = key.is_some();
-        pool
+        Pool::build(max_concurrent, max_wait, name, obs, key.is_some())
     }
 
     /// A pool recording into `obs` (a keyed layer's pools share the
@@ -242,6 +238,16 @@ impl Pool {
         name: Option<Arc<str>>,
         obs: crate::observe::BulkheadMetrics,
     ) -> Self {
+        Pool::build(max_concurrent, max_wait, name, obs, false)
+    }
+
+    fn build(
+        max_concurrent: usize,
+        max_wait: Duration,
+        name: Option<Arc<str>>,
+        obs: crate::observe::BulkheadMetrics,
+        own_series: bool,
+    ) -> Self {
         Pool {
             slots: Arc::new(Slots {
                 in_flight: AtomicUsize::new(0),
@@ -250,7 +256,7 @@ impl Pool {
                 max: max_concurrent,
                 obs,
                 name,
-                own_series: false,
+                own_series,
             }),
             max_wait,
         }

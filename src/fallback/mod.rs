@@ -242,6 +242,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let saved = self.recover.save(&req);
         if let Some(err) = self.ready_err.take() {
             tracing::debug!(
                 target: "tower_firebreak",
@@ -249,10 +250,8 @@ where
                 error = %err,
                 "answering with the fallback (the service was not ready)"
             );
-            let saved = self.recover.save(&req);
             return future::ResponseFuture::recovering(self.recover.recover(saved, err));
         }
-        let saved = self.recover.save(&req);
         future::ResponseFuture::new(
             self.inner.call(req),
             saved,
