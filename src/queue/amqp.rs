@@ -1400,12 +1400,13 @@ enum Extra<'a> {
     Window(u64),
 }
 
-/// How many times, and how far apart, a copy that arrives before its
-/// job's record is put back before it is dropped.
 /// How often a link declares a retry queue again while it uses it (see
 /// `retry_queue`): well within the 60 s its `x-expires` adds to the delay.
 const REDECLARE_RETRY_QUEUE: Duration = Duration::from_secs(30);
 
+/// How many times, and how far apart, a copy that arrives before its
+/// job's record is put back before it is dropped (at least: see
+/// `orphan_retries`).
 const ORPHAN_RETRIES: u32 = 5;
 const ORPHAN_DELAY_MS: u64 = 200;
 
@@ -1716,6 +1717,7 @@ impl<S: StatusStore> AmqpQueue<S> {
 
     /// Publishes a persistent copy of a job, waiting for the broker's
     /// confirm: to the main queue, or parked in the retry queue of `delay`.
+    #[allow(clippy::too_many_arguments)]
     async fn publish(
         &self,
         channel: &Channel,
@@ -1723,16 +1725,17 @@ impl<S: StatusStore> AmqpQueue<S> {
         ticket: &str,
         envelope: &[u8],
         delay: Duration,
+        extra: Option<Extra<'_>>,
     ) -> Result<(), QueueError> {
         let delay_ms = duration_ms(delay);
         if delay_ms > 0 {
             return self
-                .park(channel, delay_ms, id, ticket, envelope, None)
+                .park(channel, delay_ms, id, ticket, envelope, extra)
                 .await;
         }
         let queue = self.inner.queue.clone();
         if self
-            .publish_to(channel, "", &queue, id, ticket, envelope, None, true)
+            .publish_to(channel, "", &queue, id, ticket, envelope, extra, true)
             .await?
         {
             Ok(())
@@ -1765,23 +1768,19 @@ impl<S: StatusStore> AmqpQueue<S> {
             Some(Extra::Reason(reason)) => {
                 headers.insert("fb-reason".into(), AMQPValue::LongString(reason.into()));
             }
-            Some(Extra::Orphan(n, window)) => {
+            Some(Extra::Orphan(n, _)) => {
                 headers.insert(
                     "fb-orphan".into(),
                     AMQPValue::LongString(n.to_string().into()),
                 );
-                headers.insert(
-                    "fb-window".into(),
-                    AMQPValue::LongString(window.to_string().into()),
-                );
             }
-            Some(Extra::Window(window)) => {
-                headers.insert(
-                    "fb-window".into(),
-                    AMQPValue::LongString(window.to_string().into()),
-                );
-            }
-            None => {}
+            Some(Extra::Window(_)) | None => {}
+        }
+        if let Some(Extra::Orphan(_, window) | Extra::Window(window)) = extra {
+            headers.insert(
+                "fb-window".into(),
+                AMQPValue::LongString(window.to_string().into()),
+            );
         }
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -1858,25 +1857,16 @@ impl<S: StatusStore> AmqpQueue<S> {
         let envelope = self.inner.format.encode(&job);
         // The copy first: if the claim then fails, the copy is stale. It
         // carries how long the claim may still land.
-        let queue = self.inner.queue.clone();
         let window = Extra::Window(duration_ms(self.inner.op_timeout));
-        if !self
-            .publish_to(
-                &channel,
-                "",
-                &queue,
-                &id,
-                &ticket,
-                &envelope,
-                Some(window),
-                true,
-            )
-            .await?
-        {
-            return Err(QueueError::unavailable(format!(
-                "RabbitMQ returned the copy of job {id}: the queue {queue} is missing"
-            )));
-        }
+        self.publish(
+            &channel,
+            &id,
+            &ticket,
+            &envelope,
+            Duration::ZERO,
+            Some(window),
+        )
+        .await?;
         // From here a submit that fails, or is dropped (its `op_timeout`
         // passed), is undone: see `Undo`.
         let mut undo = Undo {
@@ -2020,7 +2010,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         };
         let next = new_ticket();
         // The lease's timer goes out before the record points at it.
-        self.publish(channel, &id, &next, &d.data, visibility)
+        self.publish(channel, &id, &next, &d.data, visibility, None)
             .await?;
         let taken = self
             .inner
@@ -2083,7 +2073,8 @@ impl<S: StatusStore> AmqpQueue<S> {
         let id = lease.id();
         let envelope = self.envelope(id).await?;
         let next = new_ticket();
-        self.publish(&channel, id, &next, &envelope, delay).await?;
+        self.publish(&channel, id, &next, &envelope, delay, None)
+            .await?;
         match self
             .inner
             .store
@@ -2217,7 +2208,7 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
             };
             let next = new_ticket();
             // The copy first; if the job turns out not to be dead, it is stale.
-            self.publish(&channel, id, &next, &envelope, Duration::ZERO)
+            self.publish(&channel, id, &next, &envelope, Duration::ZERO, None)
                 .await?;
             Ok(self
                 .inner

@@ -811,10 +811,9 @@ impl NatsQueue {
             Err(e) => {
                 undo.queue = None;
                 // Best effort: what is not undone is a delay, not a loss
-                // (see `Undo`).
-                // A refusal for a full stream stored nothing for sure: the
-                // record goes (a void one would stay, with no message to
-                // take it away).
+                // (see `Undo`). A refusal for a full stream stored nothing
+                // for sure, so the record goes (a void one would stay, with
+                // no message to take it away).
                 let rev = if matches!(e, QueueError::Full { .. }) {
                     None
                 } else {
