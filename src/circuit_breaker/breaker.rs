@@ -295,6 +295,16 @@ impl Breaker {
                 }
                 K_HALF_OPEN => {
                     if reserved_of(word) < self.settings.half_open_calls {
+                        if reserved_of(word) == 0 && self.settings.max_wait_in_half_open.is_some() {
+                            // The wait for stalled probes runs from the
+                            // first probe, not from the turn to HalfOpen,
+                            // which reading the state may make long before
+                            // any call comes. Stored before the slot is
+                            // taken, so that no caller who finds every slot
+                            // taken sees an older start.
+                            self.half_open_since
+                                .store(self.nanos(Instant::now()), Release);
+                        }
                         match self.state.compare_exchange_weak(
                             word,
                             word + RESERVED_ONE,

@@ -253,6 +253,13 @@ impl CircuitBreakerConfig {
                 "must be at least 1",
             ));
         }
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "idle_timeout",
+                self.idle_timeout,
+                "must be more than zero",
+            ));
+        }
         Ok(Settings {
             window,
             minimum_calls,

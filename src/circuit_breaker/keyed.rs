@@ -20,9 +20,10 @@ use tower::{Layer, Service};
 /// `std::sync::Mutex<HashMap>` held only to look the key up (never across an
 /// await): this is the flexible path, not the lock-free one.
 ///
-/// At most `max_keys` breakers live at once. When a new key arrives, closed
-/// breakers unused for `idle_timeout` are dropped (checked when the table is
-/// full, and otherwise at most once per `idle_timeout`); if the table is still
+/// At most `max_keys` breakers live at once. When a new key arrives,
+/// breakers unused for `idle_timeout` are dropped unless they are open with
+/// time left, forced open or disabled (checked when the table is full, and
+/// otherwise at most once per `idle_timeout`); if the table is still
 /// full, the least recently used closed breaker goes, and only if every
 /// breaker is open (or forced open, half-open, disabled) the least
 /// recently used of those. Memory stays bounded under any number of keys.
@@ -133,9 +134,12 @@ where
         let idle = self.idle_timeout;
         if table.map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
             table.swept = now;
+            // An idle breaker goes unless it is open with time left, or was
+            // set by hand (forced open, disabled): one left half-open by a
+            // key that stopped calling must not hold its place for good.
             table.map.retain(|_, e| {
-                !(e.lane.breaker.state() == State::Closed
-                    && now.saturating_duration_since(e.last_used) >= idle)
+                now.saturating_duration_since(e.last_used) < idle
+                    || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
             });
         }
         let map = &mut table.map;

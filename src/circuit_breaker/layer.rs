@@ -162,7 +162,7 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// Goes back to Open when the probes have not all finished within `d`
-    /// of turning half-open. Default: wait for them.
+    /// of the first probe's start. Default: wait for them.
     pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
         self.config.max_wait_in_half_open = Some(d);
         self

@@ -103,8 +103,8 @@
 //! same thresholds: below both, it closes (with an empty window); otherwise
 //! it reopens. A probe whose future is dropped before it finishes gives its
 //! slot back. With [`max_wait_in_half_open`](CircuitBreakerBuilder::max_wait_in_half_open),
-//! the first call that finds every slot taken after that long reopens the
-//! breaker. A call that finishes after the state it was admitted in has
+//! the first call that finds every slot taken that long after the first
+//! probe began reopens the breaker. A call that finishes after the state it was admitted in has
 //! ended is not counted.
 //!
 //! With [`max_open_for`](CircuitBreakerBuilder::max_open_for), repeated opens

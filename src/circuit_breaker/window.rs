@@ -207,13 +207,17 @@ impl CountWindow {
 
     /// The slot for the next outcome.
     ///
-    /// Each service (a *lane*; clones share one) reserves `BATCH` positions
-    /// of the ring at a time from the shared cursor and hands them out in
+    /// Each service (a *lane*; clones share one) reserves positions of the
+    /// ring from the shared cursor a batch at a time and hands them out in
     /// order, so that services on different cores do not write the shared
-    /// cursor's cache line on every call. One lane alone fills the ring in
-    /// exactly the order a single shared cursor would; with several lanes
-    /// writing at once the ring holds the last N calls give or take one
-    /// batch per lane.
+    /// cursor's cache line on every call. A lane's first batch is one
+    /// position, and each next one twice the last, up to `BATCH`: a service
+    /// that lives for a few calls (a stack layered per connection) leaves
+    /// at most as many positions unwritten as it wrote, instead of a whole
+    /// batch each, which would keep a window from ever filling. One lane
+    /// alone fills the ring in exactly the order a single shared cursor
+    /// would; with several lanes writing at once the ring holds the last N
+    /// calls give or take one batch per lane.
     ///
     /// The lane word is advanced with a plain load and store, not a
     /// read-modify-write: a lane is normally driven from one core at a time.
@@ -225,7 +229,7 @@ impl CountWindow {
     fn next_index(&self, generation: u16, lane: &AtomicU64) -> usize {
         let n = self.slots.len() as u64;
         let advance = |pos: u64| if pos + 1 == n { 0 } else { pos + 1 };
-        // Lane word: gen:16 | pos:16 | left:16.
+        // Lane word: gen:16 | pos:16 | left:16 | last batch:16.
         let w = lane.load(Relaxed);
         let left = (w >> 16) & 0xFFFF;
         if (w >> 48) as u16 == generation && left > 0 {
@@ -234,8 +238,15 @@ impl CountWindow {
             lane.store(next, Relaxed);
             return pos as usize;
         }
-        let start = self.cursor.fetch_add(BATCH, Relaxed) % n;
-        let next = (u64::from(generation) << 48) | (advance(start) << 32) | ((BATCH - 1) << 16);
+        let last = if (w >> 48) as u16 == generation {
+            w & 0xFFFF
+        } else {
+            0
+        };
+        let batch = if last == 0 { 1 } else { (last * 2).min(BATCH) };
+        let start = self.cursor.fetch_add(batch, Relaxed) % n;
+        let next =
+            (u64::from(generation) << 48) | (advance(start) << 32) | ((batch - 1) << 16) | batch;
         lane.store(next, Relaxed);
         start as usize
     }
@@ -480,10 +491,24 @@ mod tests {
         // A reset starts every lane over at position 0.
         w.reset(2);
         assert_eq!(w.next_index(2, &a), 0);
-        // A second lane takes the next batch.
+        // A second lane takes the next batch (its first: one position); a
+        // lane's batches double, so `a` goes on with two positions after it.
         let b = AtomicU64::new(0);
-        assert_eq!(w.next_index(2, &b), 16 % 5);
-        assert_eq!(w.next_index(2, &a), 1);
+        assert_eq!(w.next_index(2, &b), 1);
+        assert_eq!(w.next_index(2, &a), 2);
+        assert_eq!(w.next_index(2, &a), 3);
+        assert_eq!(w.next_index(2, &b), 4);
+        // Batches stop growing at `BATCH`: after 1 + 2 + 4 + 8, each lap of
+        // a lone lane's 16 positions starts at the cursor.
+        let c = CountWindow::new(1000);
+        c.reset(1);
+        let l = AtomicU64::new(0);
+        let d = AtomicU64::new(0);
+        for _ in 0..(1 + 2 + 4 + 8 + 16) {
+            c.next_index(1, &l);
+        }
+        assert_eq!(c.next_index(1, &d), 31);
+        assert_eq!(c.next_index(1, &l), 32);
     }
 
     /// Two threads record at once, through their own lanes and through one

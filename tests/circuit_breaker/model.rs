@@ -211,6 +211,10 @@ impl Model {
                 }
                 State::HalfOpen => {
                     if self.reserved < self.cfg.half_open {
+                        // The stall wait runs from the first probe.
+                        if self.reserved == 0 {
+                            self.since = now;
+                        }
                         self.reserved += 1;
                         return Ok(MCall {
                             epoch: self.epoch,

@@ -300,6 +300,38 @@ async fn stalled_probes_send_it_back_to_open() {
     assert_eq!(h.state(), State::Open);
 }
 
+/// The wait for stalled probes counts from the first probe: a breaker that
+/// turned half-open when someone read its state, long before any call, does
+/// not reopen on a probe that has run for a millisecond.
+#[tokio::test(start_paused = true)]
+async fn the_stall_wait_counts_from_the_first_probe() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(10)
+        .minimum_calls(4)
+        .open_for(secs(10))
+        .half_open_calls(1)
+        .max_wait_in_half_open(secs(5))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(Counter::default().service());
+    open_it(&mut svc, &h).await;
+    tokio::time::advance(secs(10)).await;
+    // An admin page looks: the breaker turns half-open with no call.
+    assert_eq!(h.state(), State::HalfOpen);
+    tokio::time::advance(secs(60)).await;
+    let _probe = svc.call(Cmd::Hang);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let err = call(&mut svc, Cmd::Ok).await.unwrap_err();
+    assert_eq!(retry_after(&err), Duration::ZERO);
+    assert_eq!(h.state(), State::HalfOpen);
+    // Five seconds after the probe began, it has stalled.
+    tokio::time::advance(secs(5)).await;
+    let err = call(&mut svc, Cmd::Ok).await.unwrap_err();
+    assert_eq!(retry_after(&err), secs(10));
+    assert_eq!(h.state(), State::Open);
+}
+
 #[tokio::test(start_paused = true)]
 async fn repeated_opens_back_off_up_to_the_cap_and_closing_resets_it() {
     let layer = CircuitBreakerLayer::builder()
@@ -555,6 +587,28 @@ async fn every_service_from_one_layer_shares_one_breaker() {
     let _ = call(&mut b, Cmd::Fail).await;
     assert_eq!(h.state(), State::Open);
     assert!(call(&mut a, Cmd::Ok).await.is_err());
+}
+
+/// A stack layered per connection (a service that lives for one call)
+/// still fills the count window: each service's first batch of ring
+/// positions is one position, so no position goes unwritten.
+#[tokio::test(start_paused = true)]
+async fn services_that_live_for_one_call_still_fill_the_window() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(128)
+        .minimum_calls(100)
+        .failure_rate(0.5)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    for _ in 0..99 {
+        let _ = call(&mut layer.layer(c.service()), Cmd::Fail).await;
+    }
+    assert_eq!(h.metrics().calls, 99);
+    assert_eq!(h.state(), State::Closed);
+    let _ = call(&mut layer.layer(c.service()), Cmd::Fail).await;
+    assert_eq!(h.state(), State::Open);
 }
 
 #[tokio::test(start_paused = true)]
