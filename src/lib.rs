@@ -93,6 +93,11 @@ pub(crate) fn later(now: tokio::time::Instant, d: std::time::Duration) -> tokio:
         .unwrap_or_else(|| now + std::time::Duration::from_secs(365 * 24 * 3600))
 }
 
+/// Whole milliseconds, saturating at `u64::MAX` (a `Duration` holds more).
+pub(crate) fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The earlier of two optional instants (or durations): a deadline from
 /// one source or the other, whichever ends first.
 pub(crate) fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {

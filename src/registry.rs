@@ -728,7 +728,7 @@ impl Registry {
                     failures: m.failures,
                     slow_calls: m.slow_calls,
                     failure_rate: m.failure_rate(),
-                    retry_after_ms: h.retry_after().map(|d| d.as_millis() as u64),
+                    retry_after_ms: h.retry_after().map(crate::duration_ms),
                     transitions: h
                         .recent_transitions()
                         .into_iter()
@@ -793,7 +793,7 @@ async fn queue_status(name: String, q: &dyn DynQueue) -> QueueStatus {
             QueueStatus {
                 name,
                 depth: Some(depth),
-                oldest_age_ms: oldest.map(|d| d.as_millis() as u64),
+                oldest_age_ms: oldest.map(crate::duration_ms),
                 dead_letters: Some(dead),
                 error: None,
             }
@@ -809,8 +809,7 @@ async fn queue_status(name: String, q: &dyn DynQueue) -> QueueStatus {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    t.duration_since(UNIX_EPOCH).map_or(0, crate::duration_ms)
 }
 
 /// Every registered component's state, as served by `GET /firebreak/status`.

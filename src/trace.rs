@@ -13,7 +13,7 @@ pub(crate) fn rejected(layer: &'static str, kind: RejectionKind, retry_after: Op
         target: "tower_firebreak",
         layer,
         kind = kind.as_str(),
-        retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+        retry_after_ms = retry_after.map(crate::duration_ms),
         "call rejected"
     );
 }
@@ -25,7 +25,7 @@ pub(crate) fn retrying(attempt: u32, delay: Duration) {
         target: "tower_firebreak",
         layer = "retry",
         attempt,
-        delay_ms = delay.as_millis() as u64,
+        delay_ms = crate::duration_ms(delay),
         "retrying"
     );
 }

@@ -328,7 +328,7 @@ async fn dead_letters(reg: &Registry) -> Response {
                     at_unix_ms: d
                         .at
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |t| t.as_millis() as u64),
+                        .map_or(0, crate::duration_ms),
                     method: d.job.method().to_string(),
                     uri: d.job.uri().to_string(),
                     attempts: d.job.attempts(),

@@ -1,6 +1,6 @@
 //! The response future of [`Defer`](super::Defer).
 
-use super::{Cause, DeferBody, Settings, defer_request, too_large};
+use super::{Cause, DeferBody, Settings, defer_request, too_large, unreadable_body};
 use crate::BoxError;
 use crate::queue::Queue;
 use bytes::Bytes;
@@ -45,6 +45,8 @@ pin_project! {
             #[pin]
             collect: Collect<Limited<B>>,
             parts: Option<http::request::Parts>,
+            // What the deferrable predicate said, in `call`.
+            deferrable: bool,
             svc: Option<S>,
             queue: Arc<Q>,
             settings: Arc<Settings>,
@@ -74,6 +76,7 @@ where
 {
     pub(crate) fn buffering(
         parts: http::request::Parts,
+        deferrable: bool,
         collect: Collect<Limited<B>>,
         svc: S,
         queue: Arc<Q>,
@@ -83,6 +86,7 @@ where
             state: State::Buffering {
                 collect,
                 parts: Some(parts),
+                deferrable,
                 svc: Some(svc),
                 queue,
                 settings,
@@ -133,23 +137,27 @@ where
                 StateProj::Buffering {
                     collect,
                     parts,
+                    deferrable,
                     svc,
                     queue,
                     settings,
                 } => {
                     let body = match ready!(collect.poll(cx)) {
                         Ok(collected) => collected.to_bytes(),
-                        Err(e) if e.is::<LengthLimitError>() => {
-                            return Poll::Ready(Ok(too_large(
-                                settings.max_body,
-                                &parts.as_ref().expect("polled after completion").headers,
-                            )
-                            .map(Either::Right)));
+                        Err(e) => {
+                            let headers = &parts.as_ref().expect("polled after completion").headers;
+                            // Our limit, or an outer one (tower-http's
+                            // `RequestBodyLimit`, whose error axum wraps).
+                            let res = if crate::error::find::<LengthLimitError>(&*e).is_some() {
+                                too_large(settings.max_body, headers)
+                            } else {
+                                unreadable_body(&*e, headers)
+                            };
+                            return Poll::Ready(Ok(res.map(Either::Right)));
                         }
-                        Err(e) => return Poll::Ready(Err(e)),
                     };
                     let parts = parts.take().expect("polled after completion");
-                    let saved = (settings.deferrable)(&parts).then(|| {
+                    let saved = deferrable.then(|| {
                         let mut saved = http::Request::new(body.clone());
                         *saved.method_mut() = parts.method.clone();
                         *saved.uri_mut() = parts.uri.clone();

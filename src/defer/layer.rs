@@ -69,7 +69,8 @@ impl<Q> DeferLayer<Q> {
         self
     }
 
-    /// The `Retry-After` of a `202 Accepted` when the failure gave no better
+    /// The `Retry-After` of a `202 Accepted` (and of the `503` when the
+    /// queue fails) when the failure gave no better
     /// hint (an open breaker's or a limiter's `retry_after`, or the failed
     /// response's own `Retry-After` in seconds, is used when there is one).
     /// Default: 5 s.
@@ -131,7 +132,7 @@ impl<Q> DeferLayer<Q> {
     }
 
     /// Which responses of the inner service count as failures to defer.
-    /// Default: [`server_error`](super::server_error), every 5xx.
+    /// Default: [`server_error`](super::server_error), every 5xx and a gRPC failure status in the headers.
     pub fn defer_response<F>(mut self, predicate: F) -> Self
     where
         F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,

@@ -16,7 +16,8 @@
 //! | the call failed; the key is held by a different request | `409 Conflict`, problem details |
 //! | the call failed; the queue is full or unavailable | `503 Service Unavailable`, problem details; the request was **not** accepted |
 //! | the body is over [`max_body`](DeferLayer::max_body) | `413 Payload Too Large`, problem details; never sent, never queued |
-//! | the `Idempotency-Key` is empty, sent twice, over [`MAX_IDEMPOTENCY_KEY`] bytes, or not printable ASCII | `400 Bad Request`, problem details (`kind: bad_idempotency_key`); never sent, never queued |
+//! | the body ends in an error (the client went away, or sent less than its `Content-Length`) | `400 Bad Request`, problem details (`kind: body_unreadable`); never sent, never queued |
+//! | a request that may be deferred has an `Idempotency-Key` that is empty, sent twice, over [`MAX_IDEMPOTENCY_KEY`] bytes, or not printable ASCII | `400 Bad Request`, problem details (`kind: bad_idempotency_key`); never sent, never queued (a request that may not be deferred passes through, whatever its key) |
 //!
 //! The idempotency check is the queue's, so it happens only when a call
 //! fails: a repeat of a deferred request that arrives once the dependency
@@ -31,7 +32,8 @@
 //! [`Elapsed`](crate::timeout::Elapsed), [`RateLimited`](crate::rate_limit::RateLimited),
 //! and the client's own errors; see [`DeferLayer::defer_error`]), or a
 //! response that [`DeferLayer::defer_response`] classifies as failed (by
-//! default every 5xx). A request **may be deferred** when
+//! default every 5xx, and a gRPC failure status in the response headers). A
+//! request **may be deferred** when
 //! [`deferrable_by_default`] says so (its method is not `GET` and it carries
 //! `Idempotency-Key`), or when your own [`DeferLayer::deferrable`] predicate
 //! does.
@@ -229,9 +231,23 @@ fn digest(bytes: &[u8]) -> String {
     crate::queue::codec::hex(&Sha256::digest(bytes)[..8])
 }
 
-/// The default failed-response classifier: every 5xx.
-pub fn server_error(status: StatusCode, _: &HeaderMap) -> bool {
-    status.is_server_error()
+/// The default failed-response classifier: every 5xx, and a gRPC failure
+/// whose `grpc-status` comes in the response headers (a "Trailers-Only"
+/// answer, as a server that sheds load or a proxy with no healthy upstream
+/// gives) with one of the codes [`GrpcClassifier`](crate::classify::GrpcClassifier)
+/// counts as a failure by default (UNAVAILABLE, DEADLINE_EXCEEDED,
+/// INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN). A status that comes in trailers,
+/// after the response has begun, cannot be deferred: the caller has it.
+pub fn server_error(status: StatusCode, headers: &HeaderMap) -> bool {
+    status.is_server_error() || grpc_failure(headers)
+}
+
+/// Whether `headers` carry a `grpc-status` that counts as a failure.
+pub(crate) fn grpc_failure(headers: &HeaderMap) -> bool {
+    static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
+        std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
+    headers.contains_key("grpc-status")
+        && GRPC.classify_trailers(Some(headers)) == crate::classify::Outcome::Failure
 }
 
 type Deferrable = Arc<dyn Fn(&http::request::Parts) -> bool + Send + Sync>;
@@ -379,7 +395,10 @@ where
         if declared.is_some_and(|len| len > max as u64) {
             return future::ResponseFuture::ready(too_large(max, &parts.headers));
         }
-        if let Some(why) = bad_idempotency_key(&parts.headers) {
+        // A request that may not be deferred passes through as it is,
+        // whatever its key.
+        let deferrable = (self.settings.deferrable)(&parts);
+        if deferrable && let Some(why) = bad_idempotency_key(&parts.headers) {
             let res = response::problem(StatusCode::BAD_REQUEST, "bad_idempotency_key", why, None);
             return future::ResponseFuture::ready(for_caller(res, &parts.headers));
         }
@@ -389,6 +408,7 @@ where
         let svc = std::mem::replace(&mut self.inner, clone);
         future::ResponseFuture::buffering(
             parts,
+            deferrable,
             Limited::new(body, max).collect(),
             svc,
             self.queue.clone(),
@@ -402,6 +422,22 @@ pub(crate) fn too_large(max: usize, headers: &HeaderMap) -> http::Response<Defer
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
         &BodyTooLarge::new(max).to_string(),
+        None,
+    );
+    for_caller(res, headers)
+}
+
+/// A request body that could not be read (the client went away, or sent
+/// fewer bytes than it declared): a client error, never sent, never queued.
+pub(crate) fn unreadable_body(
+    e: &(dyn std::error::Error + 'static),
+    headers: &HeaderMap,
+) -> http::Response<DeferBody> {
+    tracing::debug!(target: "tower_firebreak", layer = "defer", error = %e, "request body unreadable");
+    let res = response::problem(
+        StatusCode::BAD_REQUEST,
+        "body_unreadable",
+        "the request body could not be read",
         None,
     );
     for_caller(res, headers)
@@ -542,11 +578,11 @@ async fn answer<Q: Queue>(
             ),
             None,
         ),
-        Err(e) => not_deferred(&settings, e),
+        Err(e) => not_deferred(e, retry_after),
     }
 }
 
-fn not_deferred(settings: &Settings, e: QueueError) -> http::Response<DeferBody> {
+fn not_deferred(e: QueueError, retry_after: Duration) -> http::Response<DeferBody> {
     let (kind, detail) = match &e {
         QueueError::Full { .. } => (
             "queue_full",
@@ -562,6 +598,6 @@ fn not_deferred(settings: &Settings, e: QueueError) -> http::Response<DeferBody>
         StatusCode::SERVICE_UNAVAILABLE,
         kind,
         detail,
-        Some(settings.retry_after),
+        Some(retry_after),
     )
 }

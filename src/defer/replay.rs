@@ -80,13 +80,10 @@ pub struct Replayer<Q, S> {
 /// counts as a failure by default (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
 /// RESOURCE_EXHAUSTED, UNKNOWN).
 pub(crate) fn retryable_status(status: StatusCode, headers: &HeaderMap) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || {
-        // Reads `grpc-status` where trailers carry it; a map without one
-        // is a success.
-        static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
-            std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
-        GRPC.classify_trailers(Some(headers)) == crate::classify::Outcome::Failure
-    }
+    // Reads `grpc-status` where trailers carry it, too.
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || super::grpc_failure(headers)
 }
 
 impl<Q: Queue, S> Replayer<Q, S> {
@@ -417,15 +414,30 @@ where
                     span.record("traceparent", tp.as_str());
                 }
                 let started = Instant::now();
+                // Readiness has the same bound as the wait for a slot: a
+                // service that stays not ready (a breaker in readiness mode,
+                // open for a minute) must not hold the job until its lease
+                // runs out and another replayer sends it too.
                 let ready = race(
-                    async { service.ready().await.map_err(Into::<BoxError>::into) }
-                        .instrument(span.clone()),
+                    tokio::time::timeout_at(
+                        crate::later(leased_at, cfg.visibility / 2),
+                        async { service.ready().await.map_err(Into::<BoxError>::into) }
+                            .instrument(span.clone()),
+                    ),
                     stopped(&mut stop),
                 )
                 .await;
                 let call = match ready {
-                    Ok(Ok(svc)) => Ok(span.in_scope(|| svc.call(replay_request(&item.job)))),
-                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(Ok(svc))) => Ok(span.in_scope(|| svc.call(replay_request(&item.job)))),
+                    Ok(Ok(Err(e))) => Err(e),
+                    Ok(Err(_)) => {
+                        tracing::debug!(target: "tower_firebreak", layer = "replayer", sent, "the service was not ready before half the visibility timeout; the rest of the batch goes back");
+                        give_back(queue, std::iter::once(item).chain(batch), Duration::ZERO).await;
+                        sent -= 1;
+                        fits = sent.max(1);
+                        outran = true;
+                        break;
+                    }
                     Err(()) => {
                         // Shut down while the service was not ready: nothing
                         // was sent, and the job goes back for another replayer.
@@ -532,7 +544,7 @@ where
             Done::Delivered
         }
         Sent::Open(retry_after) => {
-            tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = retry_after.as_millis() as u64, "breaker open; replay paused");
+            tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = crate::duration_ms(retry_after), "breaker open; replay paused");
             obs.paused();
             nack(queue, &item, retry_after).await;
             Done::Open(retry_after)

@@ -77,7 +77,9 @@ pub fn status_code(kind: RejectionKind) -> StatusCode {
 /// A `Retry-After` value: whole seconds, rounded up, so a caller that obeys
 /// it never comes back early.
 pub fn retry_after_value(after: Duration) -> HeaderValue {
-    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    let secs = after
+        .as_secs()
+        .saturating_add(u64::from(after.subsec_nanos() > 0));
     HeaderValue::from(secs)
 }
 
@@ -108,7 +110,7 @@ pub fn error_response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>
                 "detail": err.to_string(),
             });
             if let Some(after) = r.retry_after() {
-                body["retry_after_ms"] = serde_json::json!(after.as_millis() as u64);
+                body["retry_after_ms"] = serde_json::json!(crate::duration_ms(after));
             }
             (status, body, r.retry_after())
         }

@@ -421,9 +421,7 @@ pub(crate) fn ms_system(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-pub(crate) fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use crate::duration_ms;
 
 #[cfg(test)]
 mod tests {

@@ -53,7 +53,7 @@ where
                     this.span.record("outcome", "rejected");
                     this.span.record("rejected_by", r.kind().as_str());
                     if let Some(d) = r.retry_after() {
-                        this.span.record("retry_after_ms", d.as_millis() as u64);
+                        this.span.record("retry_after_ms", crate::duration_ms(d));
                     }
                 }
                 None => {

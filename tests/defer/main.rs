@@ -505,6 +505,99 @@ async fn a_body_over_the_limit_gets_413_and_is_never_sent_or_queued() {
     );
 }
 
+/// A request that may not be deferred passes through whatever its key:
+/// `Defer` never looks at it.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_may_not_be_deferred_is_not_refused_over_its_key() {
+    let svc = DeferLayer::new(MemoryQueue::new()).layer(service_fn(|_: Req| async {
+        Ok::<_, BoxError>(reply(200, "fine"))
+    }));
+    let req = http::Request::get("http://orders.internal/orders/1")
+        .header("idempotency-key", "k".repeat(300))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = read(svc.oneshot(req).await.unwrap()).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.body, "fine");
+}
+
+/// A body that ends in an error is the client's (400), and one cut by an
+/// outer limit whose error axum wraps is still 413: never a 500.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_fails_to_read_gets_400_and_an_outer_limit_413() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = DeferLayer::new(MemoryQueue::new());
+    let broken = http_body_util::StreamBody::new(futures_util::stream::iter([
+        Ok(http_body::Frame::data(Bytes::from_static(b"half"))),
+        Err::<http_body::Frame<Bytes>, BoxError>("connection reset".into()),
+    ]));
+    let req = http::Request::post("http://orders.internal/orders")
+        .header("idempotency-key", "k")
+        .body(broken)
+        .unwrap();
+    let res = layer
+        .clone()
+        .layer(failing(calls.clone(), open_breaker))
+        .oneshot(req)
+        .await
+        .unwrap();
+    let res = read(res).await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.json()["kind"], "body_unreadable");
+
+    #[cfg(feature = "axum")]
+    {
+        // tower-http's limit, seen through axum's body (which wraps errors).
+        let limited = http_body_util::Limited::new(Full::new(Bytes::from(vec![b'x'; 64])), 16);
+        let req = http::Request::post("http://orders.internal/orders")
+            .header("idempotency-key", "k")
+            .body(axum::body::Body::new(limited))
+            .unwrap();
+        let res = layer
+            .layer(failing(calls.clone(), open_breaker))
+            .oneshot(req)
+            .await
+            .unwrap();
+        let res = read(res).await;
+        assert_eq!(res.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+/// A gRPC failure answered "Trailers-Only" (HTTP 200, `grpc-status` in the
+/// headers) is deferred like a 5xx; a gRPC OK or a client error is not.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_failure_in_the_headers_is_deferred() {
+    let grpc = |code: &'static str| {
+        service_fn(move |_: Req| async move {
+            let mut res = reply(200, "");
+            res.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            res.headers_mut()
+                .insert("grpc-status", code.parse().unwrap());
+            Ok::<_, BoxError>(res)
+        })
+    };
+    let call = |key: &str| {
+        http::Request::post("http://orders.internal/shop.Orders/Create")
+            .header("content-type", "application/grpc")
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    let queue = MemoryQueue::new();
+    for (code, deferred) in [("14", true), ("8", true), ("0", false), ("3", false)] {
+        let svc = DeferLayer::new(queue.clone()).layer(grpc(code));
+        let res = svc.oneshot(call(&format!("k{code}"))).await.unwrap();
+        assert_eq!(
+            res.headers().contains_key(JOB_ID_HEADER),
+            deferred,
+            "grpc-status {code}"
+        );
+    }
+    assert_eq!(queue.depth().await.unwrap(), 2);
+}
+
 /// A queue whose backend is gone: every operation fails.
 #[derive(Clone, Debug)]
 struct BrokenQueue;
@@ -617,7 +710,8 @@ async fn an_unavailable_or_full_queue_gets_503_never_202() {
             .contains("not accepted")
     );
     assert!(res.headers.get(JOB_ID_HEADER).is_none());
-    assert!(res.headers.get("retry-after").is_some());
+    // The open breaker's 2.5 s, rounded up, not the layer's default of 5 s.
+    assert_eq!(res.headers["retry-after"], "3");
 
     let queue = MemoryQueue::builder().capacity(1).build().unwrap();
     let svc = DeferLayer::new(queue.clone()).layer(failing(calls, open_breaker));
@@ -844,6 +938,78 @@ async fn a_slow_dependency_does_not_let_leases_expire_inside_a_batch() {
     twice.dedup();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     assert_eq!(sent.len(), JOBS);
+}
+
+/// A service that is not ready for its first 12 s (a breaker in readiness
+/// mode, open), then answers 200 and notes each job's key.
+struct NotReadyAtFirst {
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    ready: bool,
+    sent: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service<Req> for NotReadyAtFirst {
+    type Response = Res;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Res, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        if !self.ready {
+            let wait = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_secs(12))));
+            std::task::ready!(wait.as_mut().poll(cx));
+            self.ready = true;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = req.headers()["idempotency-key"].to_str().unwrap();
+        self.sent.lock().unwrap().push(key.to_owned());
+        std::future::ready(Ok(reply(200, "ok")))
+    }
+}
+
+/// A service that stays not ready longer than the lease lasts: the job goes
+/// back at half the visibility timeout instead of being sent after its
+/// lease ran out (when another replayer has leased and sent it too).
+#[tokio::test(start_paused = true)]
+async fn a_service_not_ready_for_longer_than_the_lease_does_not_send_a_job_twice() {
+    const JOBS: usize = 4;
+    let queue = MemoryQueue::new();
+    for i in 0..JOBS {
+        queue.enqueue(job(&format!("late-{i}"), "x")).await.unwrap();
+    }
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let replayer = |q: MemoryQueue| {
+        let svc = NotReadyAtFirst {
+            wait: None,
+            ready: false,
+            sent: sent.clone(),
+        };
+        Replayer::new(q, svc)
+            .batch(8)
+            .rate_per_second(100)
+            .visibility(Duration::from_secs(10))
+            .spawn()
+    };
+    let (a, b) = (replayer(queue.clone()), replayer(queue.clone()));
+    wait_until(Duration::from_secs(120), || async {
+        queue.depth().await.unwrap() == 0
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    let mut sent = sent.lock().unwrap().clone();
+    sent.sort();
+    let len = sent.len();
+    sent.dedup();
+    assert_eq!(len, sent.len(), "a job was sent more than once: {sent:?}");
+    assert_eq!(len, JOBS);
 }
 
 /// Replays one job into `downstream` with a 2,500-byte response limit and

@@ -163,13 +163,27 @@ fn futures_body(res: http::Response<http_body_util::Full<bytes::Bytes>>) -> Stri
     })
 }
 
-#[test]
-fn retry_after_rounds_up_to_whole_seconds() {
+#[tokio::test]
+async fn retry_after_rounds_up_to_whole_seconds() {
     use tower_firebreak::http::retry_after_value;
     assert_eq!(retry_after_value(Duration::ZERO), "0");
     assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
     assert_eq!(retry_after_value(Duration::from_secs(2)), "2");
     assert_eq!(retry_after_value(Duration::from_millis(2001)), "3");
+    // A forced-open breaker's `open_for` may be `Duration::MAX`.
+    assert_eq!(
+        retry_after_value(Duration::MAX),
+        u64::MAX.to_string().as_str()
+    );
+    let res = tower_firebreak::http::error_response(
+        &tower_firebreak::circuit_breaker::CircuitOpen::new(Duration::MAX),
+    );
+    let bytes = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["retry_after_ms"], u64::MAX);
 }
 
 /// A real breaker behind a real socket: once open, the 503's Retry-After is
