@@ -496,17 +496,19 @@ impl NatsQueue {
     where
         Fut: Future<Output = Result<T, QueueError>>,
     {
+        self.run_within(self.inner.op_timeout, f).await
+    }
+
+    async fn run_within<T, Fut>(&self, limit: Duration, f: Fut) -> Result<T, QueueError>
+    where
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
         if self.inner.client.connection_state() != State::Connected {
             return Err(QueueError::unavailable("not connected to NATS"));
         }
-        tokio::time::timeout(self.inner.op_timeout, f)
+        tokio::time::timeout(limit, f)
             .await
-            .map_err(|_| {
-                QueueError::unavailable(format!(
-                    "NATS did not answer within {:?}",
-                    self.inner.op_timeout
-                ))
-            })?
+            .map_err(|_| QueueError::unavailable(format!("NATS did not answer within {limit:?}")))?
     }
 
     async fn rec(&self, id: &JobId) -> Result<Option<(Rec, u64)>, QueueError> {
@@ -1036,8 +1038,12 @@ impl NatsQueue {
         }
         let mut out = Vec::new();
         let max_attempts = self.inner.policy.max_attempts;
+        // Each fetched message takes a few round trips, one after another;
+        // no new batch is fetched after `op_timeout`, and a fetched one is
+        // always handled to its end (see `lease`).
+        let stop_fetching = tokio::time::Instant::now() + self.inner.op_timeout;
         // Dead-lettered messages count against a batch; fetch until full or dry.
-        while out.len() < max {
+        while out.len() < max && (out.is_empty() || tokio::time::Instant::now() < stop_fetching) {
             let mut batch = self
                 .inner
                 .consumer
@@ -1467,7 +1473,15 @@ impl Queue for NatsQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.run(self.lease_inner(max, visibility)).await
+        // A message takes a few round trips (record, compare-and-set, the
+        // visibility NAK), each bounded by `op_timeout` as a request: one
+        // `op_timeout` for the whole batch would cut it off part way on a
+        // slow link, leaving jobs marked in flight that no caller holds and
+        // burning an attempt of each, until they were dead-lettered unsent.
+        let per_message = u32::try_from(max).unwrap_or(u32::MAX).saturating_add(1);
+        let limit = self.inner.op_timeout.saturating_mul(per_message);
+        self.run_within(limit, self.lease_inner(max, visibility))
+            .await
     }
 
     async fn ack(&self, lease: &Lease, response: DeliveredResponse) -> Result<(), QueueError> {

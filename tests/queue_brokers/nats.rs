@@ -348,6 +348,17 @@ impl AckEater {
         from_server: Option<String>,
         from_client: Option<String>,
     ) -> AckEater {
+        AckEater::with_delay(upstream, from_server, from_client, Duration::ZERO).await
+    }
+
+    /// As `start`, and every frame from the server is held `delay` first
+    /// (a slow link).
+    async fn with_delay(
+        upstream: u16,
+        from_server: Option<String>,
+        from_client: Option<String>,
+        delay: Duration,
+    ) -> AckEater {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
@@ -359,8 +370,13 @@ impl AckEater {
                 };
                 let (client_rx, client_tx) = client.into_split();
                 let (server_rx, server_tx) = server.into_split();
-                conns.spawn(eat(client_rx, server_tx, from_client.clone()));
-                conns.spawn(eat(server_rx, client_tx, from_server.clone()));
+                conns.spawn(eat(
+                    client_rx,
+                    server_tx,
+                    from_client.clone(),
+                    Duration::ZERO,
+                ));
+                conns.spawn(eat(server_rx, client_tx, from_server.clone(), delay));
             }
         });
         AckEater { port, task }
@@ -374,15 +390,17 @@ impl Drop for AckEater {
 }
 
 /// Copies one direction of a NATS connection frame by frame, dropping the
-/// messages whose frame holds `needle`.
+/// messages whose frame holds `needle`, and holding each frame `delay`.
 async fn eat(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     needle: Option<String>,
+    delay: Duration,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::new();
     let mut chunk = vec![0; 64 * 1024];
+    let mut arrived = tokio::time::Instant::now();
     loop {
         while let Some((len, is_msg)) = nats_frame(&buf) {
             let frame: Vec<u8> = buf.drain(..len).collect();
@@ -391,6 +409,11 @@ async fn eat(
                 && frame.windows(n.len()).any(|w| w == n.as_bytes())
             {
                 continue;
+            }
+            // Latency, not a narrow pipe: each frame is held `delay` from
+            // when it came in, not from when the one before it left.
+            if !delay.is_zero() {
+                tokio::time::sleep_until(arrived + delay).await;
             }
             if to.write_all(&frame).await.is_err() {
                 return;
@@ -401,7 +424,10 @@ async fn eat(
                 let _ = to.shutdown().await;
                 return;
             }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                arrived = tokio::time::Instant::now();
+                buf.extend_from_slice(&chunk[..n]);
+            }
         }
     }
 }
@@ -427,6 +453,44 @@ fn nats_frame(buf: &[u8]) -> Option<(usize, bool)> {
         .expect("a NATS payload size");
     let len = line + size + 2;
     (buf.len() >= len).then_some((len, true))
+}
+
+/// On a slow link (every server frame 30 ms late) a lease of 16 jobs takes
+/// a few round trips per job, far past one `op_timeout`: it still returns
+/// every job it marked in flight. Before, the whole batch had one
+/// `op_timeout`, so it failed part way, leaving jobs in flight that no
+/// caller held, each with an attempt burnt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_a_slow_link_returns_the_jobs_it_took() {
+    use tower_firebreak::queue::{Job, Queue};
+    let name = unique("slowlease");
+    let direct = connect(SHARED, &name, Duration::from_secs(5)).await;
+    for _ in 0..16 {
+        direct
+            .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+            .await
+            .unwrap();
+    }
+    let proxy = AckEater::with_delay(4222, None, None, Duration::from_millis(30)).await;
+    let via = connect(
+        &format!("nats://127.0.0.1:{}", proxy.port),
+        &name,
+        Duration::from_millis(500),
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    let leased = via.lease(16, Duration::from_secs(60)).await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_millis(500),
+        "the link was not slow: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(leased.len(), 16);
+    for l in &leased {
+        assert_eq!(l.job.attempts(), 1);
+    }
+    drop(proxy);
+    cleanup(&name).await;
 }
 
 /// A dead-lettered job redriven before its old message's `+TERM` landed
