@@ -137,6 +137,7 @@
 //! | what happened | gRPC answer |
 //! | --- | --- |
 //! | stored, or the same key again | `grpc-status: 0` with one empty message (the default value of any proto3 response type) and the job id in the `firebreak-job-id` response metadata |
+//! | the same key again, and that job was dead-lettered | `ABORTED`, with the reason in `grpc-message` and the job id in the metadata |
 //! | the key is held by a different request | `ALREADY_EXISTS` |
 //! | the queue is full or unavailable | `UNAVAILABLE`, with `grpc-retry-pushback-ms` |
 //! | the message is over the body limit | `RESOURCE_EXHAUSTED` |

@@ -201,6 +201,7 @@ pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
 const GRPC_OK: i32 = 0;
 const GRPC_ALREADY_EXISTS: i32 = 6;
 const GRPC_INVALID_ARGUMENT: i32 = 3;
+const GRPC_ABORTED: i32 = 10;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_INTERNAL: i32 = 13;
 const GRPC_UNAVAILABLE: i32 = 14;
@@ -209,11 +210,21 @@ const GRPC_UNAVAILABLE: i32 = 14;
 ///
 /// Accepted (202) and existing (200) jobs become `grpc-status: 0` with one
 /// empty message (the default value of any proto3 message type) and the
-/// job id in the `firebreak-job-id` response metadata. Refusals become
-/// Trailers-Only responses: 409 `ALREADY_EXISTS`, 413 `RESOURCE_EXHAUSTED`,
-/// 503 `UNAVAILABLE` (with `grpc-retry-pushback-ms`).
+/// job id in the `firebreak-job-id` response metadata, except an existing
+/// job that was dead-lettered: `ABORTED`, with the reason, since the call
+/// will never be made (an OK would read as success to a caller that cannot
+/// see the JSON). Refusals become Trailers-Only responses: 409
+/// `ALREADY_EXISTS`, 413 `RESOURCE_EXHAUSTED`, 503 `UNAVAILABLE` (with
+/// `grpc-retry-pushback-ms`).
 pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferBody> {
     let (parts, body) = res.into_parts();
+    let json = body
+        .data()
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok());
+    let dead = parts.status == StatusCode::OK
+        && json
+            .as_ref()
+            .is_some_and(|v| v["status"] == "dead_lettered");
     let mut out = http::Response::new(DeferBody::default());
     let h = out.headers_mut();
     h.insert(
@@ -224,6 +235,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         h.insert(JOB_ID_HEADER, id.clone());
     }
     let code = match parts.status {
+        StatusCode::OK if dead => GRPC_ABORTED,
         StatusCode::ACCEPTED | StatusCode::OK => {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from(GRPC_OK));
@@ -239,10 +251,12 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         _ => GRPC_INTERNAL,
     };
     h.insert("grpc-status", HeaderValue::from(code));
-    let detail = body
-        .data()
-        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-        .and_then(|v| v["detail"].as_str().map(str::to_owned));
+    let detail = json.and_then(|v| match v["reason"].as_str() {
+        Some(reason) if dead => Some(format!(
+            "the job holding this idempotency key was dead-lettered: {reason}"
+        )),
+        _ => v["detail"].as_str().map(str::to_owned),
+    });
     if let Some(detail) = detail
         && let Ok(v) = HeaderValue::from_str(&crate::grpc::percent_encode(&detail))
     {

@@ -177,3 +177,48 @@ async fn a_grpc_call_the_queue_cannot_take_is_unavailable() {
     assert!(err.message().contains("not accepted"), "{}", err.message());
     assert!(err.metadata().get(JOB_ID_HEADER.as_str()).is_none());
 }
+
+/// A repeat of a call whose job was dead-lettered is `ABORTED` with the
+/// reason: an OK would read as success to a gRPC caller, who cannot see
+/// the JSON status that says otherwise.
+#[tokio::test(start_paused = true)]
+async fn a_repeat_of_a_dead_lettered_grpc_call_is_aborted() {
+    let queue = MemoryQueue::new();
+    let svc =
+        DeferLayer::new(queue.clone()).layer(failing(Arc::new(AtomicUsize::new(0)), open_breaker));
+    let mut client = tonic::client::Grpc::new(svc);
+    client.ready().await.unwrap();
+    client
+        .unary(
+            call(b"\x08\x07", "grpc-3"),
+            PathAndQuery::from_static(CREATE),
+            Raw,
+        )
+        .await
+        .unwrap();
+    let leased = queue.lease(1, Duration::from_secs(30)).await.unwrap();
+    queue
+        .dead_letter(&leased[0].lease, "the dependency refused it")
+        .await
+        .unwrap();
+
+    client.ready().await.unwrap();
+    let err = client
+        .unary(
+            call(b"\x08\x07", "grpc-3"),
+            PathAndQuery::from_static(CREATE),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(
+        err.message().contains("the dependency refused it"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        err.metadata().get(JOB_ID_HEADER.as_str()).unwrap(),
+        leased[0].lease.id().to_string().as_str()
+    );
+}
