@@ -531,35 +531,57 @@ impl NatsQueue {
 
     /// Writes `rec` if the record is still at `revision` (`None`: absent).
     async fn cas(&self, id: &JobId, rec: &Rec, revision: Option<u64>) -> Result<bool, QueueError> {
+        Ok(self.cas_rev(id, rec, revision).await?.is_some())
+    }
+
+    /// As `cas`, with the new revision when the write landed.
+    async fn cas_rev(
+        &self,
+        id: &JobId,
+        rec: &Rec,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, QueueError> {
         let value = Bytes::from(serde_json::to_vec(rec).expect("a record serialises"));
         let live = &self.inner.live;
         let r = match revision {
-            Some(rev) => live
-                .update(job_key(id), value, rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                }),
-            None => live
-                .create(job_key(id), value)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
-                        e.to_string(),
-                    )
-                }),
+            Some(rev) => live.update(job_key(id), value, rev).await.map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            }),
+            None => live.create(job_key(id), value).await.map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
         };
         match r {
-            Ok(()) => Ok(true),
-            Err((true, _)) => Ok(false),
+            Ok(rev) => Ok(Some(rev)),
+            Err((true, _)) => Ok(None),
             Err((false, e)) => Err(QueueError::unavailable(e)),
         }
+    }
+
+    /// Removes key `key` of the live bucket, only as of `revision` when one
+    /// is given (a write since then stays): `true` when something went.
+    ///
+    /// A purge of the key's subject rather than a KV delete, which would
+    /// leave a delete marker behind for good, one or two per delivered job
+    /// (the bucket keeps the last message of every subject, and the
+    /// server indexes every subject it holds).
+    async fn forget(&self, key: &str, revision: Option<u64>) -> Result<bool, QueueError> {
+        let live = &self.inner.live;
+        let purge = live.stream.purge().filter(format!("{}{key}", live.prefix));
+        let purged = match revision {
+            // Everything on the subject before `revision + 1`: the record
+            // at `revision`, if it is still the last.
+            Some(rev) => purge.sequence(rev.saturating_add(1)).await,
+            None => purge.await,
+        }
+        .map_err(QueueError::unavailable)?;
+        Ok(purged.purged > 0)
     }
 
     async fn done(&self, id: &JobId) -> Result<Option<Done>, QueueError> {
@@ -743,7 +765,7 @@ impl NatsQueue {
                         // above and the create: look again, and give the
                         // claim back if so.
                         if let Some((cid, cfp)) = self.done_claim(&ik).await? {
-                            let _ = self.inner.live.delete_expect_revision(&ik, Some(rev)).await;
+                            let _ = self.forget(&ik, Some(rev)).await;
                             return self.existing(key, cid, cfp == fp);
                         }
                         claimed = Some(ik.clone());
@@ -845,7 +867,7 @@ impl NatsQueue {
             // sent (a record that lands late is a leftover: see `status`),
             // or the server refused the message.
             None => {
-                let _ = self.inner.live.delete(job_key(&id)).await;
+                let _ = self.forget(&job_key(&id), None).await;
                 true
             }
             Some(rev) => {
@@ -857,7 +879,7 @@ impl NatsQueue {
             }
         };
         if gone && let Some(ik) = claimed {
-            let _ = self.inner.live.delete(ik).await;
+            let _ = self.forget(&ik, None).await;
         }
         Ok(())
     }
@@ -983,12 +1005,9 @@ impl NatsQueue {
                 .and_then(|s| s.parse::<JobId>().ok())
             {
                 let ours = match self.rec(&id).await? {
-                    Some((rec, rev)) if rec.s == "dead" && rec.dseq == seq => self
-                        .inner
-                        .live
-                        .delete_expect_revision(job_key(&id), Some(rev))
-                        .await
-                        .is_ok(),
+                    Some((rec, rev)) if rec.s == "dead" && rec.dseq == seq => {
+                        self.forget(&job_key(&id), Some(rev)).await.unwrap_or(false)
+                    }
                     // Redriven (and maybe dead again, under another
                     // message): the record and the key are not this
                     // message's any more.
@@ -1012,11 +1031,7 @@ impl NatsQueue {
                         && e.operation == kv::Operation::Put
                         && self.parse_claim(&e.value).is_ok_and(|(cid, _)| cid == id)
                     {
-                        let _ = self
-                            .inner
-                            .live
-                            .delete_expect_revision(&ik, Some(e.revision))
-                            .await;
+                        let _ = self.forget(&ik, Some(e.revision)).await;
                     }
                 }
             }
@@ -1093,7 +1108,7 @@ impl NatsQueue {
                     // A failed submit's job that the server stored anyway.
                     Some((rec, _)) if rec.s == "void" => {
                         self.answer(&reply, "+TERM").await?;
-                        let _ = self.inner.live.delete(job_key(&id)).await;
+                        let _ = self.forget(&job_key(&id), None).await;
                         continue;
                     }
                     Some((rec, _)) if rec.s == "settling" && self.done(&id).await?.is_some() => {
@@ -1168,9 +1183,9 @@ impl NatsQueue {
             s: "settling".to_owned(),
             ..rec.clone()
         };
-        if !self.cas(id, &settling, Some(rev)).await? {
+        let Some(settled) = self.cas_rev(id, &settling, Some(rev)).await? else {
             return Err(QueueError::LeaseLost { id: *id });
-        }
+        };
         let done = Done {
             status: response.status,
             headers: response
@@ -1210,19 +1225,13 @@ impl NatsQueue {
                     .put(&ik, e.value.clone())
                     .await
                     .map_err(QueueError::unavailable)?;
-                let _ = self
-                    .inner
-                    .live
-                    .delete_expect_revision(&ik, Some(e.revision))
-                    .await;
+                let _ = self.forget(&ik, Some(e.revision)).await;
             }
         }
         self.answer(&rec.reply, "+ACK").await?;
-        self.inner
-            .live
-            .delete(job_key(id))
-            .await
-            .map_err(QueueError::unavailable)
+        // Only the settling record: should the lease have run out meanwhile,
+        // the record of the lease that took the job over stays.
+        self.forget(&job_key(id), Some(settled)).await.map(|_| ())
     }
 
     async fn nack_inner(&self, lease: &Lease, delay: Duration) -> Result<(), QueueError> {

@@ -493,6 +493,41 @@ async fn a_lease_on_a_slow_link_returns_the_jobs_it_took() {
     cleanup(&name).await;
 }
 
+/// Delivered jobs leave nothing in the live bucket: their record and key
+/// claim are purged, not deleted (a KV delete leaves a marker for good,
+/// one or two per job ever delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_jobs_leave_nothing_in_the_live_bucket() {
+    use tower_firebreak::queue::{DeliveredResponse, Job, Queue};
+    let name = unique("markers");
+    let q = connect(SHARED, &name, Duration::from_secs(5)).await;
+    for i in 0..5 {
+        q.enqueue(
+            Job::new(http::Method::POST, "/x".parse().unwrap())
+                .with_idempotency_key(format!("key-{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    let leased = q.lease(5, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(leased.len(), 5);
+    for l in &leased {
+        q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    let mut live = js.get_stream(format!("KV_fb_{name}_live")).await.unwrap();
+    let messages = live.info().await.unwrap().state.messages;
+    assert_eq!(messages, 0, "messages left in the live bucket");
+    // Delivered: each status and key still answers.
+    for l in &leased {
+        assert!(matches!(
+            q.status(l.lease.id()).await.unwrap(),
+            Some(tower_firebreak::queue::JobStatus::Delivered { .. })
+        ));
+    }
+    cleanup(&name).await;
+}
+
 /// A dead-lettered job redriven before its old message's `+TERM` landed
 /// (here a proxy drops that `+TERM`) has two messages in the stream: the
 /// old one, still due for redelivery, and the redrive's. Only the new one
