@@ -194,6 +194,9 @@ pub(crate) struct Breaker {
     transition: Mutex<()>,
     events: broadcast::Sender<Event>,
     subscribed: AtomicBool,
+    /// State changes alone, so that a flood of rejections cannot push them
+    /// out of a receiver's window.
+    transitions: broadcast::Sender<Event>,
     obs: BreakerMetrics,
     /// The last few transitions, for the status page. Written only under
     /// `transition`.
@@ -236,6 +239,7 @@ impl Breaker {
         };
         window.reset(generation(0));
         let (events, _) = broadcast::channel(256);
+        let (transitions, _) = broadcast::channel(64);
         let obs = BreakerMetrics::new(settings.name.as_deref(), key);
         Breaker {
             state: CachePadded(AtomicU64::new(K_CLOSED)),
@@ -250,6 +254,7 @@ impl Breaker {
             transition: Mutex::new(()),
             events,
             subscribed: AtomicBool::new(false),
+            transitions,
             obs,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             ready_waiters: WakerSet::default(),
@@ -574,6 +579,7 @@ impl Breaker {
         if self.subscribed.load(Relaxed) {
             let _ = self.events.send(Event::Transition { from, to });
         }
+        let _ = self.transitions.send(Event::Transition { from, to });
         self.ready_waiters.wake_all();
     }
 
@@ -648,6 +654,10 @@ impl Breaker {
             .iter()
             .cloned()
             .collect()
+    }
+
+    pub(crate) fn subscribe_transitions(&self) -> broadcast::Receiver<Event> {
+        self.transitions.subscribe()
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {

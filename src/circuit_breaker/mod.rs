@@ -407,9 +407,20 @@ impl CircuitBreakerHandle {
     /// A stream of state changes and rejections.
     ///
     /// Events are sent only once someone has subscribed. A receiver that
-    /// falls behind by more than 256 events sees `RecvError::Lagged`.
+    /// falls behind by more than 256 events sees `RecvError::Lagged`: while
+    /// the breaker is open under load, rejections can crowd state changes
+    /// out of its window. For state changes alone, use
+    /// [`subscribe_transitions`](Self::subscribe_transitions).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.breaker.subscribe()
+    }
+
+    /// A stream of state changes only ([`Event::Transition`]), on a channel
+    /// of its own, so that no number of rejections pushes one out. A
+    /// receiver that falls behind by more than 64 changes sees
+    /// `RecvError::Lagged`.
+    pub fn subscribe_transitions(&self) -> broadcast::Receiver<Event> {
+        self.breaker.subscribe_transitions()
     }
 }
 

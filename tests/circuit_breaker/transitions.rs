@@ -500,6 +500,42 @@ async fn handle_works_without_a_runtime_context() {
     .unwrap();
 }
 
+/// Rejections of an open breaker under load cannot crowd its state changes
+/// out of a transitions-only receiver (the mixed stream lags at 256).
+#[tokio::test(start_paused = true)]
+async fn transitions_survive_a_flood_of_rejections() {
+    let layer = breaker();
+    let h = layer.handle();
+    let mut mixed = h.subscribe();
+    let mut changes = h.subscribe_transitions();
+    let mut svc = layer.layer(Counter::default().service());
+    open_it(&mut svc, &h).await;
+    for _ in 0..300 {
+        let _ = call(&mut svc, Cmd::Ok).await;
+    }
+    tokio::time::advance(secs(10)).await;
+    for _ in 0..3 {
+        call(&mut svc, Cmd::Ok).await.unwrap();
+    }
+    assert_eq!(h.state(), State::Closed);
+    assert!(matches!(
+        mixed.try_recv(),
+        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_))
+    ));
+    let mut seen = Vec::new();
+    while let Ok(Event::Transition { from, to }) = changes.try_recv() {
+        seen.push((from, to));
+    }
+    assert_eq!(
+        seen,
+        [
+            (State::Closed, State::Open),
+            (State::Open, State::HalfOpen),
+            (State::HalfOpen, State::Closed),
+        ]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn events_stream_transitions_and_rejections() {
     let layer = breaker();
