@@ -268,3 +268,64 @@ async fn compact_shrinks_the_file_after_a_backlog_and_keeps_every_job() {
         }
     }
 }
+
+/// Rewrites job `id`'s record in the file at `path` (no handle open).
+fn overwrite_job(path: &Path, id: &tower_firebreak::queue::JobId, bytes: &[u8]) {
+    use redb::ReadableTable;
+    const JOBS: redb::TableDefinition<'_, u128, &[u8]> = redb::TableDefinition::new("jobs");
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut jobs = txn.open_table(JOBS).unwrap();
+        assert!(jobs.get(id.as_u128()).unwrap().is_some(), "no such record");
+        jobs.insert(id.as_u128(), bytes).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// A job record that does not decode (here, a format tag no build knows,
+/// as a newer version could write) is dead-lettered as it is, with the
+/// reason: the jobs behind it are leased, a submit in the same write batch
+/// is stored, and nothing else is lost. Before, every lease failed on it
+/// for good, and so did the submits committed with each lease.
+#[tokio::test]
+async fn an_undecodable_job_record_is_dead_lettered_and_holds_nothing_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let (a, b, c);
+    {
+        let q = DiskQueue::open(&path).unwrap();
+        a = q.enqueue(job(1)).await.unwrap();
+        b = q.enqueue(job(2)).await.unwrap();
+        // Leased (so due back to the queue at the next open), then bad.
+        c = q.enqueue(job(3)).await.unwrap();
+        let l = q.lease(3, Duration::from_secs(3600)).await.unwrap();
+        for l in l.iter().filter(|l| l.lease.id() != &c) {
+            q.nack(&l.lease, Duration::ZERO).await.unwrap();
+        }
+    }
+    overwrite_job(&path, &a, b"X{\"from\":\"a newer version\"}");
+    overwrite_job(&path, &c, b"");
+    // The open returns every lease, and so dead-letters job 3 already.
+    let q = DiskQueue::open(&path).unwrap();
+    assert_eq!(q.depth().await.unwrap(), 2);
+    let (leased, submitted) = tokio::join!(q.lease(10, Duration::from_secs(60)), q.submit(job(4)));
+    let leased = leased.unwrap();
+    assert!(matches!(submitted.unwrap(), Enqueued::Created(_)));
+    let ids: Vec<_> = leased.iter().map(|l| *l.lease.id()).collect();
+    assert!(ids.contains(&b), "{ids:?}");
+    assert!(!ids.contains(&a) && !ids.contains(&c), "{ids:?}");
+    for bad in [&a, &c] {
+        match q.status(bad).await.unwrap() {
+            Some(JobStatus::DeadLettered { reason, .. }) => {
+                assert!(reason.contains("corrupt job record"), "{reason}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert_eq!(q.dead_letter_count().await.unwrap(), 2);
+    // The listing leaves out what it cannot show, and still answers.
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    // The job submitted alongside and job 2 are all that is left.
+    assert_eq!(q.depth().await.unwrap(), 2);
+}

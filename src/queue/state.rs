@@ -104,6 +104,15 @@ pub(crate) trait Store: Read {
     fn put_new(&mut self, id: u128, job: Self::New) -> R<()>;
     /// Unfinished (queued or in-flight) jobs, by id: ids are time-ordered.
     fn job(&mut self, id: u128) -> R<Option<Job>>;
+    /// As `job`, but a record that does not decode is `Some(Err(why))`
+    /// rather than an error that fails the whole batch.
+    fn job_checked(&mut self, id: u128) -> R<Option<Result<Job, String>>> {
+        Ok(self.job(id)?.map(Ok))
+    }
+    /// Moves job `id`'s record, as it is, from the jobs to the dead letters.
+    fn quarantine(&mut self, id: u128) -> R<()> {
+        self.remove_job(id)
+    }
     fn put_job(&mut self, id: u128, job: &Job) -> R<()>;
     fn remove_job(&mut self, id: u128) -> R<()>;
 
@@ -225,6 +234,27 @@ fn finish_dead<S: Store>(
 ) -> R<()> {
     s.remove_job(id)?;
     s.dead_insert(id, job)?;
+    dead_outcome(s, p, id, job.attempts, reason, now)
+}
+
+/// A job record that does not decode (written by a newer or differently
+/// built version, or damaged) goes to the dead letters as it is, with the
+/// reason: the jobs behind it are not held up, every other operation in
+/// its batch still commits, and the record is kept to look at.
+fn bury_corrupt<S: Store>(s: &mut S, p: &Policy, id: u128, why: &str, now: u64) -> R<()> {
+    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %JobId::from_u128(id), error = why, "job record does not decode; dead-lettered as it is");
+    s.quarantine(id)?;
+    dead_outcome(s, p, id, 0, format!("corrupt job record: {why}"), now)
+}
+
+fn dead_outcome<S: Store>(
+    s: &mut S,
+    p: &Policy,
+    id: u128,
+    attempts: u32,
+    reason: String,
+    now: u64,
+) -> R<()> {
     let purge_at = p
         .dead_letter_retention
         .map(|r| now.saturating_add(duration_ms(r)));
@@ -232,7 +262,7 @@ fn finish_dead<S: Store>(
         id,
         &Outcome::Dead {
             reason,
-            attempts: job.attempts,
+            attempts,
             at: now,
             purge_at,
         },
@@ -247,8 +277,10 @@ fn finish_dead<S: Store>(
 /// Puts a job that came back (nack, expired lease) into the ready queue, or
 /// into the dead letters when it has no attempts or time left.
 fn requeue<S: Store>(s: &mut S, p: &Policy, now: u64, id: u128, visible_at: u64) -> R<()> {
-    let Some(job) = s.job(id)? else {
-        return Ok(());
+    let job = match s.job_checked(id)? {
+        None => return Ok(()),
+        Some(Ok(job)) => job,
+        Some(Err(why)) => return bury_corrupt(s, p, id, &why, now),
     };
     match spent(&job, p, now) {
         Some(reason) => finish_dead(s, p, id, &job, reason, now),
@@ -327,8 +359,13 @@ pub(crate) fn lease<S: Store>(
         }
         for (at, id) in due {
             s.ready_remove(at, id)?;
-            let Some(mut job) = s.job(id)? else {
-                continue;
+            let mut job = match s.job_checked(id)? {
+                None => continue,
+                Some(Ok(job)) => job,
+                Some(Err(why)) => {
+                    bury_corrupt(s, p, id, &why, now)?;
+                    continue;
+                }
             };
             if let Some(reason) = spent(&job, p, now) {
                 finish_dead(s, p, id, &job, reason, now)?;
