@@ -1470,13 +1470,6 @@ impl<S: StatusStore> AmqpQueue<S> {
         &self.inner.store
     }
 
-    fn corrupt(&self, what: impl Into<String>) -> QueueError {
-        QueueError::corrupt(
-            PathBuf::from(format!("{}#{}", self.inner.url, self.inner.queue)),
-            what.into(),
-        )
-    }
-
     async fn open(&self) -> Result<Link, lapin::Error> {
         let conn = Connection::connect(&self.inner.url, ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
@@ -2051,15 +2044,22 @@ impl<S: StatusStore> AmqpQueue<S> {
                 }
             }
             Take::Dead { reason } => self.to_dlx(channel, &id, &d.data, &reason).await,
-            Take::Leased { attempts } => {
-                let mut job = self
-                    .inner
-                    .format
-                    .decode(&d.data)
-                    .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
-                job.attempts = attempts;
-                out = Some(Leased::new(Lease::new(id, next), job));
-            }
+            Take::Leased { attempts } => match self.inner.format.decode(&d.data) {
+                Ok(mut job) => {
+                    job.attempts = attempts;
+                    out = Some(Leased::new(Lease::new(id, next), job));
+                }
+                // Written by a newer version, say: dead-lettered as it is,
+                // rather than failing this lease and every next one.
+                Err(e) => {
+                    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
+                    let why = format!("corrupt job record: {e}");
+                    let now = self.inner.clock.now_ms();
+                    if self.inner.store.dead_letter(&id, &next, &why, now).await? {
+                        self.to_dlx(channel, &id, &d.data, &why).await;
+                    }
+                }
+            },
         }
         d.acker
             .ack(BasicAckOptions::default())
@@ -2189,11 +2189,11 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
         let rows = self.bounded(self.inner.store.dead(limit)).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let mut job = self
-                .inner
-                .format
-                .decode(&r.envelope)
-                .map_err(|e| self.corrupt(format!("dead job {}: {e}", r.id)))?;
+            // One dead-lettered because it does not decode is left out (its
+            // status says why).
+            let Ok(mut job) = self.inner.format.decode(&r.envelope) else {
+                continue;
+            };
             job.attempts = r.attempts;
             out.push(DeadLetter::new(r.id, job, r.reason, ms_system(r.at_ms)));
         }

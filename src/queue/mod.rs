@@ -125,7 +125,10 @@ pub trait Queue: Send + Sync + 'static {
     /// visibility timeout has passed. A job whose lease expires without an
     /// ack, nack or dead-letter is queued again (at least once). Jobs past
     /// their TTL or out of attempts are dead-lettered here instead of being
-    /// returned. The result may be empty.
+    /// returned, and so is a job whose stored form does not decode (written
+    /// by a newer version, or in another format), with a reason that starts
+    /// `corrupt job record`: it holds up no other job. The result may be
+    /// empty.
     fn lease(
         &self,
         max: usize,

@@ -1139,11 +1139,19 @@ impl NatsQueue {
                         .await?;
                     continue;
                 }
-                let mut job = self
-                    .inner
-                    .format
-                    .decode(&msg.payload)
-                    .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+                let mut job = match self.inner.format.decode(&msg.payload) {
+                    Ok(job) => job,
+                    // Written by a newer version, say: dead-lettered as it
+                    // is, rather than failing this batch and every next one.
+                    Err(e) => {
+                        tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
+                        let why = format!("corrupt job record: {e}");
+                        let had = attempts.saturating_sub(1).min(max_attempts);
+                        self.bury(&id, msg.payload.clone(), had, &why, &reply, revision)
+                            .await?;
+                        continue;
+                    }
+                };
                 job.attempts = attempts;
                 let token = format!("{:032x}", uuid::Uuid::now_v7().as_u128());
                 let rec = Rec {
@@ -1401,11 +1409,11 @@ impl NatsQueue {
             else {
                 continue;
             };
-            let mut job = self
-                .inner
-                .format
-                .decode(&m.payload)
-                .map_err(|e| self.corrupt(format!("dead job {id}: {e}")))?;
+            // One dead-lettered because it does not decode is left out (its
+            // status says why).
+            let Ok(mut job) = self.inner.format.decode(&m.payload) else {
+                continue;
+            };
             job.attempts = m
                 .headers
                 .get(H_ATTEMPTS)

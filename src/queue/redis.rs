@@ -899,13 +899,21 @@ impl Queue for RedisQueue {
             let jid: JobId = id
                 .parse()
                 .map_err(|_| self.corrupt(format!("bad job id {id:?}")))?;
-            let mut job = self
-                .inner
-                .format
-                .decode(&bytes)
-                .map_err(|e| self.corrupt(format!("job {id}: {e}")))?;
+            let lease = Lease::new(jid, token);
+            let mut job = match self.inner.format.decode(&bytes) {
+                Ok(job) => job,
+                // Written by a newer version, say: dead-lettered as it is,
+                // so that it neither fails this batch (whose other jobs
+                // are leased already) nor comes back to fail the next.
+                Err(e) => {
+                    let why = format!("corrupt job record: {e}");
+                    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %jid, error = %e, "job record does not decode; dead-lettered as it is");
+                    self.dead_letter(&lease, &why).await?;
+                    continue;
+                }
+            };
             job.attempts = attempts;
-            out.push(Leased::new(Lease::new(jid, token), job));
+            out.push(Leased::new(lease, job));
         }
         Ok(out)
     }
@@ -1067,11 +1075,11 @@ impl Queue for RedisQueue {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| bad("bad id".into()))?;
-            let mut job = self
-                .inner
-                .format
-                .decode(get("job")?)
-                .map_err(|e| bad(e.to_string()))?;
+            // One dead-lettered because it does not decode is left out (its
+            // status says why).
+            let Ok(mut job) = self.inner.format.decode(get("job")?) else {
+                continue;
+            };
             job.attempts = parse(get("attempts")?).map_err(bad)?;
             let reason = String::from_utf8_lossy(get("reason")?).into_owned();
             let at = ms_system(parse(get("at")?).map_err(bad)?);

@@ -702,3 +702,35 @@ async fn the_key_index_forgets_keys_after_retention() {
     assert_eq!(index(), ["k-2"], "the expired job's key is still indexed");
     cleanup(&name).await;
 }
+
+/// A job that does not decode for the handle that leases it (here written
+/// by a handle set to protobuf, read by one set to JSON, as a deploy that
+/// changes the format would) is dead-lettered as it is, with the reason,
+/// and the jobs behind it are leased. Before, every lease failed on it.
+#[cfg(feature = "prost")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_job_is_dead_lettered_and_the_rest_are_leased() {
+    use tower_firebreak::queue::codec::Format;
+    use tower_firebreak::queue::{Job, JobStatus, Queue};
+    let name = unique("undecodable");
+    let proto = connect_with(AMQP, &name, |b| b.format(Format::Protobuf)).await;
+    let json = connect(AMQP, &name, Duration::from_secs(5)).await;
+    let job = || Job::new(http::Method::POST, "/x".parse().unwrap());
+    let bad = proto.enqueue(job()).await.unwrap();
+    let good = json.enqueue(job()).await.unwrap();
+    let mut leased = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while leased.is_empty() && tokio::time::Instant::now() < until {
+        leased = json.lease(10, Duration::from_secs(60)).await.unwrap();
+    }
+    let ids: Vec<_> = leased.iter().map(|l| *l.lease.id()).collect();
+    assert_eq!(ids, [good]);
+    match json.status(&bad).await.unwrap() {
+        Some(JobStatus::DeadLettered { reason, .. }) => {
+            assert!(reason.contains("corrupt job record"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(json.dead_letters(10).await.unwrap().is_empty());
+    cleanup(&name).await;
+}

@@ -528,6 +528,42 @@ async fn delivered_jobs_leave_nothing_in_the_live_bucket() {
     cleanup(&name).await;
 }
 
+/// A job message that does not decode (a newer version wrote it, say) is
+/// dead-lettered as it is, with the reason, and the jobs fetched with it
+/// are leased. Before, the whole lease failed, after marking the jobs
+/// before it in flight, every time the message came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_job_is_dead_lettered_and_the_rest_are_leased() {
+    use tower_firebreak::queue::{Job, JobId, JobStatus, Queue};
+    let name = unique("undecodable");
+    let q = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let bad = JobId::new();
+    let js = async_nats::jetstream::new(async_nats::connect(SHARED).await.unwrap());
+    js.publish(
+        format!("fb.{name}.job.{bad}"),
+        bytes::Bytes::from_static(b"X{\"from\":\"a newer version\"}"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let good = q
+        .enqueue(Job::new(http::Method::POST, "/x".parse().unwrap()))
+        .await
+        .unwrap();
+    let leased = q.lease(10, Duration::from_secs(60)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| *l.lease.id()).collect();
+    assert_eq!(ids, [good]);
+    match q.status(&bad).await.unwrap() {
+        Some(JobStatus::DeadLettered { reason, .. }) => {
+            assert!(reason.contains("corrupt job record"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    cleanup(&name).await;
+}
+
 /// A dead-lettered job redriven before its old message's `+TERM` landed
 /// (here a proxy drops that `+TERM`) has two messages in the stream: the
 /// old one, still due for redelivery, and the redrive's. Only the new one

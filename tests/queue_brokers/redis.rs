@@ -253,3 +253,45 @@ async fn an_expired_lease_behind_many_live_ones_comes_back() {
     assert_eq!(back[0].job.attempts(), 2);
     cleanup(&name);
 }
+
+/// A job record that does not decode (a newer version wrote it, say) is
+/// dead-lettered as it is, with the reason: the jobs leased with it are
+/// returned, and it does not come back to fail the next lease. Before, the
+/// whole lease failed after every job in it was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_job_is_dead_lettered_and_the_rest_are_leased() {
+    use tower_firebreak::queue::{Job, JobStatus, Queue};
+    let name = unique("undecodable");
+    let q = connect(SHARED, &name, Duration::from_secs(5)).await;
+    let job = || Job::new(http::Method::POST, "/x".parse().unwrap());
+    let a = q.enqueue(job()).await.unwrap();
+    let b = q.enqueue(job()).await.unwrap();
+    let mut c = redis::Client::open(SHARED)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("fb:{{{name}}}:j"))
+        .arg(a.to_string())
+        .arg(&b"X{\"from\":\"a newer version\"}"[..])
+        .query(&mut c)
+        .unwrap();
+    let leased = q.lease(10, Duration::from_secs(60)).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| *l.lease.id()).collect();
+    assert_eq!(ids, [b]);
+    match q.status(&a).await.unwrap() {
+        Some(JobStatus::DeadLettered { reason, .. }) => {
+            assert!(reason.contains("corrupt job record"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        q.lease(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(q.dead_letter_count().await.unwrap(), 1);
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    cleanup(&name);
+}
