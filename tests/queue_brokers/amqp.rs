@@ -30,7 +30,7 @@ async fn connect_with(
     .connect(url, store)
     .await
     .unwrap_or_else(|e| {
-        panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (`bash .ci/test` starts it)")
     })
 }
 
@@ -154,7 +154,7 @@ async fn a_stalled_status_store_stores_none_of_its_503s() {
         .connect(AMQP, store)
         .await
         .unwrap_or_else(|e| {
-            panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (see shared/DESIGN.md)")
+            panic!("RabbitMQ at {AMQP} is unreachable ({e}); start it (`bash .ci/test` starts it)")
         });
     let log = outage(q, &mut Stall(&mut store_redis), Duration::from_secs(1), 1).await;
     stored_none_after_the_stop(&log, in_index(&url, &name));

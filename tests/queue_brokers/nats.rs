@@ -12,7 +12,7 @@ async fn connect(url: &str, name: &str, op_timeout: Duration) -> NatsQueue {
         .await
         .unwrap_or_else(|e| {
             panic!(
-                "NATS at {url} is unreachable ({e}); start it with JetStream (see shared/DESIGN.md)"
+                "NATS at {url} is unreachable ({e}); start it with JetStream (`bash .ci/test` starts it)"
             )
         })
 }

@@ -25,7 +25,7 @@ async fn connect_with(
     .connect(url)
     .await
     .unwrap_or_else(|e| {
-        panic!("Redis at {url} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        panic!("Redis at {url} is unreachable ({e}); start it (`bash .ci/test` starts it)")
     })
 }
 

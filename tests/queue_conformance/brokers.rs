@@ -68,7 +68,7 @@ pub(crate) async fn redis(s: Settings) -> Fixture<tower_firebreak::queue::redis:
         builder = builder.dead_letter_retention(r);
     }
     let queue = builder.connect(REDIS_URL).await.unwrap_or_else(|e| {
-        panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        panic!("Redis at {REDIS_URL} is unreachable ({e}); start it (`bash .ci/test` starts it)")
     });
     Fixture {
         queue,
@@ -121,7 +121,7 @@ pub(crate) async fn nats(s: Settings) -> Fixture<tower_firebreak::queue::nats::N
         .connect(NATS_URL)
         .await
         .unwrap_or_else(|e| {
-            panic!("NATS at {NATS_URL} is unreachable ({e}); start it with JetStream (see shared/DESIGN.md)")
+            panic!("NATS at {NATS_URL} is unreachable ({e}); start it with JetStream (`bash .ci/test` starts it)")
         });
     Fixture {
         queue,
@@ -206,7 +206,7 @@ pub(crate) async fn amqp(
     let store = RedisStatusStore::connect_with_timeout(REDIS_URL, &name, timeout)
         .await
         .unwrap_or_else(|e| {
-            panic!("Redis at {REDIS_URL} (the status store) is unreachable ({e}); start it (see shared/DESIGN.md)")
+            panic!("Redis at {REDIS_URL} (the status store) is unreachable ({e}); start it (`bash .ci/test` starts it)")
         });
     let mut builder = AmqpQueue::builder()
         .name(&name)
@@ -218,7 +218,7 @@ pub(crate) async fn amqp(
         builder = builder.dead_letter_retention(r);
     }
     let queue = builder.connect(AMQP_URL, store).await.unwrap_or_else(|e| {
-        panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (see shared/DESIGN.md)")
+        panic!("RabbitMQ at {AMQP_URL} is unreachable ({e}); start it (`bash .ci/test` starts it)")
     });
     Fixture {
         queue,
