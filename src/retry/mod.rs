@@ -11,7 +11,10 @@
 //!   [`BulkheadFull`](crate::bulkhead::BulkheadFull),
 //!   [`RateLimited`](crate::rate_limit::RateLimited)) and
 //!   [`DeadlineExceeded`](crate::deadline::DeadlineExceeded). An attempt
-//!   [`Elapsed`](crate::timeout::Elapsed) is retried.
+//!   [`Elapsed`](crate::timeout::Elapsed) is retried. It knows nothing of
+//!   methods: on `http::Request`s it would retry a `POST` whose attempt
+//!   timed out after reaching the server, and it never retries a 503
+//!   response (an `Ok`). For HTTP and gRPC, use [`RetryPolicy::http`].
 //! - [`HttpClassifier`] ([`RetryPolicy::http`]), for HTTP and gRPC: errors
 //!   and 502, 503, 504, 429, 408 on idempotent requests, gRPC `UNAVAILABLE`,
 //!   `Retry-After` and `grpc-retry-pushback-ms` honoured.
