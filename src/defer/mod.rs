@@ -220,6 +220,21 @@ pub fn deferrable_by_default(parts: &http::request::Parts) -> bool {
 /// instead of the first one's id: give such callers a scope of their own
 /// with [`DeferLayer::key_scope`] (a tenant or account id), or none at all
 /// for keys that are global by design.
+///
+/// Callers who authenticate with a cookie and no `Authorization` all share
+/// the one scope of "no credentials": one who sends another's key, with
+/// the same method, URI and body, is answered with that job's id and
+/// stored response. Cookies are left out of the default on purpose (other
+/// cookies change between a request and its retry, which would run it
+/// twice); scope such callers by their session or user id with
+/// [`DeferLayer::key_scope`].
+///
+/// The stored request keeps every header, credentials included, so that a
+/// replay is authorised as the call was: the queue holds them in plain
+/// text (protect it as you would the credentials), and a short-lived token
+/// may have expired by the time of the replay (its 401 is the delivered
+/// answer; give the replayer its own credentials with a layer that sets
+/// them if yours expire sooner than a dependency's outage lasts).
 pub fn scope_by_authorization(parts: &http::request::Parts) -> Option<String> {
     let auth = parts.headers.get(http::header::AUTHORIZATION)?;
     Some(digest(auth.as_bytes()))

@@ -21,6 +21,11 @@ use std::sync::Arc;
 /// | not a job id | `400`, problem details |
 /// | the queue cannot answer | `503`, problem details |
 ///
+/// The route checks no credentials: whoever holds a job id (a random
+/// UUIDv7) reads the job's stored response, headers included. Put your own
+/// authentication in front of it (`.route_layer(...)`) when responses are
+/// private to a caller.
+///
 /// Merge it into your app, and give the [`DeferLayer`](super::DeferLayer)
 /// the same path with `.status_path("/jobs")` so its answers link here:
 ///
