@@ -263,16 +263,14 @@ impl ResilienceConfig {
         let budget = deadline.as_ref().map(|d| d.budget);
         let attempt = timeout.as_ref().map(|t| t.timeout);
         if let (Some(budget), Some(attempt)) = (budget, attempt)
-            && attempt >= budget
+            && attempt > budget
         {
             return Err(ConfigError::conflict(
                 "timeout.timeout",
                 attempt,
                 "deadline.budget",
                 budget,
-                "an attempt must be allowed less than the whole call: one allowed all of it is \
-                 always cut by the deadline, which is the caller's limit and not counted \
-                 against the dependency, so a hung dependency would never open the breaker",
+                "an attempt cannot be allowed longer than the whole call",
             ));
         }
         let retry_policy = match &retry {

@@ -328,4 +328,45 @@ async fn an_undecodable_job_record_is_dead_lettered_and_holds_nothing_up() {
     assert!(q.dead_letters(10).await.unwrap().is_empty());
     // The job submitted alongside and job 2 are all that is left.
     assert_eq!(q.depth().await.unwrap(), 2);
+    // Nothing to send again; the queue goes on.
+    assert!(!q.redrive(&a).await.unwrap());
+    q.enqueue(job(5)).await.unwrap();
+}
+
+/// Past its retention, a quarantined record is purged like any dead
+/// letter, and the purge (which runs with every lease) does not fail.
+#[tokio::test(start_paused = true)]
+async fn a_quarantined_record_is_purged_after_its_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let open = || {
+        DiskQueue::builder()
+            .dead_letter_retention(Duration::from_secs(60))
+            .open(&path)
+            .unwrap()
+    };
+    let a;
+    {
+        let q = open();
+        a = q.enqueue(job(1)).await.unwrap();
+    }
+    overwrite_job(&path, &a, b"X{}");
+    let q = open();
+    assert!(
+        q.lease(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        q.status(&a).await.unwrap(),
+        Some(JobStatus::DeadLettered { .. })
+    ));
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let b = q.enqueue(job(2)).await.unwrap();
+    let leased = q.lease(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].lease.id(), &b);
+    assert_eq!(q.status(&a).await.unwrap(), None);
+    assert_eq!(q.dead_letter_count().await.unwrap(), 0);
 }

@@ -2055,8 +2055,14 @@ impl<S: StatusStore> AmqpQueue<S> {
                     tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
                     let why = format!("corrupt job record: {e}");
                     let now = self.inner.clock.now_ms();
-                    if self.inner.store.dead_letter(&id, &next, &why, now).await? {
-                        self.to_dlx(channel, &id, &d.data, &why).await;
+                    match self.inner.store.dead_letter(&id, &next, &why, now).await {
+                        Ok(true) => self.to_dlx(channel, &id, &d.data, &why).await,
+                        Ok(false) => {}
+                        // Its lease timer brings it back; the batch's other
+                        // jobs are held by now.
+                        Err(e) => {
+                            tracing::warn!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "dead-lettering an undecodable job failed");
+                        }
                     }
                 }
             },

@@ -1296,6 +1296,10 @@ impl Store for DiskStore<'_> {
         let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
         Ok(bytes.map(|b| decode_job(&b)))
     }
+    fn dead_job_checked(&mut self, id: u128) -> Result<Option<Result<Job, String>>, QueueError> {
+        let bytes = io!(self, self.dead.get(id)).map(|g| g.value().to_vec());
+        Ok(bytes.map(|b| decode_job(&b)))
+    }
     fn quarantine(&mut self, id: u128) -> Result<(), QueueError> {
         self.dirty = true;
         let bytes = io!(self, self.jobs.remove(id)).map(|g| g.value().to_vec());

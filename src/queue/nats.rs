@@ -1147,8 +1147,14 @@ impl NatsQueue {
                         tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
                         let why = format!("corrupt job record: {e}");
                         let had = attempts.saturating_sub(1).min(max_attempts);
-                        self.bury(&id, msg.payload.clone(), had, &why, &reply, revision)
-                            .await?;
+                        // Should that fail, the message comes back; the
+                        // batch's other jobs are held by now.
+                        if let Err(e) = self
+                            .bury(&id, msg.payload.clone(), had, &why, &reply, revision)
+                            .await
+                        {
+                            tracing::warn!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "dead-lettering an undecodable job failed");
+                        }
                         continue;
                     }
                 };

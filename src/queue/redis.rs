@@ -908,7 +908,11 @@ impl Queue for RedisQueue {
                 Err(e) => {
                     let why = format!("corrupt job record: {e}");
                     tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %jid, error = %e, "job record does not decode; dead-lettered as it is");
-                    self.dead_letter(&lease, &why).await?;
+                    // Should that fail, the job comes back after its
+                    // visibility timeout; the batch's other jobs are held.
+                    if let Err(e) = self.dead_letter(&lease, &why).await {
+                        tracing::warn!(target: "tower_firebreak", layer = "queue", job_id = %jid, error = %e, "dead-lettering an undecodable job failed");
+                    }
                     continue;
                 }
             };

@@ -109,6 +109,11 @@ pub(crate) trait Store: Read {
     fn job_checked(&mut self, id: u128) -> R<Option<Result<Job, String>>> {
         Ok(self.job(id)?.map(Ok))
     }
+    /// As `dead_job`, but a record that does not decode (one quarantined
+    /// for that reason) is `Some(Err(why))`, not an error.
+    fn dead_job_checked(&mut self, id: u128) -> R<Option<Result<Job, String>>> {
+        Ok(self.dead_job(id)?.map(Ok))
+    }
     /// Moves job `id`'s record, as it is, from the jobs to the dead letters.
     fn quarantine(&mut self, id: u128) -> R<()> {
         self.remove_job(id)
@@ -325,7 +330,12 @@ fn purge<S: Store>(s: &mut S, now: u64) -> R<()> {
         let key = match s.outcome(id)? {
             Some(Outcome::Delivered { key, .. }) => key,
             Some(Outcome::Dead { .. }) => {
-                let key = s.dead_job(id)?.and_then(|j| j.idempotency_key);
+                // A quarantined record's key cannot be read: its entry in
+                // the key index stays (and answers with an unknown job).
+                let key = s
+                    .dead_job_checked(id)?
+                    .and_then(Result::ok)
+                    .and_then(|j| j.idempotency_key);
                 s.dead_remove(id)?;
                 key
             }
@@ -483,8 +493,15 @@ pub(crate) fn redrive<S: Store>(s: &mut S, p: &Policy, now: u64, id: &JobId) -> 
     let Some(Outcome::Dead { purge_at, .. }) = s.outcome(id)? else {
         return Ok(false);
     };
-    let Some(mut job) = s.dead_job(id)? else {
-        return Ok(false);
+    let mut job = match s.dead_job_checked(id)? {
+        None => return Ok(false),
+        Some(Ok(job)) => job,
+        // Dead-lettered because it does not decode: there is nothing to
+        // send again.
+        Some(Err(why)) => {
+            tracing::warn!(target: "tower_firebreak", layer = "queue", job_id = %JobId::from_u128(id), error = why, "a dead letter that does not decode cannot be redriven");
+            return Ok(false);
+        }
     };
     let depth = s.depth()?;
     if depth >= p.capacity as u64 {

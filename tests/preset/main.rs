@@ -121,19 +121,6 @@ fn a_config_file_with_a_contradiction_names_both_fields() {
         "{msg}"
     );
 
-    // An attempt allowed the whole budget is always cut by the deadline,
-    // which the breaker does not count: refused too.
-    let err = Policies::from_toml(
-        r#"
-        [policies.hung]
-        deadline = { budget = "1s" }
-        timeout = { timeout = "1s" }
-        "#,
-    )
-    .unwrap_err();
-    assert_eq!(err.field(), "policies.hung.timeout.timeout");
-    assert!(err.to_string().contains("never open the breaker"), "{err}");
-
     // Retry delays that cannot fit the deadline.
     let err = Policies::from_toml(
         r#"
