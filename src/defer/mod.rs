@@ -594,6 +594,9 @@ async fn answer<Q: Queue>(
             ),
             None,
         ),
+        // "Now" (a half-open breaker's) would send callers straight back to
+        // a failing queue.
+        Err(e) if retry_after.is_zero() => not_deferred(e, settings.retry_after),
         Err(e) => not_deferred(e, retry_after),
     }
 }

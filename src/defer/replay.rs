@@ -307,9 +307,20 @@ where
         // The batch that the dependency's pace lets this replayer send
         // within half the visibility timeout, as last seen.
         let mut fits = batch_size(cfg);
+        // Set when the service stayed not ready for half a visibility
+        // timeout with a batch leased: the next lease waits for it first,
+        // so that no lease (which counts as an attempt) is spent while it
+        // stays not ready.
+        let mut await_ready = false;
         loop {
             if is_stopped(&stop) {
                 return;
+            }
+            if std::mem::take(&mut await_ready) {
+                let ready = async { service.ready().await.map(|_| ()) };
+                if race(ready, stopped(&mut stop)).await.is_err() {
+                    return;
+                }
             }
             let max = if probing { 1 } else { fits };
             // Before the lease: its visibility runs from no earlier.
@@ -436,6 +447,7 @@ where
                         sent -= 1;
                         fits = sent.max(1);
                         outran = true;
+                        await_ready = true;
                         break;
                     }
                     Err(()) => {

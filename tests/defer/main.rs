@@ -940,9 +940,10 @@ async fn a_slow_dependency_does_not_let_leases_expire_inside_a_batch() {
     assert_eq!(sent.len(), JOBS);
 }
 
-/// A service that is not ready for its first 12 s (a breaker in readiness
-/// mode, open), then answers 200 and notes each job's key.
+/// A service that is not ready for its first `not_ready_for` (a breaker in
+/// readiness mode, open), then answers 200 and notes each job's key.
 struct NotReadyAtFirst {
+    not_ready_for: Duration,
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     ready: bool,
     sent: Arc<Mutex<Vec<String>>>,
@@ -960,7 +961,7 @@ impl Service<Req> for NotReadyAtFirst {
         if !self.ready {
             let wait = self
                 .wait
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_secs(12))));
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(self.not_ready_for)));
             std::task::ready!(wait.as_mut().poll(cx));
             self.ready = true;
         }
@@ -987,6 +988,7 @@ async fn a_service_not_ready_for_longer_than_the_lease_does_not_send_a_job_twice
     let sent: Arc<Mutex<Vec<String>>> = Arc::default();
     let replayer = |q: MemoryQueue| {
         let svc = NotReadyAtFirst {
+            not_ready_for: Duration::from_secs(12),
             wait: None,
             ready: false,
             sent: sent.clone(),
@@ -1010,6 +1012,35 @@ async fn a_service_not_ready_for_longer_than_the_lease_does_not_send_a_job_twice
     sent.dedup();
     assert_eq!(len, sent.len(), "a job was sent more than once: {sent:?}");
     assert_eq!(len, JOBS);
+}
+
+/// A lone replayer whose service stays not ready far longer than its
+/// attempts' worth of half visibility timeouts waits for it without leasing,
+/// so the job is sent when it is ready, not dead-lettered unsent.
+#[tokio::test(start_paused = true)]
+async fn a_long_not_ready_service_does_not_use_up_the_attempts() {
+    let queue = MemoryQueue::builder().max_attempts(3).build().unwrap();
+    let id = queue.enqueue(job("patient", "x")).await.unwrap();
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let svc = NotReadyAtFirst {
+        not_ready_for: Duration::from_secs(300),
+        wait: None,
+        ready: false,
+        sent: sent.clone(),
+    };
+    let handle = Replayer::new(queue.clone(), svc)
+        .visibility(Duration::from_secs(10))
+        .spawn();
+    wait_until(Duration::from_secs(600), || {
+        all_delivered(&queue, std::slice::from_ref(&id))
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(*sent.lock().unwrap(), ["patient"]);
+    let Some(JobStatus::Delivered { attempts, .. }) = queue.status(&id).await.unwrap() else {
+        unreachable!()
+    };
+    assert!(attempts <= 2, "{attempts} attempts");
 }
 
 /// Replays one job into `downstream` with a 2,500-byte response limit and
