@@ -28,6 +28,18 @@ use tower_firebreak::queue::{JobId, JobStatus, Queue};
 type Req = http::Request<Full<Bytes>>;
 type Res = http::Response<Full<Bytes>>;
 
+/// Asserts job `id` was dead-lettered for not decoding, and that the
+/// dead-letter listing (which cannot show it) leaves it out.
+pub(crate) async fn assert_dead_as_corrupt(q: &impl Queue, id: &JobId) {
+    match q.status(id).await.unwrap() {
+        Some(JobStatus::DeadLettered { reason, .. }) => {
+            assert!(reason.contains("corrupt job record"), "{reason}");
+        }
+        other => panic!("{id}: {other:?}"),
+    }
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+}
+
 /// A name no other test (or earlier run) uses.
 pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
