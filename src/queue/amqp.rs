@@ -2052,8 +2052,7 @@ impl<S: StatusStore> AmqpQueue<S> {
                 // Written by a newer version, say: dead-lettered as it is,
                 // rather than failing this lease and every next one.
                 Err(e) => {
-                    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
-                    let why = format!("corrupt job record: {e}");
+                    let why = super::corrupt_record(&id, &e);
                     let now = self.inner.clock.now_ms();
                     match self.inner.store.dead_letter(&id, &next, &why, now).await {
                         Ok(true) => self.to_dlx(channel, &id, &d.data, &why).await,

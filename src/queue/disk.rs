@@ -1289,8 +1289,9 @@ impl Store for DiskStore<'_> {
         Ok(())
     }
     fn job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
-        let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
-        bytes.map(|b| self.decode_job(&b)).transpose()
+        self.job_checked(id)?
+            .map(|r| r.map_err(|e| self.corrupt("job record", e)))
+            .transpose()
     }
     fn job_checked(&mut self, id: u128) -> Result<Option<Result<Job, String>>, QueueError> {
         let bytes = io!(self, self.jobs.get(id)).map(|g| g.value().to_vec());
@@ -1378,8 +1379,9 @@ impl Store for DiskStore<'_> {
         Ok(())
     }
     fn dead_job(&mut self, id: u128) -> Result<Option<Job>, QueueError> {
-        let bytes = io!(self, self.dead.get(id)).map(|g| g.value().to_vec());
-        bytes.map(|b| self.decode_job(&b)).transpose()
+        self.dead_job_checked(id)?
+            .map(|r| r.map_err(|e| self.corrupt("job record", e)))
+            .transpose()
     }
     fn dead_remove(&mut self, id: u128) -> Result<(), QueueError> {
         self.dirty = true;

@@ -88,6 +88,14 @@ pub use self::job::{
     ParseJobIdError,
 };
 
+/// The dead-letter reason for job `id`, whose stored form does not decode
+/// (`why`), logged as it is given: every backend dead-letters such a job
+/// with this reason instead of failing the lease it came in.
+pub(crate) fn corrupt_record(id: &JobId, why: &dyn std::fmt::Display) -> String {
+    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %why, "job record does not decode; dead-lettered as it is");
+    format!("corrupt job record: {why}")
+}
+
 /// A durable queue of deferred jobs.
 ///
 /// Every method takes `&self`; a queue is shared by cloning its handle or

@@ -1133,8 +1133,9 @@ impl NatsQueue {
                 } else {
                     None
                 };
+                // The attempts a buried message had: this delivery is not one.
+                let had = attempts.saturating_sub(1).min(max_attempts);
                 if let Some(reason) = reason {
-                    let had = attempts.saturating_sub(1).min(max_attempts);
                     self.bury(&id, msg.payload.clone(), had, &reason, &reply, revision)
                         .await?;
                     continue;
@@ -1144,9 +1145,7 @@ impl NatsQueue {
                     // Written by a newer version, say: dead-lettered as it
                     // is, rather than failing this batch and every next one.
                     Err(e) => {
-                        tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %id, error = %e, "job record does not decode; dead-lettered as it is");
-                        let why = format!("corrupt job record: {e}");
-                        let had = attempts.saturating_sub(1).min(max_attempts);
+                        let why = super::corrupt_record(&id, &e);
                         // Should that fail, the message comes back; the
                         // batch's other jobs are held by now.
                         if let Err(e) = self

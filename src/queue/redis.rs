@@ -906,8 +906,7 @@ impl Queue for RedisQueue {
                 // so that it neither fails this batch (whose other jobs
                 // are leased already) nor comes back to fail the next.
                 Err(e) => {
-                    let why = format!("corrupt job record: {e}");
-                    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %jid, error = %e, "job record does not decode; dead-lettered as it is");
+                    let why = super::corrupt_record(&jid, &e);
                     // Should that fail, the job comes back after its
                     // visibility timeout; the batch's other jobs are held.
                     if let Err(e) = self.dead_letter(&lease, &why).await {

@@ -247,9 +247,9 @@ fn finish_dead<S: Store>(
 /// reason: the jobs behind it are not held up, every other operation in
 /// its batch still commits, and the record is kept to look at.
 fn bury_corrupt<S: Store>(s: &mut S, p: &Policy, id: u128, why: &str, now: u64) -> R<()> {
-    tracing::error!(target: "tower_firebreak", layer = "queue", job_id = %JobId::from_u128(id), error = why, "job record does not decode; dead-lettered as it is");
+    let reason = super::corrupt_record(&JobId::from_u128(id), &why);
     s.quarantine(id)?;
-    dead_outcome(s, p, id, 0, format!("corrupt job record: {why}"), now)
+    dead_outcome(s, p, id, 0, reason, now)
 }
 
 fn dead_outcome<S: Store>(
