@@ -26,11 +26,14 @@
 //! dependency, so both are [`Outcome::Ignore`]. An attempt timeout
 //! ([`Elapsed`](crate::timeout::Elapsed)) *is* counted as a failure: in the
 //! standard pipeline the timeout sits inside the breaker, and a hanging
-//! dependency must be able to open it.
+//! dependency must be able to open it. So is a `DeadlineExceeded` caused by
+//! an `Elapsed`: the deadline fired first, but only after the attempt had
+//! nearly all of its own timeout (see [`crate::timeout`]).
 
 use crate::BoxError;
 use crate::circuit_breaker::future::Call;
 use crate::error::{Rejection, RejectionKind};
+use crate::timeout::Elapsed;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -88,7 +91,16 @@ pub trait Classify<Res> {
 /// [module docs](self)).
 pub fn classify_error(err: &BoxError) -> Outcome {
     match Rejection::of(&**err) {
-        Some(r) if r.is_shed() || r.kind() == RejectionKind::DeadlineExceeded => Outcome::Ignore,
+        Some(r) if r.is_shed() => Outcome::Ignore,
+        // The deadline cut the attempt, but only after the dependency had
+        // nearly all of its attempt timeout: that is the dependency hanging.
+        Some(r)
+            if r.kind() == RejectionKind::DeadlineExceeded
+                && crate::error::find::<Elapsed>(&**err).is_some() =>
+        {
+            Outcome::Failure
+        }
+        Some(r) if r.kind() == RejectionKind::DeadlineExceeded => Outcome::Ignore,
         _ => Outcome::Failure,
     }
 }
@@ -523,7 +535,7 @@ impl<B: Body> Body for GrpcBody<B> {
 mod tests {
     use super::*;
     use crate::circuit_breaker::CircuitOpen;
-    use crate::timeout::Elapsed;
+    use crate::deadline::DeadlineExceeded;
     use std::time::Duration;
 
     #[test]
@@ -534,6 +546,11 @@ mod tests {
         assert_eq!(classify_error(&elapsed), Outcome::Failure);
         let other: BoxError = "boom".into();
         assert_eq!(classify_error(&other), Outcome::Failure);
+        let out_of_time: BoxError = DeadlineExceeded::new().into();
+        assert_eq!(classify_error(&out_of_time), Outcome::Ignore);
+        let after_whole_attempt: BoxError =
+            DeadlineExceeded::caused_by(Elapsed::new(Duration::from_secs(1)).into()).into();
+        assert_eq!(classify_error(&after_whole_attempt), Outcome::Failure);
     }
 
     #[test]

@@ -120,7 +120,9 @@
 //! `DeadlineExceeded`) are not counted at all: they say nothing about the
 //! dependency. An attempt timeout ([`Elapsed`](crate::timeout::Elapsed)) from
 //! a timeout layer inside the breaker *is* a failure: that is how a hanging
-//! dependency opens it. Pass a classifier with
+//! dependency opens it. So is a deadline that fired only after the attempt
+//! had nearly all of its own timeout (see [`crate::timeout`]); a deadline
+//! that cut an attempt well short is not counted. Pass a classifier with
 //! [`classifier`](CircuitBreakerBuilder::classifier) to judge responses:
 //! [`HttpClassifier`](crate::classify::HttpClassifier) (5xx, optionally 429
 //! and 408) or [`GrpcClassifier`](crate::classify::GrpcClassifier). See

@@ -35,10 +35,36 @@ pin_project! {
         Armed {
             #[pin]
             sleep: Sleep,
-            // True when the enclosing deadline, not our own timeout, set the timer.
-            by_deadline: bool,
+            // Who set the timer, and what its firing means.
+            fires: Fires,
         },
     }
+}
+
+/// What the armed timer means when it fires.
+#[derive(Clone, Copy, Debug)]
+enum Fires {
+    /// Our own timeout: [`Elapsed`].
+    Own,
+    /// The enclosing deadline, well before our own timeout:
+    /// [`DeadlineExceeded`], which says nothing about the dependency.
+    Deadline,
+    /// The enclosing deadline, but the attempt still had nearly all of its
+    /// own timeout (`granted`): [`DeadlineExceeded`] caused by [`Elapsed`],
+    /// which a breaker counts as the dependency's failure.
+    DeadlineAfterFullAttempt { granted: Duration },
+}
+
+/// How much of its own timeout an attempt may lose to the deadline and still
+/// count as having had the whole of it: a tenth.
+///
+/// An attempt timeout equal to the deadline is the common case. The attempt
+/// starts a little after the deadline was stamped (the layers between them,
+/// a first attempt that failed fast), so the deadline's timer is always the
+/// one that fires. Without this margin a hung dependency would never open
+/// the breaker in that set-up.
+fn nearly_whole(own: Duration, granted: Duration) -> bool {
+    granted >= own - own / 10
 }
 
 impl<F> ResponseFuture<F> {
@@ -64,27 +90,42 @@ where
             return Poll::Ready(res.map_err(Into::into));
         }
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
-            let own = this.timeout.map(|t| crate::later(Instant::now(), t));
-            let (at, by_deadline) = match (own, deadline::current()) {
-                (Some(own), Some(d)) if d < own => (d, true),
-                (Some(own), _) => (own, false),
-                (None, Some(d)) => (d, true),
+            let now = Instant::now();
+            let own = this.timeout.map(|t| (t, crate::later(now, t)));
+            let (at, fires) = match (own, deadline::current()) {
+                (Some((t, own)), Some(d)) if d < own => {
+                    let granted = d.saturating_duration_since(now);
+                    if nearly_whole(t, granted) {
+                        (d, Fires::DeadlineAfterFullAttempt { granted })
+                    } else {
+                        (d, Fires::Deadline)
+                    }
+                }
+                (Some((_, own)), _) => (own, Fires::Own),
+                (None, Some(d)) => (d, Fires::Deadline),
                 (None, None) => return Poll::Pending,
             };
             this.timer.set(Timer::Armed {
                 sleep: tokio::time::sleep_until(at),
-                by_deadline,
+                fires,
             });
         }
         match this.timer.project() {
-            TimerProj::Armed { sleep, by_deadline } => {
+            TimerProj::Armed { sleep, fires } => {
                 ready!(sleep.poll(cx));
-                let err: BoxError = if *by_deadline {
-                    crate::trace::rejected("timeout", RejectionKind::DeadlineExceeded, None);
-                    DeadlineExceeded::new().into()
-                } else {
-                    crate::trace::rejected("timeout", RejectionKind::Timeout, None);
-                    Elapsed::new(this.timeout.unwrap_or_default()).into()
+                let err: BoxError = match *fires {
+                    Fires::Own => {
+                        crate::trace::rejected("timeout", RejectionKind::Timeout, None);
+                        Elapsed::new(this.timeout.unwrap_or_default()).into()
+                    }
+                    Fires::Deadline => {
+                        crate::trace::rejected("timeout", RejectionKind::DeadlineExceeded, None);
+                        DeadlineExceeded::new().into()
+                    }
+                    Fires::DeadlineAfterFullAttempt { granted } => {
+                        crate::trace::rejected("timeout", RejectionKind::DeadlineExceeded, None);
+                        DeadlineExceeded::caused_by(Elapsed::new(granted).into()).into()
+                    }
                 };
                 Poll::Ready(Err(err))
             }

@@ -39,7 +39,13 @@
 //!   time left in the whole call: the timer is set to the earlier of the two,
 //!   and when the deadline is the one that fires the error is
 //!   [`DeadlineExceeded`](crate::deadline::DeadlineExceeded), which retries
-//!   and the breaker treat as "out of time", not as "try again".
+//!   treat as "out of time", not as "try again". If the attempt still had at
+//!   least nine tenths of its own timeout when the deadline cut it (an
+//!   attempt timeout equal to the deadline, for instance), that
+//!   `DeadlineExceeded` has an [`Elapsed`] as its
+//!   [`source`](std::error::Error::source): the dependency had its whole
+//!   attempt and did not answer, so a breaker counts it as a failure. A
+//!   deadline that cut the attempt shorter is not counted.
 //! - **No timer on the fast path.** The inner future is polled first; a timer
 //!   is armed only if it returns `Pending`. A service that answers at once pays
 //!   no clock read and no timer registration. The timeout therefore counts

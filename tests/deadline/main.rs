@@ -369,3 +369,65 @@ async fn the_propagated_timeout_is_the_least_the_client_will_wait() {
     let res = preset.layer(echo_header).oneshot(req()).await.unwrap();
     assert_eq!(res.headers()["x-seen"], "1000");
 }
+
+/// Deadline → breaker → attempt timeout, in front of a dependency that never
+/// answers. `attempt` is the attempt timeout; each call starts `late` after
+/// the deadline layer stamped it (the time the layers in between take).
+/// Returns whether the breaker opened after four such calls.
+async fn hung_calls_open_the_breaker(budget: Duration, attempt: Duration, late: Duration) -> bool {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, State};
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(3)
+        .build()
+        .unwrap();
+    let h = breaker.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(budget))
+        .layer(breaker)
+        .layer(TimeoutLayer::new(attempt))
+        .service(service_fn(|_: Req| async {
+            std::future::pending::<()>().await;
+            Ok::<(), BoxError>(())
+        }));
+    for _ in 0..3 {
+        let fut = svc.ready().await.unwrap().call(req());
+        tokio::time::advance(late).await;
+        let err = fut.await.unwrap_err();
+        // The caller is told the budget ran out, whichever clock fired.
+        assert_eq!(
+            Rejection::of(&*err).unwrap().kind(),
+            RejectionKind::DeadlineExceeded,
+            "{err}"
+        );
+    }
+    let open = h.state() == State::Open;
+    if open {
+        let err = svc.ready().await.unwrap().call(req()).await.unwrap_err();
+        assert!(error::find::<CircuitOpen>(&*err).is_some(), "{err}");
+    }
+    open
+}
+
+/// An attempt timeout equal to the deadline: the deadline's timer fires a
+/// hair earlier than the attempt's own, because the attempt started a little
+/// after the deadline was stamped. The dependency still had (nearly) its
+/// whole attempt timeout, so a hung dependency must open the breaker.
+#[tokio::test(start_paused = true)]
+async fn a_hung_dependency_opens_the_breaker_when_the_deadline_equals_the_attempt_timeout() {
+    let s = Duration::from_secs(1);
+    let late = Duration::from_millis(3);
+    assert!(hung_calls_open_the_breaker(s, s, late).await);
+}
+
+/// A deadline that cuts an attempt well short of its own timeout says
+/// nothing about the dependency: those calls are not counted.
+#[tokio::test(start_paused = true)]
+async fn an_attempt_cut_well_short_by_the_deadline_is_not_counted() {
+    let late = Duration::from_millis(3);
+    let opened =
+        hung_calls_open_the_breaker(Duration::from_millis(500), Duration::from_secs(1), late).await;
+    assert!(
+        !opened,
+        "the deadline gave the attempt only half its timeout"
+    );
+}
