@@ -122,7 +122,11 @@
 //! a timeout layer inside the breaker *is* a failure: that is how a hanging
 //! dependency opens it. So is a deadline that fired only after the attempt
 //! had nearly all of its own timeout (see [`crate::timeout`]); a deadline
-//! that cut an attempt well short is not counted. Pass a classifier with
+//! that cut an attempt well short is not counted. So inside a server whose
+//! callers send their budgets (`grpc-timeout`), set the attempt timeout to
+//! what a healthy dependency needs, below the budgets callers send: with a
+//! 10 s attempt timeout and 2 s budgets, every call to a hung dependency is
+//! cut by the caller's deadline and the breaker never opens. Pass a classifier with
 //! [`classifier`](CircuitBreakerBuilder::classifier) to judge responses:
 //! [`HttpClassifier`](crate::classify::HttpClassifier) (5xx, optionally 429
 //! and 408) or [`GrpcClassifier`](crate::classify::GrpcClassifier). See
