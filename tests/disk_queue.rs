@@ -309,6 +309,8 @@ async fn an_undecodable_job_record_is_dead_lettered_and_holds_nothing_up() {
     // The open returns every lease, and so dead-letters job 3 already.
     let q = DiskQueue::open(&path).unwrap();
     assert_eq!(q.depth().await.unwrap(), 2);
+    // The age of the backlog skips the bad head record: job 2's.
+    assert!(q.oldest_age().await.unwrap().is_some());
     let (leased, submitted) = tokio::join!(q.lease(10, Duration::from_secs(60)), q.submit(job(4)));
     let leased = leased.unwrap();
     assert!(matches!(submitted.unwrap(), Enqueued::Created(_)));

@@ -1055,10 +1055,6 @@ impl<'t> DiskStore<'t> {
         self.failure.get_or_insert(failure);
         err
     }
-
-    fn decode_job(&mut self, bytes: &[u8]) -> Result<Job, QueueError> {
-        decode_job(bytes).map_err(|e| self.corrupt("job record", e))
-    }
 }
 
 /// A job record: a format tag, then the envelope.
@@ -1169,12 +1165,15 @@ impl Read for ReadStore {
         }
     }
     fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
-        match self.jobs.first().map_err(|e| self.err(e))? {
-            None => Ok(None),
-            Some((_, v)) => decode_job(v.value())
-                .map(|j| Some(j.enqueued_at_ms))
-                .map_err(|e| self.corrupt("job record", e)),
+        // A record that does not decode is skipped: its next lease
+        // dead-letters it, and it must not hide the age of the rest.
+        for entry in self.jobs.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            if let Ok(j) = decode_job(v.value()) {
+                return Ok(Some(j.enqueued_at_ms));
+            }
         }
+        Ok(None)
     }
     fn dead_count(&mut self) -> Result<usize, QueueError> {
         let n = self.dead.len().map_err(|e| self.err(e))?;
@@ -1448,11 +1447,14 @@ impl Read for DiskStore<'_> {
         }
     }
     fn oldest_job(&mut self) -> Result<Option<u64>, QueueError> {
-        let bytes = io!(self, self.jobs.first()).map(|(_, v)| v.value().to_vec());
-        Ok(bytes
-            .map(|b| self.decode_job(&b))
-            .transpose()?
-            .map(|j| j.enqueued_at_ms))
+        // Undecodable records are skipped, as in the read-only twin.
+        for entry in io!(self, self.jobs.iter()) {
+            let (_, v) = io!(self, entry);
+            if let Ok(j) = decode_job(v.value()) {
+                return Ok(Some(j.enqueued_at_ms));
+            }
+        }
+        Ok(None)
     }
     fn dead_count(&mut self) -> Result<usize, QueueError> {
         let n = io!(self, self.dead.len());
