@@ -21,6 +21,10 @@ pub struct DeferConfig {
     /// The largest request body that is buffered (and so may be deferred), in
     /// bytes. A larger body gets `413 Payload Too Large`. Default: 1 MiB.
     pub max_body: usize,
+    /// How long the whole request body may take to arrive; a slower one
+    /// gets `408 Request Timeout`. Default: 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Where the status route is mounted (`/jobs` serves `/jobs/{id}`).
     /// When set, a deferred answer carries `Location: {status_path}/{id}`.
     /// Default: none.
@@ -41,6 +45,8 @@ pub struct DeferConfig {
 impl DeferConfig {
     /// The default body limit: 1 MiB.
     pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+    /// The default time the request body may take to arrive: 30 s.
+    pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
     /// The default `Retry-After` of a deferred answer.
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -50,6 +56,13 @@ impl DeferConfig {
             return Err(ConfigError::new(
                 "max_body",
                 self.max_body,
+                "must be above zero",
+            ));
+        }
+        if self.body_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "body_timeout",
+                self.body_timeout,
                 "must be above zero",
             ));
         }
@@ -73,6 +86,7 @@ impl DeferConfig {
         self.validate()?;
         let mut layer = DeferLayer::new(queue)
             .max_body(self.max_body)
+            .body_timeout(self.body_timeout)
             .retry_after(self.retry_after);
         if let Some(path) = self.status_path {
             layer = layer.status_path(path);
@@ -91,6 +105,7 @@ impl Default for DeferConfig {
     fn default() -> Self {
         DeferConfig {
             max_body: Self::DEFAULT_MAX_BODY,
+            body_timeout: Self::DEFAULT_BODY_TIMEOUT,
             status_path: None,
             retry_after: Self::DEFAULT_RETRY_AFTER,
             ttl: None,

@@ -1,6 +1,6 @@
 //! The response future of [`Defer`](super::Defer).
 
-use super::{Cause, DeferBody, Settings, defer_request, too_large, unreadable_body};
+use super::{Cause, DeferBody, Settings, body_too_slow, defer_request, too_large, unreadable_body};
 use crate::BoxError;
 use crate::queue::Queue;
 use bytes::Bytes;
@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use tokio::time::Sleep;
 use tower::Service;
 
 type Answer = Pin<Box<dyn Future<Output = http::Response<DeferBody>> + Send>>;
@@ -44,6 +45,10 @@ pin_project! {
         Buffering {
             #[pin]
             collect: Collect<Limited<B>>,
+            // The body timeout, armed only once the body is not all there:
+            // a body that is already complete costs no timer.
+            #[pin]
+            timer: Option<Sleep>,
             parts: Option<http::request::Parts>,
             // What the deferrable predicate said, in `call`.
             deferrable: bool,
@@ -85,6 +90,7 @@ where
         ResponseFuture {
             state: State::Buffering {
                 collect,
+                timer: None,
                 parts: Some(parts),
                 deferrable,
                 svc: Some(svc),
@@ -136,13 +142,24 @@ where
             let next = match this.state.as_mut().project() {
                 StateProj::Buffering {
                     collect,
+                    mut timer,
                     parts,
                     deferrable,
                     svc,
                     queue,
                     settings,
                 } => {
-                    let body = match ready!(collect.poll(cx)) {
+                    let polled = collect.poll(cx);
+                    let Poll::Ready(polled) = polled else {
+                        if timer.is_none() {
+                            timer.set(Some(tokio::time::sleep(settings.body_timeout)));
+                        }
+                        ready!(timer.as_pin_mut().expect("armed above").poll(cx));
+                        let headers = &parts.as_ref().expect("polled after completion").headers;
+                        let res = body_too_slow(settings.body_timeout, headers);
+                        return Poll::Ready(Ok(res.map(Either::Right)));
+                    };
+                    let body = match polled {
                         Ok(collected) => collected.to_bytes(),
                         Err(e) => {
                             let headers = &parts.as_ref().expect("polled after completion").headers;

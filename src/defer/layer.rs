@@ -61,6 +61,23 @@ impl<Q> DeferLayer<Q> {
         self
     }
 
+    /// How long the whole request body may take to arrive. A body that is
+    /// still coming after that gets `408 Request Timeout` and is neither
+    /// sent nor queued, so a slow client cannot hold a buffer of up to
+    /// [`max_body`](Self::max_body) for as long as it likes. The clock
+    /// starts at the first poll of the response future, before any deadline
+    /// inside this layer starts. Default: 30 s.
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero ([`DeferConfig`](super::DeferConfig) reports
+    /// that as a [`ConfigError`](crate::ConfigError) instead).
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        assert!(!timeout.is_zero(), "body_timeout must be above zero");
+        self.settings.body_timeout = timeout;
+        self
+    }
+
     /// Where [`status_router`](super::status_router) (or your own status
     /// route) is mounted, e.g. `"/jobs"`. A deferred answer then carries
     /// `Location: /jobs/{id}` and a `links.status` field. Default: none.

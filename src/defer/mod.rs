@@ -17,6 +17,7 @@
 //! | the call failed; the queue is full or unavailable | `503 Service Unavailable`, problem details; the request was **not** accepted |
 //! | the body is over [`max_body`](DeferLayer::max_body) | `413 Payload Too Large`, problem details; never sent, never queued |
 //! | the body ends in an error (the client went away, or sent less than its `Content-Length`) | `400 Bad Request`, problem details (`kind: body_unreadable`); never sent, never queued |
+//! | the body has not all arrived within [`body_timeout`](DeferLayer::body_timeout) | `408 Request Timeout`, problem details (`kind: body_timeout`); never sent, never queued |
 //! | a request that may be deferred has an `Idempotency-Key` that is empty, sent twice, over [`MAX_IDEMPOTENCY_KEY`] bytes, or not printable ASCII | `400 Bad Request`, problem details (`kind: bad_idempotency_key`); never sent, never queued (a request that may not be deferred passes through, whatever its key) |
 //!
 //! The idempotency check is the queue's, so it happens only when a call
@@ -141,6 +142,7 @@
 //! | the key is held by a different request | `ALREADY_EXISTS` |
 //! | the queue is full or unavailable | `UNAVAILABLE`, with `grpc-retry-pushback-ms` |
 //! | the message is over the body limit | `RESOURCE_EXHAUSTED` |
+//! | the message did not all arrive within the body timeout | `DEADLINE_EXCEEDED` |
 //!
 //! gRPC clients send no `Idempotency-Key` of their own: send it as request
 //! metadata named `idempotency-key` (it travels as that header), or widen
@@ -274,6 +276,7 @@ type FailedError = Arc<dyn Fn(&(dyn Error + 'static)) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) max_body: usize,
+    pub(crate) body_timeout: Duration,
     pub(crate) status_path: Option<Arc<str>>,
     pub(crate) retry_after: Duration,
     pub(crate) ttl: Option<Duration>,
@@ -291,6 +294,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             max_body: DeferConfig::DEFAULT_MAX_BODY,
+            body_timeout: DeferConfig::DEFAULT_BODY_TIMEOUT,
             status_path: None,
             retry_after: DeferConfig::DEFAULT_RETRY_AFTER,
             ttl: None,
@@ -308,6 +312,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("max_body", &self.max_body)
+            .field("body_timeout", &self.body_timeout)
             .field("status_path", &self.status_path)
             .field("retry_after", &self.retry_after)
             .field("ttl", &self.ttl)
@@ -445,6 +450,17 @@ pub(crate) fn too_large(max: usize, headers: &HeaderMap) -> http::Response<Defer
 
 /// A request body that could not be read (the client went away, or sent
 /// fewer bytes than it declared): a client error, never sent, never queued.
+pub(crate) fn body_too_slow(timeout: Duration, headers: &HeaderMap) -> http::Response<DeferBody> {
+    tracing::debug!(target: "tower_firebreak", layer = "defer", timeout_ms = crate::duration_ms(timeout), "request body too slow");
+    let res = response::problem(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        &format!("the request body did not arrive within {timeout:?}"),
+        None,
+    );
+    for_caller(res, headers)
+}
+
 pub(crate) fn unreadable_body(
     e: &(dyn std::error::Error + 'static),
     headers: &HeaderMap,

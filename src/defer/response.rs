@@ -203,6 +203,7 @@ const GRPC_ALREADY_EXISTS: i32 = 6;
 const GRPC_INVALID_ARGUMENT: i32 = 3;
 const GRPC_ABORTED: i32 = 10;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
+const GRPC_DEADLINE_EXCEEDED: i32 = 4;
 const GRPC_INTERNAL: i32 = 13;
 const GRPC_UNAVAILABLE: i32 = 14;
 
@@ -247,6 +248,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         StatusCode::CONFLICT => GRPC_ALREADY_EXISTS,
         StatusCode::BAD_REQUEST => GRPC_INVALID_ARGUMENT,
         StatusCode::PAYLOAD_TOO_LARGE => GRPC_RESOURCE_EXHAUSTED,
+        StatusCode::REQUEST_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
         StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
         _ => GRPC_INTERNAL,
     };

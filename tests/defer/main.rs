@@ -521,6 +521,77 @@ async fn a_request_that_may_not_be_deferred_is_not_refused_over_its_key() {
     assert_eq!(res.body, "fine");
 }
 
+/// A body that does not all arrive within the body timeout gets 408 at
+/// that time, and is neither sent nor queued; a complete body arms no timer
+/// and is not held to it.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_trickles_past_the_body_timeout_gets_408() {
+    use futures_util::StreamExt as _;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let queue = MemoryQueue::new();
+    let layer = DeferLayer::new(queue.clone()).body_timeout(Duration::from_secs(5));
+    let trickle = http_body_util::StreamBody::new(
+        futures_util::stream::iter([Ok::<_, BoxError>(http_body::Frame::data(
+            Bytes::from_static(b"half"),
+        ))])
+        .chain(futures_util::stream::pending()),
+    );
+    let req = http::Request::post("http://orders.internal/orders")
+        .header("idempotency-key", "k")
+        .body(trickle)
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(60),
+        layer
+            .clone()
+            .layer(failing(calls.clone(), open_breaker))
+            .oneshot(req),
+    )
+    .await
+    .expect("answered at the body timeout")
+    .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    let res = read(res).await;
+    assert_eq!(res.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(res.json()["kind"], "body_timeout");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "never sent");
+    assert_eq!(queue.depth().await.unwrap(), 0, "never queued");
+
+    // A gRPC caller is told in gRPC's terms.
+    let trickle = http_body_util::StreamBody::new(futures_util::stream::pending::<
+        Result<http_body::Frame<Bytes>, BoxError>,
+    >());
+    let req = http::Request::post("http://orders.internal/orders.Orders/Create")
+        .header("content-type", "application/grpc")
+        .header("idempotency-key", "g")
+        .body(trickle)
+        .unwrap();
+    let res = layer
+        .clone()
+        .layer(failing(calls.clone(), open_breaker))
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "never sent");
+
+    // A whole body, and a failing call that takes longer than the body
+    // timeout: deferred as usual.
+    let slow_failure = service_fn(|_: Req| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Err::<Res, BoxError>(open_breaker())
+    });
+    let res = layer
+        .layer(slow_failure)
+        .oneshot(post(Some("k2"), "whole"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(queue.depth().await.unwrap(), 1);
+}
+
 /// A body that ends in an error is the client's (400), and one cut by an
 /// outer limit whose error axum wraps is still 413: never a 500.
 #[tokio::test(start_paused = true)]
@@ -728,6 +799,12 @@ fn config_defaults_and_validation() {
     let cfg = DeferConfig::default();
     assert_eq!(cfg.max_body, DeferConfig::DEFAULT_MAX_BODY);
     assert_eq!(cfg.max_body, 1024 * 1024);
+    assert_eq!(cfg.body_timeout, Duration::from_secs(30));
+    let err = serde_json::from_str::<DeferConfig>(r#"{ "body_timeout": "0s" }"#)
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "body_timeout");
     let err = DeferConfig {
         max_body: 0,
         ..Default::default()
