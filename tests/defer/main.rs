@@ -1710,6 +1710,66 @@ async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
     }
 }
 
+/// A half-open breaker whose probe slots are all taken rejects with a
+/// `retry_after` of zero. The replayer must not take that as "try again at
+/// once": every lease is an attempt, and at its pace it would use a job's
+/// attempts up in about a second, dead-lettering it unsent.
+#[tokio::test(start_paused = true)]
+async fn a_half_open_breaker_does_not_burn_a_jobs_attempts() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
+    use tower_firebreak::classify::HttpClassifier;
+
+    let queue = MemoryQueue::builder().max_attempts(10).build().unwrap();
+    let id = queue.enqueue(job("h1", "x")).await.unwrap();
+    let hang = Arc::new(AtomicBool::new(false));
+    let hang2 = hang.clone();
+    let downstream = service_fn(move |_: Req| {
+        let hang = hang2.load(Ordering::SeqCst);
+        async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(reply(503, "down"))
+        }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(1))
+        .half_open_calls(1)
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let protected = breaker.layer(downstream);
+    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
+    assert_eq!(res.unwrap().status(), 503);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A live call takes the one probe slot and hangs.
+    hang.store(true, Ordering::SeqCst);
+    let probe = tokio::spawn(protected.clone().oneshot(post(Some("live"), "x")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+
+    let tried = Arc::new(AtomicUsize::new(0));
+    let tried2 = tried.clone();
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |r: Req| {
+            tried2.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(protected);
+    let replayer = Replayer::new(queue.clone(), counted)
+        .rate_per_second(10)
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let tries = tried.load(Ordering::SeqCst);
+    // Held back by the job's backoff (1 s, 2 s, 4 s, ...), not ten a second.
+    assert!((1..=4).contains(&tries), "{tries} tries in 5 s");
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+    replayer.shutdown().await;
+    probe.abort();
+}
+
 // -------------------------------------------------------------- status route
 
 #[cfg(feature = "axum")]
