@@ -17,7 +17,10 @@
 //! recorded body retries replay (a hyper client is built with
 //! `build_http::<ReplayBody<Full<Bytes>>>()`; an axum `Router` takes any body).
 //!
-//! Every stage is optional. `defer` or `fallback` go outside the preset (they
+//! Every stage is optional. With the attempt timeout off and the deadline
+//! on, an attempt's timeout is the whole budget, so a dependency that hangs
+//! through it still counts as failed (see [`crate::timeout`]). `defer` or
+//! `fallback` go outside the preset (they
 //! carry your queue or your fallback value): `.layer(DeferLayer::new(q)).layer(preset)`.
 //!
 //! The settings are checked once, at build time, and contradictions are a
@@ -614,9 +617,14 @@ impl<S> Layer<S> for ResilienceLayer {
     fn layer(&self, inner: S) -> Self::Service {
         let s = PropagateDeadline::new(inner)
             .attempt_timeout(self.timeout.as_ref().map(TimeoutLayer::timeout));
-        let s = match &self.timeout {
-            Some(l) => l.layer(s),
-            None => Timeout::off(s),
+        let s = match (&self.timeout, &self.deadline) {
+            (Some(l), _) => l.layer(s),
+            // No attempt timeout: the attempt may take the whole budget, so
+            // the budget is its timeout. An attempt that had it and hung is
+            // then the dependency's failure (see `crate::timeout`), and a
+            // hung dependency can still open the breaker.
+            (None, Some(d)) => Timeout::new(s, d.budget()),
+            (None, None) => Timeout::off(s),
         };
         let s = self.breaker.layer(s);
         let s = self.retry.layer(s);

@@ -67,6 +67,26 @@ fn nearly_whole(own: Duration, granted: Duration) -> bool {
     granted >= own - own / 10
 }
 
+/// An inner layer's deadline error that arrives when our own timer is due
+/// is the one our timer would have given. A gRPC client that was sent the
+/// time left (`grpc-timeout`, rounded down) runs its own timer to the same
+/// deadline, and since the inner future is polled first, its error wins the
+/// tie; without this, a hung dependency behind such a client would never be
+/// counted in the set-up `nearly_whole` is for.
+fn ours_if_at_our_time(timer: Pin<&mut Timer>, e: BoxError) -> BoxError {
+    if let TimerProj::Armed {
+        sleep,
+        fires: Fires::DeadlineAfterFullAttempt { granted },
+    } = timer.project()
+        && Instant::now() >= sleep.deadline()
+        && crate::error::find::<DeadlineExceeded>(&*e).is_some()
+        && crate::error::find::<Elapsed>(&*e).is_none()
+    {
+        return DeadlineExceeded::caused_by(Elapsed::new(*granted).into()).into();
+    }
+    e
+}
+
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, timeout: Option<Duration>) -> Self {
         ResponseFuture {
@@ -87,13 +107,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Poll::Ready(res) = this.inner.poll(cx) {
-            return Poll::Ready(res.map_err(Into::into));
+            return Poll::Ready(res.map_err(|e| ours_if_at_our_time(this.timer, e.into())));
         }
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
             let now = Instant::now();
             let own = this.timeout.map(|t| (t, crate::later(now, t)));
             let (at, fires) = match (own, deadline::current()) {
-                (Some((t, own)), Some(d)) if d < own => {
+                // At the same instant, the deadline: the caller's time is up.
+                (Some((t, own)), Some(d)) if d <= own => {
                     let granted = d.saturating_duration_since(now);
                     if nearly_whole(t, granted) {
                         (d, Fires::DeadlineAfterFullAttempt { granted })

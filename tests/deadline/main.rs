@@ -431,3 +431,38 @@ async fn an_attempt_cut_well_short_by_the_deadline_is_not_counted() {
         "the deadline gave the attempt only half its timeout"
     );
 }
+
+/// The same set-up behind a client that runs its own timer to the deadline
+/// it was sent (tonic, given `grpc-timeout`): its deadline error arrives in
+/// the same instant as our timer, and wins the tie because the inner future
+/// is polled first. It still counts as the dependency's failure.
+#[tokio::test(start_paused = true)]
+async fn a_hung_dependency_behind_a_client_with_its_own_deadline_timer_opens_the_breaker() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(3)
+        .build()
+        .unwrap();
+    let h = breaker.handle();
+    let s = Duration::from_secs(1);
+    let mut svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(s))
+        .layer(breaker)
+        .layer(TimeoutLayer::new(s))
+        .service(service_fn(|_: Req| async {
+            let d = deadline::current().expect("a deadline in scope");
+            tokio::time::sleep_until(d).await;
+            Err::<(), BoxError>(DeadlineExceeded::new().into())
+        }));
+    for _ in 0..3 {
+        let fut = svc.ready().await.unwrap().call(req());
+        tokio::time::advance(Duration::from_millis(3)).await;
+        let err = fut.await.unwrap_err();
+        assert_eq!(
+            Rejection::of(&*err).unwrap().kind(),
+            RejectionKind::DeadlineExceeded,
+            "{err}"
+        );
+    }
+    assert_eq!(h.state(), State::Open);
+}

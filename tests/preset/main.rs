@@ -318,3 +318,44 @@ async fn the_client_preset_around_a_hyper_client() {
         "an open breaker sends nothing"
     );
 }
+
+/// With the attempt-timeout stage off, the budget is the attempt's timeout:
+/// a dependency that hangs through a whole budget still opens the breaker
+/// (the deadline's timer fires first, a hair before the attempt's would).
+#[tokio::test(start_paused = true)]
+async fn without_an_attempt_timeout_a_hung_dependency_still_opens_the_breaker() {
+    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+        consecutive_failures: Some(2),
+        time_window: None,
+        ..ResilienceConfig::default_breaker()
+    };
+    let preset = Resilience::builder()
+        .deadline(Duration::from_secs(1))
+        .max_attempts(1)
+        .circuit_breaker(breaker_cfg)
+        .without("timeout")
+        .build()
+        .unwrap();
+    let breaker = preset.breaker();
+    let hung = tower::service_fn(|_: http::Request<_>| async {
+        std::future::pending::<()>().await;
+        Ok::<http::Response<Full<Bytes>>, tower_firebreak::BoxError>(http::Response::default())
+    });
+    let mut client = ServiceBuilder::new().layer(preset).service(hung);
+    for _ in 0..2 {
+        let fut = client
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(Full::<Bytes>::default()));
+        // The layers between the deadline and the attempt take a moment.
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let err = fut.await.unwrap_err();
+        assert_eq!(
+            Rejection::of(&*err).unwrap().kind(),
+            RejectionKind::DeadlineExceeded,
+            "{err}"
+        );
+    }
+    assert_eq!(breaker.state(), State::Open);
+}
