@@ -24,7 +24,7 @@
 //! dependency, and a [`DeadlineExceeded`](crate::deadline::DeadlineExceeded)
 //! means the caller's budget ran out: neither says anything about the
 //! dependency, so both are [`Outcome::Ignore`]. An attempt timeout
-//! ([`Elapsed`](crate::timeout::Elapsed)) *is* counted as a failure: in the
+//! ([`Elapsed`]) *is* counted as a failure: in the
 //! standard pipeline the timeout sits inside the breaker, and a hanging
 //! dependency must be able to open it. So is a `DeadlineExceeded` caused by
 //! an `Elapsed`: the deadline fired first, but only after the attempt had
@@ -203,6 +203,7 @@ pub struct HttpClassifier {
     server_errors: ServerErrorsAsFailures,
     too_many_requests: bool,
     request_timeout: bool,
+    grpc_headers: Option<GrpcClassifier>,
 }
 
 impl HttpClassifier {
@@ -222,6 +223,33 @@ impl HttpClassifier {
         self.request_timeout = failure;
         self
     }
+
+    /// Whether a `grpc-status` in the response headers decides, as
+    /// [`GrpcClassifier::new`] judges it (UNAVAILABLE, INTERNAL, ... are
+    /// failures). gRPC answers a call that fails before any message this way
+    /// (a "Trailers-Only" response, with HTTP status 200): tonic's servers
+    /// for a handler's `Err`, and proxies. Default: no. The
+    /// [preset](crate::preset) turns it on, so it sees those failures from
+    /// gRPC dependencies too. A status sent in the trailers, after a
+    /// message, is not seen: for that, use a [`GrpcClassifier`], which
+    /// wraps the body to read them.
+    ///
+    /// ```
+    /// use tower_firebreak::classify::{Classify, HttpClassifier, Outcome};
+    ///
+    /// let c = HttpClassifier::new().grpc_status_headers(true);
+    /// let unavailable = http::Response::builder()
+    ///     .header("content-type", "application/grpc")
+    ///     .header("grpc-status", "14")
+    ///     .body(())
+    ///     .unwrap();
+    /// assert_eq!(c.classify(Ok(&unavailable)), Outcome::Failure);
+    /// assert_eq!(HttpClassifier::new().classify(Ok(&unavailable)), Outcome::Success);
+    /// ```
+    pub fn grpc_status_headers(mut self, judge: bool) -> Self {
+        self.grpc_headers = judge.then(GrpcClassifier::new);
+        self
+    }
 }
 
 impl<B> Classify<Response<B>> for HttpClassifier {
@@ -230,6 +258,12 @@ impl<B> Classify<Response<B>> for HttpClassifier {
             Ok(res) => res,
             Err(e) => return classify_error(e),
         };
+        if let Some(grpc) = &self.grpc_headers
+            && res.headers().contains_key(&GRPC_STATUS)
+            && let Some(outcome) = grpc.classify_headers(res)
+        {
+            return outcome;
+        }
         match res.status() {
             StatusCode::TOO_MANY_REQUESTS if self.too_many_requests => return Outcome::Failure,
             StatusCode::REQUEST_TIMEOUT if self.request_timeout => return Outcome::Failure,
@@ -243,6 +277,9 @@ impl<B> Classify<Response<B>> for HttpClassifier {
         }
     }
 }
+
+/// `grpc-status`, parsed once.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 const ALL_GRPC_CODES: [GrpcCode; 17] = [
     GrpcCode::Ok,

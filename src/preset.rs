@@ -7,7 +7,9 @@
 //! 2. bulkhead ([`crate::bulkhead`])
 //! 3. deadline, the total timeout ([`crate::deadline`])
 //! 4. retry, with its request-body buffering ([`crate::retry`])
-//! 5. circuit breaker with the HTTP classifier ([`crate::circuit_breaker`])
+//! 5. circuit breaker with the HTTP classifier, which also reads a
+//!    `grpc-status` in the response headers ([`crate::circuit_breaker`],
+//!    [`HttpClassifier::grpc_status_headers`](crate::classify::HttpClassifier::grpc_status_headers))
 //! 6. attempt timeout ([`crate::timeout`]), then the deadline
 //!    written onto the outgoing request ([`PropagateDeadline`])
 //! 7. the service
@@ -312,11 +314,14 @@ impl ResilienceConfig {
 
         let breaker_layer = match breaker {
             Some(b) => b
-                .into_layer_in(classify::HttpClassifier::new(), registry)
+                .into_layer_in(
+                    classify::HttpClassifier::new().grpc_status_headers(true),
+                    registry,
+                )
                 .map_err(|e| e.in_section("circuit_breaker"))?,
             None => {
                 let l = CircuitBreakerConfig::default()
-                    .into_layer_with(classify::HttpClassifier::new())?;
+                    .into_layer_with(classify::HttpClassifier::new().grpc_status_headers(true))?;
                 l.handle().disable();
                 l
             }

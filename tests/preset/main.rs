@@ -359,3 +359,70 @@ async fn without_an_attempt_timeout_a_hung_dependency_still_opens_the_breaker() 
     }
     assert_eq!(breaker.state(), State::Open);
 }
+
+/// The preset's breaker sees a gRPC dependency's failures sent the way
+/// tonic sends a handler's `Err`: HTTP 200 with `grpc-status` in the
+/// headers (Trailers-Only). A NOT_FOUND (the caller's fault) is not one.
+#[tokio::test(start_paused = true)]
+async fn the_preset_breaker_counts_grpc_failures_in_the_headers() {
+    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+        consecutive_failures: Some(3),
+        time_window: None,
+        ..ResilienceConfig::default_breaker()
+    };
+    let preset = Resilience::builder()
+        .max_attempts(1)
+        .circuit_breaker(breaker_cfg)
+        .build()
+        .unwrap();
+    let breaker = preset.breaker();
+    let code = Arc::new(AtomicUsize::new(5)); // NOT_FOUND
+    let c = code.clone();
+    let grpc = tower::service_fn(move |_: http::Request<_>| {
+        let res = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", c.load(Ordering::SeqCst).to_string())
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        async move { Ok::<_, tower_firebreak::BoxError>(res) }
+    });
+    let mut client = ServiceBuilder::new().layer(preset).service(grpc);
+    let grpc_req = || {
+        http::Request::post("http://orders.internal/orders.Orders/Get")
+            .header("content-type", "application/grpc")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    for _ in 0..5 {
+        client
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_req())
+            .await
+            .unwrap();
+    }
+    assert_eq!(breaker.state(), State::Closed, "NOT_FOUND is not a failure");
+    code.store(14, Ordering::SeqCst); // UNAVAILABLE
+    for _ in 0..3 {
+        client
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_req())
+            .await
+            .unwrap();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let err = client
+        .ready()
+        .await
+        .unwrap()
+        .call(grpc_req())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        Rejection::of(&*err).unwrap().kind(),
+        RejectionKind::CircuitOpen
+    );
+}
