@@ -43,6 +43,19 @@
 //! # }
 //! ```
 //!
+//! # What it bounds
+//!
+//! The call ends when its response future resolves: for HTTP, when the
+//! response head arrives. The same holds for the attempt timeout, a
+//! bulkhead's permit and (except with [`GrpcClassifier`], which waits for
+//! the trailers) the breaker's verdict. Reading the response body is
+//! outside all of them, so a dependency that sends its head and then stalls
+//! is not cut. To bound that, add tower-http's
+//! `timeout::ResponseBodyTimeoutLayer` (an idle timeout between body frames)
+//! next to the service.
+//!
+//! [`GrpcClassifier`]: crate::classify::GrpcClassifier
+//!
 //! # Defaults
 //!
 //! [`DeadlineConfig::default()`] is a 30 s budget (the total request timeout
