@@ -16,6 +16,10 @@ pub(crate) struct LatencyTracker {
     min_samples: u64,
     window: Duration,
     delay_us: AtomicU64,
+    /// When the filling window started, in µs since `base`: a delay whose
+    /// data is older than two windows is not used.
+    started_us: AtomicU64,
+    base: Instant,
     state: Mutex<Windows>,
 }
 
@@ -32,6 +36,8 @@ impl LatencyTracker {
             min_samples,
             window,
             delay_us: AtomicU64::new(NONE),
+            started_us: AtomicU64::new(0),
+            base: Instant::now(),
             state: Mutex::new(Windows {
                 // 1 µs to 1 h, two significant digits: about 30 KiB.
                 filling: Histogram::new_with_bounds(1, 3_600_000_000, 2)
@@ -41,13 +47,21 @@ impl LatencyTracker {
         }
     }
 
-    /// The hedge delay, or `None` while the last full window had too few
-    /// samples.
-    pub(crate) fn delay(&self) -> Option<Duration> {
-        match self.delay_us.load(Ordering::Relaxed) {
-            NONE => None,
-            us => Some(Duration::from_micros(us)),
+    /// The hedge delay at `now`, or `None` while the last full window had
+    /// too few samples, or when no call has succeeded for two windows: a
+    /// dependency that stopped answering must not be sent two copies of
+    /// every call at a delay learned while it was healthy.
+    pub(crate) fn delay(&self, now: Instant) -> Option<Duration> {
+        let us = self.delay_us.load(Ordering::Relaxed);
+        if us == NONE {
+            return None;
         }
+        let started = self.started_us.load(Ordering::Relaxed);
+        let since = micros(now.saturating_duration_since(self.base)).saturating_sub(started);
+        if since >= micros(self.window).saturating_mul(2) {
+            return None;
+        }
+        Some(Duration::from_micros(us))
     }
 
     pub(crate) fn record(&self, latency: Duration) {
@@ -60,12 +74,17 @@ impl LatencyTracker {
                 NONE
             };
             self.delay_us.store(delay, Ordering::Relaxed);
+            self.started_us.store(
+                micros(now.saturating_duration_since(self.base)),
+                Ordering::Relaxed,
+            );
             w.filling.reset();
             w.started = now;
         }
-        let us = u64::try_from(latency.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        w.filling.saturating_record(us);
+        w.filling.saturating_record(micros(latency).max(1));
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

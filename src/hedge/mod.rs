@@ -50,7 +50,9 @@
 //! [`HedgeLayer::percentile`] hedges at the given quantile of the last
 //! 10 s ([`HedgeLayer::DEFAULT_WINDOW`]) of successful calls, once that
 //! window held at least 100 calls ([`HedgeLayer::DEFAULT_MIN_SAMPLES`]);
-//! before that, nothing is hedged. No budget unless given one.
+//! before that, nothing is hedged. Only successes are timed, so when no call
+//! has succeeded for two windows (the dependency stopped answering) nothing
+//! is hedged either, until a window fills again. No budget unless given one.
 //!
 //! # Differences from `tower::hedge::Hedge`
 //!
@@ -253,7 +255,10 @@ where
         }
         let (delay, tracker) = match &self.config.delay {
             Delay::Fixed(d) => (Some(*d), None),
-            Delay::Percentile(t) => (t.delay(), Some((t.clone(), Instant::now()))),
+            Delay::Percentile(t) => {
+                let now = Instant::now();
+                (t.delay(now), Some((t.clone(), now)))
+            }
         };
         let hedge = delay
             .filter(|_| self.classify.hedgeable(&req))

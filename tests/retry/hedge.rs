@@ -191,6 +191,27 @@ async fn the_percentile_delay_comes_from_the_last_window() {
     assert_eq!(ep.calls.load(Ordering::Relaxed), 153);
 }
 
+/// Only successes are timed. When none has come for two windows (the
+/// dependency stopped answering), the delay learned while it was healthy is
+/// not used: hedging then would send two copies of every call to it.
+#[tokio::test(start_paused = true)]
+async fn no_hedge_on_a_delay_two_windows_stale() {
+    let mut lat = vec![ms(10); 150];
+    lat.push(Duration::from_secs(5));
+    let ep = Endpoint::new(&lat);
+    let svc =
+        HedgeLayer::percentile_with(0.9, 50, Duration::from_secs(1)).layer(ep.service::<u32>());
+    for i in 0..150 {
+        svc.clone().oneshot(i).await.unwrap();
+    }
+    // Two windows without one success.
+    sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    svc.clone().oneshot(0).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(5), "not hedged");
+    assert_eq!(ep.calls.load(Ordering::Relaxed), 151);
+}
+
 /// No copy goes out once the call's deadline has passed: with a 100 ms
 /// deadline and a 100 ms hedge delay, both timers fire together, and the
 /// copy would be cut off at once (its propagated timeout 0).
