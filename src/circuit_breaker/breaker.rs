@@ -277,6 +277,13 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open or forced open: a call now would be
+    /// rejected, unless an open period has just ended. One load, no clock.
+    #[inline]
+    pub(crate) fn looks_open(&self) -> bool {
+        matches!(self.state.load(Acquire) & KIND_MASK, K_OPEN | K_FORCED_OPEN)
+    }
+
     /// Decides whether a call may go through.
     ///
     /// `Err` carries the time until a probe may pass.

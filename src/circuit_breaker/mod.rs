@@ -137,7 +137,13 @@
 //! By default `poll_ready` is the inner service's and reserves nothing; the
 //! decision is made in `call`, and a rejected call returns `CircuitOpen`
 //! without calling the inner service. This is what axum needs, since it
-//! ignores backpressure.
+//! ignores backpressure. While the breaker is open, an inner service that is
+//! not ready does not hold the caller: `poll_ready` answers ready and `call`
+//! rejects. A dependency that is down often leaves its client not ready for
+//! good (tonic's `Channel` once its queue has filled with calls to a host
+//! that does not answer), and the breaker must still fail fast. Should the
+//! open period end between the two, that one call is rejected with a
+//! `retry_after` of zero, since the inner service was not ready.
 //!
 //! With [`backpressure(true)`](CircuitBreakerBuilder::backpressure),
 //! `poll_ready` is not ready while the breaker is open, and is woken by a
@@ -437,6 +443,9 @@ pub struct CircuitBreaker<S, C = DefaultClassifier> {
     classifier: C,
     // Readiness mode only: the timer until half-open.
     sleep: Option<Pin<Box<Sleep>>>,
+    // The last `poll_ready` answered for an open breaker without asking the
+    // inner service, so `call` must not call it.
+    skipped_inner: bool,
 }
 
 impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
@@ -447,6 +456,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             lane: self.lane.clone(),
             classifier: self.classifier.clone(),
             sleep: None,
+            skipped_inner: false,
         }
     }
 }
@@ -484,6 +494,7 @@ impl<S, C> CircuitBreaker<S, C> {
             lane: Lane::new(breaker),
             classifier,
             sleep: None,
+            skipped_inner: false,
         }
     }
 
@@ -560,12 +571,37 @@ where
         {
             return Poll::Pending;
         }
-        self.inner.poll_ready(cx).map_err(Into::into)
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(r) => {
+                self.skipped_inner = false;
+                Poll::Ready(r.map_err(Into::into))
+            }
+            // The call will be rejected: do not wait for the inner service.
+            // A dependency that is down often leaves it not ready for good
+            // (a client whose queue filled with calls to a host that does
+            // not answer), and an open breaker must still fail fast.
+            Poll::Pending
+                if !self.lane.breaker.settings.backpressure && self.lane.breaker.looks_open() =>
+            {
+                self.skipped_inner = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.lane.breaker.admit() {
+            // Readiness was answered for an open breaker, over a not-ready
+            // inner service, and the open period then ended: the inner
+            // service may not be called. Rejected at once, the probe slot
+            // given back.
+            Ok(ticket) if self.skipped_inner => {
+                self.skipped_inner = false;
+                Call::new(self.lane.clone(), ticket).finish(crate::classify::Outcome::Ignore);
+                future::ResponseFuture::rejected(Duration::ZERO, self.classifier.clone())
+            }
             Ok(ticket) => future::ResponseFuture::called(
                 self.inner.call(req),
                 Call::new(self.lane.clone(), ticket),

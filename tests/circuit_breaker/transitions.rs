@@ -739,6 +739,56 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
     assert!(call(&mut svc, Cmd::Ok).await.is_err());
 }
 
+/// An open breaker answers readiness without waiting for an inner service
+/// that is not ready (a client whose queue filled with calls to a host that
+/// does not answer), and rejects at once. If the open period ends between
+/// readiness and the call, that call is rejected too (the inner service was
+/// not ready, so it may not be called) and its probe slot is given back.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .half_open_calls(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let mut svc = layer.layer(inner);
+    handle.allow(1);
+    let res = svc.ready().await.unwrap().call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("down");
+    assert!(res.await.is_err());
+    assert_eq!(h.state(), State::Open);
+
+    // The inner service is never ready again.
+    handle.allow(0);
+    let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "an open breaker waits for no inner readiness"
+    );
+    let err = svc.call(2).await.unwrap_err();
+    assert_eq!(retry_after(&err), secs(10));
+
+    // Readiness answered while open; the open period ends before the call.
+    svc.ready().await.unwrap();
+    tokio::time::advance(secs(10)).await;
+    let err = svc.call(3).await.unwrap_err();
+    assert_eq!(retry_after(&err), Duration::ZERO);
+    assert_eq!(h.state(), State::HalfOpen);
+    // Half-open, the inner service is asked again, and the probe slot that
+    // call reserved was given back: this call is the probe.
+    handle.allow(1);
+    let res = svc.ready().await.unwrap().call(4);
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 4);
+    send.send_response(4);
+    assert_eq!(res.await.unwrap(), 4);
+    assert_eq!(h.state(), State::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn huge_durations_do_not_overflow() {
     let layer = CircuitBreakerLayer::builder()
