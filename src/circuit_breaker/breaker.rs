@@ -277,11 +277,23 @@ impl Breaker {
         }
     }
 
-    /// Whether the breaker is open or forced open: a call now would be
-    /// rejected, unless an open period has just ended. One load, no clock.
+    /// Whether the breaker is open, forced open or half-open: a call now
+    /// would be rejected or be a probe. One load, no clock.
     #[inline]
-    pub(crate) fn looks_open(&self) -> bool {
-        matches!(self.state.load(Acquire) & KIND_MASK, K_OPEN | K_FORCED_OPEN)
+    pub(crate) fn not_closed(&self) -> bool {
+        matches!(
+            self.state.load(Acquire) & KIND_MASK,
+            K_OPEN | K_FORCED_OPEN | K_HALF_OPEN
+        )
+    }
+
+    /// Rejects a call the breaker admitted, because the inner service was
+    /// not ready (see `CircuitBreaker::poll_ready`): counted, traced and
+    /// sent as a rejection like any other, with no time to give.
+    #[cold]
+    pub(crate) fn reject_unready(&self) -> Duration {
+        let state = kind_of(self.state.load(Acquire));
+        self.reject(state, Duration::ZERO)
     }
 
     /// Decides whether a call may go through.

@@ -137,13 +137,13 @@
 //! By default `poll_ready` is the inner service's and reserves nothing; the
 //! decision is made in `call`, and a rejected call returns `CircuitOpen`
 //! without calling the inner service. This is what axum needs, since it
-//! ignores backpressure. While the breaker is open, an inner service that is
-//! not ready does not hold the caller: `poll_ready` answers ready and `call`
-//! rejects. A dependency that is down often leaves its client not ready for
-//! good (tonic's `Channel` once its queue has filled with calls to a host
-//! that does not answer), and the breaker must still fail fast. Should the
-//! open period end between the two, that one call is rejected with a
-//! `retry_after` of zero, since the inner service was not ready.
+//! ignores backpressure. While the breaker is open or half-open, an inner
+//! service that is not ready does not hold the caller: `poll_ready` answers
+//! ready and `call` rejects (half-open, with a `retry_after` of zero). A
+//! dependency that is down often leaves its client not ready for good
+//! (tonic's `Channel` once its queue has filled with calls to a host that
+//! does not answer), and the breaker must still fail fast. Probes go out
+//! once the inner service is ready again.
 //!
 //! With [`backpressure(true)`](CircuitBreakerBuilder::backpressure),
 //! `poll_ready` is not ready while the breaker is open, and is woken by a
@@ -576,12 +576,13 @@ where
                 self.skipped_inner = false;
                 Poll::Ready(r.map_err(Into::into))
             }
-            // The call will be rejected: do not wait for the inner service.
-            // A dependency that is down often leaves it not ready for good
-            // (a client whose queue filled with calls to a host that does
-            // not answer), and an open breaker must still fail fast.
+            // Not closed: the call will be rejected, or would be a probe. Do
+            // not wait for the inner service. A dependency that is down
+            // often leaves it not ready for good (a client whose queue filled
+            // with calls to a host that does not answer), and the breaker
+            // must still fail fast, half-open as well as open.
             Poll::Pending
-                if !self.lane.breaker.settings.backpressure && self.lane.breaker.looks_open() =>
+                if !self.lane.breaker.settings.backpressure && self.lane.breaker.not_closed() =>
             {
                 self.skipped_inner = true;
                 Poll::Ready(Ok(()))
@@ -593,14 +594,14 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.lane.breaker.admit() {
-            // Readiness was answered for an open breaker, over a not-ready
-            // inner service, and the open period then ended: the inner
-            // service may not be called. Rejected at once, the probe slot
-            // given back.
+            // Admitted (a probe, or the breaker closed in between), but
+            // readiness was answered over a not-ready inner service, which
+            // may not be called: rejected at once, the slot given back.
             Ok(ticket) if self.skipped_inner => {
                 self.skipped_inner = false;
                 Call::new(self.lane.clone(), ticket).finish(crate::classify::Outcome::Ignore);
-                future::ResponseFuture::rejected(Duration::ZERO, self.classifier.clone())
+                let retry_after = self.lane.breaker.reject_unready();
+                future::ResponseFuture::rejected(retry_after, self.classifier.clone())
             }
             Ok(ticket) => future::ResponseFuture::called(
                 self.inner.call(req),

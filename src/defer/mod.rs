@@ -448,8 +448,8 @@ pub(crate) fn too_large(max: usize, headers: &HeaderMap) -> http::Response<Defer
     for_caller(res, headers)
 }
 
-/// A request body that could not be read (the client went away, or sent
-/// fewer bytes than it declared): a client error, never sent, never queued.
+/// A request body that did not all arrive within the body timeout: never
+/// sent, never queued.
 pub(crate) fn body_too_slow(timeout: Duration, headers: &HeaderMap) -> http::Response<DeferBody> {
     tracing::debug!(target: "tower_firebreak", layer = "defer", timeout_ms = crate::duration_ms(timeout), "request body too slow");
     let res = response::problem(
@@ -461,6 +461,8 @@ pub(crate) fn body_too_slow(timeout: Duration, headers: &HeaderMap) -> http::Res
     for_caller(res, headers)
 }
 
+/// A request body that could not be read (the client went away, or sent
+/// fewer bytes than it declared): a client error, never sent, never queued.
 pub(crate) fn unreadable_body(
     e: &(dyn std::error::Error + 'static),
     headers: &HeaderMap,

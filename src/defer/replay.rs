@@ -50,9 +50,11 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 ///   back, pauses for its own backoff (by the number of failures in a row),
 ///   and then sends one job at a time until one succeeds.
 /// - **Breaker gating.** When a send is rejected with `CircuitOpen`, it
-///   sends nothing until that rejection's `retry_after` has passed (or the
-///   job's backoff, when a half-open breaker's rejection gives no time),
-///   then probes with one job at a time until one succeeds.
+///   sends nothing until that rejection's `retry_after` has passed (a
+///   half-open breaker's rejection gives no time: the job is then given
+///   back with its own backoff, and the replayer pauses for
+///   `base_backoff`). Then it probes with one job at a time until one
+///   succeeds.
 ///
 /// Deliveries run one at a time by default; [`concurrency`](Self::concurrency)
 /// lets more run at once (each still waits for its permit). A batch ends when
@@ -560,17 +562,19 @@ where
             // A half-open breaker whose probe slots are all taken says
             // "zero": its probes have not finished, so there is no time to
             // give. Every lease is an attempt, so "at once" would use the
-            // job's attempts up at the replayer's pace without one send:
-            // back off by its attempts, as after a failed delivery.
-            let retry_after = if retry_after.is_zero() {
-                backoff(cfg, item.job.attempts())
+            // job's attempts up at the replayer's pace without one send: the
+            // job backs off by its attempts, as after a failed delivery, and
+            // the replayer pauses for its base backoff (not the job's, which
+            // can be minutes, while a probe may close the breaker at once).
+            let (job_delay, pause) = if retry_after.is_zero() {
+                (backoff(cfg, item.job.attempts()), cfg.base_backoff)
             } else {
-                retry_after
+                (retry_after, retry_after)
             };
-            tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = crate::duration_ms(retry_after), "breaker open; replay paused");
+            tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = crate::duration_ms(pause), "breaker open; replay paused");
             obs.paused();
-            nack(queue, &item, retry_after).await;
-            Done::Open(retry_after)
+            nack(queue, &item, job_delay).await;
+            Done::Open(pause)
         }
         Sent::Failed(why) => {
             obs.failed();

@@ -67,8 +67,12 @@ impl LatencyTracker {
     pub(crate) fn record(&self, latency: Duration) {
         let now = Instant::now();
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_duration_since(w.started) >= self.window {
-            let delay = if w.filling.len() >= self.min_samples {
+        let age = now.saturating_duration_since(w.started);
+        if age >= self.window {
+            // A window that ran over two lengths holds samples from before
+            // a gap (an outage): they say nothing of the dependency now.
+            let stale = age >= self.window.saturating_mul(2);
+            let delay = if !stale && w.filling.len() >= self.min_samples {
                 w.filling.value_at_quantile(self.quantile)
             } else {
                 NONE

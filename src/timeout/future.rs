@@ -68,11 +68,12 @@ fn nearly_whole(own: Duration, granted: Duration) -> bool {
 }
 
 /// An inner layer's deadline error that arrives when our own timer is due
-/// is the one our timer would have given. A gRPC client that was sent the
-/// time left (`grpc-timeout`, rounded down) runs its own timer to the same
-/// deadline, and since the inner future is polled first, its error wins the
-/// tie; without this, a hung dependency behind such a client would never be
-/// counted in the set-up `nearly_whole` is for.
+/// is the one our timer would have given (with the inner error kept as the
+/// cause). A gRPC client that was sent the time left (`grpc-timeout`,
+/// rounded down) runs its own timer to the same deadline, and since the
+/// inner future is polled first, its error wins the tie; without this, a
+/// hung dependency behind such a client would never be counted in the
+/// set-up `nearly_whole` is for.
 fn ours_if_at_our_time(timer: Pin<&mut Timer>, e: BoxError) -> BoxError {
     if let TimerProj::Armed {
         sleep,
@@ -82,7 +83,7 @@ fn ours_if_at_our_time(timer: Pin<&mut Timer>, e: BoxError) -> BoxError {
         && crate::error::find::<DeadlineExceeded>(&*e).is_some()
         && crate::error::find::<Elapsed>(&*e).is_none()
     {
-        return DeadlineExceeded::caused_by(Elapsed::new(*granted).into()).into();
+        return DeadlineExceeded::caused_by(Elapsed::caused_by(*granted, e).into()).into();
     }
     e
 }
@@ -110,11 +111,14 @@ where
             return Poll::Ready(res.map_err(|e| ours_if_at_our_time(this.timer, e.into())));
         }
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
-            let now = Instant::now();
-            let own = this.timeout.map(|t| (t, crate::later(now, t)));
+            // The clock is read only with a timeout of our own.
+            let own = this.timeout.map(|t| {
+                let now = Instant::now();
+                (t, now, crate::later(now, t))
+            });
             let (at, fires) = match (own, deadline::current()) {
                 // At the same instant, the deadline: the caller's time is up.
-                (Some((t, own)), Some(d)) if d <= own => {
+                (Some((t, now, own)), Some(d)) if d <= own => {
                     let granted = d.saturating_duration_since(now);
                     if nearly_whole(t, granted) {
                         (d, Fires::DeadlineAfterFullAttempt { granted })
@@ -122,7 +126,7 @@ where
                         (d, Fires::Deadline)
                     }
                 }
-                (Some((_, own)), _) => (own, Fires::Own),
+                (Some((_, _, own)), _) => (own, Fires::Own),
                 (None, Some(d)) => (d, Fires::Deadline),
                 (None, None) => return Poll::Pending,
             };

@@ -105,7 +105,8 @@ impl<S> Timeout<S> {
         TimeoutLayer::new(timeout)
     }
 
-    /// The configured timeout; `None` when the stage is turned off.
+    /// The configured timeout; `None` when a preset's timeout stage is turned
+    /// off and it has no deadline (with one, the preset uses its budget).
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }

@@ -739,11 +739,11 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
     assert!(call(&mut svc, Cmd::Ok).await.is_err());
 }
 
-/// An open breaker answers readiness without waiting for an inner service
-/// that is not ready (a client whose queue filled with calls to a host that
-/// does not answer), and rejects at once. If the open period ends between
-/// readiness and the call, that call is rejected too (the inner service was
-/// not ready, so it may not be called) and its probe slot is given back.
+/// An open or half-open breaker answers readiness without waiting for an
+/// inner service that is not ready (a client whose queue filled with calls
+/// to a host that does not answer), and rejects at once. Half-open, the
+/// probe slot such a call took is given back, and the rejection is counted
+/// like any other. Once the inner service is ready, the probe goes out.
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     let layer = CircuitBreakerLayer::builder()
@@ -753,6 +753,7 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
         .build()
         .unwrap();
     let h = layer.handle();
+    let mut events = h.subscribe();
     let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
     let mut svc = layer.layer(inner);
     handle.allow(1);
@@ -778,8 +779,23 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     let err = svc.call(3).await.unwrap_err();
     assert_eq!(retry_after(&err), Duration::ZERO);
     assert_eq!(h.state(), State::HalfOpen);
-    // Half-open, the inner service is asked again, and the probe slot that
-    // call reserved was given back: this call is the probe.
+    // Half-open and still not ready: callers are not held either.
+    for n in 0..3 {
+        let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
+        assert!(ready.is_ok(), "half-open, not ready: caller {n} held");
+        let err = svc.call(5).await.unwrap_err();
+        assert_eq!(retry_after(&err), Duration::ZERO);
+    }
+    assert_eq!(h.state(), State::HalfOpen);
+    let mut rejected = 0;
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, Event::Rejected { .. }) {
+            rejected += 1;
+        }
+    }
+    assert_eq!(rejected, 5, "every rejection is an event");
+    // Once the inner service is ready, the probe goes out: the slots the
+    // rejected calls took were given back.
     handle.allow(1);
     let res = svc.ready().await.unwrap().call(4);
     let (req, send) = handle.next_request().await.unwrap();

@@ -452,7 +452,7 @@ async fn a_hung_dependency_behind_a_client_with_its_own_deadline_timer_opens_the
         .service(service_fn(|_: Req| async {
             let d = deadline::current().expect("a deadline in scope");
             tokio::time::sleep_until(d).await;
-            Err::<(), BoxError>(DeadlineExceeded::new().into())
+            Err::<(), BoxError>(ClientTimeout(DeadlineExceeded::new()).into())
         }));
     for _ in 0..3 {
         let fut = svc.ready().await.unwrap().call(req());
@@ -463,6 +463,34 @@ async fn a_hung_dependency_behind_a_client_with_its_own_deadline_timer_opens_the
             RejectionKind::DeadlineExceeded,
             "{err}"
         );
+        // The client's own error is kept in the chain.
+        assert!(error::find::<ClientTimeout>(&*err).is_some(), "{err}");
     }
     assert_eq!(h.state(), State::Open);
+}
+
+/// A client's timeout error (as tonic's `TimeoutExpired` is, once
+/// `PropagateDeadline` has wrapped it as `DeadlineExceeded`).
+#[derive(Debug)]
+struct ClientTimeout(DeadlineExceeded);
+
+impl std::fmt::Display for ClientTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client's own timer fired")
+    }
+}
+
+impl std::error::Error for ClientTimeout {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The margin is a tenth of the attempt timeout: an attempt granted 900 ms
+/// of its 1 s counts, one granted 890 ms does not.
+#[tokio::test(start_paused = true)]
+async fn the_margin_is_a_tenth_of_the_attempt_timeout() {
+    let s = Duration::from_secs(1);
+    assert!(hung_calls_open_the_breaker(s, s, Duration::from_millis(100)).await);
+    assert!(!hung_calls_open_the_breaker(s, s, Duration::from_millis(110)).await);
 }

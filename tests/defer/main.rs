@@ -1766,6 +1766,14 @@ async fn a_half_open_breaker_does_not_burn_a_jobs_attempts() {
     // Held back by the job's backoff (1 s, 2 s, 4 s, ...), not ten a second.
     assert!((1..=4).contains(&tries), "{tries} tries in 5 s");
     assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+    // The replayer itself pauses for its base backoff only, not for the
+    // job's (4 s by now): another job is tried soon.
+    queue.enqueue(job("h2", "x")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        tried.load(Ordering::SeqCst) > tries,
+        "the new job waited out the old job's backoff"
+    );
     replayer.shutdown().await;
     probe.abort();
 }

@@ -212,6 +212,28 @@ async fn no_hedge_on_a_delay_two_windows_stale() {
     assert_eq!(ep.calls.load(Ordering::Relaxed), 151);
 }
 
+/// The first success after such a gap does not bring the old delay back:
+/// the window it closes holds samples from before the gap.
+#[tokio::test(start_paused = true)]
+async fn the_first_success_after_a_gap_does_not_revive_the_old_delay() {
+    let mut lat = vec![ms(10); 150];
+    lat.push(ms(10));
+    lat.push(Duration::from_secs(5));
+    let ep = Endpoint::new(&lat);
+    let svc =
+        HedgeLayer::percentile_with(0.9, 50, Duration::from_secs(1)).layer(ep.service::<u32>());
+    for i in 0..150 {
+        svc.clone().oneshot(i).await.unwrap();
+    }
+    sleep(Duration::from_secs(2)).await;
+    // One quick success closes the window that started before the gap.
+    svc.clone().oneshot(0).await.unwrap();
+    let t0 = Instant::now();
+    svc.clone().oneshot(0).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(5), "not hedged");
+    assert_eq!(ep.calls.load(Ordering::Relaxed), 152);
+}
+
 /// No copy goes out once the call's deadline has passed: with a 100 ms
 /// deadline and a 100 ms hedge delay, both timers fire together, and the
 /// copy would be cut off at once (its propagated timeout 0).
