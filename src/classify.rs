@@ -28,7 +28,10 @@
 //! standard pipeline the timeout sits inside the breaker, and a hanging
 //! dependency must be able to open it. So is a `DeadlineExceeded` caused by
 //! an `Elapsed`: the deadline fired first, but only after the attempt had
-//! nearly all of its own timeout (see [`crate::timeout`]).
+//! nearly all of its own timeout (see [`crate::timeout`]). A call that
+//! failed because the caller's request body did
+//! ([`RequestBodyError`](crate::retry::RequestBodyError), an aborted upload)
+//! is not counted either.
 
 use crate::BoxError;
 use crate::circuit_breaker::future::Call;
@@ -90,6 +93,11 @@ pub trait Classify<Res> {
 /// rejections that says nothing about the dependency (see the
 /// [module docs](self)).
 pub fn classify_error(err: &BoxError) -> Outcome {
+    // The caller's own request body failed (an aborted upload): nothing is
+    // known of the dependency.
+    if crate::error::find::<crate::retry::RequestBodyError>(&**err).is_some() {
+        return Outcome::Ignore;
+    }
     match Rejection::of(&**err) {
         Some(r) if r.is_shed() => Outcome::Ignore,
         // The deadline cut the attempt, but only after the dependency had

@@ -14,6 +14,51 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker, ready};
 use tower::{Layer, Service};
 
+/// The caller's request body failed while it was being sent: the client
+/// went away or broke off its upload, or a retry's copy could not be sent
+/// because the body went over the replay limit.
+///
+/// This is what a [`ReplayBody`] yields instead of the body's own error
+/// (kept as the [`source`](std::error::Error::source) where there is one).
+/// An HTTP client that fails a call because its request body failed keeps
+/// that error in its chain, so the call's error says whose fault it was:
+/// [`classify_error`](crate::classify::classify_error) does not count it as
+/// the dependency's failure, and a breaker does not open over clients that
+/// abort their uploads.
+#[derive(Debug)]
+pub struct RequestBodyError {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl RequestBodyError {
+    fn new(message: String) -> Self {
+        RequestBodyError {
+            message,
+            source: None,
+        }
+    }
+
+    fn caused_by(source: BoxError) -> Self {
+        RequestBodyError {
+            message: source.to_string(),
+            source: Some(source),
+        }
+    }
+}
+
+impl fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body failed: {}", self.message)
+    }
+}
+
+impl std::error::Error for RequestBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
 /// A request body that records what it streams, so that it can be sent
 /// again.
 ///
@@ -224,7 +269,9 @@ where
                 }
                 match ready!(Pin::new(rest).poll_frame(cx)) {
                     None => Poll::Ready(None),
-                    Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                    Some(Err(e)) => {
+                        Poll::Ready(Some(Err(RequestBodyError::caused_by(e.into()).into())))
+                    }
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(
                         frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
                     ))),
@@ -301,7 +348,7 @@ where
             let why = state.failed.clone().unwrap_or_else(|| {
                 "the request body went over the replay limit and cannot be sent again".to_owned()
             });
-            return Poll::Ready(Some(Err(why.into())));
+            return Poll::Ready(Some(Err(RequestBodyError::new(why).into())));
         }
         let chunk = state.chunks[*pos].clone();
         *pos += 1;
@@ -314,7 +361,7 @@ where
     }
     if let Some(why) = &state.failed {
         *done = true;
-        return Poll::Ready(Some(Err(why.clone().into())));
+        return Poll::Ready(Some(Err(RequestBodyError::new(why.clone()).into())));
     }
     let waiting = state.waiting.clone();
     waiting.add(cx.waker());
@@ -332,12 +379,12 @@ where
             Poll::Ready(None)
         }
         Some(Err(e)) => {
-            let e: BoxError = e.into();
-            state.failed = Some(e.to_string());
+            let e = RequestBodyError::caused_by(e.into());
+            state.failed = Some(e.message.clone());
             state.capped = true;
             state.chunks = Vec::new();
             *done = true;
-            Poll::Ready(Some(Err(e)))
+            Poll::Ready(Some(Err(e.into())))
         }
         Some(Ok(frame)) => match frame.into_data() {
             Ok(mut data) => {

@@ -112,7 +112,9 @@ pub mod future;
 mod layer;
 mod policy;
 
-pub use self::body::{BufferFuture, BufferRequestBody, BufferRequestBodyLayer, ReplayBody};
+pub use self::body::{
+    BufferFuture, BufferRequestBody, BufferRequestBodyLayer, ReplayBody, RequestBodyError,
+};
 pub use self::budget::RetryBudget;
 pub use self::classify::{
     Action, Classify, ClassifyFn, DefaultClassifier, GRPC_RETRY_PUSHBACK_MS, HttpClassifier,

@@ -426,3 +426,51 @@ async fn the_preset_breaker_counts_grpc_failures_in_the_headers() {
         RejectionKind::CircuitOpen
     );
 }
+
+/// A caller whose upload breaks off mid-body fails its call, but that is
+/// the caller's fault: the breaker does not count it, however many do it.
+/// Through a real hyper client, whose error keeps the body's error in its
+/// chain.
+#[tokio::test]
+async fn aborted_uploads_do_not_open_the_breaker() {
+    use http_body_util::combinators::BoxBody;
+    use tower_firebreak::retry::{ReplayBody, RequestBodyError};
+    let downstream = Router::new().route(
+        "/",
+        axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+    );
+    let addr = support::serve(downstream).await;
+    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+        consecutive_failures: Some(2),
+        time_window: None,
+        ..ResilienceConfig::default_breaker()
+    };
+    let preset = Resilience::builder()
+        .max_attempts(1)
+        .circuit_breaker(breaker_cfg)
+        .build()
+        .unwrap();
+    let breaker = preset.breaker();
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<ReplayBody<BoxBody<Bytes, tower_firebreak::BoxError>>>();
+    let mut client = ServiceBuilder::new().layer(preset).service(hyper);
+    for _ in 0..4 {
+        // Half the body, then the client goes away.
+        let frames = futures_util::stream::iter([
+            Ok(http_body::Frame::data(Bytes::from_static(b"half"))),
+            Err::<http_body::Frame<Bytes>, tower_firebreak::BoxError>("client went away".into()),
+        ]);
+        let body = BoxBody::new(http_body_util::StreamBody::new(frames));
+        let req = http::Request::post(format!("http://{addr}/"))
+            .header("content-length", "100")
+            .body(body)
+            .unwrap();
+        let err = client.ready().await.unwrap().call(req).await.unwrap_err();
+        assert!(
+            tower_firebreak::error::find::<RequestBodyError>(&*err).is_some(),
+            "{err:?}"
+        );
+    }
+    assert_eq!(breaker.state(), State::Closed);
+    assert_eq!(breaker.metrics().failures, 0);
+}
