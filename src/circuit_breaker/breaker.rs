@@ -289,11 +289,12 @@ impl Breaker {
 
     /// Rejects a call the breaker admitted, because the inner service was
     /// not ready (see `CircuitBreaker::poll_ready`): counted, traced and
-    /// sent as a rejection like any other, with no time to give.
+    /// sent as a rejection like any other, with the time left if the
+    /// breaker is open (again) now.
     #[cold]
     pub(crate) fn reject_unready(&self) -> Duration {
         let state = kind_of(self.state.load(Acquire));
-        self.reject(state, Duration::ZERO)
+        self.reject(state, self.open_remaining().unwrap_or(Duration::ZERO))
     }
 
     /// Decides whether a call may go through.
@@ -605,6 +606,14 @@ impl Breaker {
     /// Readiness mode: wakes `waker` at the next transition.
     pub(crate) fn wake_on_transition(&self, waker: &Waker) {
         self.ready_waiters.add(waker);
+    }
+
+    /// A caller waiting for a not-ready inner service while closed: wakes
+    /// `waker` at the next transition, best effort. Closed, the next
+    /// transition may be a long way off, so at most 256 are kept.
+    #[cold]
+    pub(crate) fn wake_on_trip(&self, waker: &Waker) {
+        self.ready_waiters.add_bounded(waker, 256);
     }
 
     /// How long the `opens`-th consecutive open lasts.

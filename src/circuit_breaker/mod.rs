@@ -139,11 +139,15 @@
 //! without calling the inner service. This is what axum needs, since it
 //! ignores backpressure. While the breaker is open or half-open, an inner
 //! service that is not ready does not hold the caller: `poll_ready` answers
-//! ready and `call` rejects (half-open, with a `retry_after` of zero). A
-//! dependency that is down often leaves its client not ready for good
-//! (tonic's `Channel` once its queue has filled with calls to a host that
-//! does not answer), and the breaker must still fail fast. Probes go out
-//! once the inner service is ready again.
+//! ready and `call` rejects. A dependency that is down often leaves its
+//! client not ready for good (tonic's `Channel` once its queue has filled
+//! with calls to a host that does not answer), and the breaker must still
+//! fail fast. Half-open, such a call counts as a failed probe, so the
+//! breaker opens again (and backs off) rather than answering "try again
+//! now" for good; probes go out once the inner service is ready. Callers
+//! already waiting for the inner service when the breaker opens are woken
+//! and rejected. Keyed breakers cannot do this: their `poll_ready` has no
+//! key, so it always waits for the inner service.
 //!
 //! With [`backpressure(true)`](CircuitBreakerBuilder::backpressure),
 //! `poll_ready` is not ready while the breaker is open, and is woken by a
@@ -581,9 +585,18 @@ where
             // often leaves it not ready for good (a client whose queue filled
             // with calls to a host that does not answer), and the breaker
             // must still fail fast, half-open as well as open.
-            Poll::Pending
-                if !self.lane.breaker.settings.backpressure && self.lane.breaker.not_closed() =>
-            {
+            Poll::Pending if !self.lane.breaker.settings.backpressure => {
+                let breaker = &self.lane.breaker;
+                if !breaker.not_closed() {
+                    // Closed: wait for the inner service, and for the
+                    // breaker to trip (a caller already waiting here when it
+                    // opens must fail fast too). Checked again after the
+                    // waker is in, so a trip in between is not missed.
+                    breaker.wake_on_trip(cx.waker());
+                    if !breaker.not_closed() {
+                        return Poll::Pending;
+                    }
+                }
                 self.skipped_inner = true;
                 Poll::Ready(Ok(()))
             }
@@ -594,12 +607,20 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.lane.breaker.admit() {
-            // Admitted (a probe, or the breaker closed in between), but
-            // readiness was answered over a not-ready inner service, which
-            // may not be called: rejected at once, the slot given back.
+            // Admitted, but readiness was answered over a not-ready inner
+            // service, which may not be called: rejected at once. A probe
+            // counts as failed (the dependency cannot even be reached), so
+            // a breaker that stays that way opens again, and backs off,
+            // instead of answering "try again now" for good. A call the
+            // breaker admitted because it closed in between is not counted.
             Ok(ticket) if self.skipped_inner => {
                 self.skipped_inner = false;
-                Call::new(self.lane.clone(), ticket).finish(crate::classify::Outcome::Ignore);
+                let outcome = if ticket.is_probe() {
+                    crate::classify::Outcome::Failure
+                } else {
+                    crate::classify::Outcome::Ignore
+                };
+                Call::new(self.lane.clone(), ticket).finish(outcome);
                 let retry_after = self.lane.breaker.reject_unready();
                 future::ResponseFuture::rejected(retry_after, self.classifier.clone())
             }

@@ -567,7 +567,8 @@ where
             // the replayer pauses for its base backoff (not the job's, which
             // can be minutes, while a probe may close the breaker at once).
             let (job_delay, pause) = if retry_after.is_zero() {
-                (backoff(cfg, item.job.attempts()), cfg.base_backoff)
+                let pause = cfg.base_backoff.max(cfg.poll_interval);
+                (backoff(cfg, item.job.attempts()), pause)
             } else {
                 (retry_after, retry_after)
             };

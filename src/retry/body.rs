@@ -24,7 +24,9 @@ use tower::{Layer, Service};
 /// that error in its chain, so the call's error says whose fault it was:
 /// [`classify_error`](crate::classify::classify_error) does not count it as
 /// the dependency's failure, and a breaker does not open over clients that
-/// abort their uploads.
+/// abort their uploads. hyper's HTTP/1 client keeps it; its HTTP/2 client
+/// (and so tonic) only logs a request body's error and resets the stream,
+/// so over HTTP/2 the call fails with the reset, which counts.
 #[derive(Debug)]
 pub struct RequestBodyError {
     message: String,

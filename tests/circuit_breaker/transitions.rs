@@ -741,9 +741,10 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
 
 /// An open or half-open breaker answers readiness without waiting for an
 /// inner service that is not ready (a client whose queue filled with calls
-/// to a host that does not answer), and rejects at once. Half-open, the
-/// probe slot such a call took is given back, and the rejection is counted
-/// like any other. Once the inner service is ready, the probe goes out.
+/// to a host that does not answer), and rejects at once. Half-open, such a
+/// call is a failed probe: the breaker opens again, with time to give,
+/// rather than answering "try again now" for good. Every rejection is an
+/// event. Once the inner service is ready, the probe goes out.
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     let layer = CircuitBreakerLayer::builder()
@@ -774,28 +775,30 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     assert_eq!(retry_after(&err), secs(10));
 
     // Readiness answered while open; the open period ends before the call.
+    // The call is a probe that cannot go out: a failed probe, so the
+    // breaker opens again and says for how long.
     svc.ready().await.unwrap();
     tokio::time::advance(secs(10)).await;
     let err = svc.call(3).await.unwrap_err();
-    assert_eq!(retry_after(&err), Duration::ZERO);
-    assert_eq!(h.state(), State::HalfOpen);
-    // Half-open and still not ready: callers are not held either.
-    for n in 0..3 {
-        let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
-        assert!(ready.is_ok(), "half-open, not ready: caller {n} held");
-        let err = svc.call(5).await.unwrap_err();
-        assert_eq!(retry_after(&err), Duration::ZERO);
-    }
-    assert_eq!(h.state(), State::HalfOpen);
+    assert_eq!(retry_after(&err), secs(10));
+    assert_eq!(h.state(), State::Open);
+    // The same at the end of the next open period.
+    tokio::time::advance(secs(10)).await;
+    let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
+    assert!(ready.is_ok(), "half-open, not ready: the caller was held");
+    let err = svc.call(5).await.unwrap_err();
+    assert_eq!(retry_after(&err), secs(10));
+    assert_eq!(h.state(), State::Open);
     let mut rejected = 0;
     while let Ok(e) = events.try_recv() {
         if matches!(e, Event::Rejected { .. }) {
             rejected += 1;
         }
     }
-    assert_eq!(rejected, 5, "every rejection is an event");
-    // Once the inner service is ready, the probe goes out: the slots the
-    // rejected calls took were given back.
+    assert_eq!(rejected, 3, "every rejection is an event");
+
+    // Once the inner service is ready, the probe goes out.
+    tokio::time::advance(secs(10)).await;
     handle.allow(1);
     let res = svc.ready().await.unwrap().call(4);
     let (req, send) = handle.next_request().await.unwrap();
@@ -803,6 +806,48 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     send.send_response(4);
     assert_eq!(res.await.unwrap(), 4);
     assert_eq!(h.state(), State::Closed);
+}
+
+/// A caller already waiting for a not-ready inner service when the breaker
+/// opens is woken by the trip, and fails fast, instead of waiting on.
+#[tokio::test(start_paused = true)]
+async fn a_caller_waiting_for_readiness_is_woken_when_the_breaker_opens() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let mut svc = layer.layer(inner);
+    handle.allow(1);
+    let res = svc.ready().await.unwrap().call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    // The inner service is full from here on; a second caller waits.
+    handle.allow(0);
+    let waiting = tokio::spawn({
+        let mut other = svc.clone();
+        async move {
+            other.ready().await.unwrap();
+            other.call(2).await
+        }
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        !waiting.is_finished(),
+        "closed: it waits for the inner service"
+    );
+    send.send_error("down");
+    assert!(res.await.is_err());
+    assert_eq!(h.state(), State::Open);
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(secs(60), waiting)
+        .await
+        .expect("woken by the trip")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "woken by the trip");
+    assert_eq!(retry_after(&err), secs(10));
 }
 
 #[tokio::test(start_paused = true)]
