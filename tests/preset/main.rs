@@ -319,20 +319,34 @@ async fn the_client_preset_around_a_hyper_client() {
     );
 }
 
+/// The breaker settings of the tests below: open after `k` failures in a row.
+fn consecutive_failures(k: u32) -> tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+    tower_firebreak::circuit_breaker::CircuitBreakerConfig {
+        consecutive_failures: Some(k),
+        time_window: None,
+        ..ResilienceConfig::default_breaker()
+    }
+}
+
+/// A preset with one attempt and a breaker that opens after `k` failures
+/// in a row.
+fn one_attempt_preset(k: u32) -> tower_firebreak::preset::ResilienceLayer {
+    Resilience::builder()
+        .max_attempts(1)
+        .circuit_breaker(consecutive_failures(k))
+        .build()
+        .unwrap()
+}
+
 /// With the attempt-timeout stage off, the budget is the attempt's timeout:
 /// a dependency that hangs through a whole budget still opens the breaker
 /// (the deadline's timer fires first, a hair before the attempt's would).
 #[tokio::test(start_paused = true)]
 async fn without_an_attempt_timeout_a_hung_dependency_still_opens_the_breaker() {
-    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
-        consecutive_failures: Some(2),
-        time_window: None,
-        ..ResilienceConfig::default_breaker()
-    };
     let preset = Resilience::builder()
         .deadline(Duration::from_secs(1))
         .max_attempts(1)
-        .circuit_breaker(breaker_cfg)
+        .circuit_breaker(consecutive_failures(2))
         .without("timeout")
         .build()
         .unwrap();
@@ -365,16 +379,7 @@ async fn without_an_attempt_timeout_a_hung_dependency_still_opens_the_breaker() 
 /// headers (Trailers-Only). A NOT_FOUND (the caller's fault) is not one.
 #[tokio::test(start_paused = true)]
 async fn the_preset_breaker_counts_grpc_failures_in_the_headers() {
-    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
-        consecutive_failures: Some(3),
-        time_window: None,
-        ..ResilienceConfig::default_breaker()
-    };
-    let preset = Resilience::builder()
-        .max_attempts(1)
-        .circuit_breaker(breaker_cfg)
-        .build()
-        .unwrap();
+    let preset = one_attempt_preset(3);
     let breaker = preset.breaker();
     let code = Arc::new(AtomicUsize::new(5)); // NOT_FOUND
     let c = code.clone();
@@ -440,16 +445,7 @@ async fn aborted_uploads_do_not_open_the_breaker() {
         axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
     );
     let addr = support::serve(downstream).await;
-    let breaker_cfg = tower_firebreak::circuit_breaker::CircuitBreakerConfig {
-        consecutive_failures: Some(2),
-        time_window: None,
-        ..ResilienceConfig::default_breaker()
-    };
-    let preset = Resilience::builder()
-        .max_attempts(1)
-        .circuit_breaker(breaker_cfg)
-        .build()
-        .unwrap();
+    let preset = one_attempt_preset(2);
     let breaker = preset.breaker();
     let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<ReplayBody<BoxBody<Bytes, tower_firebreak::BoxError>>>();

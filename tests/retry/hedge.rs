@@ -194,9 +194,11 @@ async fn the_percentile_delay_comes_from_the_last_window() {
 /// Only successes are timed. When none has come for two windows (the
 /// dependency stopped answering), the delay learned while it was healthy is
 /// not used: hedging then would send two copies of every call to it.
-#[tokio::test(start_paused = true)]
-async fn no_hedge_on_a_delay_two_windows_stale() {
-    let mut lat = vec![ms(10); 150];
+///
+/// `quick` 10 ms calls follow the warm-up and the gap, then one slow call
+/// (5 s) is timed: it must not be hedged.
+async fn slow_call_after_a_gap(quick: usize) {
+    let mut lat = vec![ms(10); 150 + quick];
     lat.push(Duration::from_secs(5));
     let ep = Endpoint::new(&lat);
     let svc =
@@ -206,32 +208,29 @@ async fn no_hedge_on_a_delay_two_windows_stale() {
     }
     // Two windows without one success.
     sleep(Duration::from_secs(2)).await;
+    for i in 0..quick {
+        svc.clone().oneshot(i as u32).await.unwrap();
+    }
     let t0 = Instant::now();
     svc.clone().oneshot(0).await.unwrap();
     assert_eq!(t0.elapsed(), Duration::from_secs(5), "not hedged");
-    assert_eq!(ep.calls.load(Ordering::Relaxed), 151);
+    assert_eq!(
+        ep.calls.load(Ordering::Relaxed) as usize,
+        151 + quick,
+        "no copy sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_on_a_delay_two_windows_stale() {
+    slow_call_after_a_gap(0).await;
 }
 
 /// The first success after such a gap does not bring the old delay back:
 /// the window it closes holds samples from before the gap.
 #[tokio::test(start_paused = true)]
 async fn the_first_success_after_a_gap_does_not_revive_the_old_delay() {
-    let mut lat = vec![ms(10); 150];
-    lat.push(ms(10));
-    lat.push(Duration::from_secs(5));
-    let ep = Endpoint::new(&lat);
-    let svc =
-        HedgeLayer::percentile_with(0.9, 50, Duration::from_secs(1)).layer(ep.service::<u32>());
-    for i in 0..150 {
-        svc.clone().oneshot(i).await.unwrap();
-    }
-    sleep(Duration::from_secs(2)).await;
-    // One quick success closes the window that started before the gap.
-    svc.clone().oneshot(0).await.unwrap();
-    let t0 = Instant::now();
-    svc.clone().oneshot(0).await.unwrap();
-    assert_eq!(t0.elapsed(), Duration::from_secs(5), "not hedged");
-    assert_eq!(ep.calls.load(Ordering::Relaxed), 152);
+    slow_call_after_a_gap(1).await;
 }
 
 /// No copy goes out once the call's deadline has passed: with a 100 ms
