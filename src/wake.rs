@@ -17,17 +17,6 @@ impl WakerSet {
         }
     }
 
-    /// Registers `waker` like [`add`](Self::add), unless `max` are already
-    /// registered: for waits that may see no event for a long time, where
-    /// tasks long gone would otherwise pile up (a waker keeps its task's
-    /// memory). A task left out is still woken by whatever else it waits on.
-    pub(crate) fn add_bounded(&self, waker: &Waker, max: usize) {
-        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if list.len() < max && !list.iter().any(|w| w.will_wake(waker)) {
-            list.push(waker.clone());
-        }
-    }
-
     /// Wakes, and forgets, every registered task (outside the lock).
     pub(crate) fn wake_all(&self) {
         let list = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));

@@ -205,6 +205,11 @@ pub(crate) struct Breaker {
     /// period to end, woken by every transition too (an operator's `reset`
     /// must not wait out the timer).
     ready_waiters: WakerSet,
+    /// Every transition: for a service waiting, while closed, for an inner
+    /// service that is not ready, so that a trip lets it fail fast. Each
+    /// service holds its own registration (an `OwnedNotified`), dropped
+    /// with it.
+    pub(crate) trips: Arc<tokio::sync::Notify>,
 }
 
 /// How many transitions [`Breaker::recent`] keeps.
@@ -258,6 +263,7 @@ impl Breaker {
             obs,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             ready_waiters: WakerSet::default(),
+            trips: Arc::default(),
         }
     }
 
@@ -287,10 +293,10 @@ impl Breaker {
         )
     }
 
-    /// Rejects a call the breaker admitted, because the inner service was
-    /// not ready (see `CircuitBreaker::poll_ready`): counted, traced and
-    /// sent as a rejection like any other, with the time left if the
-    /// breaker is open (again) now.
+    /// Rejects a call whose inner service was not ready while the breaker
+    /// was not closed (see `CircuitBreaker::poll_ready`), without admitting
+    /// it: counted, traced and sent as a rejection like any other, with the
+    /// time left if the breaker is open.
     #[cold]
     pub(crate) fn reject_unready(&self) -> Duration {
         let state = kind_of(self.state.load(Acquire));
@@ -601,19 +607,12 @@ impl Breaker {
         }
         let _ = self.transitions.send(Event::Transition { from, to });
         self.ready_waiters.wake_all();
+        self.trips.notify_waiters();
     }
 
     /// Readiness mode: wakes `waker` at the next transition.
     pub(crate) fn wake_on_transition(&self, waker: &Waker) {
         self.ready_waiters.add(waker);
-    }
-
-    /// A caller waiting for a not-ready inner service while closed: wakes
-    /// `waker` at the next transition, best effort. Closed, the next
-    /// transition may be a long way off, so at most 256 are kept.
-    #[cold]
-    pub(crate) fn wake_on_trip(&self, waker: &Waker) {
-        self.ready_waiters.add_bounded(waker, 256);
     }
 
     /// How long the `opens`-th consecutive open lasts.

@@ -142,12 +142,12 @@
 //! ready and `call` rejects. A dependency that is down often leaves its
 //! client not ready for good (tonic's `Channel` once its queue has filled
 //! with calls to a host that does not answer), and the breaker must still
-//! fail fast. Half-open, such a call counts as a failed probe, so the
-//! breaker opens again (and backs off) rather than answering "try again
-//! now" for good; probes go out once the inner service is ready. Callers
-//! already waiting for the inner service when the breaker opens are woken
-//! and rejected. Keyed breakers cannot do this: their `poll_ready` has no
-//! key, so it always waits for the inner service.
+//! fail fast. Such a call takes no probe slot (local backpressure must not
+//! fail a probe); half-open, it is rejected with a `retry_after` of zero,
+//! and probes go out once the inner service is ready. Callers already
+//! waiting for the inner service when the breaker opens are woken and
+//! rejected. Keyed breakers cannot do this: their `poll_ready` has no key,
+//! so it always waits for the inner service.
 //!
 //! With [`backpressure(true)`](CircuitBreakerBuilder::backpressure),
 //! `poll_ready` is not ready while the breaker is open, and is woken by a
@@ -447,9 +447,12 @@ pub struct CircuitBreaker<S, C = DefaultClassifier> {
     classifier: C,
     // Readiness mode only: the timer until half-open.
     sleep: Option<Pin<Box<Sleep>>>,
-    // The last `poll_ready` answered for an open breaker without asking the
-    // inner service, so `call` must not call it.
+    // The last `poll_ready` answered over a not-ready inner service (the
+    // breaker was not closed), so `call` must not call it.
     skipped_inner: bool,
+    // Closed, waiting for a not-ready inner service: woken by a trip too.
+    // Boxed only on that path; dropped with the service.
+    trip: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
 impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
@@ -461,6 +464,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             classifier: self.classifier.clone(),
             sleep: None,
             skipped_inner: false,
+            trip: None,
         }
     }
 }
@@ -499,6 +503,7 @@ impl<S, C> CircuitBreaker<S, C> {
             classifier,
             sleep: None,
             skipped_inner: false,
+            trip: None,
         }
     }
 
@@ -520,6 +525,33 @@ impl<S, C> CircuitBreaker<S, C> {
     /// Consumes `self`, returning the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// The inner service is not ready. Not closed: answer ready, and reject
+    /// in `call`. Closed: wait, for the inner service (whose waker is in)
+    /// and for the next transition, checking again after each.
+    #[cold]
+    fn poll_trip<E>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+        let breaker = &self.lane.breaker;
+        loop {
+            // Registered before the state is read: a trip after the read
+            // reaches it, even before its first poll.
+            let trip = self
+                .trip
+                .get_or_insert_with(|| Box::pin(breaker.trips.clone().notified_owned()));
+            if breaker.not_closed() {
+                self.trip = None;
+                self.skipped_inner = true;
+                return Poll::Ready(Ok(()));
+            }
+            if trip.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // A transition: look again, with a fresh registration.
+            self.trip = None;
+        }
     }
 }
 
@@ -578,52 +610,29 @@ where
         match self.inner.poll_ready(cx) {
             Poll::Ready(r) => {
                 self.skipped_inner = false;
+                self.trip = None;
                 Poll::Ready(r.map_err(Into::into))
             }
-            // Not closed: the call will be rejected, or would be a probe. Do
-            // not wait for the inner service. A dependency that is down
-            // often leaves it not ready for good (a client whose queue filled
-            // with calls to a host that does not answer), and the breaker
-            // must still fail fast, half-open as well as open.
-            Poll::Pending if !self.lane.breaker.settings.backpressure => {
-                let breaker = &self.lane.breaker;
-                if !breaker.not_closed() {
-                    // Closed: wait for the inner service, and for the
-                    // breaker to trip (a caller already waiting here when it
-                    // opens must fail fast too). Checked again after the
-                    // waker is in, so a trip in between is not missed.
-                    breaker.wake_on_trip(cx.waker());
-                    if !breaker.not_closed() {
-                        return Poll::Pending;
-                    }
-                }
-                self.skipped_inner = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending if self.lane.breaker.settings.backpressure => Poll::Pending,
+            // Not ready. Open or half-open, do not wait for it: a
+            // dependency that is down often leaves its client not ready
+            // for good (a queue filled with calls to a host that does not
+            // answer), and the breaker must still fail fast. Closed, wait
+            // for it, and for a trip.
+            Poll::Pending => self.poll_trip(cx),
         }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.skipped_inner {
+            // Readiness was answered over a not-ready inner service, which
+            // may not be called: rejected, without taking a probe slot.
+            self.skipped_inner = false;
+            let retry_after = self.lane.breaker.reject_unready();
+            return future::ResponseFuture::rejected(retry_after, self.classifier.clone());
+        }
         match self.lane.breaker.admit() {
-            // Admitted, but readiness was answered over a not-ready inner
-            // service, which may not be called: rejected at once. A probe
-            // counts as failed (the dependency cannot even be reached), so
-            // a breaker that stays that way opens again, and backs off,
-            // instead of answering "try again now" for good. A call the
-            // breaker admitted because it closed in between is not counted.
-            Ok(ticket) if self.skipped_inner => {
-                self.skipped_inner = false;
-                let outcome = if ticket.is_probe() {
-                    crate::classify::Outcome::Failure
-                } else {
-                    crate::classify::Outcome::Ignore
-                };
-                Call::new(self.lane.clone(), ticket).finish(outcome);
-                let retry_after = self.lane.breaker.reject_unready();
-                future::ResponseFuture::rejected(retry_after, self.classifier.clone())
-            }
             Ok(ticket) => future::ResponseFuture::called(
                 self.inner.call(req),
                 Call::new(self.lane.clone(), ticket),

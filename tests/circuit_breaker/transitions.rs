@@ -741,10 +741,9 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
 
 /// An open or half-open breaker answers readiness without waiting for an
 /// inner service that is not ready (a client whose queue filled with calls
-/// to a host that does not answer), and rejects at once. Half-open, such a
-/// call is a failed probe: the breaker opens again, with time to give,
-/// rather than answering "try again now" for good. Every rejection is an
-/// event. Once the inner service is ready, the probe goes out.
+/// to a host that does not answer), and rejects at once, without taking a
+/// probe slot. Every rejection is an event. Once the inner service is
+/// ready, the probe goes out.
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     let layer = CircuitBreakerLayer::builder()
@@ -764,7 +763,7 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     assert!(res.await.is_err());
     assert_eq!(h.state(), State::Open);
 
-    // The inner service is never ready again.
+    // The inner service is not ready from here on.
     handle.allow(0);
     let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
     assert!(
@@ -774,31 +773,25 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     let err = svc.call(2).await.unwrap_err();
     assert_eq!(retry_after(&err), secs(10));
 
-    // Readiness answered while open; the open period ends before the call.
-    // The call is a probe that cannot go out: a failed probe, so the
-    // breaker opens again and says for how long.
-    svc.ready().await.unwrap();
+    // Half-open and still not ready: callers are not held either.
     tokio::time::advance(secs(10)).await;
-    let err = svc.call(3).await.unwrap_err();
-    assert_eq!(retry_after(&err), secs(10));
-    assert_eq!(h.state(), State::Open);
-    // The same at the end of the next open period.
-    tokio::time::advance(secs(10)).await;
-    let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
-    assert!(ready.is_ok(), "half-open, not ready: the caller was held");
-    let err = svc.call(5).await.unwrap_err();
-    assert_eq!(retry_after(&err), secs(10));
-    assert_eq!(h.state(), State::Open);
+    for n in 0..3 {
+        let ready = tokio::time::timeout(Duration::from_millis(1), svc.ready()).await;
+        assert!(ready.is_ok(), "half-open, not ready: caller {n} held");
+        let err = svc.call(3).await.unwrap_err();
+        assert_eq!(retry_after(&err), Duration::ZERO);
+    }
+    assert_eq!(h.state(), State::HalfOpen);
     let mut rejected = 0;
     while let Ok(e) = events.try_recv() {
         if matches!(e, Event::Rejected { .. }) {
             rejected += 1;
         }
     }
-    assert_eq!(rejected, 3, "every rejection is an event");
+    assert_eq!(rejected, 4, "every rejection is an event");
 
-    // Once the inner service is ready, the probe goes out.
-    tokio::time::advance(secs(10)).await;
+    // Once the inner service is ready, the probe goes out: no slot was
+    // taken by the rejected calls.
     handle.allow(1);
     let res = svc.ready().await.unwrap().call(4);
     let (req, send) = handle.next_request().await.unwrap();
@@ -808,8 +801,53 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     assert_eq!(h.state(), State::Closed);
 }
 
+/// Half-open, a caller that finds the inner service briefly not ready (its
+/// own concurrency limit, taken by a probe in flight) is rejected without
+/// counting as a probe: local backpressure never reopens the breaker.
+#[tokio::test(start_paused = true)]
+async fn a_briefly_not_ready_inner_service_does_not_fail_probes() {
+    let layer = CircuitBreakerLayer::builder()
+        .count_window(10)
+        .minimum_calls(1)
+        .failure_rate(0.5)
+        .open_for(secs(10))
+        .half_open_calls(2)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let mut a = layer.layer(inner);
+    let mut b = a.clone();
+    handle.allow(1);
+    let res = a.ready().await.unwrap().call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("down");
+    assert!(res.await.is_err());
+    assert_eq!(h.state(), State::Open);
+    tokio::time::advance(secs(10)).await;
+
+    // Probe 1 goes out and is in flight; the inner service is then full.
+    handle.allow(1);
+    let probe1 = a.ready().await.unwrap().call(2);
+    let (_, send1) = handle.next_request().await.unwrap();
+    let ready = tokio::time::timeout(Duration::from_millis(1), b.ready()).await;
+    assert!(ready.is_ok());
+    assert_eq!(retry_after(&b.call(3).await.unwrap_err()), Duration::ZERO);
+    // Room again: probe 2. The rejected caller took no probe slot.
+    send1.send_response(2);
+    assert_eq!(probe1.await.unwrap(), 2);
+    assert_eq!(h.state(), State::HalfOpen);
+    handle.allow(1);
+    let probe2 = b.ready().await.unwrap().call(4);
+    let (_, send2) = handle.next_request().await.unwrap();
+    send2.send_response(4);
+    assert_eq!(probe2.await.unwrap(), 4);
+    assert_eq!(h.state(), State::Closed, "both probes succeeded");
+}
+
 /// A caller already waiting for a not-ready inner service when the breaker
-/// opens is woken by the trip, and fails fast, instead of waiting on.
+/// opens is woken by the trip, and fails fast, instead of waiting on. Many
+/// callers that waited before and are gone do not stand in its way.
 #[tokio::test(start_paused = true)]
 async fn a_caller_waiting_for_readiness_is_woken_when_the_breaker_opens() {
     let layer = CircuitBreakerLayer::builder()
@@ -823,8 +861,14 @@ async fn a_caller_waiting_for_readiness_is_woken_when_the_breaker_opens() {
     handle.allow(1);
     let res = svc.ready().await.unwrap().call(1);
     let (_, send) = handle.next_request().await.unwrap();
-    // The inner service is full from here on; a second caller waits.
+    // The inner service is full from here on. 300 callers wait a moment
+    // and give up; then one waits on.
     handle.allow(0);
+    for _ in 0..300 {
+        let mut gone = svc.clone();
+        let waited = tokio::time::timeout(Duration::from_millis(1), gone.ready()).await;
+        assert!(waited.is_err(), "closed: it waits for the inner service");
+    }
     let waiting = tokio::spawn({
         let mut other = svc.clone();
         async move {
