@@ -295,12 +295,35 @@ impl Breaker {
 
     /// Rejects a call whose inner service was not ready while the breaker
     /// was not closed (see `CircuitBreaker::poll_ready`), without admitting
-    /// it: counted, traced and sent as a rejection like any other, with the
-    /// time left if the breaker is open.
+    /// it: counted, traced and sent as a rejection like any other. It makes
+    /// the moves a call would: an open period that has ended turns
+    /// half-open, and half-open probes stalled past
+    /// `max_wait_in_half_open` reopen it (a stalled probe is often what
+    /// keeps the inner service not ready). The time given is what a
+    /// rejection in that state gives.
     #[cold]
     pub(crate) fn reject_unready(&self) -> Duration {
-        let state = kind_of(self.state.load(Acquire));
-        self.reject(state, self.open_remaining().unwrap_or(Duration::ZERO))
+        let mut state = self.state();
+        if state == State::HalfOpen
+            && let Some(max_wait) = self.settings.max_wait_in_half_open
+        {
+            let word = self.state.load(Acquire);
+            let n = self.nanos(Instant::now());
+            let since = self.half_open_since.load(Acquire);
+            if word & KIND_MASK == K_HALF_OPEN
+                && reserved_of(word) > 0
+                && n >= since.saturating_add(duration_nanos(max_wait))
+            {
+                self.transition_from(word, State::Open, n, "half-open probes stalled");
+                state = self.state();
+            }
+        }
+        let retry_after = match state {
+            State::Open => self.open_remaining().unwrap_or(Duration::ZERO),
+            State::ForcedOpen => self.settings.open_for,
+            _ => Duration::ZERO,
+        };
+        self.reject(state, retry_after)
     }
 
     /// Decides whether a call may go through.

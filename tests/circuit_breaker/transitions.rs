@@ -801,6 +801,60 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
     assert_eq!(h.state(), State::Closed);
 }
 
+/// Over a not-ready inner service, a rejection still makes the moves a
+/// call would, and says what a rejection in that state says: an ended open
+/// period turns half-open (and the event says so), a probe stalled past
+/// `max_wait_in_half_open` reopens the breaker, and forced open gives
+/// `open_for`.
+#[tokio::test(start_paused = true)]
+async fn a_not_ready_inner_service_meets_the_same_state_moves() {
+    let layer = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .half_open_calls(1)
+        .max_wait_in_half_open(secs(5))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut events = h.subscribe();
+    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let mut svc = layer.layer(inner);
+    handle.allow(1);
+    let res = svc.ready().await.unwrap().call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("down");
+    assert!(res.await.is_err());
+
+    // The open period ends; the next rejection finds the breaker half-open.
+    tokio::time::advance(secs(10)).await;
+    handle.allow(0);
+    svc.ready().await.unwrap();
+    assert_eq!(retry_after(&svc.call(2).await.unwrap_err()), Duration::ZERO);
+    let states: Vec<State> = std::iter::from_fn(|| events.try_recv().ok())
+        .filter_map(|e| match e {
+            Event::Rejected { state, .. } => Some(state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(states, [State::HalfOpen]);
+
+    // A probe goes out and hangs, holding the inner service's only room.
+    handle.allow(1);
+    let _stuck = svc.ready().await.unwrap().call(3);
+    let _held = handle.next_request().await.unwrap();
+    handle.allow(0);
+    tokio::time::advance(secs(5)).await;
+    svc.ready().await.unwrap();
+    let err = svc.call(4).await.unwrap_err();
+    assert_eq!(h.state(), State::Open, "the stalled probe reopened it");
+    assert_eq!(retry_after(&err), secs(10));
+
+    // Forced open: the rejection gives `open_for`, as any forced-open one.
+    h.force_open();
+    svc.ready().await.unwrap();
+    assert_eq!(retry_after(&svc.call(5).await.unwrap_err()), secs(10));
+}
+
 /// Half-open, a caller that finds the inner service briefly not ready (its
 /// own concurrency limit, taken by a probe in flight) is rejected without
 /// counting as a probe: local backpressure never reopens the breaker.
