@@ -739,6 +739,24 @@ async fn default_mode_is_ready_while_open_and_rejects_in_call() {
     assert!(call(&mut svc, Cmd::Ok).await.is_err());
 }
 
+/// A service from `layer` over a `tower_test` mock, whose first call
+/// failed: a breaker that opens on one failure is then open.
+async fn open_over_a_mock(
+    layer: &CircuitBreakerLayer,
+) -> (
+    tower_firebreak::circuit_breaker::CircuitBreaker<tower_test::mock::Mock<u32, u32>>,
+    tower_test::mock::Handle<u32, u32>,
+) {
+    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
+    let mut svc = layer.layer(inner);
+    handle.allow(1);
+    let res = svc.ready().await.unwrap().call(1);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("down");
+    assert!(res.await.is_err());
+    (svc, handle)
+}
+
 /// An open or half-open breaker answers readiness without waiting for an
 /// inner service that is not ready (a client whose queue filled with calls
 /// to a host that does not answer), and rejects at once, without taking a
@@ -754,13 +772,7 @@ async fn an_open_breaker_fails_fast_even_when_the_inner_service_is_not_ready() {
         .unwrap();
     let h = layer.handle();
     let mut events = h.subscribe();
-    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
-    let mut svc = layer.layer(inner);
-    handle.allow(1);
-    let res = svc.ready().await.unwrap().call(1);
-    let (_, send) = handle.next_request().await.unwrap();
-    send.send_error("down");
-    assert!(res.await.is_err());
+    let (mut svc, mut handle) = open_over_a_mock(&layer).await;
     assert_eq!(h.state(), State::Open);
 
     // The inner service is not ready from here on.
@@ -817,13 +829,7 @@ async fn a_not_ready_inner_service_meets_the_same_state_moves() {
         .unwrap();
     let h = layer.handle();
     let mut events = h.subscribe();
-    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
-    let mut svc = layer.layer(inner);
-    handle.allow(1);
-    let res = svc.ready().await.unwrap().call(1);
-    let (_, send) = handle.next_request().await.unwrap();
-    send.send_error("down");
-    assert!(res.await.is_err());
+    let (mut svc, mut handle) = open_over_a_mock(&layer).await;
 
     // The open period ends; the next rejection finds the breaker half-open.
     tokio::time::advance(secs(10)).await;
@@ -869,14 +875,8 @@ async fn a_briefly_not_ready_inner_service_does_not_fail_probes() {
         .build()
         .unwrap();
     let h = layer.handle();
-    let (inner, mut handle) = tower_test::mock::pair::<u32, u32>();
-    let mut a = layer.layer(inner);
+    let (mut a, mut handle) = open_over_a_mock(&layer).await;
     let mut b = a.clone();
-    handle.allow(1);
-    let res = a.ready().await.unwrap().call(1);
-    let (_, send) = handle.next_request().await.unwrap();
-    send.send_error("down");
-    assert!(res.await.is_err());
     assert_eq!(h.state(), State::Open);
     tokio::time::advance(secs(10)).await;
 
