@@ -304,17 +304,12 @@ impl Breaker {
     #[cold]
     pub(crate) fn reject_unready(&self) -> Duration {
         let mut state = self.state();
-        if state == State::HalfOpen
-            && let Some(max_wait) = self.settings.max_wait_in_half_open
-        {
+        if state == State::HalfOpen {
             let word = self.state.load(Acquire);
-            let n = self.nanos(Instant::now());
-            let since = self.half_open_since.load(Acquire);
             if word & KIND_MASK == K_HALF_OPEN
                 && reserved_of(word) > 0
-                && n >= since.saturating_add(duration_nanos(max_wait))
+                && self.reopen_if_stalled(word)
             {
-                self.transition_from(word, State::Open, n, "half-open probes stalled");
                 state = self.state();
             }
         }
@@ -324,6 +319,22 @@ impl Breaker {
             _ => Duration::ZERO,
         };
         self.reject(state, retry_after)
+    }
+
+    /// Half-open (`word`) with probes out: if they have run past
+    /// `max_wait_in_half_open` since the first, they have stalled, and the
+    /// breaker goes back to Open. Whether it did.
+    fn reopen_if_stalled(&self, word: u64) -> bool {
+        let Some(max_wait) = self.settings.max_wait_in_half_open else {
+            return false;
+        };
+        let n = self.nanos(Instant::now());
+        let since = self.half_open_since.load(Acquire);
+        if n < since.saturating_add(duration_nanos(max_wait)) {
+            return false;
+        }
+        self.transition_from(word, State::Open, n, "half-open probes stalled");
+        true
     }
 
     /// Decides whether a call may go through.
@@ -374,15 +385,9 @@ impl Breaker {
                             }
                         }
                     }
-                    if let Some(max_wait) = self.settings.max_wait_in_half_open {
-                        let n = self.nanos(Instant::now());
-                        let since = self.half_open_since.load(Acquire);
-                        if n >= since.saturating_add(duration_nanos(max_wait)) {
-                            // The probes have stalled: back to Open.
-                            self.transition_from(word, State::Open, n, "half-open probes stalled");
-                            word = self.state.load(Acquire);
-                            continue;
-                        }
+                    if self.reopen_if_stalled(word) {
+                        word = self.state.load(Acquire);
+                        continue;
                     }
                     return Err(self.reject(State::HalfOpen, Duration::ZERO));
                 }
