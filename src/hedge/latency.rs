@@ -16,17 +16,11 @@ pub(crate) struct LatencyTracker {
     min_samples: u64,
     window: Duration,
     delay_us: AtomicU64,
-    /// When the filling window started, in µs since `base`: a delay whose
-    /// data is older than two windows is not used.
+    /// When the filling window started, in µs since `base`. Written only
+    /// under `filling`'s lock; read without it to tell a stale delay.
     started_us: AtomicU64,
     base: Instant,
-    state: Mutex<Windows>,
-}
-
-#[derive(Debug)]
-struct Windows {
-    filling: Histogram<u64>,
-    started: Instant,
+    filling: Mutex<Histogram<u64>>,
 }
 
 impl LatencyTracker {
@@ -38,13 +32,18 @@ impl LatencyTracker {
             delay_us: AtomicU64::new(NONE),
             started_us: AtomicU64::new(0),
             base: Instant::now(),
-            state: Mutex::new(Windows {
-                // 1 µs to 1 h, two significant digits: about 30 KiB.
-                filling: Histogram::new_with_bounds(1, 3_600_000_000, 2)
-                    .expect("valid histogram bounds"),
-                started: Instant::now(),
-            }),
+            // 1 µs to 1 h, two significant digits: about 30 KiB.
+            filling: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            ),
         }
+    }
+
+    /// How long the filling window has run at `now`.
+    fn window_age(&self, now: Instant) -> Duration {
+        let started = Duration::from_micros(self.started_us.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.base)
+            .saturating_sub(started)
     }
 
     /// The hedge delay at `now`, or `None` while the last full window had
@@ -53,12 +52,7 @@ impl LatencyTracker {
     /// every call at a delay learned while it was healthy.
     pub(crate) fn delay(&self, now: Instant) -> Option<Duration> {
         let us = self.delay_us.load(Ordering::Relaxed);
-        if us == NONE {
-            return None;
-        }
-        let started = self.started_us.load(Ordering::Relaxed);
-        let since = micros(now.saturating_duration_since(self.base)).saturating_sub(started);
-        if since >= micros(self.window).saturating_mul(2) {
+        if us == NONE || self.window_age(now) >= self.window.saturating_mul(2) {
             return None;
         }
         Some(Duration::from_micros(us))
@@ -66,14 +60,14 @@ impl LatencyTracker {
 
     pub(crate) fn record(&self, latency: Duration) {
         let now = Instant::now();
-        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let age = now.saturating_duration_since(w.started);
+        let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        let age = self.window_age(now);
         if age >= self.window {
             // A window that ran over two lengths holds samples from before
             // a gap (an outage): they say nothing of the dependency now.
             let stale = age >= self.window.saturating_mul(2);
-            let delay = if !stale && w.filling.len() >= self.min_samples {
-                w.filling.value_at_quantile(self.quantile)
+            let delay = if !stale && filling.len() >= self.min_samples {
+                filling.value_at_quantile(self.quantile)
             } else {
                 NONE
             };
@@ -82,10 +76,9 @@ impl LatencyTracker {
                 micros(now.saturating_duration_since(self.base)),
                 Ordering::Relaxed,
             );
-            w.filling.reset();
-            w.started = now;
+            filling.reset();
         }
-        w.filling.saturating_record(micros(latency).max(1));
+        filling.saturating_record(micros(latency).max(1));
     }
 }
 
