@@ -131,9 +131,11 @@ async fn main() -> Result<(), BoxError> {
 
     println!("B is back (flaky); replaying the queue");
     b.down.store(false, Ordering::SeqCst);
+    // Gated on the breaker: nothing is leased while it is open.
     let replayer = Replayer::new(queue.clone(), to_b)
         .rate_per_second(5)
         .backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .breaker(breaker.clone())
         .spawn();
 
     let status_client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();

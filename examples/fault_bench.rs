@@ -281,6 +281,8 @@ struct Built {
 struct DeferParts {
     queue: DiskQueue,
     replay: Client,
+    /// The preset's breaker, which the replayer is gated on.
+    breaker: CircuitBreakerHandle,
 }
 
 impl From<Client> for Built {
@@ -487,6 +489,7 @@ fn stack_defer(p: &Params, path: &Path) -> Built {
         defer: Some(DeferParts {
             queue,
             replay: preset_client(&layer),
+            breaker: layer.breaker(),
         }),
         breaker: Some(layer.breaker()),
     }
@@ -1273,6 +1276,7 @@ async fn run_scenario(
                     .burst(p.replay_burst)
                     .backoff(Duration::from_millis(100), Duration::from_secs(1))
                     .poll_interval(Duration::from_millis(50))
+                    .breaker(d.breaker)
                     .spawn();
                 (handle, start.elapsed().as_secs_f64())
             })

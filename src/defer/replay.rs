@@ -67,7 +67,10 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 /// Every lease counts as an attempt in the queue, including a lease whose
 /// job is given back unsent (the rest of a batch after a failure, or a send
 /// the breaker rejected); keep `max_attempts` comfortably above the number
-/// of failures you expect in one outage.
+/// of failures you expect in one outage. Give the replayer the breaker of
+/// its client stack ([`breaker`](Self::breaker)) and it leases nothing
+/// while that breaker is open, so that in an outage a job's attempts are
+/// spent only on the sends that reach the dependency.
 pub struct Replayer<Q, S> {
     queue: Arc<Q>,
     service: S,
@@ -75,6 +78,7 @@ pub struct Replayer<Q, S> {
     retry_response: RetryResponse,
     obs: Arc<crate::observe::QueueMetrics>,
     registry: Option<crate::registry::Registry>,
+    gate: Option<crate::circuit_breaker::CircuitBreakerHandle>,
 }
 
 /// The default replay failure classifier: every 5xx, and 429; and for a
@@ -104,6 +108,7 @@ impl<Q: Queue, S> Replayer<Q, S> {
             retry_response: Arc::new(retryable_status),
             obs: Arc::default(),
             registry: None,
+            gate: None,
         }
     }
 }
@@ -129,6 +134,41 @@ impl<Q, S> Replayer<Q, S> {
     /// [self-registration](crate::registry#self-registration).
     pub fn registry(mut self, registry: &crate::registry::Registry) -> Self {
         self.registry = Some(registry.clone());
+        self
+    }
+
+    /// The circuit breaker in `service`, read before each lease: while it is
+    /// open the replayer leases nothing and waits out the open period (its
+    /// [`retry_after`](crate::circuit_breaker::CircuitBreakerHandle::retry_after)),
+    /// and while it is forced open it looks again every
+    /// [`poll_interval`](Self::poll_interval). Then it probes with one job
+    /// at a time until one is delivered.
+    ///
+    /// Without it the replayer learns that the breaker is open only from a
+    /// rejected send, and that send's lease has counted as an attempt of its
+    /// job: an outage of many open periods can then dead-letter a job that
+    /// reached the dependency only half as many times. Default: none.
+    ///
+    /// ```
+    /// # use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+    /// # use tower_firebreak::defer::Replayer;
+    /// # use tower_firebreak::queue::memory::MemoryQueue;
+    /// # use tower::Layer;
+    /// # async fn run() {
+    /// # let client = tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #     Ok::<_, tower_firebreak::BoxError>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+    /// # });
+    /// let breaker = CircuitBreakerLayer::builder().build().unwrap();
+    /// let handle = breaker.handle();
+    /// let stack = breaker.layer(client);
+    /// let replayer = Replayer::new(MemoryQueue::new(), stack)
+    ///     .breaker(handle)
+    ///     .spawn();
+    /// # drop(replayer);
+    /// # }
+    /// ```
+    pub fn breaker(mut self, handle: crate::circuit_breaker::CircuitBreakerHandle) -> Self {
+        self.gate = Some(handle);
         self
     }
 
@@ -285,6 +325,7 @@ where
             retry_response,
             obs,
             registry: _,
+            gate,
         } = self;
         let shared = Arc::new(Shared {
             queue,
@@ -324,6 +365,15 @@ where
                 if race(ready, stopped(&mut stop)).await.is_err() {
                     return;
                 }
+            }
+            if let Some(wait) = gate.as_ref().and_then(|g| gate_wait(g, cfg)) {
+                tracing::debug!(target: "tower_firebreak", layer = "replayer", retry_after_ms = crate::duration_ms(wait), "breaker open; nothing leased");
+                if sleep_or_stop(wait, &mut stop).await {
+                    return;
+                }
+                // Then one job at a time: the breaker's half-open probes.
+                probing = true;
+                continue;
             }
             let max = if probing { 1 } else { fits };
             // Before the lease: its visibility runs from no earlier.
@@ -504,6 +554,20 @@ enum Done {
 }
 
 /// What the replay loop and each of its delivery tasks share.
+/// How long a replayer gated on `breaker` waits before it leases, or `None`
+/// when a call would be let through (closed, half-open, disabled).
+fn gate_wait(
+    breaker: &crate::circuit_breaker::CircuitBreakerHandle,
+    cfg: &ReplayerConfig,
+) -> Option<Duration> {
+    use crate::circuit_breaker::State;
+    match breaker.state() {
+        State::Open => breaker.retry_after().filter(|d| !d.is_zero()),
+        State::ForcedOpen => Some(cfg.poll_interval),
+        State::Closed | State::HalfOpen | State::Disabled => None,
+    }
+}
+
 struct Shared<Q> {
     queue: Arc<Q>,
     retry_response: RetryResponse,

@@ -1778,6 +1778,64 @@ async fn a_half_open_breaker_does_not_burn_a_jobs_attempts() {
     probe.abort();
 }
 
+/// Gated on the breaker's handle, the replayer leases nothing while the
+/// breaker is open: across an outage of many open periods, every attempt a
+/// job spends is a send that reached the dependency (a half-open probe).
+/// Ungated, each open period also costs the lease the breaker rejects.
+#[tokio::test(start_paused = true)]
+async fn a_replayer_gated_on_the_breaker_spends_attempts_only_on_probes() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
+    use tower_firebreak::classify::HttpClassifier;
+
+    let queue = MemoryQueue::builder().max_attempts(100).build().unwrap();
+    let id = queue.enqueue(job("gate", "x")).await.unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let reached2 = reached.clone();
+    let downstream = service_fn(move |_: Req| {
+        reached2.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(reply(503, "down")) }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(2))
+        .half_open_calls(1)
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let protected = breaker.layer(downstream);
+    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
+    assert_eq!(res.unwrap().status(), 503);
+    assert_eq!(handle.state(), BreakerState::Open);
+    let before = reached.load(Ordering::SeqCst);
+
+    let tried = Arc::new(AtomicUsize::new(0));
+    let tried2 = tried.clone();
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |r: Req| {
+            tried2.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(protected);
+    let replayer = Replayer::new(queue.clone(), counted)
+        .rate_per_second(10)
+        .backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .breaker(handle.clone())
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    replayer.shutdown().await;
+
+    let probes = reached.load(Ordering::SeqCst) - before;
+    let tries = tried.load(Ordering::SeqCst);
+    // One probe per 2 s open period: about ten in 20 s.
+    assert!((8..=11).contains(&probes), "{probes} probes in 20 s");
+    assert_eq!(tries, probes, "sends the open breaker rejected");
+    // The job's attempts are its leases: one per probe, and the lease here.
+    let leased = queue.lease(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(leased[0].lease.id(), &id);
+    assert_eq!(leased[0].job.attempts() as usize, probes + 1);
+}
+
 // -------------------------------------------------------------- status route
 
 #[cfg(feature = "axum")]
