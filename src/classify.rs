@@ -28,7 +28,10 @@
 //! standard pipeline the timeout sits inside the breaker, and a hanging
 //! dependency must be able to open it. So is a `DeadlineExceeded` caused by
 //! an `Elapsed`: the deadline fired first, but only after the attempt had
-//! nearly all of its own timeout (see [`crate::timeout`]). A call that
+//! nearly all of its own timeout (see [`crate::timeout`]). (With slow-call
+//! detection on, the breaker still counts a `DeadlineExceeded` call as
+//! slow once it has run for `slow_call_duration`; see
+//! [`circuit_breaker`](crate::circuit_breaker#what-counts-as-a-failure).) A call that
 //! failed because the caller's request body did
 //! ([`RequestBodyError`](crate::retry::RequestBodyError), an aborted upload)
 //! is not counted either.

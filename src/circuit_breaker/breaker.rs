@@ -167,6 +167,11 @@ impl Lane {
     pub(crate) fn record(&self, ticket: &Ticket, verdict: Outcome, now: Option<Instant>) {
         self.breaker.record(ticket, verdict, now, &self.cursor);
     }
+
+    #[cold]
+    pub(crate) fn record_unanswered(&self, ticket: &Ticket) {
+        self.breaker.record_unanswered(ticket, &self.cursor);
+    }
 }
 
 /// What `poll_ready` should wait for in readiness mode.
@@ -435,6 +440,43 @@ impl Breaker {
             }
             _ => false,
         };
+        self.count(ticket, failed, slow, now, lane);
+    }
+
+    /// An admitted call that ended without an answer from the dependency,
+    /// and that nothing else counts: cut by the caller's deadline
+    /// (`DeadlineExceeded` not caused by an attempt timeout), or dropped
+    /// before the response came. If slow-call detection is on and it had
+    /// run for `slow_call_duration`, the dependency was slow by definition:
+    /// it counts as a slow call (not as a failure). Otherwise it counts as
+    /// nothing, and a probe gives its slot back.
+    ///
+    /// Not in the consecutive-failures mode, where a call that is not a
+    /// failure would end the run of failures.
+    #[cold]
+    pub(crate) fn record_unanswered(&self, ticket: &Ticket, lane: &AtomicU64) {
+        if let Some((_, d)) = self.settings.slow
+            && ticket.start != NO_START
+            && !matches!(self.window, Window::Consecutive(_))
+        {
+            let now = Instant::now();
+            if self.nanos(now).saturating_sub(ticket.start) >= duration_nanos(d) {
+                self.count(ticket, false, true, Some(now), lane);
+                return;
+            }
+        }
+        self.record(ticket, Outcome::Ignore, None, lane);
+    }
+
+    /// Counts a call in the window, or as a probe.
+    fn count(
+        &self,
+        ticket: &Ticket,
+        failed: bool,
+        slow: bool,
+        now: Option<Instant>,
+        lane: &AtomicU64,
+    ) {
         if ticket.is_probe() {
             self.obs.probe(failed);
             self.record_probe(ticket.epoch(), failed, slow);

@@ -47,6 +47,8 @@ pub struct CircuitBreakerConfig {
     /// on, 1.0.
     pub slow_call_rate: Option<f64>,
     /// A call at least this long is slow. Default: 60 s, once detection is on.
+    /// A call that ran this long and then was cut by the caller's deadline
+    /// or dropped, unanswered, is slow too (and not a failure).
     #[serde(with = "humantime_serde")]
     pub slow_call_duration: Option<Duration>,
     /// How long the breaker stays open before probing. Default: 30 s.

@@ -20,7 +20,10 @@ pin_project! {
     /// An admitted call records its outcome when the inner future completes
     /// (or, with a [`ClassifyStream`] such as the gRPC classifier, when the
     /// response body ends). Dropping the future before then records nothing,
-    /// and a half-open probe gives its slot back so another caller can probe.
+    /// and a half-open probe gives its slot back so another caller can probe;
+    /// but with slow-call detection on, a call dropped (or cut by the
+    /// caller's deadline) before the dependency answered, after running for
+    /// `slow_call_duration`, counts as a slow call.
     pub struct ResponseFuture<F, C, Res> {
         #[pin]
         kind: Kind<F>,
@@ -47,32 +50,69 @@ pin_project! {
 pub(crate) struct Call {
     lane: Arc<Lane>,
     ticket: Ticket,
+    /// No answer has come from the dependency yet: set until the inner
+    /// future returns, and kept when it returns `DeadlineExceeded` (the
+    /// caller's budget cut the call). See `Breaker::record_unanswered`.
+    unanswered: bool,
 }
 
 impl Call {
     pub(crate) fn new(lane: Arc<Lane>, ticket: Ticket) -> Self {
-        Call { lane, ticket }
+        Call {
+            lane,
+            ticket,
+            unanswered: true,
+        }
+    }
+
+    /// The inner future returned `result`: an answer, unless the caller's
+    /// deadline cut the call.
+    #[inline]
+    pub(crate) fn returned<T>(&mut self, result: &Result<T, BoxError>) {
+        self.unanswered = match result {
+            Ok(_) => false,
+            Err(e) => cut_by_deadline(e),
+        };
     }
 
     /// Records the outcome; the probe slot, if any, is then spent.
     #[inline]
     pub(crate) fn finish(mut self, outcome: Outcome) {
-        let now = self
-            .lane
-            .breaker
-            .needs_clock(&self.ticket)
-            .then(Instant::now);
-        self.lane.record(&self.ticket, outcome, now);
-        // Recorded: dropping `self` must not give the probe slot back.
+        if outcome == Outcome::Ignore && self.unanswered {
+            self.lane.record_unanswered(&self.ticket);
+        } else {
+            let now = self
+                .lane
+                .breaker
+                .needs_clock(&self.ticket)
+                .then(Instant::now);
+            self.lane.record(&self.ticket, outcome, now);
+        }
+        // Recorded: dropping `self` must not record again.
         self.ticket.spend();
+        self.unanswered = false;
     }
+}
+
+/// A `DeadlineExceeded` that the attempt timeout did not cause: the
+/// caller's budget ran out while the dependency had not answered.
+#[cold]
+fn cut_by_deadline(e: &BoxError) -> bool {
+    crate::error::Rejection::of(&**e)
+        .is_some_and(|r| r.kind() == crate::error::RejectionKind::DeadlineExceeded)
+        && crate::error::find::<crate::timeout::Elapsed>(&**e).is_none()
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        // A probe still marked here never completed (its future was
-        // dropped): give the slot back. Completion clears the mark.
-        if self.ticket.is_probe() {
+        if self.unanswered {
+            // Dropped before the dependency answered (the caller's deadline
+            // or the caller itself gave up): slow if it ran long enough, and
+            // otherwise nothing (a probe gives its slot back).
+            self.lane.record_unanswered(&self.ticket);
+        } else if self.ticket.is_probe() {
+            // Answered, but the outcome was never told (a streaming
+            // classifier's body dropped before its end): give the slot back.
             self.lane.record(&self.ticket, Outcome::Ignore, None);
         }
     }
@@ -119,7 +159,8 @@ where
         match this.kind.project() {
             KindProj::Called { fut, call } => {
                 let out = ready!(fut.poll(cx)).map_err(Into::into);
-                let call = call.take().expect("polled after completion");
+                let mut call = call.take().expect("polled after completion");
+                call.returned(&out);
                 Poll::Ready(this.classifier.classify_stream(out, Completion::new(call)))
             }
             KindProj::Rejected { retry_after } => {

@@ -129,6 +129,9 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// A call that takes at least `d` is slow. Turns slow-call detection on.
+    ///
+    /// A call cut by the caller's deadline, or dropped, before the
+    /// dependency answered, is slow (not failed) if it had run for `d`.
     pub fn slow_call_duration(mut self, d: Duration) -> Self {
         self.config.slow_call_duration = Some(d);
         self

@@ -126,7 +126,12 @@
 //! callers send their budgets (`grpc-timeout`), set the attempt timeout to
 //! what a healthy dependency needs, below the budgets callers send: with a
 //! 10 s attempt timeout and 2 s budgets, every call to a hung dependency is
-//! cut by the caller's deadline and the breaker never opens. Pass a classifier with
+//! cut by the caller's deadline and, on failures alone, the breaker never
+//! opens. Slow-call detection catches it too: a call cut by the caller's
+//! deadline, or dropped, before the dependency answered counts as a *slow*
+//! call (not a failure) once it has run for `slow_call_duration`, since the
+//! dependency was that slow at least; set `slow_call_duration` below the
+//! budgets callers send. Cut or dropped sooner, it is not counted. Pass a classifier with
 //! [`classifier`](CircuitBreakerBuilder::classifier) to judge responses:
 //! [`HttpClassifier`](crate::classify::HttpClassifier) (5xx, optionally 429
 //! and 408) or [`GrpcClassifier`](crate::classify::GrpcClassifier). See

@@ -1,7 +1,7 @@
 //! The real breaker against a plain reference model of the state machine.
 //!
-//! Random sequences of call starts, finishes (success, failure, ignored),
-//! drops, time advances and handle operations run against both; after every
+//! Random sequences of call starts, finishes (success, failure, ignored,
+//! cut by the caller's deadline), drops, time advances and handle operations run against both; after every
 //! step they must agree on the state and on the window's counts, and on
 //! every call on admit or reject (and on the rejection's `retry_after`).
 
@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, service_fn};
 use tower_firebreak::bulkhead::BulkheadFull;
 use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, State};
+use tower_firebreak::deadline::DeadlineExceeded;
 use tower_firebreak::error;
 
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +41,8 @@ enum Finish {
     Success,
     Failure,
     Ignore,
+    /// `DeadlineExceeded`: the caller's budget cut the call unanswered.
+    Cut,
 }
 
 #[derive(Clone, Debug)]
@@ -97,6 +100,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         5 => (0usize..16).prop_map(|i| Op::Finish(i, Finish::Success)),
         5 => (0usize..16).prop_map(|i| Op::Finish(i, Finish::Failure)),
         1 => (0usize..16).prop_map(|i| Op::Finish(i, Finish::Ignore)),
+        1 => (0usize..16).prop_map(|i| Op::Finish(i, Finish::Cut)),
         1 => (0usize..16).prop_map(Op::Drop),
         4 => (0u64..=3_000).prop_map(|ms| Op::Advance(Duration::from_millis(ms))),
         1 => prop_oneof![Just(Op::ForceOpen), Just(Op::Reset), Just(Op::Disable)],
@@ -254,9 +258,22 @@ impl Model {
         }
     }
 
+    /// A call that ended unanswered (dropped, or cut by the caller's
+    /// deadline): slow if it ran `slow_call_duration` (not in the
+    /// consecutive mode), else nothing.
+    fn unanswered(&mut self, c: MCall, now: Duration) {
+        match self.cfg.slow {
+            Some((_, d)) if !matches!(self.cfg.win, Win::Consecutive(_)) && now - c.start >= d => {
+                self.finish(c, Finish::Success, now)
+            }
+            _ => self.release(c),
+        }
+    }
+
     fn finish(&mut self, c: MCall, how: Finish, now: Duration) {
         let failed = match how {
             Finish::Ignore => return self.release(c),
+            Finish::Cut => return self.unanswered(c, now),
             Finish::Failure => true,
             Finish::Success => false,
         };
@@ -422,6 +439,7 @@ fn run(cfg: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         Finish::Success => Ok(()),
                         Finish::Failure => Err("dependency failed".into()),
                         Finish::Ignore => Err(BulkheadFull::new(1).into()),
+                        Finish::Cut => Err(DeadlineExceeded::new().into()),
                     };
                     let _ = tx.send(reply);
                     let _ = fut.await;
@@ -430,7 +448,7 @@ fn run(cfg: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Op::Drop(i) if !inflight.is_empty() => {
                     let (mc, _tx, fut) = inflight.remove(i % inflight.len());
                     drop(fut);
-                    model.release(mc);
+                    model.unanswered(mc, now);
                 }
                 Op::Finish(..) | Op::Drop(_) => {}
                 Op::Advance(d) => tokio::time::advance(d).await,

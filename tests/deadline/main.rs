@@ -469,6 +469,72 @@ async fn a_hung_dependency_behind_a_client_with_its_own_deadline_timer_opens_the
     assert_eq!(h.state(), State::Open);
 }
 
+/// Callers' budgets below the attempt timeout (2 s against 10 s): a hung
+/// dependency is cut by the caller's deadline every time, which is not a
+/// failure of the dependency. With slow-call detection on, a call cut after
+/// running `slow_call_duration` was slow by definition, and the breaker
+/// opens on the slow-call rate. `inner_timeout` puts the attempt timeout
+/// inside the breaker (the call ends in `DeadlineExceeded`); without it the
+/// deadline drops the breaker's future.
+async fn cut_calls_open_a_slow_call_breaker(budget: Duration, inner_timeout: bool) -> bool {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, State};
+    let breaker = CircuitBreakerLayer::builder()
+        .count_window(4)
+        .minimum_calls(4)
+        .slow_call_duration(Duration::from_secs(1))
+        .slow_call_rate(1.0)
+        .build()
+        .unwrap();
+    let h = breaker.handle();
+    let hung = service_fn(|_: Req| async {
+        std::future::pending::<()>().await;
+        Ok::<(), BoxError>(())
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(budget))
+        .layer(breaker)
+        .option_layer(inner_timeout.then(|| TimeoutLayer::new(Duration::from_secs(10))))
+        .service(hung)
+        .boxed_clone();
+    for _ in 0..4 {
+        let started = Instant::now();
+        let err = svc.ready().await.unwrap().call(req()).await.unwrap_err();
+        assert_eq!(
+            Rejection::of(&*err).unwrap().kind(),
+            RejectionKind::DeadlineExceeded,
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), budget);
+    }
+    let m = h.metrics();
+    let open = h.state() == State::Open;
+    if open {
+        assert_eq!((m.calls, m.failures, m.slow_calls), (4, 0, 4));
+        let err = svc.ready().await.unwrap().call(req()).await.unwrap_err();
+        assert!(error::find::<CircuitOpen>(&*err).is_some(), "{err}");
+    } else {
+        assert_eq!((m.calls, m.slow_calls), (0, 0), "nothing counted");
+    }
+    open
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_cut_by_shorter_caller_budgets_open_a_slow_call_breaker() {
+    assert!(cut_calls_open_a_slow_call_breaker(Duration::from_secs(2), true).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_dropped_at_the_callers_deadline_open_a_slow_call_breaker() {
+    assert!(cut_calls_open_a_slow_call_breaker(Duration::from_secs(2), false).await);
+}
+
+/// Cut before `slow_call_duration`, a call says nothing: not counted.
+#[tokio::test(start_paused = true)]
+async fn calls_cut_before_the_slow_call_duration_are_not_counted() {
+    assert!(!cut_calls_open_a_slow_call_breaker(Duration::from_millis(500), true).await);
+    assert!(!cut_calls_open_a_slow_call_breaker(Duration::from_millis(500), false).await);
+}
+
 /// A client's timeout error (as tonic's `TimeoutExpired` is, once
 /// `PropagateDeadline` has wrapped it as `DeadlineExceeded`).
 #[derive(Debug)]
