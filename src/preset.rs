@@ -326,6 +326,13 @@ impl ResilienceConfig {
                 l
             }
         };
+        // A wait before the deadline stage must not re-base the caller's
+        // budget on the time after it.
+        let stamp_arrival = deadline.as_ref().is_some_and(|d| d.read_headers)
+            && (bulkhead.as_ref().is_some_and(|b| !b.max_wait.is_zero())
+                || rate_limit
+                    .as_ref()
+                    .is_some_and(|r| r.mode == crate::rate_limit::RateLimitMode::Wait));
         let in_registry = |l: BulkheadLayer| match registry {
             Some(r) => l.registry(r),
             None => l,
@@ -362,6 +369,7 @@ impl ResilienceConfig {
             timeout: timeout
                 .map(|c| c.into_layer().map_err(|e| e.in_section("timeout")))
                 .transpose()?,
+            stamp_arrival,
         })
     }
 }
@@ -548,6 +556,10 @@ pub struct ResilienceLayer {
     retry: RetryLayer<retry::HttpClassifier>,
     breaker: CircuitBreakerLayer<classify::HttpClassifier>,
     timeout: Option<TimeoutLayer>,
+    /// The rate limiter or the bulkhead may hold a call before the deadline
+    /// stage, which reads the caller's budget from the headers: that budget
+    /// is then read on arrival instead (see `ResilienceService::call`).
+    stamp_arrival: bool,
 }
 
 impl fmt::Debug for ResilienceLayer {
@@ -597,6 +609,7 @@ pub type Stages<S> = RateLimit<
 pub struct ResilienceService<S> {
     inner: Stages<S>,
     span: Option<Arc<str>>,
+    stamp_arrival: bool,
 }
 
 impl<S> ResilienceService<S> {
@@ -649,23 +662,30 @@ impl<S> Layer<S> for ResilienceLayer {
         ResilienceService {
             inner: s,
             span: self.span.clone(),
+            stamp_arrival: self.stamp_arrival,
         }
     }
 }
 
-impl<S, Req> Service<Req> for ResilienceService<S>
+impl<S, B> Service<http::Request<B>> for ResilienceService<S>
 where
-    Stages<S>: Service<Req, Error = BoxError>,
+    Stages<S>: Service<http::Request<B>, Error = BoxError>,
 {
-    type Response = <Stages<S> as Service<Req>>::Response;
+    type Response = <Stages<S> as Service<http::Request<B>>>::Response;
     type Error = BoxError;
-    type Future = crate::span::future::ResponseFuture<<Stages<S> as Service<Req>>::Future>;
+    type Future =
+        crate::span::future::ResponseFuture<<Stages<S> as Service<http::Request<B>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if self.stamp_arrival {
+            // Before the rate limiter's and the bulkhead's waits: the
+            // caller's budget runs from now.
+            crate::deadline::stamp_arrival(&mut req);
+        }
         let span = match &self.span {
             Some(name) => crate::span::call_span(name),
             // Unnamed: no span, and no callsite check.

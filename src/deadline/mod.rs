@@ -20,6 +20,31 @@
 //!   caller's. A relative time, not a wall-clock instant, is sent, as gRPC
 //!   does, so clock skew between hosts does not matter.
 //!
+//! The caller's budget runs from the moment [`Deadline`] reads it. A layer
+//! outside it that may hold a request (a bulkhead with `max_wait`, a rate
+//! limiter in wait mode) would re-base the budget on the time after the
+//! wait; [`stamp_arrival`] in front of those layers reads the headers on
+//! arrival instead (the [`Resilience`](crate::preset::Resilience) preset
+//! does this whenever it has such a wait):
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use tower::ServiceBuilder;
+//! # use tower_firebreak::{bulkhead::BulkheadLayer, deadline::{self, DeadlineLayer}};
+//! # let handler = tower::service_fn(|_: http::Request<String>| async {
+//! #     Ok::<_, tower_firebreak::BoxError>(http::Response::new(String::new()))
+//! # });
+//! let svc = ServiceBuilder::new()
+//!     .map_request(|mut req: http::Request<String>| {
+//!         deadline::stamp_arrival(&mut req);
+//!         req
+//!     })
+//!     .layer(BulkheadLayer::new(100).max_wait(Duration::from_millis(200)))
+//!     .layer(DeadlineLayer::new(Duration::from_secs(10)))
+//!     .service(handler);
+//! # let _ = svc;
+//! ```
+//!
 //! # Example
 //!
 //! ```
@@ -228,6 +253,23 @@ where
         let fut = CURRENT.sync_scope(at, || self.inner.call(req));
         future::ResponseFuture::new(fut, at)
     }
+}
+
+/// Turns the caller's budget in `req`'s headers (as [`from_headers`] reads
+/// them) into a [`CallDeadline`] from now, keeping an earlier one already
+/// there. For a stack that may hold the request before its [`Deadline`]
+/// reads the headers: the deadline layer then finds it, and the wait is
+/// taken from the caller's budget instead of added to it. See the
+/// [module docs](self).
+pub fn stamp_arrival<B>(req: &mut http::Request<B>) {
+    let Some(left) = from_headers(req.headers()) else {
+        return;
+    };
+    let mut at = crate::later(Instant::now(), left);
+    if let Some(given) = req.extensions().get::<CallDeadline>() {
+        at = at.min(given.at);
+    }
+    req.extensions_mut().insert(CallDeadline { at });
 }
 
 /// Reads the caller's time budget from `grpc-timeout` or

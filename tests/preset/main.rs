@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_firebreak::circuit_breaker::State;
 use tower_firebreak::error::{Rejection, RejectionKind};
 #[cfg(any(feature = "toml", feature = "yaml"))]
@@ -223,6 +223,74 @@ async fn a_router_takes_the_server_preset_directly() {
     assert_eq!(limited.status, 429);
     assert_eq!(limited.kind(), "rate_limited");
     assert!(limited.headers.contains_key(http::header::RETRY_AFTER));
+}
+
+/// A server preset whose bulkhead may hold a call (`max_wait`): the
+/// caller's budget (`grpc-timeout`) runs from the request's arrival, not
+/// from the end of the wait. A budget that ran out in the wait ends the call
+/// there, before it reaches the handler.
+#[tokio::test(start_paused = true)]
+async fn the_callers_budget_runs_from_arrival_through_the_bulkhead_wait() {
+    use tower_firebreak::bulkhead::BulkheadConfig;
+    use tower_firebreak::deadline::CallDeadline;
+    use tower_firebreak::preset::ResilienceBuilder;
+
+    let preset = ResilienceBuilder::from_config(ResilienceConfig {
+        retry: Stage::Off,
+        circuit_breaker: Stage::Off,
+        timeout: Stage::Off,
+        bulkhead: Stage::On(BulkheadConfig {
+            max_concurrent: 1,
+            max_wait: Duration::from_secs(1),
+            ..BulkheadConfig::default()
+        }),
+        ..ResilienceConfig::default()
+    })
+    .build()
+    .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let svc = preset.layer(tower::service_fn(
+        move |req: http::Request<tower_firebreak::retry::ReplayBody<Full<Bytes>>>| {
+            let at = req.extensions().get::<CallDeadline>().map(CallDeadline::at);
+            seen2.lock().unwrap().push(at);
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok::<_, tower_firebreak::BoxError>(http::Response::new(Full::new(Bytes::new())))
+            }
+        },
+    ));
+    let call = |budget: Option<&str>| {
+        let mut req = http::Request::new(Full::new(Bytes::new()));
+        if let Some(b) = budget {
+            req.headers_mut().insert("grpc-timeout", b.parse().unwrap());
+        }
+        svc.clone().oneshot(req)
+    };
+    let arrival = tokio::time::Instant::now();
+    // The first call holds the one permit for 500 ms; the second waits for
+    // it, then runs to the budget its caller sent at arrival.
+    let (first, second) = tokio::join!(call(None), call(Some("2S")));
+    first.unwrap();
+    second.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1], Some(arrival + Duration::from_secs(2)));
+
+    // A 300 ms budget runs out during the 500 ms wait.
+    let arrival = tokio::time::Instant::now();
+    let (first, late) = tokio::join!(call(None), call(Some("300m")));
+    first.unwrap();
+    let err = late.unwrap_err();
+    assert_eq!(
+        Rejection::of(&*err).unwrap().kind(),
+        RejectionKind::DeadlineExceeded,
+        "{err}"
+    );
+    assert_eq!(
+        tokio::time::Instant::now() - arrival,
+        Duration::from_millis(500)
+    );
 }
 
 /// The client preset around hyper's legacy client: transient 503s are
