@@ -61,7 +61,9 @@ pub enum Outcome {
     /// The dependency failed.
     Failure,
     /// Says nothing about the dependency (for example, one of our own
-    /// rejections): not counted at all.
+    /// rejections): not counted at all. But a circuit breaker with slow-call
+    /// detection counts a call cut by the caller's deadline as slow once it
+    /// has run for `slow_call_duration`.
     Ignore,
 }
 
@@ -157,7 +159,11 @@ where
 /// A call admitted by a circuit breaker whose outcome is still to be told.
 ///
 /// Dropping it unrecorded counts as [`Outcome::Ignore`]: a half-open probe
-/// gives its slot back.
+/// gives its slot back. (One exception: with slow-call detection on, a call
+/// whose result was a `DeadlineExceeded` not caused by the attempt timeout,
+/// and that ran for `slow_call_duration`, counts as slow when its outcome
+/// is `Ignore`; see
+/// [`circuit_breaker`](crate::circuit_breaker#what-counts-as-a-failure).)
 pub struct Completion {
     call: Call,
 }

@@ -67,6 +67,10 @@ mod imp {
         pub(crate) rejections: Counter,
         pub(crate) probe_success: Counter,
         pub(crate) probe_failure: Counter,
+        /// Calls that ended unanswered (cut by the caller's deadline, or
+        /// dropped) after `slow_call_duration`: counted as slow.
+        pub(crate) unanswered: Counter,
+        pub(crate) probe_unanswered: Counter,
         pub(crate) state: [Gauge; 5],
     }
 
@@ -106,6 +110,8 @@ mod imp {
                 ),
                 probe_success: probes("success"),
                 probe_failure: probes("failure"),
+                unanswered: calls("unanswered_slow"),
+                probe_unanswered: probes("unanswered_slow"),
                 state,
                 labels,
             }
@@ -250,14 +256,32 @@ impl BreakerMetrics {
         }
     }
 
+    /// A call's outcome; a probe's counts as a probe's too.
     #[inline]
-    pub(crate) fn call(&self, failed: bool) {
+    pub(crate) fn call(&self, failed: bool, probe: bool) {
         #[cfg(feature = "metrics")]
         if let Some(m) = &self.inner {
             if failed {
                 m.failure.increment(1);
             } else {
                 m.success.increment(1);
+            }
+            match (probe, failed) {
+                (false, _) => {}
+                (true, true) => m.probe_failure.increment(1),
+                (true, false) => m.probe_success.increment(1),
+            }
+        }
+    }
+
+    /// A call that ended unanswered after `slow_call_duration`, counted as
+    /// slow (outcome `unanswered_slow`).
+    pub(crate) fn unanswered_slow(&self, probe: bool) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.inner {
+            m.unanswered.increment(1);
+            if probe {
+                m.probe_unanswered.increment(1);
             }
         }
     }
@@ -268,18 +292,6 @@ impl BreakerMetrics {
         if let Some(m) = &self.inner {
             m.rejected.increment(1);
             m.rejections.increment(1);
-        }
-    }
-
-    #[inline]
-    pub(crate) fn probe(&self, failed: bool) {
-        #[cfg(feature = "metrics")]
-        if let Some(m) = &self.inner {
-            if failed {
-                m.probe_failure.increment(1);
-            } else {
-                m.probe_success.increment(1);
-            }
         }
     }
 

@@ -433,7 +433,7 @@ impl Breaker {
             Outcome::Failure => true,
             Outcome::Success => false,
         };
-        self.obs.call(failed);
+        self.obs.call(failed, ticket.is_probe());
         let slow = match (self.settings.slow, now) {
             (Some((_, d)), Some(now)) if ticket.start != NO_START => {
                 self.nanos(now).saturating_sub(ticket.start) >= duration_nanos(d)
@@ -461,6 +461,7 @@ impl Breaker {
         {
             let now = Instant::now();
             if self.nanos(now).saturating_sub(ticket.start) >= duration_nanos(d) {
+                self.obs.unanswered_slow(ticket.is_probe());
                 self.count(ticket, false, true, Some(now), lane);
                 return;
             }
@@ -478,7 +479,6 @@ impl Breaker {
         lane: &AtomicU64,
     ) {
         if ticket.is_probe() {
-            self.obs.probe(failed);
             self.record_probe(ticket.epoch(), failed, slow);
             return;
         }
@@ -765,6 +765,16 @@ impl Breaker {
     /// The window's counts now.
     pub(crate) fn counts(&self) -> Snapshot {
         self.window.counts(self.nanos(Instant::now()))
+    }
+
+    /// Whether a call now would find the breaker half-open with every probe
+    /// slot taken. Probes stalled past `max_wait_in_half_open` reopen it
+    /// first, as a call would (then `false`: it is open).
+    pub(crate) fn half_open_full(&self) -> bool {
+        let word = self.state.load(Acquire);
+        word & KIND_MASK == K_HALF_OPEN
+            && reserved_of(word) >= self.settings.half_open_calls
+            && !self.reopen_if_stalled(word)
     }
 
     /// Time left until Open turns HalfOpen, if Open.

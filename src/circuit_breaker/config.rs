@@ -48,7 +48,8 @@ pub struct CircuitBreakerConfig {
     pub slow_call_rate: Option<f64>,
     /// A call at least this long is slow. Default: 60 s, once detection is on.
     /// A call that ran this long and then was cut by the caller's deadline
-    /// or dropped, unanswered, is slow too (and not a failure).
+    /// or dropped, unanswered, is slow too (and not a failure), except in
+    /// the consecutive-failures mode.
     #[serde(with = "humantime_serde")]
     pub slow_call_duration: Option<Duration>,
     /// How long the breaker stays open before probing. Default: 30 s.

@@ -21,8 +21,9 @@ pin_project! {
     /// (or, with a [`ClassifyStream`] such as the gRPC classifier, when the
     /// response body ends). Dropping the future before then records nothing,
     /// and a half-open probe gives its slot back so another caller can probe;
-    /// but with slow-call detection on, a call dropped (or cut by the
-    /// caller's deadline) before the dependency answered, after running for
+    /// but with slow-call detection on (and a window, not the
+    /// consecutive-failures mode), a call dropped (or cut by the caller's
+    /// deadline) before the dependency answered, after running for
     /// `slow_call_duration`, counts as a slow call.
     pub struct ResponseFuture<F, C, Res> {
         #[pin]

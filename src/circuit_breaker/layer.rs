@@ -131,7 +131,8 @@ impl<C> CircuitBreakerBuilder<C> {
     /// A call that takes at least `d` is slow. Turns slow-call detection on.
     ///
     /// A call cut by the caller's deadline, or dropped, before the
-    /// dependency answered, is slow (not failed) if it had run for `d`.
+    /// dependency answered, is slow (not failed) if it had run for `d`
+    /// (not in the consecutive-failures mode).
     pub fn slow_call_duration(mut self, d: Duration) -> Self {
         self.config.slow_call_duration = Some(d);
         self

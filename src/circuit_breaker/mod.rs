@@ -131,7 +131,9 @@
 //! deadline, or dropped, before the dependency answered counts as a *slow*
 //! call (not a failure) once it has run for `slow_call_duration`, since the
 //! dependency was that slow at least; set `slow_call_duration` below the
-//! budgets callers send. Cut or dropped sooner, it is not counted. Pass a classifier with
+//! budgets callers send. Cut or dropped sooner, it is not counted; nor is
+//! it in the consecutive-failures mode, where a call that is not a failure
+//! would end the run. Pass a classifier with
 //! [`classifier`](CircuitBreakerBuilder::classifier) to judge responses:
 //! [`HttpClassifier`](crate::classify::HttpClassifier) (5xx, optionally 429
 //! and 408) or [`GrpcClassifier`](crate::classify::GrpcClassifier). See

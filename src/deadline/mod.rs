@@ -261,6 +261,10 @@ where
 /// reads the headers: the deadline layer then finds it, and the wait is
 /// taken from the caller's budget instead of added to it. See the
 /// [module docs](self).
+///
+/// [`Deadline`] honours a [`CallDeadline`] in the extensions whatever its
+/// [`read_headers`](DeadlineLayer::read_headers) setting: stamp only in
+/// front of a stack that should trust the caller's headers.
 pub fn stamp_arrival<B>(req: &mut http::Request<B>) {
     let Some(left) = from_headers(req.headers()) else {
         return;

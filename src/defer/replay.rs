@@ -69,8 +69,9 @@ type RetryResponse = Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>;
 /// the breaker rejected); keep `max_attempts` comfortably above the number
 /// of failures you expect in one outage. Give the replayer the breaker of
 /// its client stack ([`breaker`](Self::breaker)) and it leases nothing
-/// while that breaker is open, so that in an outage a job's attempts are
-/// spent only on the sends that reach the dependency.
+/// while that breaker would reject, so that in an outage a job's attempts
+/// are spent on the sends that reach the dependency (but for a breaker
+/// that opens between the check and the send).
 pub struct Replayer<Q, S> {
     queue: Arc<Q>,
     service: S,
@@ -139,15 +140,18 @@ impl<Q, S> Replayer<Q, S> {
 
     /// The circuit breaker in `service`, read before each lease: while it is
     /// open the replayer leases nothing and waits out the open period (its
-    /// [`retry_after`](crate::circuit_breaker::CircuitBreakerHandle::retry_after)),
-    /// and while it is forced open it looks again every
+    /// [`retry_after`](crate::circuit_breaker::CircuitBreakerHandle::retry_after));
+    /// while it is forced open, or half-open with every probe slot taken
+    /// (by live callers), it looks again every
     /// [`poll_interval`](Self::poll_interval). Then it probes with one job
     /// at a time until one is delivered.
     ///
     /// Without it the replayer learns that the breaker is open only from a
     /// rejected send, and that send's lease has counted as an attempt of its
     /// job: an outage of many open periods can then dead-letter a job that
-    /// reached the dependency only half as many times. Default: none.
+    /// reached the dependency only half as many times. With it, a lease is
+    /// spent unsent only when the breaker opens (or a live caller takes the
+    /// last probe slot) between the check and the send. Default: none.
     ///
     /// ```
     /// # use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
@@ -553,14 +557,18 @@ enum Done {
     Panicked,
 }
 
-/// What the replay loop and each of its delivery tasks share.
 /// How long a replayer gated on `breaker` waits before it leases, or `None`
-/// when a call would be let through (closed, half-open, disabled).
+/// when a call would be let through (closed, disabled, half-open with a
+/// probe slot free).
 fn gate_wait(
     breaker: &crate::circuit_breaker::CircuitBreakerHandle,
     cfg: &ReplayerConfig,
 ) -> Option<Duration> {
     use crate::circuit_breaker::State;
+    // First: it reopens the breaker on stalled probes, as a call would.
+    if breaker.breaker().half_open_full() {
+        return Some(cfg.poll_interval);
+    }
     match breaker.state() {
         State::Open => breaker.retry_after().filter(|d| !d.is_zero()),
         State::ForcedOpen => Some(cfg.poll_interval),
@@ -568,6 +576,7 @@ fn gate_wait(
     }
 }
 
+/// What the replay loop and each of its delivery tasks share.
 struct Shared<Q> {
     queue: Arc<Q>,
     retry_response: RetryResponse,

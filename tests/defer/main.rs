@@ -1836,6 +1836,82 @@ async fn a_replayer_gated_on_the_breaker_spends_attempts_only_on_probes() {
     assert_eq!(leased[0].job.attempts() as usize, probes + 1);
 }
 
+/// Gated, the replayer leases nothing while live callers hold every
+/// half-open probe slot (where an ungated one leases, is rejected with
+/// `retry_after` zero, and spends the attempt); once the slot is free its
+/// job is the probe, and is delivered on its first attempt.
+#[tokio::test(start_paused = true)]
+async fn a_gated_replayer_waits_while_live_callers_hold_the_probe_slots() {
+    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
+    use tower_firebreak::classify::HttpClassifier;
+
+    let queue = MemoryQueue::builder().max_attempts(10).build().unwrap();
+    let id = queue.enqueue(job("hf", "x")).await.unwrap();
+    // 0: fail, 1: hang, 2: succeed.
+    let mode = Arc::new(AtomicUsize::new(0));
+    let mode2 = mode.clone();
+    let downstream = service_fn(move |_: Req| {
+        let mode = mode2.load(Ordering::SeqCst);
+        async move {
+            match mode {
+                0 => Ok::<_, BoxError>(reply(503, "down")),
+                1 => std::future::pending().await,
+                _ => Ok(reply(200, "ok")),
+            }
+        }
+    });
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(1))
+        .half_open_calls(1)
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let protected = breaker.layer(downstream);
+    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
+    assert_eq!(res.unwrap().status(), 503);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mode.store(1, Ordering::SeqCst);
+    let probe = tokio::spawn(protected.clone().oneshot(post(Some("live"), "x")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+
+    let tried = Arc::new(AtomicUsize::new(0));
+    let tried2 = tried.clone();
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |r: Req| {
+            tried2.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(protected);
+    let replayer = Replayer::new(queue.clone(), counted)
+        .rate_per_second(10)
+        .breaker(handle.clone())
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        tried.load(Ordering::SeqCst),
+        0,
+        "sent while no probe slot was free"
+    );
+    assert_eq!(queue.status(&id).await.unwrap(), Some(JobStatus::Queued));
+
+    // The live probe goes away (its slot comes back); the dependency is up.
+    mode.store(2, Ordering::SeqCst);
+    probe.abort();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(
+            queue.status(&id).await.unwrap(),
+            Some(JobStatus::Delivered { .. })
+        )
+    })
+    .await;
+    replayer.shutdown().await;
+    assert_eq!(tried.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
 // -------------------------------------------------------------- status route
 
 #[cfg(feature = "axum")]

@@ -169,6 +169,19 @@ async fn every_series_has_the_value_the_calls_made() {
     svc.clone().oneshot(false).await.expect("the probe passes");
     assert_eq!(handle.state(), State::Closed);
 
+    // A call dropped unanswered after `slow_call_duration` is counted as
+    // slow, under its own outcome.
+    let slowcut = CircuitBreakerLayer::builder()
+        .name("slowcut")
+        .slow_call_duration(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let hung = slowcut.layer(service_fn(|_: ()| {
+        std::future::pending::<Result<(), BoxError>>()
+    }));
+    let cut = tokio::time::timeout(Duration::from_secs(2), hung.oneshot(())).await;
+    assert!(cut.is_err(), "the hung call is cut");
+
     // ------------------------------------------------------ keyed breakers
     let keyed = |name: &str| CircuitBreakerConfig {
         name: Some(name.to_owned()),
@@ -383,6 +396,15 @@ async fn every_series_has_the_value_the_calls_made() {
     s.check("firebreak_calls", &cb("failure"), 4.0);
     s.check("firebreak_calls", &cb("rejected"), 2.0);
     s.check("firebreak_calls", &cb("success"), 1.0);
+    let slowcut = |outcome| {
+        [
+            ("layer", "circuit_breaker"),
+            ("name", "slowcut"),
+            ("outcome", outcome),
+        ]
+    };
+    s.check("firebreak_calls", &slowcut("unanswered_slow"), 1.0);
+    s.check("firebreak_calls", &slowcut("success"), 0.0);
     s.check(
         "firebreak_rejections",
         &[
