@@ -113,3 +113,9 @@ pub use crate::error::{BoxError, ConfigError};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+// And so do its fragments (`rust,ignore` blocks), each wrapped by `build.rs`
+// in an async fn that defines the stand-ins it names.
+#[cfg(all(doctest, feature = "full"))]
+#[doc = include_str!(concat!(env!("OUT_DIR"), "/readme_snippets.md"))]
+struct ReadmeSnippets;
