@@ -11,7 +11,12 @@
 //!   confirm. Delays go through TTL'd retry queues `fb.<name>.retry.<ms>`
 //!   (one per delay, so no message waits behind a longer one; each
 //!   dead-letters its expired messages back into `fb.<name>`, and is
-//!   deleted after a minute unused). A dead job is also published to the
+//!   deleted after a minute unused). A delay is rounded up to two
+//!   significant digits (4321 ms waits 4400 ms; at most 10 % longer, and
+//!   round values such as 100 ms, 30 s or a doubling backoff's are kept), so
+//!   that delays that vary by the millisecond, such as an open breaker's
+//!   `retry_after`, share a few hundred queues at most instead of each
+//!   declaring its own. A dead job is also published to the
 //!   dead-letter exchange `fb.<name>.dlx`, bound to the queue
 //!   `fb.<name>.dead`, for operators.
 //! - **A [`StatusStore`]** holds each job's record: its state, attempts,
@@ -1076,6 +1081,17 @@ impl<S> std::fmt::Debug for AmqpQueue<S> {
     }
 }
 
+/// The retry queue a delay of `ms` goes to: `ms` rounded up to two
+/// significant digits. Never sooner than asked, at most 10 % later, and at
+/// most 90 queues per decade of delay.
+fn retry_bucket_ms(ms: u64) -> u64 {
+    let mut scale = 1u64;
+    while ms / scale >= 100 {
+        scale *= 10;
+    }
+    ms.div_ceil(scale).saturating_mul(scale)
+}
+
 struct Link {
     conn: Connection,
     channel: Channel,
@@ -1720,7 +1736,7 @@ impl<S: StatusStore> AmqpQueue<S> {
         delay: Duration,
         extra: Option<Extra<'_>>,
     ) -> Result<(), QueueError> {
-        let delay_ms = duration_ms(delay);
+        let delay_ms = retry_bucket_ms(duration_ms(delay));
         if delay_ms > 0 {
             return self
                 .park(channel, delay_ms, id, ticket, envelope, extra)
@@ -2223,5 +2239,35 @@ impl<S: StatusStore> Queue for AmqpQueue<S> {
                 .is_some())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_bucket_ms;
+
+    #[test]
+    fn delays_round_up_to_two_significant_digits() {
+        for (ms, bucket) in [
+            (0, 0),
+            (1, 1),
+            (99, 99),
+            (100, 100),
+            (101, 110),
+            (1201, 1300),
+            (1234, 1300),
+            (4321, 4400),
+            (9999, 10_000),
+            (30_000, 30_000),
+            (128_000, 130_000),
+            (u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(retry_bucket_ms(ms), bucket, "{ms} ms");
+        }
+        // Never sooner, at most 10 % later.
+        for ms in (1..200_000).step_by(7) {
+            let b = retry_bucket_ms(ms);
+            assert!(b >= ms && b * 10 <= ms * 11, "{ms} ms -> {b} ms");
+        }
     }
 }

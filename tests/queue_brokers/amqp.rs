@@ -364,6 +364,82 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
     cleanup(&purged).await;
 }
 
+/// Whether RabbitMQ has the queue `queue` (a passive declare, on a channel
+/// of its own: a failed one closes it).
+async fn queue_exists(queue: &str) -> bool {
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .is_ok()
+}
+
+/// Delays that differ by the millisecond (an open breaker's `retry_after`)
+/// share a retry queue: each is rounded up to two significant digits, so
+/// 1201 ms and 1234 ms both wait in `….retry.1300`, and no queue is
+/// declared per millisecond. Both jobs still come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delays_share_one_retry_queue() {
+    let name = unique("bucket");
+    let q = connect(AMQP, &name, Duration::from_secs(5)).await;
+    let mut ids = Vec::new();
+    for (i, delay) in [1201u64, 1234].into_iter().enumerate() {
+        let id = q
+            .enqueue(Job::new(
+                http::Method::POST,
+                format!("/b{i}").parse().unwrap(),
+            ))
+            .await
+            .unwrap();
+        let leased = q.lease(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(*leased[0].lease.id(), id);
+        q.nack(&leased[0].lease, Duration::from_millis(delay))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    assert!(queue_exists(&format!("fb.{name}.retry.1300")).await);
+    for exact in [1201, 1234] {
+        assert!(
+            !queue_exists(&format!("fb.{name}.retry.{exact}")).await,
+            "a retry queue of its own for {exact} ms"
+        );
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut back = Vec::new();
+    while back.len() < 2 {
+        for l in q.lease(2, Duration::from_secs(30)).await.unwrap() {
+            back.push(*l.lease.id());
+            q.ack(&l.lease, DeliveredResponse::default()).await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < until, "{back:?} came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    back.sort();
+    ids.sort();
+    assert_eq!(back, ids);
+    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(
+            format!("fb.{name}.retry.1300").as_str().into(),
+            Default::default(),
+        )
+        .await;
+    cleanup(&name).await;
+}
+
 /// A retry queue that is gone (RabbitMQ deletes one a minute after its last
 /// declare: it has no consumer, and publishing does not count as use; here
 /// it is deleted by hand) does not swallow the copies parked in it after:
