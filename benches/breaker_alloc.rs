@@ -4,7 +4,9 @@
 //! `cargo bench --bench breaker_alloc` (or, in the production-config build,
 //! `cargo bench -p firebreak-prod-bench --bench breaker_alloc`). It fails if
 //! our closed breaker allocates on a call; the open breaker's rejection
-//! boxes its `CircuitOpen` (one 16-byte allocation), which it prints.
+//! boxes its `CircuitOpen` (one 16-byte allocation), which it prints. It
+//! also prints the memory a keyed breaker holds per key (bytes allocated
+//! and not freed over 1000 new keys).
 
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
@@ -12,7 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
-use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 
 // stats_alloc's instrumented System allocator, rather than an `unsafe`
 // `GlobalAlloc` of our own.
@@ -102,6 +104,30 @@ fn per_call<S: Service<u64, Response = u64>>(
     )
 }
 
+/// Bytes a keyed breaker holds per key: allocated and not freed while 1000
+/// new keys each make one call.
+fn per_key(rt: &tokio::runtime::Runtime) -> f64 {
+    const KEYS: u64 = 1000;
+    let layer = CircuitBreakerConfig {
+        count_window: Some(100),
+        max_keys: 10_000,
+        ..CircuitBreakerConfig::default()
+    }
+    .into_keyed_layer(|k: &u64| *k)
+    .unwrap();
+    let mut svc = layer.layer(bare());
+    rt.block_on(drive(&mut svc, 1));
+    let r = Region::new(GLOBAL);
+    rt.block_on(async {
+        for k in 1..=KEYS {
+            let r = svc.ready().await.expect("ready").call(k).await;
+            let _ = black_box(r);
+        }
+    });
+    let c = r.change();
+    (c.bytes_allocated as f64 - c.bytes_deallocated as f64) / KEYS as f64
+}
+
 fn main() {
     let rt = rt();
     let (a, b) = per_call(&rt, &mut bare());
@@ -117,4 +143,8 @@ fn main() {
     );
     let (a, b) = per_call(&rt, &mut theirs(&rt));
     println!("allocations per call, tower-resilience 0.13 closed: {a:.2} ({b:.1} B)");
+    println!(
+        "memory per key, keyed firebreak breaker: {:.0} B",
+        per_key(&rt)
+    );
 }

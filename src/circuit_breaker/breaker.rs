@@ -17,8 +17,8 @@ use crate::error::RejectionKind;
 use crate::observe::BreakerMetrics;
 use crate::wake::WakerSet;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -197,11 +197,12 @@ pub(crate) struct Breaker {
     rng: AtomicU64,
     base: Instant,
     transition: Mutex<()>,
-    events: broadcast::Sender<Event>,
-    subscribed: AtomicBool,
+    /// Made by the first `subscribe`: a keyed breaker makes one breaker per
+    /// key, and each ring is some kilobytes that almost no one reads.
+    events: OnceLock<broadcast::Sender<Event>>,
     /// State changes alone, so that a flood of rejections cannot push them
-    /// out of a receiver's window.
-    transitions: broadcast::Sender<Event>,
+    /// out of a receiver's window. Made by the first `subscribe_transitions`.
+    transitions: OnceLock<broadcast::Sender<Event>>,
     obs: BreakerMetrics,
     /// The last few transitions, for the status page. Written only under
     /// `transition`.
@@ -248,8 +249,6 @@ impl Breaker {
             WindowKind::Consecutive(_) => Window::Consecutive(Consecutive::new()),
         };
         window.reset(generation(0));
-        let (events, _) = broadcast::channel(256);
-        let (transitions, _) = broadcast::channel(64);
         let obs = BreakerMetrics::new(settings.name.as_deref(), key);
         Breaker {
             state: CachePadded(AtomicU64::new(K_CLOSED)),
@@ -262,9 +261,8 @@ impl Breaker {
             rng: AtomicU64::new(random_seed()),
             base: Instant::now(),
             transition: Mutex::new(()),
-            events,
-            subscribed: AtomicBool::new(false),
-            transitions,
+            events: OnceLock::new(),
+            transitions: OnceLock::new(),
             obs,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             ready_waiters: WakerSet::default(),
@@ -409,8 +407,8 @@ impl Breaker {
             RejectionKind::CircuitOpen,
             Some(retry_after),
         );
-        if self.subscribed.load(Relaxed) {
-            let _ = self.events.send(Event::Rejected { state, retry_after });
+        if let Some(events) = self.events.get() {
+            let _ = events.send(Event::Rejected { state, retry_after });
         }
         retry_after
     }
@@ -672,10 +670,12 @@ impl Breaker {
             }
             recent.push_back(Transition::new(from, to, why));
         }
-        if self.subscribed.load(Relaxed) {
-            let _ = self.events.send(Event::Transition { from, to });
+        if let Some(events) = self.events.get() {
+            let _ = events.send(Event::Transition { from, to });
         }
-        let _ = self.transitions.send(Event::Transition { from, to });
+        if let Some(transitions) = self.transitions.get() {
+            let _ = transitions.send(Event::Transition { from, to });
+        }
         self.ready_waiters.wake_all();
         self.trips.notify_waiters();
     }
@@ -754,12 +754,15 @@ impl Breaker {
     }
 
     pub(crate) fn subscribe_transitions(&self) -> broadcast::Receiver<Event> {
-        self.transitions.subscribe()
+        self.transitions
+            .get_or_init(|| broadcast::channel(64).0)
+            .subscribe()
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.subscribed.store(true, Relaxed);
-        self.events.subscribe()
+        self.events
+            .get_or_init(|| broadcast::channel(256).0)
+            .subscribe()
     }
 
     /// The window's counts now.
