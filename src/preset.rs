@@ -25,6 +25,16 @@
 //! `fallback` go outside the preset (they
 //! carry your queue or your fallback value): `.layer(DeferLayer::new(q)).layer(preset)`.
 //!
+//! Calls made inside a request whose caller sent a shorter budget (a
+//! `grpc-timeout` of 2 s against the 10 s attempt timeout, read by a server
+//! stack and carried to this one by [`deadline::current`](crate::deadline::current))
+//! are cut by that budget, which is not counted against the dependency: on
+//! failures alone a hung dependency would then never open the breaker. Set
+//! the attempt timeout below those budgets, or turn on slow-call detection
+//! with `slow_call_duration` below them
+//! ([`CircuitBreakerConfig`]):
+//! a call cut after running that long counts as slow.
+//!
 //! The settings are checked once, at build time, and contradictions are a
 //! [`ConfigError`] that names both fields:
 //!

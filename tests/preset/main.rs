@@ -293,6 +293,55 @@ async fn the_callers_budget_runs_from_arrival_through_the_bulkhead_wait() {
     );
 }
 
+/// The preset inside a request whose caller sent a 2 s budget (an outer
+/// `Deadline`, as a server stack reading `grpc-timeout` gives), calling a
+/// dependency that hangs: every call is cut by the caller's budget, before
+/// the 10 s attempt timeout. On failures alone the breaker never opens; with
+/// slow-call detection under the budget it does.
+async fn behind_a_shorter_caller_budget(slow: Option<Duration>) -> State {
+    use tower_firebreak::circuit_breaker::CircuitBreakerConfig;
+    use tower_firebreak::deadline::DeadlineLayer;
+    use tower_firebreak::retry::ReplayBody;
+
+    let preset = Resilience::builder()
+        .circuit_breaker(CircuitBreakerConfig {
+            minimum_calls: 4,
+            slow_call_duration: slow,
+            ..ResilienceConfig::default_breaker()
+        })
+        .build()
+        .unwrap();
+    let breaker = preset.breaker();
+    let hung = tower::service_fn(|_: http::Request<ReplayBody<Full<Bytes>>>| {
+        std::future::pending::<Result<http::Response<Full<Bytes>>, tower_firebreak::BoxError>>()
+    });
+    let caller = DeadlineLayer::new(Duration::from_secs(2)).layer(preset.layer(hung));
+    for _ in 0..4 {
+        let started = tokio::time::Instant::now();
+        let err = caller
+            .clone()
+            .oneshot(http::Request::new(Full::new(Bytes::new())))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            Rejection::of(&*err).unwrap().kind(),
+            RejectionKind::DeadlineExceeded,
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+    breaker.state()
+}
+
+#[tokio::test(start_paused = true)]
+async fn behind_a_shorter_caller_budget_slow_call_detection_opens_the_breaker() {
+    assert_eq!(behind_a_shorter_caller_budget(None).await, State::Closed);
+    assert_eq!(
+        behind_a_shorter_caller_budget(Some(Duration::from_secs(1))).await,
+        State::Open
+    );
+}
+
 /// The client preset around hyper's legacy client: transient 503s are
 /// retried to success; a dependency that keeps failing opens the breaker,
 /// and then calls fail fast without reaching it.
