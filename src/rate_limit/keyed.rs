@@ -361,13 +361,66 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     /// minute from a `tokio::time::interval` task; a dropped key behaves
     /// exactly as before when it returns.
     pub fn retain_recent(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
-        self.obs
-            .per_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        prune(&self.limiter, &self.obs);
+    }
+
+    /// Runs [`retain_recent`](Self::retain_recent) every `every`, on a task
+    /// of the current tokio runtime: the schedule is yours, the loop is
+    /// ours. The task holds the limiter weakly, so it ends by itself once
+    /// this layer, its clones and its services are all dropped; abort the
+    /// returned handle to stop it sooner.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`](crate::ConfigError) naming `prune_every` when
+    /// `every` is zero.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_firebreak::rate_limit::KeyedRateLimitLayer;
+    ///
+    /// use std::net::IpAddr;
+    ///
+    /// let per_ip: KeyedRateLimitLayer<IpAddr, _> =
+    ///     KeyedRateLimitLayer::per_second(50, |ip: &IpAddr| *ip);
+    /// let pruner = per_ip.prune_every(Duration::from_secs(60)).unwrap();
+    /// # pruner.abort();
+    /// # }
+    /// ```
+    pub fn prune_every(
+        &self,
+        every: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, crate::ConfigError>
+    where
+        K: Send + Sync + 'static,
+    {
+        if every.is_zero() {
+            return Err(crate::ConfigError::new(
+                "prune_every",
+                every,
+                "must be more than zero",
+            ));
+        }
+        let limiter = Arc::downgrade(&self.limiter);
+        let obs = Arc::downgrade(&self.obs);
+        Ok(tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + every;
+            let mut tick = tokio::time::interval_at(start, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(limiter), Some(obs)) = (limiter.upgrade(), obs.upgrade()) else {
+                    return;
+                };
+                prune(&limiter, &obs);
+            }
+        }))
     }
 
     /// Keys with live state.
@@ -379,6 +432,16 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     pub fn is_empty(&self) -> bool {
         self.limiter.is_empty()
     }
+}
+
+/// Drops every key back in its fresh state, and the per-key metric handles.
+fn prune<K: Hash + Eq + Clone>(limiter: &KeyedLimiter<K>, obs: &KeyedMetrics<K>) {
+    limiter.retain_recent();
+    limiter.shrink_to_fit();
+    obs.per_key
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
 }
 
 impl<S, K: Hash + Eq + Clone, F> Layer<S> for KeyedRateLimitLayer<K, F> {

@@ -13,7 +13,8 @@
 //! [`KeyedRateLimit`] keeps one GCRA cell per key. Its state grows with the
 //! number of distinct keys, so it must be pruned: call
 //! [`KeyedRateLimitLayer::retain_recent`] on a schedule you choose (governor's
-//! own pruning). It drops every key whose cell is back in its fresh state.
+//! own pruning), or let [`KeyedRateLimitLayer::prune_every`] run it on a
+//! task. It drops every key whose cell is back in its fresh state.
 //!
 //! The limiter reads `tokio::time`, so paused-time tests drive it.
 //!

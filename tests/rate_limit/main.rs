@@ -164,6 +164,38 @@ async fn keyed_limits_are_per_key_and_pruned_on_schedule() {
     svc.oneshot(1).await.unwrap();
 }
 
+/// `prune_every` runs the pruning on a task: keys back in their fresh state
+/// go at its next tick, not before; the task ends once the layer and its
+/// services are dropped; a zero period is a config error.
+#[tokio::test(start_paused = true)]
+async fn prune_every_prunes_on_its_schedule_and_stops_with_the_layer() {
+    let layer = KeyedRateLimitLayer::per_second(10, |k: &u32| *k).burst(1);
+    let svc = tower::Layer::layer(&layer, echo());
+    assert_eq!(
+        layer.prune_every(Duration::ZERO).unwrap_err().field(),
+        "prune_every"
+    );
+    let pruner = layer.prune_every(Duration::from_secs(5)).unwrap();
+    for k in 0..1000u32 {
+        svc.clone().oneshot(k).await.unwrap();
+    }
+    assert_eq!(layer.len(), 1000);
+    // Fresh again after 100 ms, but the first tick is at 5 s.
+    tokio::time::sleep(Duration::from_millis(4900)).await;
+    assert_eq!(layer.len(), 1000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(layer.len(), 0);
+    // New keys wait for the next tick.
+    for k in 0..10u32 {
+        svc.clone().oneshot(k).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(layer.len(), 0);
+    drop((layer, svc));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(pruner.is_finished(), "the pruner outlived its limiter");
+}
+
 #[test]
 fn config_defaults_and_errors() {
     let cfg = RateLimitConfig::default();
