@@ -36,7 +36,10 @@ const STAND_INS: &[(&str, &str)] = &[
 ];
 
 fn main() {
-    println!("cargo::rerun-if-changed=README.md");
+    // A missing path would count as changed, and rebuild every time.
+    if std::path::Path::new("README.md").exists() {
+        println!("cargo::rerun-if-changed=README.md");
+    }
     println!("cargo::rerun-if-changed=build.rs");
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return;

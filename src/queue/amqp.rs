@@ -11,9 +11,10 @@
 //!   confirm. Delays go through TTL'd retry queues `fb.<name>.retry.<ms>`
 //!   (one per delay, so no message waits behind a longer one; each
 //!   dead-letters its expired messages back into `fb.<name>`, and is
-//!   deleted after a minute unused). A delay is rounded up to two
-//!   significant digits (4321 ms waits 4400 ms; at most 10 % longer, and
-//!   round values such as 100 ms, 30 s or a doubling backoff's are kept), so
+//!   deleted after a minute unused). A delay (a nack's, or a lease's
+//!   visibility) is rounded up to two significant digits (4321 ms waits
+//!   4400 ms; at most 10 % longer; values of two significant digits, such
+//!   as 100 ms, 1.6 s or 30 s, are kept), so
 //!   that delays that vary by the millisecond, such as an open breaker's
 //!   `retry_after`, share a few hundred queues at most instead of each
 //!   declaring its own. A dead job is also published to the

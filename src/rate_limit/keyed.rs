@@ -364,16 +364,17 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
         prune(&self.limiter, &self.obs);
     }
 
-    /// Runs [`retain_recent`](Self::retain_recent) every `every`, on a task
-    /// of the current tokio runtime: the schedule is yours, the loop is
-    /// ours. The task holds the limiter weakly, so it ends by itself once
-    /// this layer, its clones and its services are all dropped; abort the
-    /// returned handle to stop it sooner.
+    /// Runs [`retain_recent`](Self::retain_recent) every `every` from now,
+    /// on a task of the current tokio runtime: the schedule is yours, the
+    /// loop is ours. The task holds the limiter weakly, so it ends by itself
+    /// at its first tick after this layer, its clones and its services are
+    /// all dropped; abort the returned handle to stop it sooner.
     ///
     /// # Errors
     ///
     /// A [`ConfigError`](crate::ConfigError) naming `prune_every` when
-    /// `every` is zero.
+    /// `every` is zero, or so long that the first tick is past what the
+    /// clock can count.
     ///
     /// # Panics
     ///
@@ -407,10 +408,16 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
                 "must be more than zero",
             ));
         }
+        let Some(start) = tokio::time::Instant::now().checked_add(every) else {
+            return Err(crate::ConfigError::new(
+                "prune_every",
+                every,
+                "is too long for the clock",
+            ));
+        };
         let limiter = Arc::downgrade(&self.limiter);
         let obs = Arc::downgrade(&self.obs);
         Ok(tokio::spawn(async move {
-            let start = tokio::time::Instant::now() + every;
             let mut tick = tokio::time::interval_at(start, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -171,10 +171,9 @@ async fn keyed_limits_are_per_key_and_pruned_on_schedule() {
 async fn prune_every_prunes_on_its_schedule_and_stops_with_the_layer() {
     let layer = KeyedRateLimitLayer::per_second(10, |k: &u32| *k).burst(1);
     let svc = tower::Layer::layer(&layer, echo());
-    assert_eq!(
-        layer.prune_every(Duration::ZERO).unwrap_err().field(),
-        "prune_every"
-    );
+    for bad in [Duration::ZERO, Duration::MAX] {
+        assert_eq!(layer.prune_every(bad).unwrap_err().field(), "prune_every");
+    }
     let pruner = layer.prune_every(Duration::from_secs(5)).unwrap();
     for k in 0..1000u32 {
         svc.clone().oneshot(k).await.unwrap();
