@@ -1588,6 +1588,88 @@ async fn shutdown_gives_back_every_delivery_in_flight() {
     }
 }
 
+/// A breaker around `downstream` that one failure opens for `open_for`,
+/// with one probe slot and the HTTP classifier, opened by one live call
+/// that got 503.
+async fn opened_by_one_503<S>(
+    downstream: S,
+    open_for: Duration,
+) -> (
+    tower_firebreak::circuit_breaker::CircuitBreakerHandle,
+    tower_firebreak::circuit_breaker::CircuitBreaker<S, tower_firebreak::classify::HttpClassifier>,
+)
+where
+    S: Service<Req, Response = Res, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
+    use tower_firebreak::classify::HttpClassifier;
+
+    let breaker = CircuitBreakerLayer::builder()
+        .consecutive_failures(1)
+        .open_for(open_for)
+        .half_open_calls(1)
+        .classifier(HttpClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let protected = breaker.layer(downstream);
+    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
+    assert_eq!(res.unwrap().status(), 503);
+    (handle, protected)
+}
+
+/// A breaker (one failure opens it for 1 s; one probe slot) around a
+/// downstream whose `mode` is 0: 503, 1: hang, 2: 200. One 503 opens it;
+/// after 1 s, a live call takes the one probe slot and hangs (`mode` is then
+/// 1). Returns the mode, the breaker, the protected service and that call.
+async fn half_open_with_a_hung_live_probe() -> (
+    Arc<AtomicUsize>,
+    tower_firebreak::circuit_breaker::CircuitBreakerHandle,
+    impl Service<Req, Response = Res, Error = BoxError, Future: Send + 'static> + Clone + Send + 'static,
+    tokio::task::JoinHandle<Result<Res, BoxError>>,
+) {
+    use tower_firebreak::circuit_breaker::State as BreakerState;
+
+    let mode = Arc::new(AtomicUsize::new(0));
+    let mode2 = mode.clone();
+    let downstream = service_fn(move |_: Req| {
+        let mode = mode2.load(Ordering::SeqCst);
+        async move {
+            match mode {
+                0 => Ok::<_, BoxError>(reply(503, "down")),
+                1 => std::future::pending().await,
+                _ => Ok(reply(200, "ok")),
+            }
+        }
+    });
+    let (handle, protected) = opened_by_one_503(downstream, Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mode.store(1, Ordering::SeqCst);
+    let probe = tokio::spawn(protected.clone().oneshot(post(Some("live"), "x")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    (mode, handle, protected, probe)
+}
+
+/// `svc`, counting what it is handed (rejected by a layer inside or not).
+fn counting<S>(
+    svc: S,
+) -> (
+    Arc<AtomicUsize>,
+    tower::util::MapRequest<S, impl FnMut(Req) -> Req + Clone + Send + 'static>,
+) {
+    let tried = Arc::new(AtomicUsize::new(0));
+    let tried2 = tried.clone();
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |r: Req| {
+            tried2.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(svc);
+    (tried, counted)
+}
+
 /// Replay gating: while the breaker rejects, the replayer sends nothing to
 /// the dependency and probes at most once per `retry_after`; after recovery
 /// it keeps its pace.
@@ -1645,14 +1727,7 @@ async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
     let before = outage_calls.load(Ordering::SeqCst);
 
     // Count what the replayer hands the breaker, rejected or not.
-    let tried = Arc::new(AtomicUsize::new(0));
-    let tried2 = tried.clone();
-    let counted = tower::ServiceBuilder::new()
-        .map_request(move |r: Req| {
-            tried2.fetch_add(1, Ordering::SeqCst);
-            r
-        })
-        .service(protected);
+    let (tried, counted) = counting(protected);
     // A short failure backoff, so only the breaker gating can hold the
     // replayer back for whole open periods.
     let replayer = Replayer::new(queue.clone(), counted)
@@ -1716,48 +1791,11 @@ async fn replay_waits_out_an_open_breaker_and_keeps_its_pace() {
 /// attempts up in about a second, dead-lettering it unsent.
 #[tokio::test(start_paused = true)]
 async fn a_half_open_breaker_does_not_burn_a_jobs_attempts() {
-    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
-    use tower_firebreak::classify::HttpClassifier;
-
     let queue = MemoryQueue::builder().max_attempts(10).build().unwrap();
     let id = queue.enqueue(job("h1", "x")).await.unwrap();
-    let hang = Arc::new(AtomicBool::new(false));
-    let hang2 = hang.clone();
-    let downstream = service_fn(move |_: Req| {
-        let hang = hang2.load(Ordering::SeqCst);
-        async move {
-            if hang {
-                std::future::pending::<()>().await;
-            }
-            Ok::<_, BoxError>(reply(503, "down"))
-        }
-    });
-    let breaker = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .open_for(Duration::from_secs(1))
-        .half_open_calls(1)
-        .classifier(HttpClassifier::new())
-        .build()
-        .unwrap();
-    let handle = breaker.handle();
-    let protected = breaker.layer(downstream);
-    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
-    assert_eq!(res.unwrap().status(), 503);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // A live call takes the one probe slot and hangs.
-    hang.store(true, Ordering::SeqCst);
-    let probe = tokio::spawn(protected.clone().oneshot(post(Some("live"), "x")));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    let (_mode, _handle, protected, probe) = half_open_with_a_hung_live_probe().await;
 
-    let tried = Arc::new(AtomicUsize::new(0));
-    let tried2 = tried.clone();
-    let counted = tower::ServiceBuilder::new()
-        .map_request(move |r: Req| {
-            tried2.fetch_add(1, Ordering::SeqCst);
-            r
-        })
-        .service(protected);
+    let (tried, counted) = counting(protected);
     let replayer = Replayer::new(queue.clone(), counted)
         .rate_per_second(10)
         .spawn();
@@ -1784,8 +1822,7 @@ async fn a_half_open_breaker_does_not_burn_a_jobs_attempts() {
 /// Ungated, each open period also costs the lease the breaker rejects.
 #[tokio::test(start_paused = true)]
 async fn a_replayer_gated_on_the_breaker_spends_attempts_only_on_probes() {
-    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
-    use tower_firebreak::classify::HttpClassifier;
+    use tower_firebreak::circuit_breaker::State as BreakerState;
 
     let queue = MemoryQueue::builder().max_attempts(100).build().unwrap();
     let id = queue.enqueue(job("gate", "x")).await.unwrap();
@@ -1795,28 +1832,11 @@ async fn a_replayer_gated_on_the_breaker_spends_attempts_only_on_probes() {
         reached2.fetch_add(1, Ordering::SeqCst);
         async move { Ok::<_, BoxError>(reply(503, "down")) }
     });
-    let breaker = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .open_for(Duration::from_secs(2))
-        .half_open_calls(1)
-        .classifier(HttpClassifier::new())
-        .build()
-        .unwrap();
-    let handle = breaker.handle();
-    let protected = breaker.layer(downstream);
-    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
-    assert_eq!(res.unwrap().status(), 503);
+    let (handle, protected) = opened_by_one_503(downstream, Duration::from_secs(2)).await;
     assert_eq!(handle.state(), BreakerState::Open);
     let before = reached.load(Ordering::SeqCst);
 
-    let tried = Arc::new(AtomicUsize::new(0));
-    let tried2 = tried.clone();
-    let counted = tower::ServiceBuilder::new()
-        .map_request(move |r: Req| {
-            tried2.fetch_add(1, Ordering::SeqCst);
-            r
-        })
-        .service(protected);
+    let (tried, counted) = counting(protected);
     let replayer = Replayer::new(queue.clone(), counted)
         .rate_per_second(10)
         .backoff(Duration::from_millis(10), Duration::from_millis(100))
@@ -1842,49 +1862,13 @@ async fn a_replayer_gated_on_the_breaker_spends_attempts_only_on_probes() {
 /// job is the probe, and is delivered on its first attempt.
 #[tokio::test(start_paused = true)]
 async fn a_gated_replayer_waits_while_live_callers_hold_the_probe_slots() {
-    use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State as BreakerState};
-    use tower_firebreak::classify::HttpClassifier;
+    use tower_firebreak::circuit_breaker::State as BreakerState;
 
     let queue = MemoryQueue::builder().max_attempts(10).build().unwrap();
     let id = queue.enqueue(job("hf", "x")).await.unwrap();
-    // 0: fail, 1: hang, 2: succeed.
-    let mode = Arc::new(AtomicUsize::new(0));
-    let mode2 = mode.clone();
-    let downstream = service_fn(move |_: Req| {
-        let mode = mode2.load(Ordering::SeqCst);
-        async move {
-            match mode {
-                0 => Ok::<_, BoxError>(reply(503, "down")),
-                1 => std::future::pending().await,
-                _ => Ok(reply(200, "ok")),
-            }
-        }
-    });
-    let breaker = CircuitBreakerLayer::builder()
-        .consecutive_failures(1)
-        .open_for(Duration::from_secs(1))
-        .half_open_calls(1)
-        .classifier(HttpClassifier::new())
-        .build()
-        .unwrap();
-    let handle = breaker.handle();
-    let protected = breaker.layer(downstream);
-    let res = protected.clone().oneshot(post(Some("live"), "x")).await;
-    assert_eq!(res.unwrap().status(), 503);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    mode.store(1, Ordering::SeqCst);
-    let probe = tokio::spawn(protected.clone().oneshot(post(Some("live"), "x")));
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    let (mode, handle, protected, probe) = half_open_with_a_hung_live_probe().await;
 
-    let tried = Arc::new(AtomicUsize::new(0));
-    let tried2 = tried.clone();
-    let counted = tower::ServiceBuilder::new()
-        .map_request(move |r: Req| {
-            tried2.fetch_add(1, Ordering::SeqCst);
-            r
-        })
-        .service(protected);
+    let (tried, counted) = counting(protected);
     let replayer = Replayer::new(queue.clone(), counted)
         .rate_per_second(10)
         .breaker(handle.clone())

@@ -300,14 +300,15 @@ async fn prefetch_and_hold_must_be_above_zero() {
     }
 }
 
-/// How many messages wait in the operators' dead-letter queue.
-async fn dead_copies(name: &str) -> u32 {
+/// A passive declare of `queue`, on a channel of its own (a failed one
+/// closes it): the queue as RabbitMQ has it, or the error if it has none.
+async fn passive_declare(queue: &str) -> Result<lapin::Queue, lapin::Error> {
     let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
-        format!("fb.{name}.dead").as_str().into(),
+        queue.into(),
         lapin::options::QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -315,8 +316,14 @@ async fn dead_copies(name: &str) -> u32 {
         Default::default(),
     )
     .await
-    .unwrap()
-    .message_count()
+}
+
+/// How many messages wait in the operators' dead-letter queue.
+async fn dead_copies(name: &str) -> u32 {
+    passive_declare(&format!("fb.{name}.dead"))
+        .await
+        .unwrap()
+        .message_count()
 }
 
 /// With `dead_letter_retention`, the copy of a dead job published for
@@ -364,23 +371,9 @@ async fn operator_copies_of_dead_letters_expire_with_dead_letter_retention() {
     cleanup(&purged).await;
 }
 
-/// Whether RabbitMQ has the queue `queue` (a passive declare, on a channel
-/// of its own: a failed one closes it).
+/// Whether RabbitMQ has the queue `queue`.
 async fn queue_exists(queue: &str) -> bool {
-    let conn = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .is_ok()
+    passive_declare(queue).await.is_ok()
 }
 
 /// Delays that differ by the millisecond (an open breaker's `retry_after`)
