@@ -1387,32 +1387,44 @@ impl NatsQueue {
     }
 
     async fn dead_letters_inner(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let mut dead = self.inner.dead.clone();
-        let state = dead
-            .info()
-            .await
-            .map_err(QueueError::unavailable)?
-            .state
-            .clone();
         let mut out = Vec::new();
-        if state.messages == 0 {
+        if limit == 0 {
             return Ok(out);
         }
-        // The stream is in dead-letter order; the trait wants id order, so
-        // the whole (normally short) stream is read and sorted.
-        for seq in state.first_sequence..=state.last_sequence {
-            let m = match self.inner.dead.get_raw_message(seq).await {
+        // The stream is in dead-letter order; the trait wants id order. The
+        // subjects (one per dead job, its id last) are listed without their
+        // messages, sorted, and only the first `limit` messages are read.
+        let prefix = format!("{}.", self.inner.dead_subject);
+        let mut subjects = self
+            .inner
+            .dead
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(QueueError::unavailable)?;
+        let mut ids = Vec::new();
+        while let Some(next) = subjects.next().await {
+            let (subject, _) = next.map_err(QueueError::unavailable)?;
+            if let Some(id) = subject
+                .strip_prefix(&prefix)
+                .and_then(|s| s.parse::<JobId>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        for id in ids {
+            if out.len() >= limit {
+                break;
+            }
+            let m = match self
+                .inner
+                .dead
+                .get_last_raw_message_by_subject(&format!("{prefix}{id}"))
+                .await
+            {
                 Ok(m) => m,
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => continue,
                 Err(e) => return Err(QueueError::unavailable(e)),
-            };
-            let Some(id) = m
-                .subject
-                .rsplit('.')
-                .next()
-                .and_then(|s| s.parse::<JobId>().ok())
-            else {
-                continue;
             };
             // One dead-lettered because it does not decode is left out (its
             // status says why).
@@ -1436,8 +1448,6 @@ impl NatsQueue {
                 .unwrap_or(0);
             out.push(DeadLetter::new(id, job, reason, ms_system(at)));
         }
-        out.sort_by_key(|d| d.id);
-        out.truncate(limit);
         Ok(out)
     }
 

@@ -17,6 +17,7 @@
 //! | `st:<id>` | hash with a TTL | a finished job's status: the delivered response (expires after `retention`) or the dead-letter reason |
 //! | `p` | sorted set | delivered jobs by the time their idempotency key is released |
 //! | `xt` | sorted set | dead jobs by the time they were dead-lettered, for `dead_letter_retention` |
+//! | `xi` | sorted set, every score 0 | dead jobs by id, so that `dead_letters(limit)` reads only the first `limit` |
 //! | `c` | string | where the last lease's scan for expired leases stopped |
 //!
 //! A lease is a stream entry pending in the consumer group. When a job is
@@ -191,6 +192,7 @@ local function to_dead(id, reason, now)
   redis.call('DEL', st)
   redis.call('HSET', st, 'state', 'dead', 'reason', reason, 'attempts', att, 'at', now)
   redis.call('ZADD', k('xt'), now, id)
+  redis.call('ZADD', k('xi'), 0, id)
   forget(id)
 end
 
@@ -282,6 +284,7 @@ end
 if dead_before ~= '' then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('xt'), '-inf', dead_before, 'LIMIT', 0, 1024)) do
     redis.call('ZREM', k('xt'), id)
+    redis.call('ZREM', k('xi'), id)
     local xe = redis.call('HGET', k('xe'), id)
     if xe then
       redis.call('XDEL', k('x'), xe)
@@ -399,6 +402,7 @@ if redis.call('ZCARD', k('q')) >= cap then return -1 end
 local r = redis.call('XRANGE', k('x'), xe, xe)
 redis.call('HDEL', k('xe'), id)
 redis.call('ZREM', k('xt'), id)
+redis.call('ZREM', k('xi'), id)
 if #r == 0 then return 0 end
 local f = {}
 local raw = r[1][2]
@@ -412,6 +416,34 @@ redis.call('ZADD', k('q'), f['enq'], id)
 local e = redis.call('XADD', k('s'), '*', 'id', id)
 redis.call('HSET', k('e'), id, e)
 return 1
+"#;
+
+/// ARGV: prefix, limit. The first `limit` dead letters by id, as `XRANGE`
+/// entries. The id index `xi` is rebuilt from `xt` first when the two
+/// disagree (dead letters from before it existed).
+const DEAD_PAGE: &str = r#"
+local lim = tonumber(ARGV[2])
+if redis.call('ZCARD', k('xi')) ~= redis.call('ZCARD', k('xt')) then
+  redis.call('DEL', k('xi'))
+  local ids = redis.call('ZRANGE', k('xt'), 0, -1)
+  for i = 1, #ids, 500 do
+    local args = {}
+    for j = i, math.min(i + 499, #ids) do
+      args[#args + 1] = 0
+      args[#args + 1] = ids[j]
+    end
+    redis.call('ZADD', k('xi'), unpack(args))
+  end
+end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', k('xi'), 0, lim - 1)) do
+  local xe = redis.call('HGET', k('xe'), id)
+  if xe then
+    local r = redis.call('XRANGE', k('x'), xe, xe)
+    if #r > 0 then out[#out + 1] = r[1] end
+  end
+end
+return out
 "#;
 
 /// ARGV: prefix, id.
@@ -432,6 +464,7 @@ struct Scripts {
     nack: Script,
     dead: Script,
     redrive: Script,
+    dead_page: Script,
     status: Script,
 }
 
@@ -444,6 +477,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         nack: s(NACK),
         dead: s(DEAD),
         redrive: s(REDRIVE),
+        dead_page: s(DEAD_PAGE),
         status: s(STATUS),
     }
 });
@@ -1050,20 +1084,12 @@ impl Queue for RedisQueue {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let key = self.inner.dead.clone();
-        // The stream is in dead-letter order; the trait wants id order, so
-        // the whole (normally short) stream is read and sorted.
+        // The stream is in dead-letter order; the trait wants id order,
+        // which the index `xi` keeps, so only `limit` entries are read.
         type Entry = (String, Vec<(String, Vec<u8>)>);
-        let entries: Vec<Entry> = self
-            .run(|mut c| async move {
-                ::redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        // Lua counts in doubles: a limit past 2^40 means all of them.
+        let page = limit.min(1 << 40);
+        let entries: Vec<Entry> = self.invoke(&SCRIPTS.dead_page, vec![arg(page)]).await?;
         let mut out = Vec::with_capacity(entries.len());
         for (_, fields) in entries {
             let get = |name: &str| -> Result<&[u8], QueueError> {

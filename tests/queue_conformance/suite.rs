@@ -313,6 +313,39 @@ pub(crate) async fn explicit_dead_letter<Q: Queue>(unit: Duration, make: impl Ma
     assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
 }
 
+/// `dead_letters(limit)` is the `limit` lowest ids, whatever order the jobs
+/// died in (here the reverse of id order), and a redrive takes one out.
+pub(crate) async fn dead_letters_are_a_page_in_id_order<Q: Queue>(
+    unit: Duration,
+    make: impl Maker<Q>,
+) {
+    let s = Settings::new(unit);
+    let q = make(s).await.queue;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(q.enqueue(job(&format!("/p{i}"), "p")).await.unwrap());
+    }
+    let mut leased = q.lease(5, s.unit * 50).await.unwrap();
+    assert_eq!(leased.len(), 5);
+    leased.sort_by_key(|l| std::cmp::Reverse(*l.lease.id()));
+    for l in &leased {
+        q.dead_letter(&l.lease, "by hand").await.unwrap();
+    }
+    let page = async |n| -> Vec<JobId> {
+        q.dead_letters(n)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect()
+    };
+    assert_eq!(page(2).await, ids[..2]);
+    assert_eq!(page(10).await, ids);
+    assert!(page(0).await.is_empty());
+    assert!(q.redrive(&ids[0]).await.unwrap());
+    assert_eq!(page(2).await, ids[1..3]);
+}
+
 pub(crate) async fn idempotency_keys<Q: Queue>(unit: Duration, make: impl Maker<Q>) {
     let s = Settings::new(unit);
     let q = make(s).await.queue;
@@ -565,7 +598,8 @@ macro_rules! conformance {
                 enqueue_lease_ack, lease_respects_max_and_order, nack_delays_redelivery,
                 expired_lease_returns_job, dead_letter_after_max_attempts,
                 dead_letter_when_lease_expires_past_max_attempts, dead_letter_after_ttl,
-                explicit_dead_letter, idempotency_keys, retention_purges_delivered,
+                explicit_dead_letter, dead_letters_are_a_page_in_id_order,
+                idempotency_keys, retention_purges_delivered,
                 dead_letter_retention_purges,
                 capacity_is_enforced, depth_and_oldest_age, unknown_id_has_no_status,
                 concurrent_producers);
