@@ -50,7 +50,11 @@
 //! that undo cannot land (the connection is gone) is a failed submit
 //! ambiguous: the server may have stored the job, and a retry with the
 //! same idempotency key finds it. Until a lease drops it, a voided job's
-//! message counts in [`depth`](Queue::depth).
+//! message counts in [`depth`](Queue::depth). A voided job whose message
+//! the server never stored has no message for a lease to meet, so its
+//! `void` record stays in `fb_<name>_live` for good (a few hundred bytes
+//! each; the live bucket has no `max_age`). Only failed submits make them;
+//! an outage of the server with many of those leaves as many records.
 //!
 //! ```no_run
 //! use tower_firebreak::queue::{nats::NatsQueue, Job, Queue};
