@@ -295,8 +295,9 @@ impl<B> Classify<Response<B>> for HttpClassifier {
     }
 }
 
-/// `grpc-status`, parsed once.
-static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+/// `grpc-status`, parsed once: every place in the crate that reads or
+/// writes it names it through this.
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 const ALL_GRPC_CODES: [GrpcCode; 17] = [
     GrpcCode::Ok,

@@ -264,7 +264,7 @@ pub fn server_error(status: StatusCode, headers: &HeaderMap) -> bool {
 pub(crate) fn grpc_failure(headers: &HeaderMap) -> bool {
     static GRPC: std::sync::LazyLock<crate::classify::GrpcClassifier> =
         std::sync::LazyLock::new(crate::classify::GrpcClassifier::new);
-    headers.contains_key("grpc-status")
+    headers.contains_key(crate::classify::GRPC_STATUS)
         && GRPC.classify_trailers(Some(headers)) == crate::classify::Outcome::Failure
 }
 

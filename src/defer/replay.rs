@@ -802,7 +802,10 @@ where
 
 /// Why a response counts as a failed delivery, for the log.
 fn failed_response(status: StatusCode, headers: &HeaderMap) -> BoxError {
-    match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+    match headers
+        .get(crate::classify::GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(code) => format!("status {}, grpc-status {code}", status.as_u16()).into(),
         None => format!("status {}", status.as_u16()).into(),
     }

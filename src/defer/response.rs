@@ -239,7 +239,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         StatusCode::OK if dead => GRPC_ABORTED,
         StatusCode::ACCEPTED | StatusCode::OK => {
             let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from(GRPC_OK));
+            trailers.insert(crate::classify::GRPC_STATUS, HeaderValue::from(GRPC_OK));
             // A message frame: not compressed, length 0.
             *out.body_mut() =
                 DeferBody::new(Bytes::from_static(&[0, 0, 0, 0, 0])).with_trailers(trailers);
@@ -252,7 +252,7 @@ pub(super) fn into_grpc(res: http::Response<DeferBody>) -> http::Response<DeferB
         StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
         _ => GRPC_INTERNAL,
     };
-    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(crate::classify::GRPC_STATUS, HeaderValue::from(code));
     let detail = json.and_then(|v| match v["reason"].as_str() {
         Some(reason) if dead => Some(format!(
             "the job holding this idempotency key was dead-lettered: {reason}"

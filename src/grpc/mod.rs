@@ -110,7 +110,7 @@ pub fn error_response(err: &(dyn Error + 'static)) -> http::Response<Full<Bytes>
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(crate::classify::GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
         h.insert("grpc-message", v);
     }

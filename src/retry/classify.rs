@@ -240,7 +240,7 @@ impl HttpClassifier {
 
     fn classify_grpc<ResB>(res: &http::Response<ResB>) -> Action {
         let headers = res.headers();
-        let Some(status) = headers.get("grpc-status") else {
+        let Some(status) = headers.get(crate::classify::GRPC_STATUS) else {
             // No gRPC status: an HTTP error from a proxy in between. The gRPC
             // spec maps 502, 503 and 504 to UNAVAILABLE.
             return match res.status() {
