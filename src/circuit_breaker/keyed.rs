@@ -24,9 +24,14 @@ use tower::{Layer, Service};
 /// breakers unused for `idle_timeout` are dropped unless they are open with
 /// time left, forced open or disabled (checked when the table is full, and
 /// otherwise at most once per `idle_timeout`); if the table is still
-/// full, the least recently used closed breaker goes, and only if every
-/// breaker is open (or forced open, half-open, disabled) the least
-/// recently used of those. Memory stays bounded under any number of keys.
+/// full, the least recently used closed breaker goes. If none is closed
+/// (every breaker is open, half-open, forced open or disabled), none goes:
+/// evicting one would let calls through to a key that is failing, or undo
+/// an operator. The new key then shares one overflow breaker with every
+/// other key that finds no place (it opens if they fail), until a place
+/// frees; the table is looked at again at most once a second. The overflow
+/// breaker is not listed by key. Memory stays bounded under any number of
+/// keys.
 /// A call in flight on an evicted breaker still completes normally.
 ///
 /// The readiness mode does not apply: a keyed breaker cannot know the key in
@@ -87,22 +92,41 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
     }
 
     fn reset_all(&self) -> usize {
-        let lanes: Vec<_> = {
+        let (lanes, overflow): (Vec<_>, _) = {
             let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            table.map.values().map(|e| e.lane.breaker.clone()).collect()
+            (
+                table.map.values().map(|e| e.lane.breaker.clone()).collect(),
+                table.overflow.as_ref().map(|l| l.breaker.clone()),
+            )
         };
         // Outside the lock: a reset emits events and tracing.
-        for b in &lanes {
+        for b in lanes.iter().chain(&overflow) {
             CircuitBreakerHandle::new(b.clone()).reset();
         }
         lanes.len()
     }
 }
 
+/// How long a table found full of breakers that are not closed is taken to
+/// stay so before it is scanned again.
+const SATURATED_RECHECK: Duration = Duration::from_secs(1);
+
+/// The `key` label of the breaker that keys share when the table is full of
+/// breakers that are not closed.
+fn label_overflow<K>(_: fn(&K) -> String) -> String {
+    "(overflow)".to_owned()
+}
+
 struct Table<K> {
     map: HashMap<K, Entry>,
     /// When idle breakers were last swept out.
     swept: Instant,
+    /// The breaker that new keys share while the table is full and none of
+    /// its breakers is closed (see `lane_for`); made when first needed.
+    overflow: Option<Arc<Lane>>,
+    /// Until when a full table is taken to have no closed breaker, so that
+    /// the keys sent to `overflow` do not each scan the table.
+    saturated_until: Option<Instant>,
 }
 
 impl<K> Table<K> {
@@ -110,6 +134,8 @@ impl<K> Table<K> {
         Table {
             map: HashMap::new(),
             swept: Instant::now(),
+            overflow: None,
+            saturated_until: None,
         }
     }
 }
@@ -118,6 +144,20 @@ impl<K, F, C> Shared<K, F, C>
 where
     K: Hash + Eq + Clone,
 {
+    /// A new breaker for a key. Per-key breakers record metrics only when
+    /// the user opted in to a `key` label (one series per key is unbounded
+    /// cardinality); `key` gives that label.
+    fn breaker(&self, key: impl FnOnce(fn(&K) -> String) -> String) -> Breaker {
+        match (self.breakers.label.get(), &self.settings.name) {
+            (Some(label), Some(_)) => Breaker::with_key(self.settings.clone(), Some(&key(*label))),
+            _ => {
+                let mut settings = self.settings.clone();
+                settings.name = None;
+                Breaker::new(settings)
+            }
+        }
+    }
+
     fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
         let mut table = self
@@ -128,6 +168,12 @@ where
         if let Some(e) = table.map.get_mut(&key) {
             e.last_used = now;
             return e.lane.clone();
+        }
+        if let (Some(until), Some(lane)) = (table.saturated_until, &table.overflow)
+            && now < until
+            && table.map.len() >= self.max_keys
+        {
+            return lane.clone();
         }
         // Sweep idle breakers when the table is full, and at most once per
         // idle_timeout otherwise, so a new key never pays a sweep each time.
@@ -142,28 +188,33 @@ where
                     || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
             });
         }
-        let map = &mut table.map;
-        if map.len() >= self.max_keys {
-            let victim = map
+        if table.map.len() >= self.max_keys {
+            let victim = table
+                .map
                 .iter()
-                .min_by_key(|(_, e)| (e.lane.breaker.state() != State::Closed, e.last_used))
+                .filter(|(_, e)| e.lane.breaker.state() == State::Closed)
+                .min_by_key(|(_, e)| e.last_used)
                 .map(|(k, _)| k.clone());
-            if let Some(k) = victim {
-                map.remove(&k);
+            match victim {
+                Some(k) => {
+                    table.map.remove(&k);
+                }
+                // Every live breaker is open, half-open or set by hand:
+                // evicting one would let calls through to a dependency that
+                // is failing (or undo an operator). Keys without a place
+                // share one breaker until one frees.
+                None => {
+                    table.saturated_until = Some(crate::later(now, SATURATED_RECHECK));
+                    return table
+                        .overflow
+                        .get_or_insert_with(|| Lane::new(Arc::new(self.breaker(label_overflow))))
+                        .clone();
+                }
             }
         }
-        // Per-key breakers record metrics only when the user opted in to a
-        // `key` label (one series per key is unbounded cardinality).
-        let breaker = match (self.breakers.label.get(), &self.settings.name) {
-            (Some(label), Some(_)) => Breaker::with_key(self.settings.clone(), Some(&label(&key))),
-            _ => {
-                let mut settings = self.settings.clone();
-                settings.name = None;
-                Breaker::new(settings)
-            }
-        };
+        let breaker = self.breaker(|label| label(&key));
         let lane = Lane::new(Arc::new(breaker));
-        map.insert(
+        table.map.insert(
             key,
             Entry {
                 lane: lane.clone(),

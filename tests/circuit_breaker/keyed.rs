@@ -85,6 +85,43 @@ async fn live_keys_are_bounded_and_open_breakers_outlive_idle_closed_ones() {
     assert_eq!(keys, [500]);
 }
 
+/// A full table in which no breaker is closed evicts none of them: that
+/// would let calls through to a key that is failing. New keys share one
+/// breaker meanwhile, which opens if they fail.
+#[tokio::test(start_paused = true)]
+async fn a_full_table_of_open_breakers_keeps_them_and_new_keys_share_one() {
+    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    for k in 0..3 {
+        for _ in 0..2 {
+            let _ = svc.ready().await.unwrap().call((k, Cmd::Fail)).await;
+        }
+    }
+    assert_eq!(c.calls(), 6);
+    // A new key passes (its shared breaker is closed), and evicts no one.
+    svc.ready().await.unwrap().call((3, Cmd::Ok)).await.unwrap();
+    assert_eq!(c.calls(), 7);
+    assert_eq!(h.len(), 3);
+    for k in 0..3 {
+        assert_eq!(h.get(&k).map(|b| b.state()), Some(State::Open), "key {k}");
+        assert!(svc.ready().await.unwrap().call((k, Cmd::Ok)).await.is_err());
+    }
+    assert_eq!(c.calls(), 7, "an open key reached the dependency");
+    // New keys that fail open the breaker they share.
+    for k in [4, 5] {
+        let _ = svc.ready().await.unwrap().call((k, Cmd::Fail)).await;
+    }
+    assert_eq!(c.calls(), 9);
+    assert!(svc.ready().await.unwrap().call((6, Cmd::Ok)).await.is_err());
+    assert_eq!(c.calls(), 9);
+    // Once the old keys are idle and swept, a new key gets its own again.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    svc.ready().await.unwrap().call((7, Cmd::Ok)).await.unwrap();
+    assert!(h.get(&7).is_some());
+}
+
 /// A key that opened and then stopped calling does not keep its place:
 /// once idle it is swept like a closed one, so two live keys that fail keep
 /// their own breakers (and open) in a table of two.
