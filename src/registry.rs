@@ -45,8 +45,9 @@
 //! Their entries count live keys, never hold them: see
 //! [`KeyedBreakerStatus`] for which key strings are shown. The admin
 //! router's `reset` of a keyed breaker resets every live key
-//! ([`Registry::reset_keyed_breaker`]); `force-open` is refused with 409,
-//! since keys that arrive later would start closed.
+//! ([`Registry::reset_keyed_breaker`]) and its overflow breaker;
+//! `force-open` is refused with 409, since keys that arrive later would
+//! start closed (or share the overflow breaker).
 //!
 //! ```
 //! use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
@@ -358,6 +359,9 @@ pub(crate) struct KeyedStates {
     /// `Some` only when the layer labels its keys (`label_keys`): sorted,
     /// at most [`KEYED_LIST_LIMIT`].
     pub(crate) listed: Option<Vec<(String, &'static str)>>,
+    /// The state of the breaker that new keys share while the table is full
+    /// of breakers that are not closed; `None` until one was needed.
+    pub(crate) overflow: Option<&'static str>,
 }
 
 /// A keyed breaker's table with its key type erased.
@@ -605,8 +609,9 @@ impl Registry {
             .insert(name, Held::Weak(Arc::downgrade(view)), quota.into());
     }
 
-    /// Resets every live key of the keyed breaker named `name`; returns how
-    /// many keys were reset, or `None` when no keyed breaker has that name.
+    /// Resets every live key of the keyed breaker named `name`, and its
+    /// overflow breaker; returns how many keys were reset, or `None` when no
+    /// keyed breaker has that name.
     /// Keys that arrive later start closed anyway. There is no keyed
     /// `force_open`: a key first seen afterwards would start closed, so
     /// "every key open" cannot hold; force a key open through
@@ -688,6 +693,7 @@ impl Registry {
                             .map(|(key, state)| KeyStateStatus { key, state })
                             .collect()
                     }),
+                    overflow: s.overflow,
                 }
             })
             .collect();
@@ -858,6 +864,11 @@ pub struct KeyedBreakerStatus {
     /// With `label_keys`: the first [`KEYED_LIST_LIMIT`] keys, sorted, with
     /// their states. `None` when the layer does not label its keys.
     pub key_states: Option<Vec<KeyStateStatus>>,
+    /// The state of the overflow breaker, which keys without a place share
+    /// while the table is full and none of its breakers is closed (see
+    /// [`KeyedCircuitBreakerLayer`](crate::circuit_breaker::KeyedCircuitBreakerLayer));
+    /// `None` until one was needed.
+    pub overflow: Option<&'static str>,
 }
 
 /// One key of a [`KeyedBreakerStatus`].

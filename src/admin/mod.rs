@@ -7,8 +7,8 @@
 //! | `GET /firebreak` | a redirect to `/firebreak/` (the page fetches its data relative to itself) |
 //! | `GET /firebreak/` | a status page that refreshes itself every second: breakers coloured by state, with a reset button, bulkheads, rate limits, keyed breakers (keys counted by state, with a reset-all button), keyed bulkheads and keyed rate limits, queue depths, recent transitions |
 //! | `GET /firebreak/status` | the [`Snapshot`](crate::registry::Snapshot) as JSON |
-//! | `POST /firebreak/breakers/{name}/force-open` | [`force_open`](crate::circuit_breaker::CircuitBreakerHandle::force_open); 204, or 404 for an unknown name; 409 for a keyed breaker (force one key open through [`KeyedCircuitBreakerHandle::get`](crate::circuit_breaker::KeyedCircuitBreakerHandle::get): keys that arrive later would start closed) |
-//! | `POST /firebreak/breakers/{name}/reset` | [`reset`](crate::circuit_breaker::CircuitBreakerHandle::reset); 204 or 404. For a keyed breaker (when no plain breaker has the name), resets every live key ([`Registry::reset_keyed_breaker`]); 204 |
+//! | `POST /firebreak/breakers/{name}/force-open` | [`force_open`](crate::circuit_breaker::CircuitBreakerHandle::force_open); 204, or 404 for an unknown name; 409 for a keyed breaker (force one key open through [`KeyedCircuitBreakerHandle::get`](crate::circuit_breaker::KeyedCircuitBreakerHandle::get): keys that arrive later would start closed, or share the overflow breaker) |
+//! | `POST /firebreak/breakers/{name}/reset` | [`reset`](crate::circuit_breaker::CircuitBreakerHandle::reset); 204 or 404. For a keyed breaker (when no plain breaker has the name), resets every live key and the overflow breaker ([`Registry::reset_keyed_breaker`]); 204 |
 //! | `GET /firebreak/jobs/dead` | the dead letters of every registered queue (up to 100 each), as JSON |
 //! | `POST /firebreak/jobs/dead/{id}/redrive` | moves a dead-lettered job back to its queue; 200 with the queue's name, or 404 |
 //! | `GET /metrics` | with [`Admin::prometheus`]: the Prometheus text format, after a snapshot has refreshed the sampled gauges |

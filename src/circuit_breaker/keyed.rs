@@ -29,8 +29,12 @@ use tower::{Layer, Service};
 /// evicting one would let calls through to a key that is failing, or undo
 /// an operator. The new key then shares one overflow breaker with every
 /// other key that finds no place (it opens if they fail), until a place
-/// frees; the table is looked at again at most once a second. The overflow
-/// breaker is not listed by key. Memory stays bounded under any number of
+/// frees, which a table full of forced-open or disabled breakers, or of
+/// failing keys that keep calling, may never do; the table is looked at
+/// again at most once a second. The overflow breaker has no key:
+/// [`KeyedCircuitBreakerHandle::get`] gives `None` for a key it serves, and
+/// the status shows it apart (`overflow`); with `label_keys` its metrics
+/// carry `key="(overflow)"`. Memory stays bounded under any number of
 /// keys.
 /// A call in flight on an evicted breaker still completes normally.
 ///
@@ -88,12 +92,15 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
             keys: table.map.len(),
             by_state,
             listed,
+            overflow: table.overflow.as_ref().map(|l| l.breaker.state().as_str()),
         }
     }
 
     fn reset_all(&self) -> usize {
         let (lanes, overflow): (Vec<_>, _) = {
-            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            // Every place is about to be closed, and so evictable.
+            table.saturated_until = None;
             (
                 table.map.values().map(|e| e.lane.breaker.clone()).collect(),
                 table.overflow.as_ref().map(|l| l.breaker.clone()),
@@ -541,7 +548,8 @@ where
         self.len() == 0
     }
 
-    /// The handle of one key's breaker, if it is live.
+    /// The handle of one key's breaker, if it is live. `None` also for a
+    /// key that the overflow breaker serves (see [`overflow`](Self::overflow)).
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
         let map = self
             .shared
@@ -552,5 +560,21 @@ where
         map.map
             .get(key)
             .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
+    }
+
+    /// The handle of the breaker that new keys share while the table is
+    /// full and none of its breakers is closed (see
+    /// [`KeyedCircuitBreakerLayer`]); `None` until one was needed.
+    pub fn overflow(&self) -> Option<CircuitBreakerHandle> {
+        let table = self
+            .shared
+            .breakers
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        table
+            .overflow
+            .as_ref()
+            .map(|l| CircuitBreakerHandle::new(l.breaker.clone()))
     }
 }

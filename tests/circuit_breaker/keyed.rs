@@ -100,10 +100,13 @@ async fn a_full_table_of_open_breakers_keeps_them_and_new_keys_share_one() {
         }
     }
     assert_eq!(c.calls(), 6);
+    assert!(h.overflow().is_none());
     // A new key passes (its shared breaker is closed), and evicts no one.
     svc.ready().await.unwrap().call((3, Cmd::Ok)).await.unwrap();
     assert_eq!(c.calls(), 7);
     assert_eq!(h.len(), 3);
+    assert!(h.get(&3).is_none(), "key 3 has no place of its own");
+    assert_eq!(h.overflow().map(|b| b.state()), Some(State::Closed));
     for k in 0..3 {
         assert_eq!(h.get(&k).map(|b| b.state()), Some(State::Open), "key {k}");
         assert!(svc.ready().await.unwrap().call((k, Cmd::Ok)).await.is_err());
@@ -116,6 +119,7 @@ async fn a_full_table_of_open_breakers_keeps_them_and_new_keys_share_one() {
     assert_eq!(c.calls(), 9);
     assert!(svc.ready().await.unwrap().call((6, Cmd::Ok)).await.is_err());
     assert_eq!(c.calls(), 9);
+    assert_eq!(h.overflow().map(|b| b.state()), Some(State::Open));
     // Once the old keys are idle and swept, a new key gets its own again.
     tokio::time::advance(Duration::from_secs(61)).await;
     svc.ready().await.unwrap().call((7, Cmd::Ok)).await.unwrap();
