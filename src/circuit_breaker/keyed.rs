@@ -71,9 +71,17 @@ struct Keys<K> {
     label: OnceLock<fn(&K) -> String>,
 }
 
+impl<K> Keys<K> {
+    /// The table; a panic elsewhere while it was held leaves nothing half
+    /// done that matters here, so a poisoned lock is taken as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<K>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
     fn states(&self) -> KeyedStates {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let table = self.lock();
         let mut by_state = BTreeMap::new();
         for e in table.map.values() {
             *by_state.entry(e.lane.breaker.state().as_str()).or_insert(0) += 1;
@@ -98,7 +106,7 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
 
     fn reset_all(&self) -> usize {
         let (lanes, overflow): (Vec<_>, _) = {
-            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let mut table = self.lock();
             // Every place is about to be closed, and so evictable.
             table.saturated_until = None;
             (
@@ -117,12 +125,6 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
 /// How long a table found full of breakers that are not closed is taken to
 /// stay so before it is scanned again.
 const SATURATED_RECHECK: Duration = Duration::from_secs(1);
-
-/// The `key` label of the breaker that keys share when the table is full of
-/// breakers that are not closed.
-fn label_overflow<K>(_: fn(&K) -> String) -> String {
-    "(overflow)".to_owned()
-}
 
 struct Table<K> {
     map: HashMap<K, Entry>,
@@ -151,12 +153,16 @@ impl<K, F, C> Shared<K, F, C>
 where
     K: Hash + Eq + Clone,
 {
-    /// A new breaker for a key. Per-key breakers record metrics only when
-    /// the user opted in to a `key` label (one series per key is unbounded
-    /// cardinality); `key` gives that label.
-    fn breaker(&self, key: impl FnOnce(fn(&K) -> String) -> String) -> Breaker {
+    /// A new breaker for `key`, or for the overflow (`None`, labelled
+    /// `(overflow)`). Per-key breakers record metrics only when the user
+    /// opted in to a `key` label (one series per key is unbounded
+    /// cardinality).
+    fn breaker(&self, key: Option<&K>) -> Breaker {
         match (self.breakers.label.get(), &self.settings.name) {
-            (Some(label), Some(_)) => Breaker::with_key(self.settings.clone(), Some(&key(*label))),
+            (Some(label), Some(_)) => {
+                let label = key.map_or_else(|| "(overflow)".to_owned(), label);
+                Breaker::with_key(self.settings.clone(), Some(&label))
+            }
             _ => {
                 let mut settings = self.settings.clone();
                 settings.name = None;
@@ -167,11 +173,7 @@ where
 
     fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
-        let mut table = self
-            .breakers
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut table = self.breakers.lock();
         if let Some(e) = table.map.get_mut(&key) {
             e.last_used = now;
             return e.lane.clone();
@@ -214,12 +216,12 @@ where
                     table.saturated_until = Some(crate::later(now, SATURATED_RECHECK));
                     return table
                         .overflow
-                        .get_or_insert_with(|| Lane::new(Arc::new(self.breaker(label_overflow))))
+                        .get_or_insert_with(|| Lane::new(Arc::new(self.breaker(None))))
                         .clone();
                 }
             }
         }
-        let breaker = self.breaker(|label| label(&key));
+        let breaker = self.breaker(Some(&key));
         let lane = Lane::new(Arc::new(breaker));
         table.map.insert(
             key,
@@ -520,13 +522,10 @@ where
 {
     /// Every live key and its breaker's state.
     pub fn states(&self) -> Vec<(K, State)> {
-        let map = self
-            .shared
+        self.shared
             .breakers
-            .table
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.map
+            .map
             .iter()
             .map(|(k, e)| (k.clone(), e.lane.breaker.state()))
             .collect()
@@ -534,13 +533,7 @@ where
 
     /// Live keys.
     pub fn len(&self) -> usize {
-        self.shared
-            .breakers
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len()
+        self.shared.breakers.lock().map.len()
     }
 
     /// Whether no key is live.
@@ -551,13 +544,10 @@ where
     /// The handle of one key's breaker, if it is live. `None` also for a
     /// key that the overflow breaker serves (see [`overflow`](Self::overflow)).
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
-        let map = self
-            .shared
+        self.shared
             .breakers
-            .table
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.map
+            .map
             .get(key)
             .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
     }
@@ -566,13 +556,9 @@ where
     /// full and none of its breakers is closed (see
     /// [`KeyedCircuitBreakerLayer`]); `None` until one was needed.
     pub fn overflow(&self) -> Option<CircuitBreakerHandle> {
-        let table = self
-            .shared
+        self.shared
             .breakers
-            .table
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        table
             .overflow
             .as_ref()
             .map(|l| CircuitBreakerHandle::new(l.breaker.clone()))
