@@ -355,6 +355,7 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
     }
 
     /// How long a call may wait for a slot in its key's pool. Default: zero.
+    /// Within a pool, waiting calls are served first come, first served.
     ///
     /// # Panics
     ///

@@ -4,7 +4,9 @@
 //! a time. A call that finds no free slot waits at most
 //! [`max_wait`](BulkheadLayer::max_wait) (by default not at all) and then fails
 //! with [`BulkheadFull`]. A slow dependency can then hold only its own slots,
-//! and the caller's other routes keep working.
+//! and the caller's other routes keep working. Waiting calls are served in
+//! the order they came: a freed slot goes to the one that has waited
+//! longest, never to a call that arrived after it.
 //!
 //! [`KeyedBulkhead`] keeps one pool per key (a tenant, a route, a host), so one
 //! noisy key cannot take every slot.
@@ -63,7 +65,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::Semaphore;
 use tower::Service;
 
 /// Bounds the calls in flight. See the [module docs](self).
@@ -81,15 +83,11 @@ pub(crate) struct Pool {
     max_wait: Duration,
 }
 
-/// The slot count. An atomic counter rather than `tokio::sync::Semaphore`:
-/// taking and returning a slot is one atomic operation each, with no mutex on
-/// release, which halves the happy path's cost. Waiters (only when
-/// `max_wait` is set) park on a `tokio::sync::Notify`.
+/// The slots of one pool, and the calls waiting for one.
 #[derive(Debug)]
 pub(crate) struct Slots {
-    in_flight: AtomicUsize,
+    count: Count,
     waiters: AtomicUsize,
-    notify: Notify,
     max: usize,
     pub(crate) obs: crate::observe::BulkheadMetrics,
     name: Option<Arc<str>>,
@@ -98,22 +96,53 @@ pub(crate) struct Slots {
     own_series: bool,
 }
 
+/// How a pool counts its taken slots.
+#[derive(Debug)]
+enum Count {
+    /// Without `max_wait` no call ever waits, so there is no order to keep:
+    /// an atomic counter, one atomic operation to take a slot and one to give
+    /// it back, with no mutex on release (half the happy path's cost of a
+    /// semaphore).
+    Counter(AtomicUsize),
+    /// With `max_wait`: tokio's semaphore, whose waiters are served first
+    /// come, first served. A freed slot goes straight to the oldest waiter;
+    /// a call that arrives while others wait queues behind them rather than
+    /// taking it. (A counter with a wake-up let newcomers overtake a woken
+    /// waiter, which then queued again at the back, so under steady load the
+    /// same call could wait out its whole `max_wait`.)
+    Queue(Semaphore),
+}
+
 impl Slots {
     fn try_take(&self) -> bool {
-        let mut cur = self.in_flight.load(Ordering::SeqCst);
-        loop {
-            if cur >= self.max {
-                return false;
+        match &self.count {
+            Count::Counter(in_flight) => {
+                let mut cur = in_flight.load(Ordering::SeqCst);
+                loop {
+                    if cur >= self.max {
+                        return false;
+                    }
+                    match in_flight.compare_exchange_weak(
+                        cur,
+                        cur + 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    ) {
+                        Ok(_) => return true,
+                        Err(now) => cur = now,
+                    }
+                }
             }
-            match self.in_flight.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
+            // Fails while anyone waits: a free permit is handed to the
+            // oldest waiter before it could be taken here.
+            Count::Queue(sem) => sem.try_acquire().map(|p| p.forget()).is_ok(),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        match &self.count {
+            Count::Counter(in_flight) => in_flight.load(Ordering::SeqCst),
+            Count::Queue(sem) => self.max.saturating_sub(sem.available_permits()),
         }
     }
 
@@ -122,11 +151,11 @@ impl Slots {
     }
 
     fn give_back(&self) {
-        // SeqCst on both sides (here, and `waiters` then `try_take` in
-        // `wait_for_slot`) so a waiter either sees this slot or is notified.
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            self.notify.notify_one();
+        match &self.count {
+            Count::Counter(in_flight) => {
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            Count::Queue(sem) => sem.add_permits(1),
         }
     }
 }
@@ -153,7 +182,7 @@ impl BulkheadHandle {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
-        self.slots.in_flight.load(Ordering::SeqCst)
+        self.slots.in_flight()
     }
 
     /// Calls waiting for a slot now.
@@ -184,7 +213,9 @@ impl Drop for Permit {
     }
 }
 
-/// Waits until a slot is free. Slow path only: callers box this future.
+/// Waits its turn for a slot. Slow path only: callers box this future.
+/// Dropped while it waits, it leaves the queue; a slot already handed to it
+/// goes back to the semaphore, and so to the next waiter.
 pub(crate) async fn wait_for_slot(slots: Arc<Slots>) -> Permit {
     struct Waiting<'a>(&'a AtomicUsize);
     impl Drop for Waiting<'_> {
@@ -195,18 +226,21 @@ pub(crate) async fn wait_for_slot(slots: Arc<Slots>) -> Permit {
     let started = tokio::time::Instant::now();
     slots.waiters.fetch_add(1, Ordering::SeqCst);
     let _waiting = Waiting(&slots.waiters);
-    loop {
-        let notified = slots.notify.notified();
-        tokio::pin!(notified);
-        // Registered before the check, so a release in between is not missed.
-        notified.as_mut().enable();
-        if slots.try_take() {
-            slots.obs.waited(started.elapsed());
-            return Permit {
-                slots: slots.clone(),
-            };
+    match &slots.count {
+        // The semaphore is never closed, so `acquire` cannot fail.
+        Count::Queue(sem) => {
+            if let Ok(p) = sem.acquire().await {
+                p.forget();
+            } else {
+                std::future::pending::<()>().await;
+            }
         }
-        notified.await;
+        // Pools without `max_wait` reject rather than wait.
+        Count::Counter(_) => std::future::pending::<()>().await,
+    }
+    slots.obs.waited(started.elapsed());
+    Permit {
+        slots: slots.clone(),
     }
 }
 
@@ -248,12 +282,18 @@ impl Pool {
         obs: crate::observe::BulkheadMetrics,
         own_series: bool,
     ) -> Self {
+        let (count, max) = if max_wait.is_zero() {
+            (Count::Counter(AtomicUsize::new(0)), max_concurrent)
+        } else {
+            // More than tokio's semaphore can count is no bound anyway.
+            let max = max_concurrent.min(Semaphore::MAX_PERMITS);
+            (Count::Queue(Semaphore::new(max)), max)
+        };
         Pool {
             slots: Arc::new(Slots {
-                in_flight: AtomicUsize::new(0),
+                count,
                 waiters: AtomicUsize::new(0),
-                notify: Notify::new(),
-                max: max_concurrent,
+                max,
                 obs,
                 name,
                 own_series,
@@ -298,7 +338,7 @@ impl Pool {
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.slots.in_flight.load(Ordering::SeqCst)
+        self.slots.in_flight()
     }
 
     fn is_idle(&self) -> bool {

@@ -58,6 +58,77 @@ async fn the_extra_call_fails_after_max_wait_and_not_before() {
     drop(b);
 }
 
+/// A freed slot goes to the call that has waited longest, never to a call
+/// that arrives after it (which waits behind it instead), and waiters are
+/// served in the order they came.
+#[tokio::test(start_paused = true)]
+async fn a_freed_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
+    use futures_util::FutureExt;
+    use tokio::sync::oneshot;
+    let layer = BulkheadLayer::new(1).max_wait(Duration::from_secs(1));
+    let mut svc = layer.layer(service_fn(|rx: oneshot::Receiver<u32>| async move {
+        Ok::<_, BoxError>(rx.await.unwrap_or(0))
+    }));
+    let (ta, ra) = oneshot::channel();
+    let (tb, rb) = oneshot::channel();
+    let (tc, rc) = oneshot::channel();
+    let (td, rd) = oneshot::channel();
+    let mut a = Box::pin(svc.ready().await.unwrap().call(ra));
+    let mut b = Box::pin(svc.ready().await.unwrap().call(rb));
+    let mut c = Box::pin(svc.ready().await.unwrap().call(rc));
+    assert!((&mut a).now_or_never().is_none(), "a holds the slot");
+    assert!((&mut b).now_or_never().is_none(), "b waits");
+    assert!((&mut c).now_or_never().is_none(), "c waits behind b");
+    assert_eq!(layer.handle().waiting(), 2);
+
+    // a finishes; before b is polled again, d arrives. It must not take
+    // the slot that b has waited for.
+    ta.send(1).unwrap();
+    assert_eq!((&mut a).now_or_never().unwrap().unwrap(), 1);
+    tb.send(2).unwrap();
+    tc.send(3).unwrap();
+    td.send(4).unwrap();
+    let mut d = Box::pin(svc.ready().await.unwrap().call(rd));
+    assert!((&mut d).now_or_never().is_none(), "d overtook two waiters");
+    // c is polled first, but b came first.
+    assert!((&mut c).now_or_never().is_none(), "c overtook b");
+    assert_eq!((&mut b).now_or_never().unwrap().unwrap(), 2);
+    assert!((&mut d).now_or_never().is_none(), "d overtook c");
+    assert_eq!((&mut c).now_or_never().unwrap().unwrap(), 3);
+    assert_eq!((&mut d).now_or_never().unwrap().unwrap(), 4);
+    assert_eq!(layer.in_flight(), 0);
+    assert_eq!(layer.handle().waiting(), 0);
+}
+
+/// A waiter that gives up (its `max_wait` runs out, or it is dropped) gives
+/// up its place: the slot goes to the next waiter, and none is lost.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_that_leaves_passes_the_slot_on() {
+    use futures_util::FutureExt;
+    use tokio::sync::oneshot;
+    let layer = BulkheadLayer::new(1).max_wait(Duration::from_millis(100));
+    let mut svc = layer.layer(service_fn(|rx: oneshot::Receiver<u32>| async move {
+        Ok::<_, BoxError>(rx.await.unwrap_or(0))
+    }));
+    let (ta, ra) = oneshot::channel();
+    let (_tb, rb) = oneshot::channel();
+    let (tc, rc) = oneshot::channel();
+    let mut a = Box::pin(svc.ready().await.unwrap().call(ra));
+    let mut b = Box::pin(svc.ready().await.unwrap().call(rb));
+    let mut c = Box::pin(svc.ready().await.unwrap().call(rc));
+    assert!((&mut a).now_or_never().is_none());
+    assert!((&mut b).now_or_never().is_none());
+    assert!((&mut c).now_or_never().is_none());
+    // b is dropped while it waits; a finishes: the slot goes to c.
+    drop(b);
+    ta.send(1).unwrap();
+    assert_eq!((&mut a).now_or_never().unwrap().unwrap(), 1);
+    tc.send(3).unwrap();
+    assert_eq!((&mut c).now_or_never().unwrap().unwrap(), 3);
+    assert_eq!(layer.in_flight(), 0);
+    assert_eq!(layer.handle().waiting(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_max_wait_the_extra_call_fails_at_once_and_never_reaches_the_service() {
     let calls = Arc::new(AtomicUsize::new(0));
