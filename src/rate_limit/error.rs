@@ -14,6 +14,11 @@ impl RateLimited {
     }
 
     /// When the limiter's next permit comes, as governor computed it.
+    ///
+    /// In wait mode, a call refused because calls wait ahead of it gets the
+    /// wait the line means for it instead: until the next permit, then one
+    /// permit interval for each call ahead (see
+    /// [`RateLimitLayer::max_wait`](super::RateLimitLayer::max_wait)).
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

@@ -7,8 +7,10 @@ use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -27,8 +29,8 @@ pin_project! {
             #[pin]
             fut: S::Future,
         },
-        // Wait mode only: sleep until governor's next permit, re-check, and
-        // give up at `until`. Boxed whole: the wait path is the slow path,
+        // Wait mode only: wait for the turn in line, then sleep until
+        // governor's next permit, re-check, and give up at `until`. Boxed whole: the wait path is the slow path,
         // and inline it would make every response future (the happy path's)
         // several times larger to build, move and drop.
         Waiting {
@@ -42,12 +44,35 @@ pin_project! {
 
 pin_project! {
     struct Waiting<S, Req> {
+        // Until the turn comes, `until`; then the next check.
         #[pin]
         sleep: Sleep,
         svc: Option<S>,
         req: Option<Req>,
-        check: Check,
+        check: InLine,
         until: Instant,
+        // When the first check is due once the turn comes.
+        due: Instant,
+        turn: Turn,
+    }
+}
+
+type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
+
+/// A waiting call's place: behind others, or first in line (holding the
+/// line's one permit, given back when the call leaves).
+enum Turn {
+    Queued(Acquire),
+    First(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+/// The call's [`Check`]; dropping it takes the call out of its line.
+struct InLine(Check);
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        let _ = (self.0)(Wait::Leave);
     }
 }
 
@@ -64,22 +89,33 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
+    /// A call in line (`check` already counts it there); its first check
+    /// is due `wait` from now, once its turn comes.
     pub(crate) fn waiting(
         svc: S,
         req: Req,
         check: Check,
+        turn: Arc<Semaphore>,
         wait: Duration,
         max_wait: Duration,
     ) -> Self {
         let now = Instant::now();
+        let (due, until) = (crate::later(now, wait), crate::later(now, max_wait));
+        // First in line at once, or queued (in the order of first polls).
+        let (turn, sleep) = match turn.clone().try_acquire_owned() {
+            Ok(p) => (Turn::First(p), due),
+            Err(_) => (Turn::Queued(Box::pin(turn.acquire_owned())), until),
+        };
         ResponseFuture {
             state: State::Waiting {
                 wait: Box::pin(Waiting {
-                    sleep: tokio::time::sleep_until(crate::later(now, wait)),
+                    sleep: tokio::time::sleep_until(sleep),
                     svc: Some(svc),
                     req: Some(req),
-                    check,
-                    until: crate::later(now, max_wait),
+                    check: InLine(check),
+                    until,
+                    due,
+                    turn,
                 }),
             },
         }
@@ -109,8 +145,34 @@ where
                 }
                 StateProj::Waiting { wait } => {
                     let w = wait.as_mut().project();
-                    let (mut sleep, svc, req, check, until) =
-                        (w.sleep, w.svc, w.req, w.check, w.until);
+                    let (mut sleep, svc, req, until) = (w.sleep, w.svc, w.req, w.until);
+                    let check = &w.check.0;
+                    if let Turn::Queued(acquire) = w.turn {
+                        match acquire.as_mut().poll(cx) {
+                            Poll::Ready(Ok(first)) => {
+                                *w.turn = Turn::First(first);
+                                sleep.as_mut().reset(*w.due);
+                            }
+                            // The line's semaphore is never closed; were it,
+                            // the call would wait out `until`.
+                            Poll::Ready(Err(_)) => {
+                                *w.turn = Turn::Queued(Box::pin(std::future::pending()));
+                                continue;
+                            }
+                            Poll::Pending => {
+                                ready!(sleep.as_mut().poll(cx));
+                                let wait = check(Wait::Behind).err().unwrap_or_default();
+                                let _ = check(Wait::GaveUp);
+                                crate::trace::rejected(
+                                    "rate_limit",
+                                    RejectionKind::RateLimited,
+                                    Some(wait),
+                                );
+                                state.set(State::Rejected { retry_after: wait });
+                                continue;
+                            }
+                        }
+                    }
                     ready!(sleep.as_mut().poll(cx));
                     match check(Wait::Check) {
                         Ok(()) => {

@@ -1,5 +1,5 @@
 use super::layer::nonzero;
-use super::{Check, TokioClock, Wait, decide, future::ResponseFuture};
+use super::{Check, Line, TokioClock, Verdict, Wait, future::ResponseFuture, respond, verdict};
 use crate::BoxError;
 use crate::observe::LimiterMetrics;
 use crate::registry::{KeyedLimiterView, Registry};
@@ -12,12 +12,67 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
 
 type KeyedLimiter<K> =
     governor::RateLimiter<K, DashMapStateStore<K>, TokioClock, NoOpMiddleware<super::Tick>>;
+
+/// Wait mode's lines, one per key with calls waiting (see [`Line`]). A key's
+/// line is made by its first waiting call and dropped with its last, so the
+/// table holds only keys with calls in it. Joins and leaves take the mutex;
+/// a call looks a line up only while some key has one.
+pub(crate) struct KeyedLines<K> {
+    lines: Mutex<HashMap<K, Arc<Line>>>,
+    /// Calls waiting, across keys.
+    waiting: AtomicUsize,
+    interval: Duration,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLines<K> {
+    fn new(interval: Duration) -> Self {
+        KeyedLines {
+            lines: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
+            interval,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Line>>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `key`'s line, if calls wait in it.
+    fn get(&self, key: &K) -> Option<Arc<Line>> {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        self.lock().get(key).cloned()
+    }
+
+    /// Puts one call in `key`'s line, making the line if it has none.
+    fn join(&self, key: &K) -> Arc<Line> {
+        let mut lines = self.lock();
+        let line = lines
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Line::new(self.interval)))
+            .clone();
+        line.join();
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        line
+    }
+
+    /// Takes one call out of `key`'s line, dropping the line with its last.
+    fn leave(&self, key: &K, line: &Line) {
+        let mut lines = self.lock();
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if line.leave() == 0 {
+            lines.remove(key);
+        }
+    }
+}
 
 fn check_key<K: Hash + Eq + Clone>(limiter: &KeyedLimiter<K>, key: &K) -> Result<(), Duration> {
     limiter
@@ -48,6 +103,7 @@ pub struct KeyedRateLimit<S, K: Hash + Eq + Clone, F> {
     limiter: Arc<KeyedLimiter<K>>,
     key_fn: Arc<F>,
     max_wait: Option<Duration>,
+    lines: Arc<KeyedLines<K>>,
     obs: Arc<KeyedMetrics<K>>,
 }
 
@@ -106,6 +162,7 @@ impl<S: Clone, K: Hash + Eq + Clone, F> Clone for KeyedRateLimit<S, K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            lines: self.lines.clone(),
             obs: self.obs.clone(),
         }
     }
@@ -154,32 +211,45 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key_fn)(&req);
-        let first = check_key(&self.limiter, &key);
-        match (first, self.max_wait) {
-            (Ok(()), _) => self.obs.record(&key, true),
-            (Err(wait), Some(max)) if wait <= max => {}
-            (Err(_), _) => self.obs.record(&key, false),
-        }
         let limiter = &self.limiter;
-        let obs = &self.obs;
-        decide(
-            &mut self.inner,
-            req,
-            first,
+        let line = match self.max_wait {
+            Some(_) => self.lines.get(&key),
+            None => None,
+        };
+        let v = verdict(
             self.max_wait,
-            move || -> Check {
-                let l = limiter.clone();
-                let obs = obs.clone();
-                Box::new(move |w| {
-                    match w {
-                        Wait::Check => return check_key(&l, &key),
-                        Wait::Admitted => obs.record(&key, true),
-                        Wait::GaveUp => obs.record(&key, false),
+            line.as_deref(),
+            || limiter.clock().now(),
+            || check_key(limiter, &key),
+        );
+        match v {
+            Verdict::Admit => self.obs.record(&key, true),
+            Verdict::Reject(_) => self.obs.record(&key, false),
+            Verdict::Wait(_) => {}
+        }
+        let (obs, lines) = (&self.obs, &self.lines);
+        respond(&mut self.inner, req, v, self.max_wait, move |first| {
+            let l = limiter.clone();
+            let (obs, lines) = (obs.clone(), lines.clone());
+            let line = lines.join(&key);
+            if let Some(wait) = first {
+                line.due(l.clock().now(), wait);
+            }
+            let turn = line.turn.clone();
+            let check: Check = Box::new(move |w| {
+                match w {
+                    Wait::Check => return line.check(l.clock().now(), check_key(&l, &key)),
+                    Wait::Behind => {
+                        return Err(line.estimate(l.clock().now(), line.len().saturating_sub(1)));
                     }
-                    Ok(())
-                })
-            },
-        )
+                    Wait::Admitted => obs.record(&key, true),
+                    Wait::GaveUp => obs.record(&key, false),
+                    Wait::Leave => lines.leave(&key, &line),
+                }
+                Ok(())
+            });
+            (check, turn)
+        })
     }
 }
 
@@ -190,6 +260,7 @@ pub struct KeyedRateLimitLayer<K: Hash + Eq + Clone, F> {
     limiter: Arc<KeyedLimiter<K>>,
     key_fn: Arc<F>,
     max_wait: Option<Duration>,
+    lines: Arc<KeyedLines<K>>,
     obs: Arc<KeyedMetrics<K>>,
     /// Set by `name`.
     view: Option<ToView<K>>,
@@ -204,6 +275,7 @@ impl<K: Hash + Eq + Clone, F> Clone for KeyedRateLimitLayer<K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            lines: self.lines.clone(),
             obs: self.obs.clone(),
             view: self.view,
             registry: self.registry.clone(),
@@ -245,6 +317,7 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
             )),
             key_fn,
             max_wait,
+            lines: Arc::new(KeyedLines::new(quota.replenish_interval())),
             obs: Arc::default(),
             view: None,
             registry: None,
@@ -297,6 +370,7 @@ impl<K: Hash + Eq + Clone, F> KeyedRateLimitLayer<K, F> {
     }
 
     /// Wait mode, bounded by `max_wait`. See [`RateLimitLayer::max_wait`](super::RateLimitLayer::max_wait).
+    /// Each key has its own line, kept only while calls wait in it.
     pub fn max_wait(self, max_wait: Duration) -> Self {
         Self::from_parts(self.quota, Some(max_wait), self.key_fn.clone()).named_as(self)
     }
@@ -467,6 +541,7 @@ impl<S, K: Hash + Eq + Clone, F> Layer<S> for KeyedRateLimitLayer<K, F> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             max_wait: self.max_wait,
+            lines: self.lines.clone(),
             obs: self.obs.clone(),
         }
     }

@@ -1,4 +1,4 @@
-use super::{DirectLimiter, RateLimit, TokioClock};
+use super::{DirectLimiter, Line, RateLimit, TokioClock};
 use crate::observe::LimiterMetrics;
 use crate::registry::Registry;
 use governor::Quota;
@@ -15,6 +15,8 @@ pub struct RateLimitLayer {
     quota: Quota,
     limiter: Arc<DirectLimiter>,
     max_wait: Option<Duration>,
+    /// Wait mode's line, shared by every service of the layer.
+    line: Option<Arc<Line>>,
     name: Option<Arc<str>>,
     obs: Arc<LimiterMetrics>,
     registry: Option<Registry>,
@@ -43,6 +45,7 @@ impl RateLimitLayer {
                 TokioClock::new(),
             )),
             max_wait,
+            line: max_wait.map(|_| Arc::new(Line::new(quota.replenish_interval()))),
             name: None,
             obs: Arc::default(),
             registry: None,
@@ -119,6 +122,17 @@ impl RateLimitLayer {
 
     /// Wait mode: a call over the limit waits for its permit, for at most
     /// `max_wait`, instead of failing at once.
+    ///
+    /// Waiting calls form a line, served in the order they began waiting:
+    /// only the first in line checks the limiter (one wake-up per permit,
+    /// not one per waiting call), and a call that arrives while others wait
+    /// queues behind them instead of taking the permit the first is about to
+    /// get. A call whose wait would pass `max_wait` is refused at once,
+    /// without waiting: with an empty line when governor's next permit is
+    /// further off than `max_wait` (`retry_after` is governor's answer);
+    /// behind others when the next permit plus one permit interval per call
+    /// ahead is (`retry_after` is that sum, an estimate: calls ahead that
+    /// give up shorten it).
     pub fn max_wait(self, max_wait: Duration) -> Self {
         Self::from_quota(self.quota, Some(max_wait)).named_as(self)
     }
@@ -144,6 +158,7 @@ impl<S> Layer<S> for RateLimitLayer {
             inner,
             limiter: Some(self.limiter.clone()),
             max_wait: self.max_wait,
+            line: self.line.clone(),
             obs: self.obs.clone(),
         }
     }

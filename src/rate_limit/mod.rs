@@ -8,7 +8,8 @@
 //!   [`retry_after`](RateLimited::retry_after) is governor's own answer for the
 //!   next permit (reject mode, the default), or
 //! - waits for its permit, for at most [`max_wait`](RateLimitLayer::max_wait),
-//!   and fails with `RateLimited` if none comes in time (wait mode).
+//!   in a line served in order, and fails with `RateLimited` at once when
+//!   its permit would come later than that (wait mode).
 //!
 //! [`KeyedRateLimit`] keeps one GCRA cell per key. Its state grows with the
 //! number of distinct keys, so it must be pruned: call
@@ -72,8 +73,10 @@ use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tower::Service;
 
 /// governor's clock, read from `tokio::time` so paused time drives it.
@@ -138,18 +141,100 @@ impl std::ops::Add<governor::nanos::Nanos> for Tick {
 type DirectLimiter =
     governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Tick>>;
 
-/// What a waiting call asks of its limiter: a permit check (`Err` carries
-/// the wait until the next one), or, once, how the wait ended, so that a
-/// named limiter counts it (one closure, so the future stays one box wide).
+/// What a waiting call asks of its limiter (one closure, so the future
+/// stays one box wide).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
+    /// A permit check, by the first call in line. `Err` carries the wait
+    /// until the next permit, which the line notes.
     Check,
+    /// How long the line would take to serve a call that gave up in it
+    /// (`Err`): its `retry_after`.
+    Behind,
+    /// The call got its permit (for the metrics; returns `Ok`).
     Admitted,
+    /// The call gave up (for the metrics; returns `Ok`).
     GaveUp,
+    /// The call leaves the line, admitted, given up or dropped: sent once,
+    /// when the wait ends (returns `Ok`).
+    Leave,
 }
 
-/// See [`Wait`]; the outcome events return `Ok(())`.
+/// See [`Wait`].
 pub(crate) type Check = Box<dyn Fn(Wait) -> Result<(), Duration> + Send + Sync>;
+
+/// The calls waiting for one limiter's permits (or one key's), in wait
+/// mode. They are served in the order they began waiting: only the first in
+/// line checks the limiter, and sleeps until the next permit; the others
+/// wait for their turn on a one-permit semaphore (tokio's, which serves its
+/// waiters in order). A call that arrives while others wait joins the line
+/// without checking the limiter, so it cannot take the permit the first in
+/// line sleeps for; and it is refused at once when the line cannot serve
+/// it within `max_wait`. Without a line every waiter slept until the same
+/// next permit, all woke for it, one got it and the rest slept again, and a
+/// call arriving at that instant could beat them all.
+#[derive(Debug)]
+pub(crate) struct Line {
+    turn: Arc<Semaphore>,
+    len: AtomicUsize,
+    /// When the next permit is due, on the limiter's clock (`Tick`
+    /// nanoseconds), as the line last learned it.
+    next_due: AtomicU64,
+    /// The limiter's interval between permits.
+    interval: Duration,
+}
+
+impl Line {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Line {
+            turn: Arc::new(Semaphore::new(1)),
+            len: AtomicUsize::new(0),
+            next_due: AtomicU64::new(0),
+            interval,
+        }
+    }
+
+    /// Calls in line now.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::SeqCst)
+    }
+
+    /// One more call in line (it then waits for its turn on [`Line::turn`]).
+    fn join(&self) {
+        self.len.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// One call fewer; returns how many are left.
+    fn leave(&self) -> usize {
+        self.len.fetch_sub(1, Ordering::SeqCst) - 1
+    }
+
+    /// Notes that the next permit comes `wait` after `now`.
+    fn due(&self, now: Tick, wait: Duration) {
+        self.next_due.store(
+            (now + governor::nanos::Nanos::from(wait)).0,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// How long a call that joins now, with `ahead` calls before it, would
+    /// wait: until the next permit, then one interval for each call ahead
+    /// (while calls wait, the limiter's burst is spent). An estimate: calls
+    /// ahead that give up make it shorter.
+    fn estimate(&self, now: Tick, ahead: usize) -> Duration {
+        let next = Duration::from_nanos(self.next_due.load(Ordering::SeqCst).saturating_sub(now.0));
+        let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+        next.saturating_add(self.interval.saturating_mul(ahead))
+    }
+
+    /// A limiter check by the first in line: `Err` notes the next permit.
+    fn check(&self, now: Tick, first: Result<(), Duration>) -> Result<(), Duration> {
+        if let Err(wait) = first {
+            self.due(now, wait);
+        }
+        first
+    }
+}
 
 /// Limits the rate of calls. See the [module docs](self).
 #[derive(Clone, Debug)]
@@ -158,6 +243,8 @@ pub struct RateLimit<S> {
     // None: no limit (a preset stage turned off).
     limiter: Option<Arc<DirectLimiter>>,
     max_wait: Option<Duration>,
+    /// Wait mode's line, shared by every clone.
+    line: Option<Arc<Line>>,
     obs: Arc<crate::observe::LimiterMetrics>,
 }
 
@@ -168,6 +255,7 @@ impl<S> RateLimit<S> {
             inner,
             limiter: None,
             max_wait: None,
+            line: None,
             obs: Arc::new(crate::observe::LimiterMetrics::new(None, None)),
         }
     }
@@ -199,25 +287,73 @@ pub(crate) fn check_direct(limiter: &DirectLimiter) -> Result<(), Duration> {
         .map_err(|nu| nu.wait_time_from(limiter.clock().now()))
 }
 
-/// The decision shared by the direct and keyed limiters.
-pub(crate) fn decide<S, Req>(
+/// What becomes of a call, as the direct and keyed limiters decide it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Verdict {
+    Admit,
+    /// Refused, with its `retry_after`.
+    Reject(Duration),
+    /// Waits in line: `Some(wait)` when the line was empty and the limiter
+    /// put the next permit `wait` away; `None` when the call queues behind
+    /// others and checks when its turn comes.
+    Wait(Option<Duration>),
+}
+
+/// Decides a call. `line` is its line in wait mode when that has calls in
+/// it; `check` checks the limiter (only when no line has calls).
+pub(crate) fn verdict(
+    max_wait: Option<Duration>,
+    line: Option<&Line>,
+    now: impl FnOnce() -> Tick,
+    check: impl FnOnce() -> Result<(), Duration>,
+) -> Verdict {
+    if let (Some(max), Some(line)) = (max_wait, line) {
+        let ahead = line.len();
+        if ahead > 0 {
+            let wait = line.estimate(now(), ahead);
+            return if wait > max {
+                Verdict::Reject(wait)
+            } else {
+                Verdict::Wait(None)
+            };
+        }
+    }
+    match (check(), max_wait) {
+        (Ok(()), _) => Verdict::Admit,
+        (Err(wait), Some(max)) if wait <= max => Verdict::Wait(Some(wait)),
+        (Err(wait), _) => Verdict::Reject(wait),
+    }
+}
+
+/// The response future for `verdict`. `join` puts a waiting call in its
+/// line (noting the next permit when the verdict carries it) and returns
+/// the call's [`Check`] and the line's turn.
+pub(crate) fn respond<S, Req>(
     inner: &mut S,
     req: Req,
-    first: Result<(), Duration>,
+    verdict: Verdict,
     max_wait: Option<Duration>,
-    check: impl FnOnce() -> Check,
+    join: impl FnOnce(Option<Duration>) -> (Check, Arc<Semaphore>),
 ) -> future::ResponseFuture<S, Req>
 where
     S: Service<Req> + Clone,
 {
-    match (first, max_wait) {
-        (Ok(()), _) => future::ResponseFuture::running(inner.call(req)),
-        (Err(wait), Some(max)) if wait <= max => {
+    match verdict {
+        Verdict::Admit => future::ResponseFuture::running(inner.call(req)),
+        Verdict::Wait(first) => {
+            let (check, turn) = join(first);
             let clone = inner.clone();
             let svc = std::mem::replace(inner, clone);
-            future::ResponseFuture::waiting(svc, req, check(), wait, max)
+            future::ResponseFuture::waiting(
+                svc,
+                req,
+                check,
+                turn,
+                first.unwrap_or_default(),
+                max_wait.unwrap_or_default(),
+            )
         }
-        (Err(wait), _) => {
+        Verdict::Reject(wait) => {
             crate::trace::rejected(
                 "rate_limit",
                 crate::error::RejectionKind::RateLimited,
@@ -245,24 +381,43 @@ where
         let Some(limiter) = &self.limiter else {
             return future::ResponseFuture::running(self.inner.call(req));
         };
-        let first = check_direct(limiter);
-        match (first, self.max_wait) {
-            (Ok(()), _) => self.obs.admitted(),
-            (Err(wait), Some(max)) if wait <= max => {}
-            (Err(_), _) => self.obs.rejected(),
+        let line = self.line.as_deref();
+        let v = verdict(
+            self.max_wait,
+            line,
+            || limiter.clock().now(),
+            || check_direct(limiter),
+        );
+        match v {
+            Verdict::Admit => self.obs.admitted(),
+            Verdict::Reject(_) => self.obs.rejected(),
+            Verdict::Wait(_) => {}
         }
-        let obs = &self.obs;
-        decide(&mut self.inner, req, first, self.max_wait, || {
+        let (obs, line) = (&self.obs, &self.line);
+        respond(&mut self.inner, req, v, self.max_wait, |first| {
             let l = limiter.clone();
             let obs = obs.clone();
-            Box::new(move |w| {
+            let line = line.clone().expect("wait mode has a line");
+            line.join();
+            if let Some(wait) = first {
+                line.due(l.clock().now(), wait);
+            }
+            let turn = line.turn.clone();
+            let check: Check = Box::new(move |w| {
                 match w {
-                    Wait::Check => return check_direct(&l),
+                    Wait::Check => return line.check(l.clock().now(), check_direct(&l)),
+                    Wait::Behind => {
+                        return Err(line.estimate(l.clock().now(), line.len().saturating_sub(1)));
+                    }
                     Wait::Admitted => obs.admitted(),
                     Wait::GaveUp => obs.rejected(),
+                    Wait::Leave => {
+                        line.leave();
+                    }
                 }
                 Ok(())
-            })
+            });
+            (check, turn)
         })
     }
 }

@@ -82,21 +82,19 @@ async fn wait_mode_waits_for_the_permit_within_max_wait() {
     let start = Instant::now();
     svc.clone().oneshot(0).await.unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
-    // Two calls at the same instant: one gets the permit at 100 ms; the other
-    // would need 200 ms, over max_wait, and is refused at 100 ms.
+    // Two calls at the same instant: the first waits for the permit at
+    // 100 ms; the second, behind it, would get the one at 200 ms, over
+    // max_wait, and is refused at once with that wait.
     let a = tokio::spawn(svc.clone().oneshot(1));
     let b = tokio::spawn(svc.clone().oneshot(2));
-    let (a, b) = (a.await.unwrap(), b.await.unwrap());
-    assert_eq!(start.elapsed(), Duration::from_millis(100));
-    let (ok, err) = match (a, b) {
-        (Ok(x), Err(e)) | (Err(e), Ok(x)) => (x, e),
-        other => panic!("expected one success and one refusal, got {other:?}"),
-    };
-    assert!(ok == 1 || ok == 2);
+    let err = b.await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(
         error::find::<RateLimited>(&*err).unwrap().retry_after(),
-        Duration::from_millis(100)
+        Duration::from_millis(200)
     );
+    assert_eq!(a.await.unwrap().unwrap(), 1);
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
     // A wait longer than max_wait is refused at once, without waiting.
     let before = Instant::now();
     let lim = ServiceBuilder::new()
@@ -113,6 +111,182 @@ async fn wait_mode_waits_for_the_permit_within_max_wait() {
         error::find::<RateLimited>(&*err).unwrap().retry_after(),
         Duration::from_secs(1)
     );
+}
+
+/// Wait mode serves waiting calls in the order they came: a permit goes to
+/// the call that has waited longest, never to one that arrived after it,
+/// and only the first in line checks the limiter.
+#[tokio::test(start_paused = true)]
+async fn wait_mode_serves_waiting_calls_in_order() {
+    use futures_util::FutureExt;
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_second(10)
+                .burst(1)
+                .max_wait(Duration::from_secs(1)),
+        )
+        .service(echo());
+    let mut call = |x| Box::pin(svc.call(x));
+    assert_eq!(call(0).now_or_never().unwrap().unwrap(), 0);
+    let (mut c1, mut c2, mut c3) = (call(1), call(2), call(3));
+    assert!((&mut c1).now_or_never().is_none());
+    assert!((&mut c2).now_or_never().is_none());
+    assert!((&mut c3).now_or_never().is_none());
+
+    // The permit at 100 ms: a call arriving then queues behind the three,
+    // and of the three, the first takes it whatever the order of polls.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let mut c4 = call(4);
+    assert!(
+        (&mut c4).now_or_never().is_none(),
+        "c4 overtook three waiters"
+    );
+    assert!((&mut c3).now_or_never().is_none(), "c3 overtook c1");
+    assert!((&mut c2).now_or_never().is_none(), "c2 overtook c1");
+    assert_eq!((&mut c1).now_or_never().unwrap().unwrap(), 1);
+    // Then one permit each 100 ms, in order.
+    for (n, c) in [(2, &mut c2), (3, &mut c3), (4, &mut c4)] {
+        assert!(c.now_or_never().is_none(), "c{n} before its permit");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(c.now_or_never().unwrap().unwrap(), n);
+    }
+}
+
+/// A call that joins a line it cannot get through within `max_wait` is
+/// refused at once, with the wait the line means for it (the next permit,
+/// then one interval per call ahead), instead of waiting out `max_wait`.
+#[tokio::test(start_paused = true)]
+async fn wait_mode_refuses_at_once_a_call_the_line_cannot_serve_in_time() {
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_second(10)
+                .burst(1)
+                .max_wait(Duration::from_millis(250)),
+        )
+        .service(echo());
+    let start = Instant::now();
+    svc.clone().oneshot(0).await.unwrap();
+    let c1 = tokio::spawn(svc.clone().oneshot(1));
+    let c2 = tokio::spawn(svc.clone().oneshot(2));
+    tokio::task::yield_now().await;
+    let err = svc.clone().oneshot(3).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(
+        error::find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_millis(300)
+    );
+    assert_eq!(c1.await.unwrap().unwrap(), 1);
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(c2.await.unwrap().unwrap(), 2);
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+}
+
+/// A waiting call that is dropped leaves its line, first in it or not:
+/// the next call takes its turn, and the line's estimate counts it no more.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiting_call_leaves_its_line() {
+    use futures_util::FutureExt;
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_second(10)
+                .burst(1)
+                .max_wait(Duration::from_millis(250)),
+        )
+        .service(echo());
+    let mut call = |x| Box::pin(svc.call(x));
+    assert_eq!(call(0).now_or_never().unwrap().unwrap(), 0);
+    let (mut c1, mut c2) = (call(1), call(2));
+    assert!((&mut c1).now_or_never().is_none());
+    assert!((&mut c2).now_or_never().is_none());
+    // Full: a third would be served at 300 ms.
+    let err = call(3).now_or_never().unwrap().unwrap_err();
+    assert_eq!(
+        error::find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_millis(300)
+    );
+    // The first in line and the one behind it are dropped.
+    drop(c1);
+    drop(c2);
+    let mut c4 = call(4);
+    assert!((&mut c4).now_or_never().is_none());
+    let mut c5 = call(5);
+    assert!((&mut c5).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert!((&mut c5).now_or_never().is_none(), "c5 overtook c4");
+    assert_eq!((&mut c4).now_or_never().unwrap().unwrap(), 4);
+    assert!((&mut c5).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!((&mut c5).now_or_never().unwrap().unwrap(), 5);
+}
+
+/// Two worker threads and many waiting callers: every call is served (no
+/// turn is lost between the line's first call leaving and the next taking
+/// over), and no faster than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_waiting_in_line_are_all_served() {
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_second(2000)
+                .burst(1)
+                .max_wait(Duration::from_secs(30)),
+        )
+        .service(echo());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50u32 {
+                svc.clone().oneshot(t * 1000 + i).await.unwrap();
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    // 400 calls at 2000 a second take 200 ms; a lost turn stalls a call
+    // until its 30 s max_wait and fails it.
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every call was served");
+    assert!(start.elapsed() >= Duration::from_micros(399 * 500));
+}
+
+/// A keyed limiter keeps one line per key: a key's waiting calls are served
+/// in order, and another key's calls never wait behind them.
+#[tokio::test(start_paused = true)]
+async fn keyed_wait_mode_keeps_one_line_per_key() {
+    use futures_util::FutureExt;
+    let layer = KeyedRateLimitLayer::per_second(10, |x: &u32| *x / 100)
+        .burst(1)
+        .max_wait(Duration::from_secs(1));
+    let mut svc = tower::Layer::layer(&layer, echo());
+    let mut call = |x| Box::pin(svc.call(x));
+    assert_eq!(call(100).now_or_never().unwrap().unwrap(), 100);
+    let (mut a1, mut a2) = (call(101), call(102));
+    assert!((&mut a1).now_or_never().is_none());
+    assert!((&mut a2).now_or_never().is_none());
+    // Key 2 has its own permit and its own line.
+    assert_eq!(call(200).now_or_never().unwrap().unwrap(), 200);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let mut a3 = call(103);
+    assert!(
+        (&mut a3).now_or_never().is_none(),
+        "a newcomer overtook key 1's line"
+    );
+    assert!((&mut a2).now_or_never().is_none(), "a2 overtook a1");
+    assert_eq!((&mut a1).now_or_never().unwrap().unwrap(), 101);
+    assert_eq!(call(201).now_or_never().unwrap().unwrap(), 201);
+    for (n, c) in [(102, &mut a2), (103, &mut a3)] {
+        assert!(c.now_or_never().is_none());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(c.now_or_never().unwrap().unwrap(), n);
+    }
+    // The line is gone with its last call: a new call checks the limiter.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(call(104).now_or_never().unwrap().unwrap(), 104);
 }
 
 /// `Duration::MAX` as "wait as long as it takes" (and as a timeout or a
