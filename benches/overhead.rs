@@ -189,6 +189,17 @@ fn ours_vs_tower(c: &mut Criterion) {
     case(
         &mut g,
         a,
+        "firebreak bulkhead, max_wait",
+        || {
+            BulkheadLayer::new(1000)
+                .max_wait(Duration::from_millis(10))
+                .layer(bare())
+        },
+        id,
+    );
+    case(
+        &mut g,
+        a,
         "tower load_shed+concurrency_limit",
         || {
             ServiceBuilder::new()
@@ -445,10 +456,49 @@ fn paired() {
             ),
         ),
         (
+            // With `max_wait`, waiters are served in order by tokio's
+            // semaphore, the one tower's `ConcurrencyLimit` uses.
+            "firebreak bulkhead, max_wait / tower load_shed+concurrency_limit",
+            paired_ratios(
+                &rt,
+                || {
+                    BulkheadLayer::new(1000)
+                        .max_wait(Duration::from_millis(10))
+                        .layer(bare())
+                },
+                || {
+                    ServiceBuilder::new()
+                        .load_shed()
+                        .concurrency_limit(1000)
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
             "firebreak rate_limit / tower rate_limit",
             paired_ratios(
                 &rt,
                 || RateLimitLayer::per_second(NEVER).layer(bare()),
+                || {
+                    ServiceBuilder::new()
+                        .rate_limit(u64::MAX, Duration::from_secs(1))
+                        .service(bare())
+                },
+                |x| x,
+            ),
+        ),
+        (
+            // Wait mode: a line of waiting calls, read (one atomic load)
+            // before the limiter.
+            "firebreak rate_limit, max_wait / tower rate_limit",
+            paired_ratios(
+                &rt,
+                || {
+                    RateLimitLayer::per_second(NEVER)
+                        .max_wait(Duration::from_millis(10))
+                        .layer(bare())
+                },
                 || {
                     ServiceBuilder::new()
                         .rate_limit(u64::MAX, Duration::from_secs(1))
