@@ -33,9 +33,10 @@ impl BulkheadLayer {
     /// How long a call may wait for a slot before failing with
     /// [`BulkheadFull`](super::BulkheadFull). Default: zero (fail at once).
     ///
-    /// Waiting calls are served first come, first served: a freed slot goes
-    /// to the call that has waited longest, and a call that arrives while
-    /// others wait queues behind them.
+    /// Waiting calls are served in the order they began waiting (their
+    /// response future's first poll): a freed slot goes to the call that
+    /// has waited longest, and a call that arrives while others wait queues
+    /// behind them.
     pub fn max_wait(self, max_wait: Duration) -> Self {
         BulkheadLayer {
             pool: Pool::named(self.pool.max_concurrent(), max_wait, self.pool.name()),

@@ -5,8 +5,9 @@
 //! [`max_wait`](BulkheadLayer::max_wait) (by default not at all) and then fails
 //! with [`BulkheadFull`]. A slow dependency can then hold only its own slots,
 //! and the caller's other routes keep working. Waiting calls are served in
-//! the order they came: a freed slot goes to the one that has waited
-//! longest, never to a call that arrived after it.
+//! the order they began waiting (their response future's first poll): a
+//! freed slot goes to the one that has waited longest, and a call that
+//! arrives while others wait queues behind them.
 //!
 //! [`KeyedBulkhead`] keeps one pool per key (a tenant, a route, a host), so one
 //! noisy key cannot take every slot.

@@ -23,7 +23,9 @@ type KeyedLimiter<K> =
 /// Wait mode's lines, one per key with calls waiting (see [`Line`]). A key's
 /// line is made by its first waiting call and dropped with its last, so the
 /// table holds only keys with calls in it. Joins and leaves take the mutex;
-/// a call looks a line up only while some key has one.
+/// a call looks its key's line up (the mutex again) only while some key has
+/// one, so while any key has waiting calls, every call of every key takes
+/// this mutex once.
 pub(crate) struct KeyedLines<K> {
     lines: Mutex<HashMap<K, Arc<Line>>>,
     /// Calls waiting, across keys.

@@ -123,7 +123,8 @@ impl RateLimitLayer {
     /// Wait mode: a call over the limit waits for its permit, for at most
     /// `max_wait`, instead of failing at once.
     ///
-    /// Waiting calls form a line, served in the order they began waiting:
+    /// Waiting calls form a line, served in the order they began waiting
+    /// (their response future's first poll):
     /// only the first in line checks the limiter (one wake-up per permit,
     /// not one per waiting call), and a call that arrives while others wait
     /// queues behind them instead of taking the permit the first is about to

@@ -8,8 +8,9 @@
 //!   [`retry_after`](RateLimited::retry_after) is governor's own answer for the
 //!   next permit (reject mode, the default), or
 //! - waits for its permit, for at most [`max_wait`](RateLimitLayer::max_wait),
-//!   in a line served in order, and fails with `RateLimited` at once when
-//!   its permit would come later than that (wait mode).
+//!   in a line served in order, and fails with `RateLimited` if none comes
+//!   in time: at once when its permit is already known to come too late
+//!   (wait mode).
 //!
 //! [`KeyedRateLimit`] keeps one GCRA cell per key. Its state grows with the
 //! number of distinct keys, so it must be pruned: call
@@ -227,11 +228,11 @@ impl Line {
         next.saturating_add(self.interval.saturating_mul(ahead))
     }
 
-    /// A limiter check by the first in line: `Err` notes the next permit.
+    /// A limiter check by the first in line, which notes the next permit:
+    /// the wait governor gives, or after a permit taken one interval (the
+    /// first in line takes it the moment it comes, with the burst spent).
     fn check(&self, now: Tick, first: Result<(), Duration>) -> Result<(), Duration> {
-        if let Err(wait) = first {
-            self.due(now, wait);
-        }
+        self.due(now, first.err().unwrap_or(self.interval));
         first
     }
 }
@@ -341,9 +342,11 @@ where
     match verdict {
         Verdict::Admit => future::ResponseFuture::running(inner.call(req)),
         Verdict::Wait(first) => {
-            let (check, turn) = join(first);
+            // Cloned before the call joins its line: a panic in the clone
+            // must not leave it counted there.
             let clone = inner.clone();
             let svc = std::mem::replace(inner, clone);
+            let (check, turn) = join(first);
             future::ResponseFuture::waiting(
                 svc,
                 req,

@@ -100,8 +100,8 @@ async fn a_freed_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     assert_eq!(layer.handle().waiting(), 0);
 }
 
-/// A waiter that gives up (its `max_wait` runs out, or it is dropped) gives
-/// up its place: the slot goes to the next waiter, and none is lost.
+/// A waiter that gives up gives up its place, and a slot handed to a
+/// waiter that is then dropped goes on to the next: none is lost.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_that_leaves_passes_the_slot_on() {
     use futures_util::FutureExt;
@@ -112,19 +112,29 @@ async fn a_waiter_that_leaves_passes_the_slot_on() {
     }));
     let (ta, ra) = oneshot::channel();
     let (_tb, rb) = oneshot::channel();
-    let (tc, rc) = oneshot::channel();
+    let (_tc, rc) = oneshot::channel();
+    let (td, rd) = oneshot::channel();
     let mut a = Box::pin(svc.ready().await.unwrap().call(ra));
     let mut b = Box::pin(svc.ready().await.unwrap().call(rb));
-    let mut c = Box::pin(svc.ready().await.unwrap().call(rc));
     assert!((&mut a).now_or_never().is_none());
     assert!((&mut b).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(50)).await;
+    let mut c = Box::pin(svc.ready().await.unwrap().call(rc));
+    let mut d = Box::pin(svc.ready().await.unwrap().call(rd));
     assert!((&mut c).now_or_never().is_none());
-    // b is dropped while it waits; a finishes: the slot goes to c.
-    drop(b);
+    assert!((&mut d).now_or_never().is_none());
+    assert_eq!(layer.handle().waiting(), 3);
+    // b's max_wait runs out: it leaves the line.
+    tokio::time::advance(Duration::from_millis(50)).await;
+    let err = (&mut b).now_or_never().unwrap().unwrap_err();
+    assert!(error::find::<BulkheadFull>(&*err).is_some());
+    // a finishes: its slot is handed to c, which is dropped before it runs.
     ta.send(1).unwrap();
     assert_eq!((&mut a).now_or_never().unwrap().unwrap(), 1);
-    tc.send(3).unwrap();
-    assert_eq!((&mut c).now_or_never().unwrap().unwrap(), 3);
+    drop(c);
+    // The slot reaches d.
+    td.send(4).unwrap();
+    assert_eq!((&mut d).now_or_never().unwrap().unwrap(), 4);
     assert_eq!(layer.in_flight(), 0);
     assert_eq!(layer.handle().waiting(), 0);
 }

@@ -181,6 +181,85 @@ async fn wait_mode_refuses_at_once_a_call_the_line_cannot_serve_in_time() {
     assert_eq!(start.elapsed(), Duration::from_millis(200));
 }
 
+/// The line's estimate stays right between one call's permit and the next
+/// call's first check: a call arriving then, which the line cannot serve in
+/// time, is still refused at once.
+#[tokio::test(start_paused = true)]
+async fn the_estimate_holds_right_after_a_permit_is_taken() {
+    use futures_util::FutureExt;
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_second(10)
+                .burst(1)
+                .max_wait(Duration::from_millis(150)),
+        )
+        .service(echo());
+    let mut call = |x| Box::pin(svc.call(x));
+    assert_eq!(call(0).now_or_never().unwrap().unwrap(), 0);
+    let mut c1 = call(1);
+    assert!((&mut c1).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(50)).await;
+    // Behind c1: its permit at 200 ms is 150 ms away, within max_wait.
+    let mut c2 = call(2);
+    assert!((&mut c2).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(50)).await;
+    assert_eq!((&mut c1).now_or_never().unwrap().unwrap(), 1);
+    // c2 has not checked yet; a call now would get the permit at 300 ms.
+    let err = call(3).now_or_never().unwrap().unwrap_err();
+    assert_eq!(
+        error::find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_millis(200)
+    );
+    assert!((&mut c2).now_or_never().is_none());
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!((&mut c2).now_or_never().unwrap().unwrap(), 2);
+}
+
+/// A panic in the inner service's `clone` (made for a waiting call) leaves
+/// no phantom call in the line, which would refuse every later call.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_clone_leaves_no_call_in_line() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Svc(Arc<AtomicBool>);
+    impl Clone for Svc {
+        fn clone(&self) -> Self {
+            assert!(!self.0.swap(false, Ordering::SeqCst), "clone failed");
+            Svc(self.0.clone())
+        }
+    }
+    impl Service<u32> for Svc {
+        type Response = u32;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u32, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, x: u32) -> Self::Future {
+            std::future::ready(Ok(x))
+        }
+    }
+    let fail = Arc::new(AtomicBool::new(false));
+    let mut svc = tower::Layer::layer(
+        &RateLimitLayer::per_second(1)
+            .burst(1)
+            .max_wait(Duration::from_millis(500)),
+        Svc(fail.clone()),
+    );
+    assert_eq!(svc.call(0).await.unwrap(), 0);
+    tokio::time::advance(Duration::from_millis(600)).await;
+    // This call would wait 400 ms; its clone panics.
+    fail.store(true, Ordering::SeqCst);
+    let panicked =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(svc.call(1)))).is_err();
+    assert!(panicked);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(svc.call(2).await.unwrap(), 2);
+}
+
 /// A waiting call that is dropped leaves its line, first in it or not:
 /// the next call takes its turn, and the line's estimate counts it no more.
 #[tokio::test(start_paused = true)]
