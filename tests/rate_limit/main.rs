@@ -368,6 +368,71 @@ async fn keyed_wait_mode_keeps_one_line_per_key() {
     assert_eq!(call(104).now_or_never().unwrap().unwrap(), 104);
 }
 
+/// Many keys waiting at once (spread over the limiter's tables of lines):
+/// each key's line serves its own calls, and every line is gone after.
+#[tokio::test(start_paused = true)]
+async fn keyed_wait_mode_with_many_keys_waiting() {
+    use futures_util::FutureExt;
+    // Many polls in one task turn: out of tokio's cooperative budget, a
+    // timer or semaphore would answer Pending.
+    use tokio::task::unconstrained;
+    let layer = KeyedRateLimitLayer::per_second(10, |x: &u32| *x % 1000)
+        .burst(1)
+        .max_wait(Duration::from_millis(250));
+    let mut svc = tower::Layer::layer(&layer, echo());
+    let mut waiting = Vec::new();
+    for key in 0..64u32 {
+        assert_eq!(
+            unconstrained(svc.call(key))
+                .now_or_never()
+                .unwrap()
+                .unwrap(),
+            key
+        );
+        for n in 1..=2u32 {
+            let mut c = Box::pin(svc.call(n * 1000 + key));
+            assert!(unconstrained(&mut c).now_or_never().is_none());
+            waiting.push((n, key, c));
+        }
+        // A third call of the key would be served at 300 ms: refused now.
+        let err = unconstrained(svc.call(3000 + key))
+            .now_or_never()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            error::find::<RateLimited>(&*err).unwrap().retry_after(),
+            Duration::from_millis(300)
+        );
+    }
+    for round in 1..=2u32 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for (n, key, c) in &mut waiting {
+            if *n == round {
+                let got = unconstrained(c).now_or_never();
+                assert!(
+                    got.is_some(),
+                    "round {round}: call {n} of key {key} not served"
+                );
+                assert_eq!(got.unwrap().unwrap(), *n * 1000 + *key);
+            } else if *n > round {
+                assert!(unconstrained(c).now_or_never().is_none());
+            }
+        }
+    }
+    // No key has a line left: after a permit's interval, each key's next
+    // call checks the limiter and passes.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    for key in 0..64u32 {
+        assert_eq!(
+            unconstrained(svc.call(4000 + key))
+                .now_or_never()
+                .unwrap()
+                .unwrap(),
+            4000 + key
+        );
+    }
+}
+
 /// `Duration::MAX` as "wait as long as it takes" (and as a timeout or a
 /// deadline: no limit) waits, where `now + Duration::MAX` would panic.
 #[tokio::test(start_paused = true)]
