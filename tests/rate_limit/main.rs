@@ -8,6 +8,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::routing::get;
 use governor::clock::FakeRelativeClock;
 use governor::{Quota, RateLimiter};
+use proptest::prelude::*;
 use std::num::NonZeroU32;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -564,4 +565,136 @@ async fn end_to_end_axum_answers_429_with_retry_after() {
     assert_eq!(third.status, 429);
     assert_eq!(third.headers[http::header::RETRY_AFTER], "1");
     assert_eq!(third.kind(), "rate_limited");
+}
+
+#[derive(Clone, Debug)]
+enum LineOp {
+    Call,
+    Drop(usize),
+    Advance(u64),
+}
+
+fn line_op() -> impl Strategy<Value = LineOp> {
+    prop_oneof![
+        5 => Just(LineOp::Call),
+        1 => (0usize..64).prop_map(LineOp::Drop),
+        3 => (0u64..40).prop_map(LineOp::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random calls, drops and time against a wait-mode limiter, time
+    /// moving a millisecond at a time and every live call polled after each
+    /// step: no call is answered later than `max_wait` after it was made
+    /// (and none is left waiting), the calls admitted are admitted in the
+    /// order they were made, their times keep GCRA's bound, and once all is
+    /// done no line is left behind.
+    #[test]
+    fn wait_mode_line_model(
+        per_second in prop_oneof![Just(5u32), Just(10), Just(20), Just(25), Just(40), Just(50)],
+        burst in 1u32..4,
+        max_wait_ms in 1u64..400,
+        ops in proptest::collection::vec(line_op(), 1..60),
+    ) {
+        use futures_util::FutureExt;
+        use std::future::Future;
+        use std::pin::Pin;
+        use tokio::task::unconstrained;
+        type Fut = Pin<Box<dyn Future<Output = Result<u32, BoxError>>>>;
+        struct Call {
+            fut: Option<Fut>,
+            made: Duration,
+            done: Option<(Duration, bool)>,
+        }
+        fn poll_all(calls: &mut [Call], now: Duration, admitted: &mut Vec<(usize, Duration)>) {
+            for (id, c) in calls.iter_mut().enumerate() {
+                let Some(fut) = c.fut.as_mut() else { continue };
+                if let Some(out) = unconstrained(fut).now_or_never() {
+                    c.fut = None;
+                    c.done = Some((now, out.is_ok()));
+                    if out.is_ok() {
+                        admitted.push((id, now));
+                    }
+                }
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let max_wait = Duration::from_millis(max_wait_ms);
+            let interval = Duration::from_millis(1000 / u64::from(per_second));
+            let layer = RateLimitLayer::per_second(per_second)
+                .burst(burst)
+                .max_wait(max_wait);
+            let mut svc = tower::Layer::layer(&layer, echo());
+            let start = Instant::now();
+            let mut calls: Vec<Call> = Vec::new();
+            let mut admitted = Vec::new();
+            let step = Duration::from_millis(1);
+            for op in ops {
+                match op {
+                    LineOp::Call => {
+                        let id = u32::try_from(calls.len()).unwrap();
+                        calls.push(Call {
+                            fut: Some(Box::pin(svc.call(id))),
+                            made: start.elapsed(),
+                            done: None,
+                        });
+                    }
+                    LineOp::Drop(i) => {
+                        if !calls.is_empty() {
+                            let n = calls.len();
+                            calls[i % n].fut = None;
+                        }
+                    }
+                    LineOp::Advance(ms) => {
+                        // The last step's calls are polled after the next
+                        // op: a call made then comes at the instant a
+                        // permit is due, before the waiters see it.
+                        for k in 0..ms {
+                            tokio::time::advance(step).await;
+                            if k + 1 < ms {
+                                poll_all(&mut calls, start.elapsed(), &mut admitted);
+                            }
+                        }
+                        continue;
+                    }
+                }
+                poll_all(&mut calls, start.elapsed(), &mut admitted);
+            }
+            // Let every call end.
+            for _ in 0..=max_wait_ms {
+                tokio::time::advance(step).await;
+                poll_all(&mut calls, start.elapsed(), &mut admitted);
+            }
+            for (id, c) in calls.iter().enumerate() {
+                assert!(c.fut.is_none(), "call {id} still waits past max_wait");
+                if let Some((at, _)) = c.done {
+                    assert!(at - c.made <= max_wait, "call {id} answered {:?} after it was made", at - c.made);
+                }
+            }
+            // Admitted in the order made.
+            for w in admitted.windows(2) {
+                assert!(w[0].0 < w[1].0, "call {} admitted before call {}", w[0].0, w[1].0);
+            }
+            // GCRA: a permit each interval, at most `burst` at once.
+            let tolerance = interval * (burst - 1);
+            let mut tat = Duration::ZERO;
+            for &(id, at) in &admitted {
+                assert!(tat.saturating_sub(at) <= tolerance, "call {id} admitted too soon at {at:?}");
+                tat = tat.max(at) + interval;
+            }
+            // No line is left: after the bucket refills, `burst` calls pass at once.
+            tokio::time::advance(interval * burst).await;
+            for i in 0..burst {
+                let out = unconstrained(svc.call(10_000 + i)).now_or_never();
+                assert!(matches!(out, Some(Ok(_))), "a line was left behind");
+            }
+        });
+    }
 }
