@@ -1,6 +1,8 @@
 //! Circuit breaker overhead, per BENCH.md: one criterion group with the bare
-//! service, our breaker closed and open, and tower-resilience 0.13's breaker
-//! closed; then the 2-worker scaling figure. Allocations per call are counted
+//! service, our breaker closed and open, our keyed breaker closed (1 key,
+//! and 1000 keys in turn), and tower-resilience 0.13's breaker closed; then
+//! the 2-worker scaling figures (one shared breaker, and the keyed breaker
+//! with the workers on different keys and on the same keys at once). Allocations per call are counted
 //! by `benches/breaker_alloc.rs`, so that the counting allocator's own atomic
 //! counters do not slow the timed runs here.
 //!
@@ -14,7 +16,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
-use tower_firebreak::circuit_breaker::{CircuitBreakerLayer, State};
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -59,6 +61,20 @@ where
     });
     assert_eq!(h.state(), State::Open);
     layer.layer(inner)
+}
+
+/// Our keyed breaker, closed, one breaker per `x % keys`.
+fn ours_keyed<S>(inner: S, keys: u64) -> impl Service<u64, Response = u64, Error = BoxError> + Clone
+where
+    S: Service<u64, Response = u64, Error = BoxError> + Clone,
+{
+    CircuitBreakerConfig {
+        max_keys: 1024,
+        ..Default::default()
+    }
+    .into_keyed_layer(move |x: &u64| *x % keys)
+    .unwrap()
+    .layer(inner)
 }
 
 fn theirs<S>(inner: S) -> impl Service<u64, Response = u64>
@@ -138,6 +154,18 @@ fn bench_group(c: &mut Criterion) {
             })
         })
     });
+    for keys in [1u64, 1000] {
+        g.bench_function(format!("firebreak keyed closed ({keys} keys)"), |b| {
+            let mut svc = ours_keyed(bare(), keys);
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    drive(&mut svc, iters).await;
+                    start.elapsed()
+                })
+            })
+        });
+    }
     g.bench_function("tower-resilience 0.13 closed", |b| {
         let mut svc = rt.block_on(async { theirs(bare()) });
         b.iter_custom(|iters| {
@@ -156,6 +184,24 @@ fn bench_group(c: &mut Criterion) {
 /// the bare service, the control that shows how far the machine itself
 /// scales at that moment. `spin` is CPU work per call in the inner service.
 fn throughput(workers: usize, spin: u32, breaker: bool) -> f64 {
+    throughput_of(
+        workers,
+        spin,
+        if breaker { Kind::Breaker } else { Kind::Bare },
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Bare,
+    Breaker,
+    /// A keyed breaker with 1000 keys, each worker cycling through them:
+    /// in step (`true`: both call the same key at about the same time) or
+    /// half the keys apart.
+    Keyed(bool),
+}
+
+fn throughput_of(workers: usize, spin: u32, kind: Kind) -> f64 {
     let per_task: u64 = if spin == 0 { 2_000_000 } else { 200_000 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -163,10 +209,20 @@ fn throughput(workers: usize, spin: u32, breaker: bool) -> f64 {
         .build()
         .unwrap();
     let layer = ours();
+    let keyed = CircuitBreakerConfig {
+        max_keys: 1024,
+        ..Default::default()
+    }
+    .into_keyed_layer(|x: &u64| *x % 1000)
+    .unwrap();
     let start = Instant::now();
     rt.block_on(async {
-        let tasks: Vec<_> = (0..workers)
-            .map(|_| {
+        let tasks: Vec<_> = (0..workers as u64)
+            .map(|w| {
+                let offset = match kind {
+                    Kind::Keyed(false) => w * 500,
+                    _ => 0,
+                };
                 let inner = service_fn(move |x: u64| async move {
                     let mut v = x;
                     for _ in 0..spin {
@@ -174,15 +230,16 @@ fn throughput(workers: usize, spin: u32, breaker: bool) -> f64 {
                     }
                     Ok::<_, BoxError>(v)
                 });
-                let mut svc = if breaker {
-                    tower::util::Either::Left(layer.layer(inner))
-                } else {
-                    tower::util::Either::Right(inner)
+                use tower::util::Either::{Left, Right};
+                let mut svc = match kind {
+                    Kind::Breaker => Left(Left(layer.layer(inner))),
+                    Kind::Keyed(_) => Left(Right(keyed.layer(inner))),
+                    Kind::Bare => Right(inner),
                 };
                 tokio::spawn(async move {
                     for i in 0..per_task {
                         let r: Result<u64, BoxError> = match svc.ready().await {
-                            Ok(s) => s.call(black_box(i)).await,
+                            Ok(s) => s.call(black_box(i + offset)).await,
                             Err(e) => Err(e),
                         };
                         let _ = black_box(r);
@@ -214,6 +271,27 @@ fn scaling() {
             r[3].push(throughput(2, spin, false));
         }
         let [one, two, bare1, bare2] = r.map(median);
+        if spin == 0 {
+            for in_step in [false, true] {
+                let mut k = [vec![], vec![]];
+                for _ in 0..7 {
+                    k[0].push(throughput_of(1, spin, Kind::Keyed(in_step)));
+                    k[1].push(throughput_of(2, spin, Kind::Keyed(in_step)));
+                }
+                let [k1, k2] = k.map(median);
+                let how = if in_step {
+                    "workers on the same key at once"
+                } else {
+                    "workers on different keys"
+                };
+                println!(
+                    "scaling, inner spin {spin}: keyed breaker (1000 keys, {how}) 1 worker {:.1} M calls/s, 2 workers {:.1} M calls/s, ratio {:.2}x",
+                    k1 / 1e6,
+                    k2 / 1e6,
+                    k2 / k1,
+                );
+            }
+        }
         println!(
             "scaling, inner spin {spin}: breaker 1 worker {:.1} M calls/s, 2 workers {:.1} M calls/s, ratio {:.2}x; \
              bare service {:.1} -> {:.1} M calls/s, ratio {:.2}x",

@@ -4,10 +4,11 @@ use super::{CircuitBreakerHandle, State};
 use crate::BoxError;
 use crate::classify::{ClassifyStream, DefaultClassifier};
 use crate::registry::{KEYED_LIST_LIMIT, KeyedBreakerView, KeyedStates, Registry};
+use hashbrown::HashTable;
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,9 +17,12 @@ use tower::{Layer, Service};
 
 /// One breaker per key. See the [module docs](super#per-key-breakers).
 ///
-/// The key function runs on every request, and the key table is a
-/// `std::sync::Mutex<HashMap>` held only to look the key up (never across an
-/// await): this is the flexible path, not the lock-free one.
+/// The key function runs on every request, and the key table is 16 hash
+/// tables by key hash, each behind a `std::sync::Mutex` held only to look
+/// the key up (never across an await), so calls of different keys on
+/// different threads seldom wait for each other: this is the flexible path,
+/// not the lock-free one. A key not in the table takes one more mutex, the
+/// table's own, under which breakers are made, swept and evicted.
 ///
 /// At most `max_keys` breakers live at once. When a new key arrives,
 /// breakers unused for `idle_timeout` are dropped unless they are open with
@@ -63,19 +67,85 @@ struct Shared<K, F, C> {
     registry: Option<Registry>,
 }
 
+/// How many shards the key table has.
+const SHARDS: usize = 16;
+
+/// A shard's entries, each with its key's hash (which picked the shard).
+type Map<K> = HashTable<(u64, K, Entry)>;
+
+/// One shard, on cache lines of its own: two threads locking two shards
+/// must not fight over one line.
+#[repr(align(128))]
+struct Shard<K>(Mutex<Map<K>>);
+
 /// The key table, as the registry sees it.
+///
+/// A call of a key in the table locks only that key's shard. Everything
+/// else (making a breaker for a new key, sweeping idle ones, evicting, the
+/// overflow breaker) runs under `table`, which is taken before any shard,
+/// never while one is held; so the entries and `len` change only under it.
 struct Keys<K> {
-    table: Mutex<Table<K>>,
+    shards: Box<[Shard<K>]>,
+    hasher: std::hash::RandomState,
+    /// Entries across the shards.
+    len: AtomicUsize,
+    table: Mutex<Table>,
     /// Set by `label_keys`: each key's breaker records the layer's series
     /// with a `key` label, and the registry may list the key.
     label: OnceLock<fn(&K) -> String>,
 }
 
+/// A poisoned lock is taken as it is: a panic elsewhere while one was held
+/// leaves nothing half done that matters here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<K> Keys<K> {
-    /// The table; a panic elsewhere while it was held leaves nothing half
-    /// done that matters here, so a poisoned lock is taken as it is.
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table<K>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    fn new() -> Self {
+        Keys {
+            shards: (0..SHARDS)
+                .map(|_| Shard(Mutex::new(HashTable::new())))
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+            len: AtomicUsize::new(0),
+            table: Mutex::new(Table::new()),
+            label: OnceLock::new(),
+        }
+    }
+
+    /// The table's own state; taken before any shard.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        lock(&self.table)
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::SeqCst)
+    }
+
+    /// Each shard in turn, locked.
+    fn each_shard(&self, mut f: impl FnMut(&mut Map<K>)) {
+        for shard in &self.shards {
+            f(&mut lock(&shard.0));
+        }
+    }
+}
+
+impl<K: Hash + Eq> Keys<K> {
+    /// `key`'s hash and its shard (picked by the hash's low bits).
+    fn shard(&self, key: &K) -> (u64, &Mutex<Map<K>>) {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(key);
+        // Truncation is the point: the low bits pick the shard.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = h as usize % SHARDS;
+        (h, &self.shards[i].0)
+    }
+
+    /// `key`'s entry in `map`, its shard.
+    fn entry<'m>(map: &'m mut Map<K>, hash: u64, key: &K) -> Option<&'m mut Entry> {
+        map.find_mut(hash, |(h, k, _)| *h == hash && k == key)
+            .map(|(_, _, e)| e)
     }
 }
 
@@ -83,21 +153,24 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
     fn states(&self) -> KeyedStates {
         let table = self.lock();
         let mut by_state = BTreeMap::new();
-        for e in table.map.values() {
-            *by_state.entry(e.lane.breaker.state().as_str()).or_insert(0) += 1;
-        }
-        let listed = self.label.get().map(|label| {
-            let mut l: Vec<_> = table
-                .map
-                .iter()
-                .map(|(k, e)| (label(k), e.lane.breaker.state().as_str()))
-                .collect();
+        let mut listed = self.label.get().map(|_| Vec::new());
+        let mut keys = 0;
+        self.each_shard(|map| {
+            keys += map.len();
+            for (_, k, e) in map.iter() {
+                let state = e.lane.breaker.state().as_str();
+                *by_state.entry(state).or_insert(0) += 1;
+                if let (Some(l), Some(label)) = (listed.as_mut(), self.label.get()) {
+                    l.push((label(k), state));
+                }
+            }
+        });
+        if let Some(l) = listed.as_mut() {
             l.sort_unstable();
             l.truncate(KEYED_LIST_LIMIT);
-            l
-        });
+        }
         KeyedStates {
-            keys: table.map.len(),
+            keys,
             by_state,
             listed,
             overflow: table.overflow.as_ref().map(|l| l.breaker.state().as_str()),
@@ -109,10 +182,9 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
             let mut table = self.lock();
             // Every place is about to be closed, and so evictable.
             table.saturated_until = None;
-            (
-                table.map.values().map(|e| e.lane.breaker.clone()).collect(),
-                table.overflow.as_ref().map(|l| l.breaker.clone()),
-            )
+            let mut lanes = Vec::new();
+            self.each_shard(|map| lanes.extend(map.iter().map(|(_, _, e)| e.lane.breaker.clone())));
+            (lanes, table.overflow.as_ref().map(|l| l.breaker.clone()))
         };
         // Outside the lock: a reset emits events and tracing.
         for b in lanes.iter().chain(&overflow) {
@@ -126,8 +198,8 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
 /// stay so before it is scanned again.
 const SATURATED_RECHECK: Duration = Duration::from_secs(1);
 
-struct Table<K> {
-    map: HashMap<K, Entry>,
+/// The key table's own state, apart from its entries.
+struct Table {
     /// When idle breakers were last swept out.
     swept: Instant,
     /// The breaker that new keys share while the table is full and none of
@@ -138,10 +210,9 @@ struct Table<K> {
     saturated_until: Option<Instant>,
 }
 
-impl<K> Table<K> {
+impl Table {
     fn new() -> Self {
         Table {
-            map: HashMap::new(),
             swept: Instant::now(),
             overflow: None,
             saturated_until: None,
@@ -173,40 +244,67 @@ where
 
     fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
-        let mut table = self.breakers.lock();
-        if let Some(e) = table.map.get_mut(&key) {
+        let keys = &*self.breakers;
+        let (hash, shard) = keys.shard(&key);
+        if let Some(e) = Keys::entry(&mut lock(shard), hash, &key) {
+            e.last_used = now;
+            return e.lane.clone();
+        }
+        let mut table = keys.lock();
+        // Made by another call while this one waited for the table.
+        if let Some(e) = Keys::entry(&mut lock(shard), hash, &key) {
             e.last_used = now;
             return e.lane.clone();
         }
         if let (Some(until), Some(lane)) = (table.saturated_until, &table.overflow)
             && now < until
-            && table.map.len() >= self.max_keys
+            && keys.len() >= self.max_keys
         {
             return lane.clone();
         }
         // Sweep idle breakers when the table is full, and at most once per
         // idle_timeout otherwise, so a new key never pays a sweep each time.
         let idle = self.idle_timeout;
-        if table.map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
+        if keys.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
             table.swept = now;
             // An idle breaker goes unless it is open with time left, or was
             // set by hand (forced open, disabled): one left half-open by a
             // key that stopped calling must not hold its place for good.
-            table.map.retain(|_, e| {
-                now.saturating_duration_since(e.last_used) < idle
-                    || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
+            keys.each_shard(|map| {
+                let before = map.len();
+                map.retain(|(_, _, e)| {
+                    now.saturating_duration_since(e.last_used) < idle
+                        || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
+                });
+                keys.len.fetch_sub(before - map.len(), Ordering::SeqCst);
             });
         }
-        if table.map.len() >= self.max_keys {
-            let victim = table
-                .map
-                .iter()
-                .filter(|(_, e)| e.lane.breaker.state() == State::Closed)
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
+        if keys.len() >= self.max_keys {
+            // The least recently used closed breaker: its last use, shard,
+            // hash and key.
+            let mut victim: Option<(Instant, usize, u64, K)> = None;
+            let mut i = 0;
+            keys.each_shard(|map| {
+                let oldest = map
+                    .iter()
+                    .filter(|(_, _, e)| e.lane.breaker.state() == State::Closed)
+                    .min_by_key(|(_, _, e)| e.last_used);
+                if let Some((h, k, e)) = oldest
+                    && victim.as_ref().is_none_or(|(t, ..)| e.last_used < *t)
+                {
+                    victim = Some((e.last_used, i, *h, k.clone()));
+                }
+                i += 1;
+            });
             match victim {
-                Some(k) => {
-                    table.map.remove(&k);
+                Some((_, i, h, k)) => {
+                    // Under `table`, nothing else removed it meanwhile (a
+                    // call may have used it since; it goes all the same).
+                    let mut map = lock(&keys.shards[i].0);
+                    if let Ok(e) = map.find_entry(h, |(eh, ek, _)| *eh == h && *ek == k) {
+                        e.remove();
+                        keys.len.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
                 // Every live breaker is open, half-open or set by hand:
                 // evicting one would let calls through to a dependency that
@@ -223,13 +321,20 @@ where
         }
         let breaker = self.breaker(Some(&key));
         let lane = Lane::new(Arc::new(breaker));
-        table.map.insert(
-            key,
-            Entry {
-                lane: lane.clone(),
-                last_used: now,
-            },
+        lock(shard).insert_unique(
+            hash,
+            (
+                hash,
+                key,
+                Entry {
+                    lane: lane.clone(),
+                    last_used: now,
+                },
+            ),
+            |(h, _, _)| *h,
         );
+        keys.len.fetch_add(1, Ordering::SeqCst);
+        drop(table);
         lane
     }
 }
@@ -363,10 +468,7 @@ impl<K, F> KeyedCircuitBreakerLayer<K, F> {
                 settings,
                 max_keys,
                 idle_timeout,
-                breakers: Arc::new(Keys {
-                    table: Mutex::new(Table::new()),
-                    label: OnceLock::new(),
-                }),
+                breakers: Arc::new(Keys::new()),
                 registry: None,
             }),
         }
@@ -522,18 +624,19 @@ where
 {
     /// Every live key and its breaker's state.
     pub fn states(&self) -> Vec<(K, State)> {
-        self.shared
-            .breakers
-            .lock()
-            .map
-            .iter()
-            .map(|(k, e)| (k.clone(), e.lane.breaker.state()))
-            .collect()
+        let mut out = Vec::new();
+        self.shared.breakers.each_shard(|map| {
+            out.extend(
+                map.iter()
+                    .map(|(_, k, e)| (k.clone(), e.lane.breaker.state())),
+            );
+        });
+        out
     }
 
     /// Live keys.
     pub fn len(&self) -> usize {
-        self.shared.breakers.lock().map.len()
+        self.shared.breakers.len()
     }
 
     /// Whether no key is live.
@@ -544,11 +647,9 @@ where
     /// The handle of one key's breaker, if it is live. `None` also for a
     /// key that the overflow breaker serves (see [`overflow`](Self::overflow)).
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
-        self.shared
-            .breakers
-            .lock()
-            .map
-            .get(key)
+        let keys = &self.shared.breakers;
+        let (hash, shard) = keys.shard(key);
+        Keys::entry(&mut lock(shard), hash, key)
             .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
     }
 

@@ -190,3 +190,50 @@ async fn idle_closed_breakers_are_swept_even_below_the_bound() {
     // Key 1 was idle 61 s; key 2 only 31 s.
     assert_eq!(keys, [2, 3]);
 }
+
+/// Two worker threads calling many keys through a small table: the table
+/// never holds more than `max_keys` breakers, and every call is answered
+/// (no deadlock between the table's lock and its shards'). A guard for the
+/// sharded table; the single-mutex table before it passed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_over_many_keys_keep_the_bound() {
+    let layer = CircuitBreakerConfig {
+        max_keys: 16,
+        idle_timeout: Duration::from_secs(60),
+        ..Default::default()
+    }
+    .into_keyed_layer(|k: &u64| *k)
+    .unwrap();
+    let h = layer.handle();
+    let svc = layer.layer(tower::service_fn(|k: u64| async move {
+        Ok::<_, std::io::Error>(k)
+    }));
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (svc, h) = (svc.clone(), h.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut worst = 0;
+            for i in 0..2_000u64 {
+                // Keys 0..200, each task in its own order.
+                let key = (i * 7 + t * 31) % 200;
+                assert_eq!(svc.clone().oneshot(key).await.unwrap(), key);
+                worst = worst.max(h.len());
+            }
+            worst
+        }));
+    }
+    let all = async {
+        let mut worst = 0;
+        for t in tasks {
+            worst = worst.max(t.await.unwrap());
+        }
+        worst
+    };
+    let worst = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every call was answered");
+    assert!(worst <= 16, "the table held {worst} breakers");
+    assert!(h.len() <= 16);
+    assert_eq!(h.states().len(), h.len());
+    assert!(h.states().iter().all(|(_, s)| *s == State::Closed));
+}
