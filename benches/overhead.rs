@@ -46,7 +46,7 @@ use std::time::Duration;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_firebreak::BoxError;
-use tower_firebreak::bulkhead::BulkheadLayer;
+use tower_firebreak::bulkhead::{BulkheadLayer, KeyedBulkheadLayer};
 #[cfg(feature = "metrics")]
 use tower_firebreak::circuit_breaker::CircuitBreakerLayer;
 use tower_firebreak::deadline::{CallDeadline, DeadlineLayer};
@@ -195,6 +195,13 @@ fn ours_vs_tower(c: &mut Criterion) {
                 .max_wait(Duration::from_millis(10))
                 .layer(bare())
         },
+        id,
+    );
+    case(
+        &mut g,
+        a,
+        "firebreak keyed bulkhead (1000 keys)",
+        || KeyedBulkheadLayer::new(1000, |x: &u64| *x % 1000).layer(bare()),
         id,
     );
     case(

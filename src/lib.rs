@@ -81,6 +81,7 @@ pub mod queue;
 pub mod rate_limit;
 pub mod registry;
 pub mod retry;
+mod shards;
 pub mod span;
 pub mod timeout;
 mod trace;

@@ -2,7 +2,7 @@ use super::{Pool, future::ResponseFuture};
 use crate::BoxError;
 use crate::error::RejectionKind;
 use crate::registry::{KeyedBulkheadInfo, KeyedBulkheadView, Registry};
-use std::collections::HashMap;
+use crate::shards::{Sharded, lock};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, Weak};
@@ -17,6 +17,12 @@ use tower::{Layer, Service};
 /// flight) are dropped to make room, and if every pool is busy the call is
 /// rejected with [`BulkheadFull`](super::BulkheadFull). Memory therefore stays
 /// bounded under any number of distinct keys.
+///
+/// The pools sit in 16 hash tables by key hash, each behind its own
+/// `std::sync::Mutex`: a call locks only its key's table, so calls of
+/// different keys on different threads seldom wait for each other. A key
+/// without a pool takes one more mutex, under which pools are made and
+/// dropped.
 pub struct KeyedBulkhead<S, K, F> {
     inner: S,
     shared: Arc<Shared<K, F>>,
@@ -26,7 +32,10 @@ struct Shared<K, F> {
     key_fn: F,
     /// In its own `Arc`, apart from the key function, so that a registry
     /// can hold it (weakly) with only `K: Send + 'static`.
-    pools: Arc<Mutex<HashMap<K, Pool>>>,
+    pools: Arc<Sharded<K, Pool>>,
+    /// Held to make or drop pools (taken before any shard of `pools`), so
+    /// that the bound on them holds.
+    making: Mutex<()>,
     /// Set by `name` (where `K: Send + 'static` is known): the pools as a
     /// registry holds them.
     view: Option<Weak<dyn KeyedBulkheadView>>,
@@ -45,27 +54,67 @@ struct Shared<K, F> {
     obs: crate::observe::BulkheadMetrics,
 }
 
-impl<K: Send + 'static> KeyedBulkheadView for Mutex<HashMap<K, Pool>> {
+impl<K: Hash + Eq, F> Shared<K, F> {
+    /// The pool for `key`, which had none when the caller looked: made
+    /// now, or made by another call meanwhile; `None` when the table is
+    /// full and every pool in it is busy.
+    fn new_pool(&self, hash: u64, key: K) -> Option<Pool> {
+        let _making = lock(&self.making);
+        if let Some(p) = self.pools.with(hash, &key, |p| p.clone()) {
+            return Some(p);
+        }
+        if self.pools.len() >= self.max_keys {
+            self.pools.retain(|_, p| !p.is_idle());
+            if self.pools.len() >= self.max_keys {
+                return None;
+            }
+        }
+        let p = match self.key_label {
+            // Its own series, looked up once, when the key arrives.
+            Some(label) if self.name.is_some() => Pool::keyed(
+                self.max_concurrent,
+                self.max_wait,
+                self.name.clone(),
+                Some(&label(&key)),
+            ),
+            _ => Pool::with_metrics(
+                self.max_concurrent,
+                self.max_wait,
+                self.name.clone(),
+                self.obs.clone(),
+            ),
+        };
+        self.pools.insert(hash, key, p.clone());
+        Some(p)
+    }
+}
+
+impl<K: Send + 'static> KeyedBulkheadView for Sharded<K, Pool> {
     fn counts(&self) -> (usize, usize, usize) {
-        let pools = self.lock().unwrap_or_else(|e| e.into_inner());
-        let (in_flight, waiting) = pools.values().fold((0, 0), |(i, w), p| {
-            (i + p.in_flight(), w + p.handle().waiting())
+        let (mut keys, mut in_flight, mut waiting) = (0, 0, 0);
+        self.each_shard(|pools| {
+            keys += pools.len();
+            for (_, _, p) in pools.iter() {
+                in_flight += p.in_flight();
+                waiting += p.handle().waiting();
+            }
         });
-        (pools.len(), in_flight, waiting)
+        (keys, in_flight, waiting)
     }
 
     fn sample(&self) {
-        let pools = self.lock().unwrap_or_else(|e| e.into_inner());
         let mut shared = None;
         let mut total = 0;
-        for p in pools.values() {
-            if p.own_series() {
-                p.sample_in_flight(p.in_flight());
-            } else {
-                total += p.in_flight();
-                shared.get_or_insert(p);
+        self.each_shard(|pools| {
+            for (_, _, p) in pools.iter() {
+                if p.own_series() {
+                    p.sample_in_flight(p.in_flight());
+                } else {
+                    total += p.in_flight();
+                    shared.get_or_insert_with(|| p.clone());
+                }
             }
-        }
+        });
         if let Some(p) = shared {
             p.sample_in_flight(total);
         }
@@ -94,11 +143,7 @@ impl<S: fmt::Debug, K, F> fmt::Debug for KeyedBulkhead<S, K, F> {
 impl<S, K, F> KeyedBulkhead<S, K, F> {
     /// Pools alive right now.
     pub fn keys(&self) -> usize {
-        self.shared
-            .pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.shared.pools.len()
     }
 
     /// A reference to the inner service.
@@ -134,39 +179,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.shared.key_fn)(&req);
-        let pool = {
-            let mut pools = self.shared.pools.lock().unwrap_or_else(|e| e.into_inner());
-            match pools.get(&key) {
-                Some(p) => Some(p.clone()),
-                None => {
-                    if pools.len() >= self.shared.max_keys {
-                        pools.retain(|_, p| !p.is_idle());
-                    }
-                    if pools.len() >= self.shared.max_keys {
-                        None
-                    } else {
-                        let s = &self.shared;
-                        let p = match s.key_label {
-                            // Its own series, looked up once, when the key arrives.
-                            Some(label) if s.name.is_some() => Pool::keyed(
-                                s.max_concurrent,
-                                s.max_wait,
-                                s.name.clone(),
-                                Some(&label(&key)),
-                            ),
-                            _ => Pool::with_metrics(
-                                s.max_concurrent,
-                                s.max_wait,
-                                s.name.clone(),
-                                s.obs.clone(),
-                            ),
-                        };
-                        pools.insert(key, p.clone());
-                        Some(p)
-                    }
-                }
-            }
-        };
+        let pools = &self.shared.pools;
+        let hash = pools.hash(&key);
+        let pool = pools
+            .with(hash, &key, |p| p.clone())
+            .or_else(|| self.shared.new_pool(hash, key));
         match pool {
             Some(p) => p.call(&mut self.inner, req),
             None => {
@@ -238,7 +255,8 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
         KeyedBulkheadLayer {
             shared: Arc::new(Shared {
                 key_fn,
-                pools: Arc::new(Mutex::new(HashMap::new())),
+                pools: Arc::new(Sharded::new()),
+                making: Mutex::new(()),
                 view: None,
                 registry: None,
                 max_concurrent,

@@ -4,11 +4,10 @@ use super::{CircuitBreakerHandle, State};
 use crate::BoxError;
 use crate::classify::{ClassifyStream, DefaultClassifier};
 use crate::registry::{KEYED_LIST_LIMIT, KeyedBreakerView, KeyedStates, Registry};
-use hashbrown::HashTable;
+use crate::shards::{Sharded, lock};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,48 +66,24 @@ struct Shared<K, F, C> {
     registry: Option<Registry>,
 }
 
-/// How many shards the key table has.
-const SHARDS: usize = 16;
-
-/// A shard's entries, each with its key's hash (which picked the shard).
-type Map<K> = HashTable<(u64, K, Entry)>;
-
-/// One shard, on cache lines of its own: two threads locking two shards
-/// must not fight over one line.
-#[repr(align(128))]
-struct Shard<K>(Mutex<Map<K>>);
-
 /// The key table, as the registry sees it.
 ///
-/// A call of a key in the table locks only that key's shard. Everything
-/// else (making a breaker for a new key, sweeping idle ones, evicting, the
-/// overflow breaker) runs under `table`, which is taken before any shard,
-/// never while one is held; so the entries and `len` change only under it.
+/// A call of a key in the table locks only that key's shard (see
+/// [`Sharded`]). Everything else (making a breaker for a new key, sweeping
+/// idle ones, evicting, the overflow breaker) runs under `table`, which is
+/// taken before any shard, never while one is held.
 struct Keys<K> {
-    shards: Box<[Shard<K>]>,
-    hasher: std::hash::RandomState,
-    /// Entries across the shards.
-    len: AtomicUsize,
+    map: Sharded<K, Entry>,
     table: Mutex<Table>,
     /// Set by `label_keys`: each key's breaker records the layer's series
     /// with a `key` label, and the registry may list the key.
     label: OnceLock<fn(&K) -> String>,
 }
 
-/// A poisoned lock is taken as it is: a panic elsewhere while one was held
-/// leaves nothing half done that matters here.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<K> Keys<K> {
     fn new() -> Self {
         Keys {
-            shards: (0..SHARDS)
-                .map(|_| Shard(Mutex::new(HashTable::new())))
-                .collect(),
-            hasher: std::hash::RandomState::new(),
-            len: AtomicUsize::new(0),
+            map: Sharded::new(),
             table: Mutex::new(Table::new()),
             label: OnceLock::new(),
         }
@@ -118,35 +93,6 @@ impl<K> Keys<K> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         lock(&self.table)
     }
-
-    fn len(&self) -> usize {
-        self.len.load(Ordering::SeqCst)
-    }
-
-    /// Each shard in turn, locked.
-    fn each_shard(&self, mut f: impl FnMut(&mut Map<K>)) {
-        for shard in &self.shards {
-            f(&mut lock(&shard.0));
-        }
-    }
-}
-
-impl<K: Hash + Eq> Keys<K> {
-    /// `key`'s hash and its shard (picked by the hash's low bits).
-    fn shard(&self, key: &K) -> (u64, &Mutex<Map<K>>) {
-        use std::hash::BuildHasher;
-        let h = self.hasher.hash_one(key);
-        // Truncation is the point: the low bits pick the shard.
-        #[allow(clippy::cast_possible_truncation)]
-        let i = h as usize % SHARDS;
-        (h, &self.shards[i].0)
-    }
-
-    /// `key`'s entry in `map`, its shard.
-    fn entry<'m>(map: &'m mut Map<K>, hash: u64, key: &K) -> Option<&'m mut Entry> {
-        map.find_mut(hash, |(h, k, _)| *h == hash && k == key)
-            .map(|(_, _, e)| e)
-    }
 }
 
 impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
@@ -155,7 +101,7 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
         let mut by_state = BTreeMap::new();
         let mut listed = self.label.get().map(|_| Vec::new());
         let mut keys = 0;
-        self.each_shard(|map| {
+        self.map.each_shard(|map| {
             keys += map.len();
             for (_, k, e) in map.iter() {
                 let state = e.lane.breaker.state().as_str();
@@ -183,7 +129,8 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
             // Every place is about to be closed, and so evictable.
             table.saturated_until = None;
             let mut lanes = Vec::new();
-            self.each_shard(|map| lanes.extend(map.iter().map(|(_, _, e)| e.lane.breaker.clone())));
+            self.map
+                .each_shard(|map| lanes.extend(map.iter().map(|(_, _, e)| e.lane.breaker.clone())));
             (lanes, table.overflow.as_ref().map(|l| l.breaker.clone()))
         };
         // Outside the lock: a reset emits events and tracing.
@@ -245,66 +192,59 @@ where
     fn lane_for(&self, key: K) -> Arc<Lane> {
         let now = Instant::now();
         let keys = &*self.breakers;
-        let (hash, shard) = keys.shard(&key);
-        if let Some(e) = Keys::entry(&mut lock(shard), hash, &key) {
+        let map = &keys.map;
+        let hash = map.hash(&key);
+        let touch = |e: &mut Entry| {
             e.last_used = now;
-            return e.lane.clone();
+            e.lane.clone()
+        };
+        if let Some(lane) = map.with(hash, &key, touch) {
+            return lane;
         }
         let mut table = keys.lock();
         // Made by another call while this one waited for the table.
-        if let Some(e) = Keys::entry(&mut lock(shard), hash, &key) {
-            e.last_used = now;
-            return e.lane.clone();
+        if let Some(lane) = map.with(hash, &key, touch) {
+            return lane;
         }
         if let (Some(until), Some(lane)) = (table.saturated_until, &table.overflow)
             && now < until
-            && keys.len() >= self.max_keys
+            && map.len() >= self.max_keys
         {
             return lane.clone();
         }
         // Sweep idle breakers when the table is full, and at most once per
         // idle_timeout otherwise, so a new key never pays a sweep each time.
         let idle = self.idle_timeout;
-        if keys.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
+        if map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
             table.swept = now;
             // An idle breaker goes unless it is open with time left, or was
             // set by hand (forced open, disabled): one left half-open by a
             // key that stopped calling must not hold its place for good.
-            keys.each_shard(|map| {
-                let before = map.len();
-                map.retain(|(_, _, e)| {
-                    now.saturating_duration_since(e.last_used) < idle
-                        || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
-                });
-                keys.len.fetch_sub(before - map.len(), Ordering::SeqCst);
+            map.retain(|_, e| {
+                now.saturating_duration_since(e.last_used) < idle
+                    || !matches!(e.lane.breaker.state(), State::Closed | State::HalfOpen)
             });
         }
-        if keys.len() >= self.max_keys {
-            // The least recently used closed breaker: its last use, shard,
-            // hash and key.
-            let mut victim: Option<(Instant, usize, u64, K)> = None;
-            let mut i = 0;
-            keys.each_shard(|map| {
-                let oldest = map
+        if map.len() >= self.max_keys {
+            // The least recently used closed breaker: its last use, hash
+            // and key.
+            let mut victim: Option<(Instant, u64, K)> = None;
+            map.each_shard(|shard| {
+                let oldest = shard
                     .iter()
                     .filter(|(_, _, e)| e.lane.breaker.state() == State::Closed)
                     .min_by_key(|(_, _, e)| e.last_used);
                 if let Some((h, k, e)) = oldest
                     && victim.as_ref().is_none_or(|(t, ..)| e.last_used < *t)
                 {
-                    victim = Some((e.last_used, i, *h, k.clone()));
+                    victim = Some((e.last_used, *h, k.clone()));
                 }
-                i += 1;
             });
             match victim {
-                Some((_, i, h, k)) => {
-                    // Under `table`, nothing else removed it meanwhile (a
-                    // call may have used it since; it goes all the same).
-                    let mut map = lock(&keys.shards[i].0);
-                    if let Ok(e) = map.find_entry(h, |(eh, ek, _)| *eh == h && *ek == k) {
-                        e.remove();
-                        keys.len.fetch_sub(1, Ordering::SeqCst);
-                    }
+                // Under `table`, nothing else removed it meanwhile (a call
+                // may have used it since; it goes all the same).
+                Some((_, h, k)) => {
+                    map.remove(h, &k);
                 }
                 // Every live breaker is open, half-open or set by hand:
                 // evicting one would let calls through to a dependency that
@@ -321,19 +261,14 @@ where
         }
         let breaker = self.breaker(Some(&key));
         let lane = Lane::new(Arc::new(breaker));
-        lock(shard).insert_unique(
+        map.insert(
             hash,
-            (
-                hash,
-                key,
-                Entry {
-                    lane: lane.clone(),
-                    last_used: now,
-                },
-            ),
-            |(h, _, _)| *h,
+            key,
+            Entry {
+                lane: lane.clone(),
+                last_used: now,
+            },
         );
-        keys.len.fetch_add(1, Ordering::SeqCst);
         drop(table);
         lane
     }
@@ -625,7 +560,7 @@ where
     /// Every live key and its breaker's state.
     pub fn states(&self) -> Vec<(K, State)> {
         let mut out = Vec::new();
-        self.shared.breakers.each_shard(|map| {
+        self.shared.breakers.map.each_shard(|map| {
             out.extend(
                 map.iter()
                     .map(|(_, k, e)| (k.clone(), e.lane.breaker.state())),
@@ -636,7 +571,7 @@ where
 
     /// Live keys.
     pub fn len(&self) -> usize {
-        self.shared.breakers.len()
+        self.shared.breakers.map.len()
     }
 
     /// Whether no key is live.
@@ -647,10 +582,10 @@ where
     /// The handle of one key's breaker, if it is live. `None` also for a
     /// key that the overflow breaker serves (see [`overflow`](Self::overflow)).
     pub fn get(&self, key: &K) -> Option<CircuitBreakerHandle> {
-        let keys = &self.shared.breakers;
-        let (hash, shard) = keys.shard(key);
-        Keys::entry(&mut lock(shard), hash, key)
-            .map(|e| CircuitBreakerHandle::new(e.lane.breaker.clone()))
+        let map = &self.shared.breakers.map;
+        map.with(map.hash(key), key, |e| {
+            CircuitBreakerHandle::new(e.lane.breaker.clone())
+        })
     }
 
     /// The handle of the breaker that new keys share while the table is

@@ -464,3 +464,54 @@ async fn two_threads_hammering_one_bulkhead_keep_the_bound() {
     );
     assert_eq!(layer.in_flight(), 0);
 }
+
+/// Two worker threads calling many keys through a small table of keyed
+/// pools: the table never holds more than `max_keys` pools, and every call
+/// is answered (no deadlock between the table's lock and its shards'). A
+/// guard for the sharded table; the single-mutex table before it passed
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_over_many_keys_keep_the_key_bound() {
+    let layer = KeyedBulkheadLayer::new(4, |k: &u64| *k).max_keys(16);
+    let svc = layer.layer(service_fn(|k: u64| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, std::io::Error>(k)
+    }));
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut full, mut worst) = (0, 0, 0);
+            for i in 0..2_000u64 {
+                let key = (i * 7 + t * 31) % 200;
+                let probe = svc.clone();
+                match svc.clone().oneshot(key).await {
+                    Ok(k) => {
+                        assert_eq!(k, key);
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        assert!(error::find::<BulkheadFull>(&*e).is_some());
+                        full += 1;
+                    }
+                }
+                worst = worst.max(probe.keys());
+            }
+            (ok, full, worst)
+        }));
+    }
+    let all = async {
+        let (mut ok, mut worst) = (0, 0);
+        for t in tasks {
+            let (o, _, w) = t.await.unwrap();
+            ok += o;
+            worst = worst.max(w);
+        }
+        (ok, worst)
+    };
+    let (ok, worst) = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every call was answered");
+    assert!(worst <= 16, "the table held {worst} pools");
+    assert!(ok > 0);
+}
