@@ -14,8 +14,9 @@ use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// How many shards a table has.
-const SHARDS: usize = 16;
+/// How many shards a table has: `1 << SHARD_BITS`.
+const SHARDS: usize = 1 << SHARD_BITS;
+const SHARD_BITS: u32 = 4;
 
 /// A shard's entries, each with its key's hash.
 pub(crate) type Map<K, V> = HashTable<(u64, K, V)>;
@@ -80,9 +81,11 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     }
 
     fn shard(&self, hash: u64) -> &Mutex<Map<K, V>> {
-        // Truncation is the point: the low bits pick the shard.
+        // Four bits from just under the top seven: hashbrown takes a
+        // bucket from the low bits and a control byte from the top seven,
+        // so the shard's bits leave both spread within a shard.
         #[allow(clippy::cast_possible_truncation)]
-        let i = hash as usize % SHARDS;
+        let i = (hash >> (64 - 7 - SHARD_BITS)) as usize & (SHARDS - 1);
         &self.shards[i].0
     }
 

@@ -32,10 +32,7 @@ struct Shared<K, F> {
     key_fn: F,
     /// In its own `Arc`, apart from the key function, so that a registry
     /// can hold it (weakly) with only `K: Send + 'static`.
-    pools: Arc<Sharded<K, Pool>>,
-    /// Held to make or drop pools (taken before any shard of `pools`), so
-    /// that the bound on them holds.
-    making: Mutex<()>,
+    pools: Arc<Pools<K>>,
     /// Set by `name` (where `K: Send + 'static` is known): the pools as a
     /// registry holds them.
     view: Option<Weak<dyn KeyedBulkheadView>>,
@@ -54,18 +51,28 @@ struct Shared<K, F> {
     obs: crate::observe::BulkheadMetrics,
 }
 
+/// The pools by key.
+struct Pools<K> {
+    map: Sharded<K, Pool>,
+    /// Held (before any shard of `map`) to make or drop pools, so that the
+    /// bound on them holds, and to count them, so that a count is of one
+    /// moment.
+    making: Mutex<()>,
+}
+
 impl<K: Hash + Eq, F> Shared<K, F> {
     /// The pool for `key`, which had none when the caller looked: made
     /// now, or made by another call meanwhile; `None` when the table is
     /// full and every pool in it is busy.
     fn new_pool(&self, hash: u64, key: K) -> Option<Pool> {
-        let _making = lock(&self.making);
-        if let Some(p) = self.pools.with(hash, &key, |p| p.clone()) {
+        let pools = &self.pools.map;
+        let _making = lock(&self.pools.making);
+        if let Some(p) = pools.with(hash, &key, |p| p.clone()) {
             return Some(p);
         }
-        if self.pools.len() >= self.max_keys {
-            self.pools.retain(|_, p| !p.is_idle());
-            if self.pools.len() >= self.max_keys {
+        if pools.len() >= self.max_keys {
+            pools.retain(|_, p| !p.is_idle());
+            if pools.len() >= self.max_keys {
                 return None;
             }
         }
@@ -84,15 +91,16 @@ impl<K: Hash + Eq, F> Shared<K, F> {
                 self.obs.clone(),
             ),
         };
-        self.pools.insert(hash, key, p.clone());
+        pools.insert(hash, key, p.clone());
         Some(p)
     }
 }
 
-impl<K: Send + 'static> KeyedBulkheadView for Sharded<K, Pool> {
+impl<K: Send + 'static> KeyedBulkheadView for Pools<K> {
     fn counts(&self) -> (usize, usize, usize) {
+        let _making = lock(&self.making);
         let (mut keys, mut in_flight, mut waiting) = (0, 0, 0);
-        self.each_shard(|pools| {
+        self.map.each_shard(|pools| {
             keys += pools.len();
             for (_, _, p) in pools.iter() {
                 in_flight += p.in_flight();
@@ -103,9 +111,12 @@ impl<K: Send + 'static> KeyedBulkheadView for Sharded<K, Pool> {
     }
 
     fn sample(&self) {
+        // Held while the clone below lives: no pool is judged idle (only
+        // under this lock) while the clone counts against it.
+        let _making = lock(&self.making);
         let mut shared = None;
         let mut total = 0;
-        self.each_shard(|pools| {
+        self.map.each_shard(|pools| {
             for (_, _, p) in pools.iter() {
                 if p.own_series() {
                     p.sample_in_flight(p.in_flight());
@@ -143,7 +154,7 @@ impl<S: fmt::Debug, K, F> fmt::Debug for KeyedBulkhead<S, K, F> {
 impl<S, K, F> KeyedBulkhead<S, K, F> {
     /// Pools alive right now.
     pub fn keys(&self) -> usize {
-        self.shared.pools.len()
+        self.shared.pools.map.len()
     }
 
     /// A reference to the inner service.
@@ -179,7 +190,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.shared.key_fn)(&req);
-        let pools = &self.shared.pools;
+        let pools = &self.shared.pools.map;
         let hash = pools.hash(&key);
         let pool = pools
             .with(hash, &key, |p| p.clone())
@@ -255,8 +266,10 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
         KeyedBulkheadLayer {
             shared: Arc::new(Shared {
                 key_fn,
-                pools: Arc::new(Sharded::new()),
-                making: Mutex::new(()),
+                pools: Arc::new(Pools {
+                    map: Sharded::new(),
+                    making: Mutex::new(()),
+                }),
                 view: None,
                 registry: None,
                 max_concurrent,

@@ -559,8 +559,11 @@ where
 {
     /// Every live key and its breaker's state.
     pub fn states(&self) -> Vec<(K, State)> {
+        let keys = &self.shared.breakers;
+        // Under the table's lock, so that the list is of one moment.
+        let _table = keys.lock();
         let mut out = Vec::new();
-        self.shared.breakers.map.each_shard(|map| {
+        keys.map.each_shard(|map| {
             out.extend(
                 map.iter()
                     .map(|(_, k, e)| (k.clone(), e.lane.breaker.state())),

@@ -466,44 +466,58 @@ async fn two_threads_hammering_one_bulkhead_keep_the_bound() {
 }
 
 /// Two worker threads calling many keys through a small table of keyed
-/// pools: the table never holds more than `max_keys` pools, and every call
-/// is answered (no deadlock between the table's lock and its shards'). A
-/// guard for the sharded table; the single-mutex table before it passed
-/// too.
+/// pools: the table never holds more than `max_keys` pools, no key ever
+/// has more than its `max_concurrent` calls in flight (as two pools for one
+/// key would allow), and every call is answered. A guard for the sharded
+/// table; the single-mutex table before it passed too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_threads_over_many_keys_keep_the_key_bound() {
+    const KEYS: usize = 200;
+    let live: Arc<Vec<AtomicUsize>> = Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+    let broke = Arc::new(AtomicBool::new(false));
     let layer = KeyedBulkheadLayer::new(4, |k: &u64| *k).max_keys(16);
-    let svc = layer.layer(service_fn(|k: u64| async move {
-        tokio::task::yield_now().await;
-        Ok::<_, std::io::Error>(k)
+    let (l, b) = (live.clone(), broke.clone());
+    let svc = layer.layer(service_fn(move |k: u64| {
+        let (l, b) = (l.clone(), b.clone());
+        async move {
+            let slot = &l[usize::try_from(k).unwrap()];
+            if slot.fetch_add(1, Ordering::SeqCst) + 1 > 4 {
+                b.store(true, Ordering::SeqCst);
+            }
+            tokio::task::yield_now().await;
+            slot.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(k)
+        }
     }));
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let svc = svc.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut full, mut worst) = (0, 0, 0);
+            let (mut ok, mut worst) = (0, 0);
             for i in 0..2_000u64 {
-                let key = (i * 7 + t * 31) % 200;
+                // A few hot keys, so that calls of one key overlap.
+                let key = if i % 2 == 0 {
+                    i % 3
+                } else {
+                    (i * 7 + t * 31) % 200
+                };
                 let probe = svc.clone();
                 match svc.clone().oneshot(key).await {
                     Ok(k) => {
                         assert_eq!(k, key);
                         ok += 1;
                     }
-                    Err(e) => {
-                        assert!(error::find::<BulkheadFull>(&*e).is_some());
-                        full += 1;
-                    }
+                    Err(e) => assert!(error::find::<BulkheadFull>(&*e).is_some()),
                 }
                 worst = worst.max(probe.keys());
             }
-            (ok, full, worst)
+            (ok, worst)
         }));
     }
     let all = async {
         let (mut ok, mut worst) = (0, 0);
         for t in tasks {
-            let (o, _, w) = t.await.unwrap();
+            let (o, w) = t.await.unwrap();
             ok += o;
             worst = worst.max(w);
         }
@@ -514,4 +528,8 @@ async fn two_threads_over_many_keys_keep_the_key_bound() {
         .expect("every call was answered");
     assert!(worst <= 16, "the table held {worst} pools");
     assert!(ok > 0);
+    assert!(
+        !broke.load(Ordering::SeqCst),
+        "a key had more than 4 calls in flight"
+    );
 }

@@ -191,15 +191,18 @@ async fn idle_closed_breakers_are_swept_even_below_the_bound() {
     assert_eq!(keys, [2, 3]);
 }
 
-/// Two worker threads calling many keys through a small table: the table
-/// never holds more than `max_keys` breakers, and every call is answered
-/// (no deadlock between the table's lock and its shards'). A guard for the
-/// sharded table; the single-mutex table before it passed too.
+/// Two worker threads calling many keys through a small table, swept
+/// often (an idle timeout of 1 ms): the table never holds more than
+/// `max_keys` breakers, never one key twice, and every call is answered.
+/// A guard for the sharded table; the single-mutex table before it passed
+/// too. It is a weak one for duplicate keys: with the re-check under the
+/// table's lock removed it still passed three runs of three (the window is
+/// narrow, and duplicates are soon evicted from a table of 16).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_threads_over_many_keys_keep_the_bound() {
     let layer = CircuitBreakerConfig {
         max_keys: 16,
-        idle_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_millis(1),
         ..Default::default()
     }
     .into_keyed_layer(|k: &u64| *k)
@@ -212,28 +215,38 @@ async fn two_threads_over_many_keys_keep_the_bound() {
     for t in 0..8u64 {
         let (svc, h) = (svc.clone(), h.clone());
         tasks.push(tokio::spawn(async move {
-            let mut worst = 0;
             for i in 0..2_000u64 {
-                // Keys 0..200, each task in its own order.
-                let key = (i * 7 + t * 31) % 200;
+                // Keys 0..200: half the calls in one order for all tasks
+                // (so that two tasks meet on a new key), half each in its own.
+                let key = if i % 2 == 0 {
+                    (i / 2) % 200
+                } else {
+                    (i * 7 + t * 31) % 200
+                };
                 assert_eq!(svc.clone().oneshot(key).await.unwrap(), key);
-                worst = worst.max(h.len());
+                if i % 50 == 0 {
+                    let mut keys: Vec<u64> = h.states().into_iter().map(|(k, _)| k).collect();
+                    let n = keys.len();
+                    assert!(n <= 16, "the table held {n} breakers");
+                    keys.sort_unstable();
+                    keys.dedup();
+                    assert_eq!(keys.len(), n, "a key twice");
+                }
             }
-            worst
         }));
     }
     let all = async {
-        let mut worst = 0;
         for t in tasks {
-            worst = worst.max(t.await.unwrap());
+            t.await.unwrap();
         }
-        worst
     };
-    let worst = tokio::time::timeout(Duration::from_secs(60), all)
+    tokio::time::timeout(Duration::from_secs(60), all)
         .await
         .expect("every call was answered");
-    assert!(worst <= 16, "the table held {worst} breakers");
-    assert!(h.len() <= 16);
-    assert_eq!(h.states().len(), h.len());
-    assert!(h.states().iter().all(|(_, s)| *s == State::Closed));
+    let states = h.states();
+    assert!(states.len() <= 16);
+    let mut keys: Vec<u64> = states.iter().map(|(k, _)| *k).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), states.len(), "a key twice");
 }
