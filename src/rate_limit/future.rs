@@ -162,13 +162,8 @@ where
                             Poll::Pending => {
                                 ready!(sleep.as_mut().poll(cx));
                                 let wait = check(Wait::Behind).err().unwrap_or_default();
-                                let _ = check(Wait::GaveUp);
-                                crate::trace::rejected(
-                                    "rate_limit",
-                                    RejectionKind::RateLimited,
-                                    Some(wait),
-                                );
-                                state.set(State::Rejected { retry_after: wait });
+                                let retry_after = gave_up(check, wait);
+                                state.set(State::Rejected { retry_after });
                                 continue;
                             }
                         }
@@ -186,13 +181,8 @@ where
                         Err(wait) => {
                             let now = Instant::now();
                             if crate::later(now, wait) > *until {
-                                let _ = check(Wait::GaveUp);
-                                crate::trace::rejected(
-                                    "rate_limit",
-                                    RejectionKind::RateLimited,
-                                    Some(wait),
-                                );
-                                state.set(State::Rejected { retry_after: wait });
+                                let retry_after = gave_up(check, wait);
+                                state.set(State::Rejected { retry_after });
                             } else {
                                 sleep.as_mut().reset(crate::later(now, wait));
                             }
@@ -202,4 +192,11 @@ where
             }
         }
     }
+}
+
+/// A waiting call gives up: counted and traced; its `retry_after`.
+fn gave_up(check: &Check, retry_after: Duration) -> Duration {
+    let _ = check(Wait::GaveUp);
+    crate::trace::rejected("rate_limit", RejectionKind::RateLimited, Some(retry_after));
+    retry_after
 }

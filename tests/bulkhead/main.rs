@@ -439,25 +439,12 @@ async fn two_threads_hammering_one_bulkhead_keep_the_bound() {
             Ok::<_, std::io::Error>(())
         }
     }));
-    let mut tasks = Vec::new();
-    for t in 0..8u32 {
-        let svc = svc.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..250u32 {
-                svc.clone().oneshot(t * 1000 + i).await.unwrap();
-            }
-        }));
-    }
-    let all = async {
-        for t in tasks {
-            t.await.unwrap();
-        }
-    };
     // With a 5 s max_wait and calls of microseconds, a rejection or a stall
     // here means a lost wake-up.
-    tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .expect("the hammer finished");
+    support::hammer(svc, 8, 250, |_, res| {
+        res.unwrap();
+    })
+    .await;
     assert!(
         !broke.load(Ordering::SeqCst),
         "more than {n} calls in flight"

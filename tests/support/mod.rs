@@ -182,3 +182,35 @@ where
 {
     svc.ready().await?.call(cmd).await
 }
+
+/// Drives `svc` from `tasks` tasks at once, `calls` calls each (request
+/// `task * 1000 + i`), each call's result checked by `check`; fails if
+/// they have not all finished within 60 s (a stall, such as a lost
+/// wake-up).
+pub async fn hammer<S, R>(svc: S, tasks: u32, calls: u32, check: fn(u32, Result<R, BoxError>))
+where
+    S: tower::Service<u32, Response = R> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    use tower::ServiceExt as _;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let svc = svc.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..calls {
+                let req = t * 1000 + i;
+                check(req, svc.clone().oneshot(req).await.map_err(Into::into));
+            }
+        }));
+    }
+    let all = async {
+        for h in handles {
+            h.await.unwrap();
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("every call finished");
+}
