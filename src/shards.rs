@@ -1,13 +1,16 @@
-//! The key table of the keyed layers (breaker, bulkhead): 16 hash tables by
+//! The key table of the keyed layers (breaker, bulkhead, the rate limiter's
+//! wait-mode lines): 16 hash tables by
 //! key hash, each behind its own `std::sync::Mutex`, so that calls of
 //! different keys on different threads seldom wait for each other. The
 //! hash is computed once per lookup: it picks the shard and finds the
 //! entry (hashbrown's `HashTable`; std's `HashMap` would hash again).
 //!
-//! A lookup holds one shard's lock, never across an await. Adding and
-//! removing entries is the owning layer's business: each takes a lock of
-//! its own first (its table's) and never while a shard is held, so that
-//! `len` and the bound it checks change only under that lock.
+//! A lookup holds one shard's lock, never across an await. The breaker and
+//! the bulkhead add and remove entries under a lock of their own (their
+//! table's), taken before any shard and never while one is held, so that
+//! `len` and the bound it checks change only under that lock; the rate
+//! limiter's lines, which have no bound, come and go under the shard's lock
+//! alone ([`upsert`](Sharded::upsert), [`remove_if`](Sharded::remove_if)).
 
 use hashbrown::HashTable;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -101,6 +104,43 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     pub(crate) fn insert(&self, hash: u64, key: K, value: V) {
         lock(self.shard(hash)).insert_unique(hash, (hash, key, value), |(h, _, _)| *h);
         self.len.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `f` on `key`'s value, made by `make` first if absent; all under the
+    /// shard's lock (for a table whose entries come and go with their
+    /// users, with no lock of its own).
+    pub(crate) fn upsert<R>(
+        &self,
+        hash: u64,
+        key: &K,
+        make: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R
+    where
+        K: Clone,
+    {
+        let mut map = lock(self.shard(hash));
+        let entry = map.entry(hash, |(h, k, _)| *h == hash && k == key, |(h, _, _)| *h);
+        let mut entry = match entry {
+            hashbrown::hash_table::Entry::Occupied(e) => e,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                self.len.fetch_add(1, Ordering::SeqCst);
+                e.insert((hash, key.clone(), make()))
+            }
+        };
+        f(&mut entry.get_mut().2)
+    }
+
+    /// Runs `f` on `key`'s value under its shard's lock, and removes the
+    /// entry if `f` answers `true`.
+    pub(crate) fn remove_if(&self, hash: u64, key: &K, f: impl FnOnce(&mut V) -> bool) {
+        let mut map = lock(self.shard(hash));
+        if let Ok(mut e) = map.find_entry(hash, |(h, k, _)| *h == hash && k == key)
+            && f(&mut e.get_mut().2)
+        {
+            e.remove();
+            self.len.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Removes `key`; whether it was there.

@@ -3,6 +3,7 @@ use super::{Check, Line, TokioClock, Verdict, Wait, future::ResponseFuture, resp
 use crate::BoxError;
 use crate::observe::LimiterMetrics;
 use crate::registry::{KeyedLimiterView, Registry};
+use crate::shards::Sharded;
 use governor::Quota;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
@@ -22,57 +23,24 @@ type KeyedLimiter<K> =
 
 /// Wait mode's lines, one per key with calls waiting (see [`Line`]). A key's
 /// line is made by its first waiting call and dropped with its last, so the
-/// tables hold only keys with calls in them. The keys are spread over
-/// [`SHARDS`] tables by hash, each with its own mutex and count of waiting
-/// calls: a call takes its shard's mutex only while some call of a key in
-/// that shard waits, so one key with a line slows the calls of a sixteenth
-/// of the other keys by a mutex, and the rest by two atomic loads and a
-/// hash.
+/// table holds only keys with calls in them; both happen under the key's
+/// shard lock ([`Sharded`]). A call looks its key's line up only while some
+/// key has waiting calls: then every call hashes its key and locks its
+/// shard once.
 pub(crate) struct KeyedLines<K> {
-    shards: Box<[Shard<K>]>,
+    lines: Sharded<K, Arc<Line>>,
     /// Calls waiting, across keys.
     waiting: AtomicUsize,
-    hasher: std::hash::RandomState,
     interval: Duration,
-}
-
-/// How many tables [`KeyedLines`] spreads its keys over.
-const SHARDS: usize = 16;
-
-struct Shard<K> {
-    lines: Mutex<HashMap<K, Arc<Line>>>,
-    /// Calls waiting in this shard's lines.
-    waiting: AtomicUsize,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLines<K> {
     fn new(interval: Duration) -> Self {
         KeyedLines {
-            shards: (0..SHARDS)
-                .map(|_| Shard {
-                    lines: Mutex::new(HashMap::new()),
-                    waiting: AtomicUsize::new(0),
-                })
-                .collect(),
+            lines: Sharded::new(),
             waiting: AtomicUsize::new(0),
-            hasher: std::hash::RandomState::new(),
             interval,
         }
-    }
-
-    fn shard(&self, key: &K) -> usize {
-        use std::hash::BuildHasher;
-        // The low bits pick the shard; truncation is the point.
-        #[allow(clippy::cast_possible_truncation)]
-        let h = self.hasher.hash_one(key) as usize;
-        h % SHARDS
-    }
-
-    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Line>>> {
-        self.shards[shard]
-            .lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// `key`'s line, if calls wait in it.
@@ -80,37 +48,30 @@ impl<K: Hash + Eq + Clone> KeyedLines<K> {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return None;
         }
-        let shard = self.shard(key);
-        if self.shards[shard].waiting.load(Ordering::SeqCst) == 0 {
-            return None;
-        }
-        self.lock(shard).get(key).cloned()
+        self.lines.with(self.lines.hash(key), key, |l| l.clone())
     }
 
     /// Puts one call in `key`'s line, making the line if it has none;
-    /// returns the line and the shard to [`leave`](Self::leave) it by.
-    fn join(&self, key: &K) -> (Arc<Line>, usize) {
-        let shard = self.shard(key);
-        let mut lines = self.lock(shard);
-        let line = lines
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Line::new(self.interval)))
-            .clone();
-        line.join();
-        self.shards[shard].waiting.fetch_add(1, Ordering::SeqCst);
+    /// returns the line and the key's hash to [`leave`](Self::leave) by.
+    fn join(&self, key: &K) -> (Arc<Line>, u64) {
+        let hash = self.lines.hash(key);
+        let line = self.lines.upsert(
+            hash,
+            key,
+            || Arc::new(Line::new(self.interval)),
+            |line| {
+                line.join();
+                line.clone()
+            },
+        );
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        (line, shard)
+        (line, hash)
     }
 
-    /// Takes one call out of `key`'s line (in `shard`, as `join` gave it),
-    /// dropping the line with its last.
-    fn leave(&self, key: &K, line: &Line, shard: usize) {
-        let mut lines = self.lock(shard);
-        self.shards[shard].waiting.fetch_sub(1, Ordering::SeqCst);
+    /// Takes one call out of `key`'s line, dropping the line with its last.
+    fn leave(&self, key: &K, hash: u64) {
+        self.lines.remove_if(hash, key, |line| line.leave() == 0);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        if line.leave() == 0 {
-            lines.remove(key);
-        }
     }
 }
 
@@ -271,7 +232,7 @@ where
         respond(&mut self.inner, req, v, self.max_wait, move |first| {
             let l = limiter.clone();
             let (obs, lines) = (obs.clone(), lines.clone());
-            let (line, shard) = lines.join(&key);
+            let (line, hash) = lines.join(&key);
             if let Some(wait) = first {
                 line.due(l.clock().now(), wait);
             }
@@ -284,7 +245,7 @@ where
                     }
                     Wait::Admitted => obs.record(&key, true),
                     Wait::GaveUp => obs.record(&key, false),
-                    Wait::Leave => lines.leave(&key, &line, shard),
+                    Wait::Leave => lines.leave(&key, hash),
                 }
                 Ok(())
             });
