@@ -154,8 +154,14 @@ fn bench_group(c: &mut Criterion) {
             })
         })
     });
-    for keys in [1u64, 1000] {
-        g.bench_function(format!("firebreak keyed closed ({keys} keys)"), |b| {
+    // u64::MAX: every call a new key, into a full table of 1024.
+    for keys in [1u64, 1000, u64::MAX] {
+        let name = if keys == u64::MAX {
+            "firebreak keyed closed (a new key each call, full table)".to_owned()
+        } else {
+            format!("firebreak keyed closed ({keys} keys)")
+        };
+        g.bench_function(name, |b| {
             let mut svc = ours_keyed(bare(), keys);
             b.iter_custom(|iters| {
                 rt.block_on(async {

@@ -5,7 +5,7 @@ use crate::BoxError;
 use crate::classify::{ClassifyStream, DefaultClassifier};
 use crate::registry::{KEYED_LIST_LIMIT, KeyedBreakerView, KeyedStates, Registry};
 use crate::shards::{Sharded, lock};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,9 +25,11 @@ use tower::{Layer, Service};
 ///
 /// At most `max_keys` breakers live at once. When a new key arrives,
 /// breakers unused for `idle_timeout` are dropped unless they are open with
-/// time left, forced open or disabled (checked when the table is full, and
-/// otherwise at most once per `idle_timeout`); if the table is still
-/// full, the least recently used closed breaker goes. If none is closed
+/// time left, forced open or disabled (checked at most once per
+/// `idle_timeout`, or per a sixteenth of it while the table is full); if the
+/// table is still full, closed breakers go, least recently used first: one,
+/// or in a table of 64 keys or more up to `max_keys / 32` at once, so that a
+/// stream of new keys scans the table once per batch, not once per key. If none is closed
 /// (every breaker is open, half-open, forced open or disabled), none goes:
 /// evicting one would let calls through to a key that is failing, or undo
 /// an operator. The new key then shares one overflow breaker with every
@@ -145,6 +147,37 @@ impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
 /// stay so before it is scanned again.
 const SATURATED_RECHECK: Duration = Duration::from_secs(1);
 
+/// A full table evicts up to `max_keys / EVICT_SHARE` closed breakers at
+/// once (at least one).
+const EVICT_SHARE: usize = 32;
+
+/// An eviction candidate, ordered by its last use.
+struct Victim<K> {
+    used: Instant,
+    hash: u64,
+    key: K,
+}
+
+impl<K> PartialEq for Victim<K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.used == other.used
+    }
+}
+
+impl<K> Eq for Victim<K> {}
+
+impl<K> PartialOrd for Victim<K> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<K> Ord for Victim<K> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.used.cmp(&other.used)
+    }
+}
+
 /// The key table's own state, apart from its entries.
 struct Table {
     /// When idle breakers were last swept out.
@@ -212,10 +245,12 @@ where
         {
             return lane.clone();
         }
-        // Sweep idle breakers when the table is full, and at most once per
-        // idle_timeout otherwise, so a new key never pays a sweep each time.
+        // Sweep idle breakers at most once per idle_timeout, or per a
+        // sixteenth of it when the table is full, so that a stream of new
+        // keys does not pay a sweep each.
         let idle = self.idle_timeout;
-        if map.len() >= self.max_keys || now.saturating_duration_since(table.swept) >= idle {
+        let since = now.saturating_duration_since(table.swept);
+        if since >= idle || (map.len() >= self.max_keys && since >= idle / 16) {
             table.swept = now;
             // An idle breaker goes unless it is open with time left, or was
             // set by hand (forced open, disabled): one left half-open by a
@@ -226,37 +261,46 @@ where
             });
         }
         if map.len() >= self.max_keys {
-            // The least recently used closed breaker: its last use, hash
-            // and key.
-            let mut victim: Option<(Instant, u64, K)> = None;
+            // The least recently used closed breakers, a share of the table
+            // at once (one for a table under 2 × EVICT_SHARE), so that a
+            // stream of new keys scans the table once per batch rather than
+            // once per key: each with its last use, hash and key, the most
+            // recent on top.
+            let batch = (self.max_keys / EVICT_SHARE).max(1);
+            let mut victims: BinaryHeap<Victim<K>> = BinaryHeap::with_capacity(batch + 1);
             map.each_shard(|shard| {
-                let oldest = shard
-                    .iter()
-                    .filter(|(_, _, e)| e.lane.breaker.state() == State::Closed)
-                    .min_by_key(|(_, _, e)| e.last_used);
-                if let Some((h, k, e)) = oldest
-                    && victim.as_ref().is_none_or(|(t, ..)| e.last_used < *t)
-                {
-                    victim = Some((e.last_used, *h, k.clone()));
+                for (h, k, e) in shard.iter() {
+                    if e.lane.breaker.state() != State::Closed
+                        || victims.len() == batch
+                            && victims.peek().is_some_and(|v| v.used <= e.last_used)
+                    {
+                        continue;
+                    }
+                    victims.push(Victim {
+                        used: e.last_used,
+                        hash: *h,
+                        key: k.clone(),
+                    });
+                    if victims.len() > batch {
+                        victims.pop();
+                    }
                 }
             });
-            match victim {
-                // Under `table`, nothing else removed it meanwhile (a call
-                // may have used it since; it goes all the same).
-                Some((_, h, k)) => {
-                    map.remove(h, &k);
-                }
+            if victims.is_empty() {
                 // Every live breaker is open, half-open or set by hand:
                 // evicting one would let calls through to a dependency that
                 // is failing (or undo an operator). Keys without a place
                 // share one breaker until one frees.
-                None => {
-                    table.saturated_until = Some(crate::later(now, SATURATED_RECHECK));
-                    return table
-                        .overflow
-                        .get_or_insert_with(|| Lane::new(Arc::new(self.breaker(None))))
-                        .clone();
-                }
+                table.saturated_until = Some(crate::later(now, SATURATED_RECHECK));
+                return table
+                    .overflow
+                    .get_or_insert_with(|| Lane::new(Arc::new(self.breaker(None))))
+                    .clone();
+            }
+            // Under `table`, nothing else removed them meanwhile (a call may
+            // have used one since; it goes all the same).
+            for v in victims {
+                map.remove(v.hash, &v.key);
             }
         }
         let breaker = self.breaker(Some(&key));

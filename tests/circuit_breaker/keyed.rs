@@ -250,3 +250,49 @@ async fn two_threads_over_many_keys_keep_the_bound() {
     keys.dedup();
     assert_eq!(keys.len(), states.len(), "a key twice");
 }
+
+/// A full table of 64 or more keys evicts its least recently used closed
+/// breakers a batch at a time (`max_keys / 32`), so that a stream of new
+/// keys does not scan the table for each one; open breakers stay.
+#[tokio::test(start_paused = true)]
+async fn a_full_table_evicts_a_batch_of_the_least_recently_used() {
+    let layer = CircuitBreakerConfig {
+        max_keys: 64,
+        ..config()
+    }
+    .into_keyed_layer(|(k, _): &(u32, Cmd)| *k)
+    .unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    // Key 0 opens; keys 1..64 are used in order, 100 ms apart.
+    for _ in 0..2 {
+        let _ = svc.ready().await.unwrap().call((0, Cmd::Fail)).await;
+    }
+    for k in 1..64 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        svc.ready().await.unwrap().call((k, Cmd::Ok)).await.unwrap();
+    }
+    assert_eq!(h.len(), 64);
+    // A new key: the two least recently used closed breakers (1 and 2) go,
+    // not the open one (0), which is older.
+    svc.ready()
+        .await
+        .unwrap()
+        .call((100, Cmd::Ok))
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 63);
+    assert!(h.get(&1).is_none() && h.get(&2).is_none());
+    assert_eq!(h.get(&0).map(|b| b.state()), Some(State::Open));
+    assert!(h.get(&3).is_some() && h.get(&100).is_some());
+    // The next new key finds a place without evicting.
+    svc.ready()
+        .await
+        .unwrap()
+        .call((101, Cmd::Ok))
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 64);
+    assert!(h.get(&3).is_some());
+}
