@@ -27,10 +27,12 @@ use tower::{Layer, Service};
 /// breakers unused for `idle_timeout` are dropped unless they are open with
 /// time left, forced open or disabled (checked at most once per
 /// `idle_timeout`, or per a sixteenth of it while the table is full); if the
-/// table is still full, closed breakers go, least recently used first: one,
-/// or in a table of 64 keys or more up to `max_keys / 32` at once, so that a
-/// stream of new keys scans the table once per batch, not once per key. If none is closed
-/// (every breaker is open, half-open, forced open or disabled), none goes:
+/// table is still full, closed breakers go (and half-open ones idle for
+/// `idle_timeout`, as a sweep would drop), least recently used first: one,
+/// or in a table of 64 keys or more up to `max_keys / 32` at once, so that
+/// a stream of new keys scans the table once per batch, not once per key.
+/// If none can go (every breaker is open, half-open and in use, forced
+/// open or disabled), none goes:
 /// evicting one would let calls through to a key that is failing, or undo
 /// an operator. The new key then shares one overflow breaker with every
 /// other key that finds no place (it opens if they fail), until a place
@@ -270,7 +272,14 @@ where
             let mut victims: BinaryHeap<Victim<K>> = BinaryHeap::with_capacity(batch + 1);
             map.each_shard(|shard| {
                 for (h, k, e) in shard.iter() {
-                    if e.lane.breaker.state() != State::Closed
+                    // Closed, or half-open and idle (which the sweep, skipped
+                    // since the last, would have dropped).
+                    let evictable = match e.lane.breaker.state() {
+                        State::Closed => true,
+                        State::HalfOpen => now.saturating_duration_since(e.last_used) >= idle,
+                        _ => false,
+                    };
+                    if !evictable
                         || victims.len() == batch
                             && victims.peek().is_some_and(|v| v.used <= e.last_used)
                     {

@@ -296,3 +296,38 @@ async fn a_full_table_evicts_a_batch_of_the_least_recently_used() {
     assert_eq!(h.len(), 64);
     assert!(h.get(&3).is_some());
 }
+
+/// Between the sweeps of a full table (at most one per sixteenth of
+/// `idle_timeout`), a breaker left half-open by a key that stopped calling
+/// is evicted before a closed one in use, as the sweep would have dropped it.
+#[tokio::test(start_paused = true)]
+async fn between_sweeps_an_idle_half_open_breaker_goes_first() {
+    let layer = CircuitBreakerConfig {
+        max_keys: 2,
+        idle_timeout: Duration::from_secs(16),
+        open_for: Duration::from_secs(1),
+        ..config()
+    }
+    .into_keyed_layer(|(k, _): &(u32, Cmd)| *k)
+    .unwrap();
+    let h = layer.handle();
+    let c = Counter::default();
+    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    for _ in 0..2 {
+        let _ = svc.ready().await.unwrap().call((1, Cmd::Fail)).await;
+    }
+    svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
+    // 15.5 s: key 3 comes; a sweep (nothing idle yet), then key 2 goes.
+    tokio::time::advance(Duration::from_millis(15_500)).await;
+    svc.ready().await.unwrap().call((3, Cmd::Ok)).await.unwrap();
+    assert!(h.get(&2).is_none());
+    // 16.2 s: key 4 comes, under a second after that sweep, so no sweep.
+    // Key 1 is half-open and idle 16.2 s: it goes, not key 3.
+    tokio::time::advance(Duration::from_millis(700)).await;
+    svc.ready().await.unwrap().call((4, Cmd::Ok)).await.unwrap();
+    assert!(
+        h.get(&1).is_none(),
+        "the abandoned half-open breaker stayed"
+    );
+    assert!(h.get(&3).is_some(), "a closed breaker in use went first");
+}
