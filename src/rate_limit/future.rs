@@ -30,9 +30,10 @@ pin_project! {
             fut: S::Future,
         },
         // Wait mode only: wait for the turn in line, then sleep until
-        // governor's next permit, re-check, and give up at `until`. Boxed whole: the wait path is the slow path,
-        // and inline it would make every response future (the happy path's)
-        // several times larger to build, move and drop.
+        // governor's next permit, re-check, and give up at `until`. Boxed
+        // whole: the wait path is the slow path, and inline it would make
+        // every response future (the happy path's) several times larger to
+        // build, move and drop.
         Waiting {
             wait: Pin<Box<Waiting<S, Req>>>,
         },
@@ -64,6 +65,7 @@ type Acquire =
 /// line's one permit, given back when the call leaves).
 enum Turn {
     Queued(Acquire),
+    // Held for its drop, which hands the turn to the next in line.
     First(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
