@@ -15,8 +15,11 @@ use tower::{Layer, Service};
 /// The key function runs on every request. At most `max_keys` pools live at
 /// once; when a new key arrives and the table is full, idle pools (no call in
 /// flight) are dropped to make room, and if every pool is busy the call is
-/// rejected with [`BulkheadFull`](super::BulkheadFull). Memory therefore stays
-/// bounded under any number of distinct keys.
+/// rejected with [`BulkheadFull`](super::BulkheadFull). Memory therefore
+/// stays bounded under any number of distinct keys. A table found full of
+/// busy pools is taken to stay so for 50 ms: new keys meanwhile are refused
+/// without scanning it again (so a pool that goes idle in that time makes
+/// room only after it).
 ///
 /// The pools sit in 16 hash tables by key hash, each behind its own
 /// `std::sync::Mutex`: a call locks only its key's table, so calls of
@@ -57,8 +60,22 @@ struct Pools<K> {
     /// Held (before any shard of `map`) to make or drop pools, so that the
     /// bound on them holds, and to count them, so that a count is of one
     /// moment.
-    making: Mutex<()>,
+    making: Mutex<Making>,
 }
+
+/// What the `making` lock guards besides the making itself.
+#[derive(Default)]
+struct Making {
+    /// Until when a full table found with every pool busy is taken to stay
+    /// so: new keys are refused without scanning it again.
+    full_until: Option<tokio::time::Instant>,
+}
+
+/// How long a full table of busy pools is taken to stay so before it is
+/// scanned again for idle pools. Each scan reads every pool; without this,
+/// a stream of new keys (one per client address, say) at a full table
+/// would scan it for every call it refuses.
+const FULL_RECHECK: Duration = Duration::from_millis(50);
 
 impl<K: Hash + Eq, F> Shared<K, F> {
     /// The pool for `key`, which had none when the caller looked: made
@@ -66,13 +83,18 @@ impl<K: Hash + Eq, F> Shared<K, F> {
     /// full and every pool in it is busy.
     fn new_pool(&self, hash: u64, key: K) -> Option<Pool> {
         let pools = &self.pools.map;
-        let _making = lock(&self.pools.making);
+        let mut making = lock(&self.pools.making);
         if let Some(p) = pools.with(hash, &key, |p| p.clone()) {
             return Some(p);
         }
         if pools.len() >= self.max_keys {
+            let now = tokio::time::Instant::now();
+            if making.full_until.is_some_and(|until| now < until) {
+                return None;
+            }
             pools.retain(|_, p| !p.is_idle());
             if pools.len() >= self.max_keys {
+                making.full_until = Some(crate::later(now, FULL_RECHECK));
                 return None;
             }
         }
@@ -268,7 +290,7 @@ impl<K, F> KeyedBulkheadLayer<K, F> {
                 key_fn,
                 pools: Arc::new(Pools {
                     map: Sharded::new(),
-                    making: Mutex::new(()),
+                    making: Mutex::new(Making::default()),
                 }),
                 view: None,
                 registry: None,

@@ -211,7 +211,12 @@ async fn keyed_pools_are_independent_and_bounded() {
     gate.notify_waiters();
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
-    // Now the idle pools make room for new keys, and the table stays bounded.
+    // The table was found full of busy pools: for 50 ms new keys are
+    // refused without a scan, though the pools are idle now.
+    tokio::time::advance(Duration::from_millis(49)).await;
+    assert!(error::find::<BulkheadFull>(&*svc.clone().oneshot(4).await.unwrap_err()).is_some());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // Then the idle pools make room for new keys, and the table stays bounded.
     for k in 10..1000u32 {
         let call = svc.clone().oneshot(k);
         tokio::pin!(call);
