@@ -3,7 +3,28 @@
 use crate::support::{Cmd, Counter};
 use std::time::Duration;
 use tower::{Layer, Service, ServiceExt};
-use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, State};
+use tower_firebreak::BoxError;
+use tower_firebreak::circuit_breaker::{CircuitBreakerConfig, KeyedCircuitBreakerHandle, State};
+
+type KeyOf = fn(&(u32, Cmd)) -> u32;
+
+/// A keyed breaker from `cfg`, one breaker per `u32` key, over a service
+/// that obeys each request's `Cmd` and counts the calls that reach it: the
+/// breaker's handle, the counter, and the service.
+fn keyed(
+    cfg: CircuitBreakerConfig,
+) -> (
+    KeyedCircuitBreakerHandle<u32, KeyOf>,
+    Counter,
+    impl Service<(u32, Cmd), Response = (), Error = BoxError>,
+) {
+    let layer = cfg
+        .into_keyed_layer((|(k, _): &(u32, Cmd)| *k) as KeyOf)
+        .unwrap();
+    let c = Counter::default();
+    let svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    (layer.handle(), c, svc)
+}
 
 fn config() -> CircuitBreakerConfig {
     CircuitBreakerConfig {
@@ -55,10 +76,7 @@ async fn keys_have_their_own_breakers() {
 
 #[tokio::test(start_paused = true)]
 async fn live_keys_are_bounded_and_open_breakers_outlive_idle_closed_ones() {
-    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
-    let h = layer.handle();
-    let c = Counter::default();
-    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    let (h, _, mut svc) = keyed(config());
     // Key 0 opens.
     for _ in 0..2 {
         let _ = svc.ready().await.unwrap().call((0, Cmd::Fail)).await;
@@ -90,10 +108,7 @@ async fn live_keys_are_bounded_and_open_breakers_outlive_idle_closed_ones() {
 /// breaker meanwhile, which opens if they fail.
 #[tokio::test(start_paused = true)]
 async fn a_full_table_of_open_breakers_keeps_them_and_new_keys_share_one() {
-    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
-    let h = layer.handle();
-    let c = Counter::default();
-    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    let (h, c, mut svc) = keyed(config());
     for k in 0..3 {
         for _ in 0..2 {
             let _ = svc.ready().await.unwrap().call((k, Cmd::Fail)).await;
@@ -136,13 +151,7 @@ async fn an_abandoned_open_breaker_is_swept_once_idle() {
         idle_timeout: Duration::from_secs(10),
         ..config()
     };
-    let layer = cfg.into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
-    let h = layer.handle();
-    let mut svc = layer.layer(
-        Counter::default()
-            .service()
-            .map_request(|(_, cmd): (u32, Cmd)| cmd),
-    );
+    let (h, _, mut svc) = keyed(cfg);
     for _ in 0..2 {
         let _ = svc.ready().await.unwrap().call((1, Cmd::Fail)).await;
     }
@@ -172,13 +181,7 @@ fn a_zero_idle_timeout_is_refused() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_closed_breakers_are_swept_even_below_the_bound() {
-    let layer = config().into_keyed_layer(|(k, _): &(u32, Cmd)| *k).unwrap();
-    let h = layer.handle();
-    let mut svc = layer.layer(
-        Counter::default()
-            .service()
-            .map_request(|(_, cmd): (u32, Cmd)| cmd),
-    );
+    let (h, _, mut svc) = keyed(config());
     svc.ready().await.unwrap().call((1, Cmd::Ok)).await.unwrap();
     svc.ready().await.unwrap().call((2, Cmd::Ok)).await.unwrap();
     tokio::time::advance(Duration::from_secs(30)).await;
@@ -256,15 +259,10 @@ async fn two_threads_over_many_keys_keep_the_bound() {
 /// keys does not scan the table for each one; open breakers stay.
 #[tokio::test(start_paused = true)]
 async fn a_full_table_evicts_a_batch_of_the_least_recently_used() {
-    let layer = CircuitBreakerConfig {
+    let (h, _, mut svc) = keyed(CircuitBreakerConfig {
         max_keys: 64,
         ..config()
-    }
-    .into_keyed_layer(|(k, _): &(u32, Cmd)| *k)
-    .unwrap();
-    let h = layer.handle();
-    let c = Counter::default();
-    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    });
     // Key 0 opens; keys 1..64 are used in order, 100 ms apart.
     for _ in 0..2 {
         let _ = svc.ready().await.unwrap().call((0, Cmd::Fail)).await;
@@ -302,17 +300,12 @@ async fn a_full_table_evicts_a_batch_of_the_least_recently_used() {
 /// is evicted before a closed one in use, as the sweep would have dropped it.
 #[tokio::test(start_paused = true)]
 async fn between_sweeps_an_idle_half_open_breaker_goes_first() {
-    let layer = CircuitBreakerConfig {
+    let (h, _, mut svc) = keyed(CircuitBreakerConfig {
         max_keys: 2,
         idle_timeout: Duration::from_secs(16),
         open_for: Duration::from_secs(1),
         ..config()
-    }
-    .into_keyed_layer(|(k, _): &(u32, Cmd)| *k)
-    .unwrap();
-    let h = layer.handle();
-    let c = Counter::default();
-    let mut svc = layer.layer(c.service().map_request(|(_, cmd): (u32, Cmd)| cmd));
+    });
     for _ in 0..2 {
         let _ = svc.ready().await.unwrap().call((1, Cmd::Fail)).await;
     }

@@ -150,7 +150,7 @@ impl Counter {
 
     pub fn service(
         &self,
-    ) -> impl Service<Cmd, Response = (), Error = BoxError, Future = BoxFut> + Clone + Send + 'static
+    ) -> impl Service<Cmd, Response = (), Error = BoxError, Future = BoxFut> + Clone + Send + use<>
     {
         let me = self.clone();
         service_fn(move |cmd: Cmd| -> BoxFut {
