@@ -233,16 +233,12 @@ where
             let l = limiter.clone();
             let (obs, lines) = (obs.clone(), lines.clone());
             let (line, hash) = lines.join(&key);
-            if let Some(wait) = first {
-                line.due(l.clock().now(), wait);
-            }
+            line.joined(l.clock().now(), first);
             let turn = line.turn.clone();
             let check: Check = Box::new(move |w| {
                 match w {
                     Wait::Check => return line.check(l.clock().now(), check_key(&l, &key)),
-                    Wait::Behind => {
-                        return Err(line.estimate(l.clock().now(), line.len().saturating_sub(1)));
-                    }
+                    Wait::Behind => return Err(line.behind(l.clock().now())),
                     Wait::Admitted => obs.record(&key, true),
                     Wait::GaveUp => obs.record(&key, false),
                     Wait::Leave => lines.leave(&key, hash),

@@ -228,6 +228,20 @@ impl Line {
         next.saturating_add(self.interval.saturating_mul(ahead))
     }
 
+    /// A call has joined: notes the next permit when the limiter gave it
+    /// (`first`, the line being empty), at `now`.
+    fn joined(&self, now: Tick, first: Option<Duration>) {
+        if let Some(wait) = first {
+            self.due(now, wait);
+        }
+    }
+
+    /// The `retry_after` of a call that gives up in line: what a call
+    /// joining behind the rest of the line would wait.
+    fn behind(&self, now: Tick) -> Duration {
+        self.estimate(now, self.len().saturating_sub(1))
+    }
+
     /// A limiter check by the first in line, which notes the next permit:
     /// the wait governor gives, or after a permit taken one interval (the
     /// first in line takes it the moment it comes, with the burst spent).
@@ -402,16 +416,12 @@ where
             let obs = obs.clone();
             let line = line.clone().expect("wait mode has a line");
             line.join();
-            if let Some(wait) = first {
-                line.due(l.clock().now(), wait);
-            }
+            line.joined(l.clock().now(), first);
             let turn = line.turn.clone();
             let check: Check = Box::new(move |w| {
                 match w {
                     Wait::Check => return line.check(l.clock().now(), check_direct(&l)),
-                    Wait::Behind => {
-                        return Err(line.estimate(l.clock().now(), line.len().saturating_sub(1)));
-                    }
+                    Wait::Behind => return Err(line.behind(l.clock().now())),
                     Wait::Admitted => obs.admitted(),
                     Wait::GaveUp => obs.rejected(),
                     Wait::Leave => {
