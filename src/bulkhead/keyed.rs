@@ -121,15 +121,15 @@ impl<K: Hash + Eq, F> Shared<K, F> {
 impl<K: Send + 'static> KeyedBulkheadView for Pools<K> {
     fn counts(&self) -> (usize, usize, usize) {
         let _making = lock(&self.making);
-        let (mut keys, mut in_flight, mut waiting) = (0, 0, 0);
+        let (mut in_flight, mut waiting) = (0, 0);
         self.map.each_shard(|pools| {
-            keys += pools.len();
             for (_, _, p) in pools.iter() {
                 in_flight += p.in_flight();
                 waiting += p.handle().waiting();
             }
         });
-        (keys, in_flight, waiting)
+        // Under `making`, nothing is added or removed meanwhile.
+        (self.map.len(), in_flight, waiting)
     }
 
     fn sample(&self) {

@@ -101,28 +101,28 @@ impl<K> Keys<K> {
 
 impl<K: Send + 'static> KeyedBreakerView for Keys<K> {
     fn states(&self) -> KeyedStates {
+        // Under the table's lock, nothing is added or removed meanwhile.
         let table = self.lock();
+        let label = self.label.get();
         let mut by_state = BTreeMap::new();
-        let mut listed = self.label.get().map(|_| Vec::new());
-        let mut keys = 0;
+        let mut listed = Vec::new();
         self.map.each_shard(|map| {
-            keys += map.len();
             for (_, k, e) in map.iter() {
                 let state = e.lane.breaker.state().as_str();
                 *by_state.entry(state).or_insert(0) += 1;
-                if let (Some(l), Some(label)) = (listed.as_mut(), self.label.get()) {
-                    l.push((label(k), state));
+                if let Some(label) = label {
+                    listed.push((label(k), state));
                 }
             }
         });
-        if let Some(l) = listed.as_mut() {
-            l.sort_unstable();
-            l.truncate(KEYED_LIST_LIMIT);
-        }
         KeyedStates {
-            keys,
+            keys: self.map.len(),
             by_state,
-            listed,
+            listed: label.map(|_| {
+                listed.sort_unstable();
+                listed.truncate(KEYED_LIST_LIMIT);
+                listed
+            }),
             overflow: table.overflow.as_ref().map(|l| l.breaker.state().as_str()),
         }
     }
